@@ -1,0 +1,43 @@
+"""Keyset pagination, newest first: ``?limit=`` and an opaque ``?cursor=``."""
+
+from __future__ import annotations
+
+import base64
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Select, and_, or_
+
+from app.errors import Problem
+
+
+def encode_cursor(created_at: datetime, row_id: str) -> str:
+    raw = f"{created_at.isoformat()}|{row_id}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        padded = cursor + "=" * (-len(cursor) % 4)
+        stamp, row_id = base64.urlsafe_b64decode(padded).decode().split("|", 1)
+        return datetime.fromisoformat(stamp), row_id
+    except (ValueError, UnicodeDecodeError):
+        raise Problem(422, "Invalid cursor", "cursor is not one this API returned") from None
+
+
+def newest_first(query: Select[Any], model: Any, cursor: str | None, limit: int) -> Select[Any]:
+    """Order by (created_at, id) descending, continue after ``cursor``, fetch one extra row."""
+    if cursor:
+        stamp, row_id = decode_cursor(cursor)
+        query = query.where(
+            or_(model.created_at < stamp, and_(model.created_at == stamp, model.id < row_id))
+        )
+    return query.order_by(model.created_at.desc(), model.id.desc()).limit(limit + 1)
+
+
+def page(rows: list[Any], limit: int) -> tuple[list[Any], str | None]:
+    """Trim the extra row and say where the next page starts."""
+    if len(rows) > limit:
+        rows = rows[:limit]
+        return rows, encode_cursor(rows[-1].created_at, rows[-1].id)
+    return rows, None

@@ -1,0 +1,117 @@
+"""``/suites``: built-in and uploaded test suites, content-addressed versions."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Body, Query, Response
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from app.api.deps import SessionDep, SettingsDep
+from app.errors import Problem
+from app.idempotency import REPLAY_HEADER, IdempotencyDep
+from app.models import Suite
+from app.schemas import Page, SuitePublic, SuiteSummary
+from app.suites import registry
+from app.suites.kinds import SuiteDefinition
+
+router = APIRouter(prefix="/suites", tags=["suites"])
+
+
+def summary(row: Suite) -> SuiteSummary:
+    return SuiteSummary(
+        name=row.name,
+        version=row.version,
+        kind=row.kind,
+        content_hash=row.content_hash,
+        description=row.description,
+        source=row.source,
+        items=row.item_count,
+        created_at=row.created_at,
+    )
+
+
+@router.get("", response_model=Page[SuiteSummary])
+def list_suites(
+    session: SessionDep,
+    settings: SettingsDep,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+    cursor: Annotated[str | None, Query(max_length=200)] = None,
+) -> Page[SuiteSummary]:
+    """The latest version of every suite, by name."""
+    latest = (
+        select(Suite.name, func.max(Suite.version).label("version")).group_by(Suite.name).subquery()
+    )
+    query = select(Suite).join(
+        latest, (Suite.name == latest.c.name) & (Suite.version == latest.c.version)
+    )
+    if cursor:
+        query = query.where(Suite.name > cursor)
+    rows = list(session.execute(query.order_by(Suite.name).limit(limit + 1)).scalars())
+    has_more = len(rows) > limit
+    rows = rows[:limit]
+    return Page(
+        data=[summary(r) for r in rows],
+        next_cursor=rows[-1].name if has_more else None,
+        has_more=has_more,
+    )
+
+
+@router.get("/{name}", response_model=SuitePublic)
+def get_suite(
+    name: str, session: SessionDep, version: Annotated[int | None, Query(ge=1)] = None
+) -> SuitePublic:
+    """One suite with its items (latest version unless ``?version=``)."""
+    row = registry.resolve(session, f"{name}@{version}" if version else name)
+    return SuitePublic(**summary(row).model_dump(), definition=row.definition)
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=SuitePublic,
+    responses={200: {"model": SuitePublic, "description": "same content: existing version"}},
+)
+def create_suite(
+    suite: Annotated[SuiteDefinition, Body()],
+    session: SessionDep,
+    response: Response,
+    idem: IdempotencyDep,
+) -> SuitePublic:
+    """Upload a suite: same content → the same version (200), new content → version + 1 (201)."""
+    existing = session.execute(
+        select(Suite.source).where(Suite.name == suite.name).limit(1)
+    ).scalar_one_or_none()
+    if existing == "builtin":
+        raise Problem(
+            409,
+            "Reserved suite name",
+            f"{suite.name!r} is a built-in suite; upload yours under another name",
+        )
+    outcome: dict[str, bool] = {}
+
+    def create() -> str:
+        row, outcome["created"] = registry.register(session, suite)
+        session.flush()
+        return str(row.id)
+
+    suite_id, first = idem.create_once(session, create)
+    if not first:
+        return _replay(session, response, suite_id)
+    row = session.get(Suite, int(suite_id))
+    assert row is not None
+    response.status_code = 201 if outcome["created"] else 200
+    response.headers["Location"] = f"/suites/{row.name}?version={row.version}"
+    return SuitePublic(**summary(row).model_dump(), definition=row.definition)
+
+
+def _replay(session: Session, response: Response, suite_id: str) -> SuitePublic:
+    """The suite an earlier request with the same Idempotency-Key stored (200)."""
+    row = session.get(Suite, int(suite_id))
+    if row is None:
+        raise Problem(404, "Suite not found", f"suite {suite_id} no longer exists")
+    response.status_code = 200
+    response.headers[REPLAY_HEADER] = "true"
+    response.headers["Location"] = f"/suites/{row.name}?version={row.version}"
+    return SuitePublic(**summary(row).model_dump(), definition=row.definition)

@@ -1,0 +1,41 @@
+"""``GET /workers``: the worker processes that are alive now."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from fastapi import APIRouter
+from sqlalchemy import select
+
+from app.api.deps import SessionDep, SettingsDep
+from app.models import Worker
+from app.queue import db_now
+from app.schemas import Page, WorkerPublic
+
+router = APIRouter(prefix="/workers", tags=["workers"])
+
+
+@router.get("", response_model=Page[WorkerPublic])
+def list_workers(session: SessionDep, settings: SettingsDep) -> Page[WorkerPublic]:
+    """Workers whose last heartbeat is within one lease period (by the database's clock)."""
+    cutoff = db_now(session) - timedelta(seconds=settings.lease_seconds)
+    rows = session.execute(
+        select(Worker).where(Worker.heartbeat_at >= cutoff).order_by(Worker.started_at)
+    ).scalars()
+    data = [
+        WorkerPublic(
+            id=w.id,
+            host=w.host,
+            pid=w.pid,
+            device=w.device,
+            kinds=list(w.kinds),
+            status=w.status,
+            current_job={"kind": w.current_job_kind or "", "id": w.current_job_id}
+            if w.current_job_id
+            else None,
+            started_at=w.started_at,
+            last_heartbeat=w.heartbeat_at,
+        )
+        for w in rows
+    ]
+    return Page(data=data, next_cursor=None, has_more=False)

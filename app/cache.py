@@ -1,0 +1,107 @@
+"""The evaluation cache: an evaluation already run on the same inputs answers a new one at once.
+
+Two evaluations are interchangeable when the model fingerprint (weights, adapter, tokenizer
+files, chat template), the exact suite contents, the effective prompt format and the
+generation settings are equal. ``cache_key`` hashes exactly those; the API sets it at
+submission and the worker sets it again when it fingerprints the model it loaded, so a run
+queued with ``"cache": false`` still becomes a source for later ones.
+
+No torch here: the API imports this module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.models import Evaluation, utcnow
+
+# Where transformers looks for a chat template, besides tokenizer_config.json's "chat_template".
+CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
+CHAT_TEMPLATE_DIR = "additional_chat_templates"
+
+
+def has_chat_template(model_dir: Path) -> bool:
+    """Whether ``AutoTokenizer.from_pretrained(model_dir).chat_template`` would be set.
+
+    Read from the files transformers reads, without importing it: ``chat_template.jinja``,
+    ``chat_template.json``, ``additional_chat_templates/*.jinja`` or the ``chat_template``
+    key of ``tokenizer_config.json``.
+    """
+    for name in CHAT_TEMPLATE_FILES:
+        path = model_dir / name
+        if path.is_file() and path.stat().st_size > 0:
+            return True
+    extra = model_dir / CHAT_TEMPLATE_DIR
+    if extra.is_dir() and any(extra.glob("*.jinja")):
+        return True
+    config = model_dir / "tokenizer_config.json"
+    if config.is_file():
+        try:
+            data = json.loads(config.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+        return isinstance(data, dict) and bool(data.get("chat_template"))
+    return False
+
+
+def effective_prompt_format(requested: str | None, model_dir: Path) -> str:
+    """The prompt format a worker uses: the requested one, else chat iff there is a template."""
+    if requested is not None:
+        return requested
+    return "chat" if has_chat_template(model_dir) else "plain"
+
+
+def cache_key(
+    *,
+    fingerprint: str,
+    suites: Sequence[Mapping[str, Any]],
+    prompt_format: str,
+    generation: Mapping[str, Any],
+) -> str:
+    """``sha256:…`` of everything that determines an evaluation's results.
+
+    ``suites`` is an evaluation's suite snapshot; only names and content hashes count (the
+    order they were listed in does not change any result).
+    """
+    content = {
+        "fingerprint": fingerprint,
+        "suites": sorted([s["name"], s["content_hash"]] for s in suites),
+        "prompt_format": prompt_format,
+        "generation": dict(generation),
+    }
+    canonical = json.dumps(content, sort_keys=True, separators=(",", ":"))
+    return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def find_source(session: Session, key: str) -> Evaluation | None:
+    """The newest succeeded evaluation that ran (itself, not as a copy) with ``key``."""
+    return session.execute(
+        select(Evaluation)
+        .where(
+            Evaluation.cache_key == key,
+            Evaluation.status == "succeeded",
+            Evaluation.cached_from.is_(None),
+        )
+        .order_by(Evaluation.finished_at.desc(), Evaluation.id)
+        .limit(1)
+    ).scalar_one_or_none()
+
+
+def answer_from(row: Evaluation, source: Evaluation) -> None:
+    """Make a new, unsaved evaluation a finished copy of ``source`` (items stay at the source)."""
+    now = utcnow()
+    row.status = "succeeded"
+    row.cached_from = source.id
+    row.results = source.results
+    row.model_fingerprint = source.model_fingerprint
+    total = source.progress.get("total", 0)
+    row.progress = {"done": total, "total": total, "stage": "done (cached)"}
+    row.started_at = now
+    row.finished_at = now

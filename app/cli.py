@@ -1,0 +1,432 @@
+"""The ``forgetguard`` command: serve, worker, db, models, suites, gate."""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from app.config import get_settings
+
+app = typer.Typer(
+    help="forgetguard: did fine-tuning make your model forget?",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+models_app = typer.Typer(help="Reference models.", no_args_is_help=True)
+suites_app = typer.Typer(help="Import and export suites through the API.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(models_app, name="models")
+app.add_typer(suites_app, name="suites")
+
+ServerOpt = Annotated[str, typer.Option(envvar="FORGETGUARD_URL", help="API base URL.")]
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+def _logging() -> None:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: str = "head") -> None:
+    """Apply migrations (the only way the schema is made)."""
+    from app.db import upgrade
+
+    upgrade(get_settings().database_url, revision)
+    typer.echo(f"database at {revision}")
+
+
+@models_app.command("pull")
+def models_pull(
+    name: Annotated[str, typer.Argument(help="Reference model name.")] = "smollm2-135m-instruct",
+    models_dir: Annotated[Path, typer.Option("--dir", help="Where models live.")] = Path("models"),
+    force: bool = False,
+) -> None:
+    """Fetch, verify (sha256) and convert a reference model into MODELS_DIR/NAME. Idempotent."""
+    from rich.console import Console
+
+    from workers.reference import PullError, pull
+
+    console = Console(stderr=True)
+    try:
+        with console.status("pulling") as status:
+            path = pull(
+                name,
+                models_dir,
+                force=force,
+                step=lambda msg: (status.update(msg), console.log(msg)),
+            )
+    except PullError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    typer.echo(str(path))
+
+
+@app.command()
+def worker(
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "auto",
+    kinds: Annotated[
+        str, typer.Option(help="Job kinds to run, comma-separated.")
+    ] = "evaluation,finetune",
+    worker_id: Annotated[str | None, typer.Option(help="Defaults to host-pid.")] = None,
+    once: Annotated[bool, typer.Option(help="Exit when the queue is empty.")] = False,
+) -> None:
+    """Run a worker: claims queued jobs and runs them on one device."""
+    # Idle torch threads spin by default; on a shared CPU that starves the other processes
+    # (measured: tiny-model training 40x slower on 2 cores). Must be set before torch loads.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if device.startswith("cuda:"):
+        # Pin the process to one GPU before torch is imported: it then sees it as cuda:0.
+        os.environ["CUDA_VISIBLE_DEVICES"] = device.split(":", 1)[1]
+        device = "cuda:0"
+    _logging()
+    from workers.main import main as worker_main
+
+    kind_list = tuple(k.strip() for k in kinds.split(",") if k.strip())
+    raise typer.Exit(
+        worker_main(get_settings(), device=device, kinds=kind_list, worker_id=worker_id, once=once)
+    )
+
+
+class _Supervisor:
+    """Keeps N worker subprocesses running beside the API; stops them on exit."""
+
+    def __init__(self, count: int, device: str, grace: float) -> None:
+        self.count, self.device, self.grace = count, device, grace
+        self.procs: list[subprocess.Popen[bytes] | None] = [None] * count
+        self.stopping = threading.Event()
+
+    def _spawn(self, index: int) -> subprocess.Popen[bytes]:
+        device = self.device
+        if device == "cuda" and self.count > 1:
+            device = f"cuda:{index}"
+        cmd = [
+            sys.executable,
+            "-m",
+            "app.cli",
+            "worker",
+            "--device",
+            device,
+            "--worker-id",
+            f"{os.uname().nodename}-w{index}-{os.getpid()}",
+        ]
+        return subprocess.Popen(cmd)
+
+    def start(self) -> None:
+        for i in range(self.count):
+            self.procs[i] = self._spawn(i)
+        threading.Thread(target=self._watch, daemon=True).start()
+
+    def _watch(self) -> None:
+        while not self.stopping.wait(2.0):
+            for i, proc in enumerate(self.procs):
+                if proc is not None and proc.poll() is not None and not self.stopping.is_set():
+                    logging.getLogger("forgetguard").warning(
+                        "worker %d exited with %s; restarting", i, proc.returncode
+                    )
+                    self.procs[i] = self._spawn(i)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        live = [p for p in self.procs if p is not None and p.poll() is None]
+        for proc in live:
+            proc.send_signal(signal.SIGTERM)
+        # A worker bounds its own exit at grace + 10 s (workers.main: the forced release);
+        # SIGKILL only one that overran that too.
+        deadline = time.monotonic() + self.grace + 15
+        for proc in live:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Bind address.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8000,
+    workers: Annotated[int, typer.Option(help="Local worker processes to start (0: none).")] = 1,
+    device: Annotated[
+        str, typer.Option(help="Device for local workers: auto, cpu, cuda.")
+    ] = "auto",
+    insecure: Annotated[
+        bool, typer.Option(help="Allow a non-loopback bind without API keys.")
+    ] = False,
+) -> None:
+    """Migrate the database, start the API and N local workers; Ctrl-C stops all of them."""
+    import uvicorn
+
+    from app.db import upgrade
+    from app.main import create_app
+
+    _logging()
+    settings = get_settings()
+    if not settings.api_keys and not _is_loopback(host) and not insecure:
+        typer.echo(
+            f"refusing to bind {host} without API keys: set FORGETGUARD_API_KEYS, "
+            "bind 127.0.0.1, or pass --insecure",
+            err=True,
+        )
+        raise typer.Exit(2)
+    upgrade(settings.database_url)
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(settings), host=host, port=port, log_level="info")
+    )
+    # uvicorn re-raises a captured SIGTERM after shutting down, which would kill this process
+    # before it stops its workers; handle the signals here instead.
+    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
+
+    def _stop(_signum: int, _frame: object) -> None:
+        server.should_exit = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    supervisor = _Supervisor(workers, device, settings.shutdown_grace_seconds)
+    supervisor.start()
+    try:
+        server.run()
+    finally:
+        supervisor.stop()
+
+
+def _client(server: str) -> object:
+    import httpx
+
+    headers = {}
+    if key := os.environ.get("FORGETGUARD_API_KEY"):
+        headers["Authorization"] = f"Bearer {key}"
+    return httpx.Client(base_url=server, headers=headers, timeout=60)
+
+
+@suites_app.command("import")
+def suites_import(
+    file: Annotated[Path, typer.Argument(help="JSONL, one item per line (or a suite JSON).")],
+    name: Annotated[str, typer.Option(help="Suite name.")],
+    kind: Annotated[str, typer.Option(help="qa, checklist, multiple_choice or perplexity.")],
+    description: str | None = None,
+    prompt_template: str | None = None,
+    server: ServerOpt = DEFAULT_URL,
+) -> None:
+    """Upload a suite from a JSONL file of items."""
+    items = []
+    for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            items.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            typer.echo(f"{file}:{number}: not valid JSON: {exc.msg}", err=True)
+            raise typer.Exit(2) from None
+    body: dict[str, object] = {"name": name, "kind": kind, "items": items}
+    if description:
+        body["description"] = description
+    if prompt_template:
+        body["prompt_template"] = prompt_template
+    response = _client(server).post("/suites", json=body)  # type: ignore[attr-defined]
+    if response.status_code >= 400:
+        typer.echo(f"error {response.status_code}: {response.json().get('detail')}", err=True)
+        for err in response.json().get("errors") or []:
+            typer.echo(f"  {'.'.join(map(str, err['loc']))}: {err['msg']}", err=True)
+        raise typer.Exit(2)
+    data = response.json()
+    verb = "created" if response.status_code == 201 else "unchanged"
+    typer.echo(f"{data['name']} version {data['version']} ({verb}, {data['items']} items)")
+
+
+@suites_app.command("export")
+def suites_export(
+    name: Annotated[str, typer.Argument(help="Suite name, or name@version.")],
+    server: ServerOpt = DEFAULT_URL,
+) -> None:
+    """Print a suite's items as JSONL."""
+    suite, _, version = name.partition("@")
+    params = {"version": version} if version else {}
+    response = _client(server).get(f"/suites/{suite}", params=params)  # type: ignore[attr-defined]
+    if response.status_code >= 400:
+        typer.echo(f"error {response.status_code}: {response.json().get('detail')}", err=True)
+        raise typer.Exit(2)
+    for item in response.json()["definition"]["items"]:
+        typer.echo(json.dumps(item, ensure_ascii=False))
+
+
+class GateMode(StrEnum):
+    """How ``gate`` decides (see SPEC §6)."""
+
+    threshold = "threshold"
+    noninferiority = "noninferiority"
+
+
+class PromptFormat(StrEnum):
+    """How prompts are rendered."""
+
+    chat = "chat"
+    plain = "plain"
+
+
+@app.command()
+def gate(
+    before: Annotated[str | None, typer.Option(help="Id of the 'before' evaluation.")] = None,
+    after: Annotated[str | None, typer.Option(help="Id of the 'after' evaluation.")] = None,
+    base_model: Annotated[str | None, typer.Option(help="Base model path ('before').")] = None,
+    candidate: Annotated[str | None, typer.Option(help="Candidate model path ('after').")] = None,
+    adapter: Annotated[
+        str | None,
+        typer.Option(help="peft adapter of the candidate (on --candidate, else on --base-model)."),
+    ] = None,
+    suite: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Suite name, name@version or suite JSON file; repeatable. "
+            "Default: the server's (general-qa, forgetting-checklist)."
+        ),
+    ] = None,
+    threshold: Annotated[float, typer.Option(help="Largest accepted accuracy drop.")] = 0.10,
+    max_category_drop: Annotated[
+        float | None, typer.Option(help="Also fail when a category drops more than this.")
+    ] = None,
+    max_nll_increase: Annotated[
+        float | None,
+        typer.Option(help="Also fail when NLL/token on a perplexity suite rises more (0.1 = 10%)."),
+    ] = None,
+    mode: Annotated[
+        GateMode,
+        typer.Option(
+            help="noninferiority: fail unless the CI's upper bound of the drop < threshold.",
+        ),
+    ] = GateMode.threshold,
+    alpha: Annotated[float, typer.Option(help="1 - confidence of the CI.")] = 0.05,
+    prompt_format: Annotated[
+        PromptFormat | None,
+        typer.Option(help="Default: chat when the tokenizer has a chat template, else plain."),
+    ] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help="Generation length.")] = None,
+    cache: Annotated[
+        bool, typer.Option(help="Reuse finished evaluations of identical inputs.")
+    ] = True,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for evaluations.")] = 3600.0,
+    junit: Annotated[Path | None, typer.Option(help="Write a JUnit XML report.")] = None,
+    markdown: Annotated[Path | None, typer.Option(help="Write a Markdown report.")] = None,
+    server: ServerOpt = DEFAULT_URL,
+) -> None:
+    """CI gate: compare a candidate with its base; exit 0 pass, 1 forgetting, 2 error.
+
+    The API key is read from $FORGETGUARD_API_KEY; the server from --server or $FORGETGUARD_URL.
+    """
+    from app.gate import GateOptions, parse_suites, run_gate
+
+    options = GateOptions(
+        server=server,
+        before=before,
+        after=after,
+        base_model=base_model,
+        candidate=candidate,
+        adapter=adapter,
+        suites=parse_suites(suite),
+        threshold=threshold,
+        max_category_drop=max_category_drop,
+        max_nll_increase=max_nll_increase,
+        mode=mode.value,
+        alpha=alpha,
+        prompt_format=prompt_format.value if prompt_format else None,
+        max_new_tokens=max_new_tokens,
+        cache=cache,
+        timeout=timeout,
+        junit=junit,
+        markdown=markdown,
+        api_key=os.environ.get("FORGETGUARD_API_KEY") or None,
+    )
+    raise typer.Exit(run_gate(options))
+
+
+@app.command()
+def demo(
+    toy: Annotated[
+        bool,
+        typer.Option(help="Only the lesson's two conceptual demonstrations (seconds, no model)."),
+    ] = False,
+    model: Annotated[
+        Path,
+        typer.Option(
+            help="Model directory; the reference model is pulled when missing.",
+        ),
+    ] = Path("models/smollm2-135m-instruct"),
+    device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
+    workdir: Annotated[Path, typer.Option(help="Run directory and caches.")] = Path("var/demo"),
+    quick: Annotated[
+        bool, typer.Option(help="Tiny sizes: checks the plumbing, proves nothing.")
+    ] = False,
+    keep: Annotated[bool, typer.Option(help="Keep the run's database and artifacts.")] = False,
+    markdown: Annotated[
+        Path | None, typer.Option(help="Also write the table to this file.")
+    ] = None,
+) -> None:
+    """Forgetting and its mitigations on a real model: base, full FT (risky, aggressive, + replay,
+    + EWC) and LoRA on the drug Q&A dataset; prints accuracy per category, checklist, NLL drift."""
+    # Before torch loads: OpenMP threads that spin while waiting make training many times
+    # slower on a CPU shared with other processes; passive waiting costs nothing when alone.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if toy:
+        from workers.toy import report
+
+        typer.echo(report())
+        return
+    from workers.demo import QUICK, DemoSizes, format_table, run_demo
+
+    if not model.exists() and model.name == "smollm2-135m-instruct":
+        from workers.reference import PullError, pull
+
+        typer.echo(f"pulling the reference model into {model.parent} …", err=True)
+        try:
+            model = pull("smollm2-135m-instruct", model.parent)
+        except PullError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+    rows = run_demo(
+        model,
+        workdir=workdir,
+        device=device,
+        sizes=QUICK if quick else DemoSizes(),
+        echo=lambda line: typer.echo(line, err=True),
+        keep=keep,
+    )
+    table = format_table(rows)
+    typer.echo(table)
+    for row in rows:
+        if row.error:
+            typer.echo(f"{row.name}: {row.status}: {row.error}", err=True)
+    if markdown is not None:
+        markdown.write_text(table + "\n", encoding="utf-8")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

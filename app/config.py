@@ -1,0 +1,78 @@
+"""Service configuration: one ``Settings`` class, read from ``FORGETGUARD_*`` variables."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from app.auth import parse_api_keys
+
+DEFAULT_DATABASE_URL = "sqlite:///./var/forgetguard.db"
+
+
+def _split_list(value: object) -> object:
+    if isinstance(value, str):
+        return [part.strip() for part in value.replace(";", ",").split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Everything an operator can set; see the configuration table in README.md."""
+
+    # hide_input_in_errors: a bad setting must not print its value (API keys, database passwords).
+    model_config = SettingsConfigDict(
+        env_prefix="FORGETGUARD_", extra="ignore", hide_input_in_errors=True
+    )
+
+    database_url: str = DEFAULT_DATABASE_URL
+    model_roots: Annotated[list[Path], NoDecode] = Field(default_factory=lambda: [Path("models")])
+    data_roots: Annotated[list[Path], NoDecode] = Field(default_factory=lambda: [Path("data")])
+    artifacts_dir: Path = Path("var/artifacts")
+    cache_dir: Path = Path("var/cache")
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    lease_seconds: float = 60.0
+    heartbeat_seconds: float = 10.0
+    max_attempts: int = 3
+    poll_seconds: float = 1.0
+    # A worker given SIGTERM finishes its current batch, releases the job and exits within this.
+    shutdown_grace_seconds: float = 30.0
+
+    max_body_bytes: int = 8 * 1024 * 1024
+    # A JSONL dataset named by path is read and checked at submission; this bounds that work.
+    max_dataset_bytes: int = 256 * 1024 * 1024
+
+    @field_validator("model_roots", "data_roots", "api_keys", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        return _split_list(value)
+
+    @field_validator("api_keys")
+    @classmethod
+    def _valid_api_keys(cls, value: list[str]) -> list[str]:
+        # A key without a valid scope is a startup error, not a key that silently never matches.
+        parse_api_keys(value)
+        return value
+
+    @cached_property
+    def resolved_model_roots(self) -> list[Path]:
+        """Model roots with symlinks resolved, for containment checks."""
+        return [root.expanduser().resolve() for root in self.model_roots]
+
+    @cached_property
+    def resolved_data_roots(self) -> list[Path]:
+        """Data roots with symlinks resolved, for containment checks."""
+        return [root.expanduser().resolve() for root in self.data_roots]
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+
+def get_settings() -> Settings:
+    """Settings from the environment (a fresh read, so tests can change variables)."""
+    return Settings()

@@ -1,0 +1,478 @@
+"""Fine-tune job requests (SPEC §5): the schema, the lesson's presets as data, the learning-rate
+rule of thumb, and training-record validation. Pure and torch-free: the API imports it.
+
+The two presets are the lesson's two ``TrainingArguments`` verbatim; every field the lesson
+leaves out takes the ``TrainingArguments`` default, so ``risky`` really is what a user of
+``TrainingArguments(num_train_epochs=10, learning_rate=5e-5, per_device_train_batch_size=1,
+warmup_ratio=0.0)`` gets.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_serializer, model_validator
+
+from app.errors import Problem
+from app.schemas import (
+    GenerationSettings,
+    JobTimestamps,
+    PathStr,
+    Progress,
+    Status,
+    SuiteRef,
+    iso_utc,
+)
+from app.suites.kinds import SuiteDefinition
+
+Method = Literal["lora", "full"]
+PresetName = Literal["safe", "risky"]
+SchedulerName = Literal["linear", "cosine", "constant", "constant_with_warmup"]
+PromptFormat = Literal["chat", "plain"]
+
+# --------------------------------------------------------------------------- presets (data)
+
+# transformers.TrainingArguments defaults for every field a preset does not set.
+TRAINING_ARGUMENTS_DEFAULTS: dict[str, Any] = {
+    "learning_rate": 5e-5,
+    "num_train_epochs": 3.0,
+    "per_device_train_batch_size": 8,
+    "gradient_accumulation_steps": 1,
+    "warmup_ratio": 0.0,
+    "lr_scheduler_type": "linear",
+    "weight_decay": 0.0,
+    "max_grad_norm": 1.0,
+    "seed": 42,
+    "max_steps": None,
+}
+# Fields TrainingArguments does not have (SFT's max_seq_length, our checkpoint cadence).
+FORGETGUARD_DEFAULTS: dict[str, Any] = {"max_seq_length": 512, "checkpoint_every_steps": 10}
+
+# The lesson's ``safe_args`` and ``risky_args``. ``learning_rate`` may depend on the method:
+# the lesson's safe 2e-5 is a full fine-tuning rate; LoRA's safe rate is its 2e-4 (SPEC §5).
+PRESETS: dict[str, dict[str, Any]] = {
+    "safe": {
+        "num_train_epochs": 3.0,
+        "learning_rate": {"full": 2e-5, "lora": 2e-4},
+        "per_device_train_batch_size": 4,
+        "gradient_accumulation_steps": 4,
+        "warmup_ratio": 0.05,
+        "lr_scheduler_type": "cosine",
+        "weight_decay": 0.01,
+    },
+    "risky": {
+        "num_train_epochs": 10.0,
+        "learning_rate": 5e-5,
+        "per_device_train_batch_size": 1,
+        "warmup_ratio": 0.0,
+    },
+}
+
+# The lesson's "rule of thumb for learning rates" (inclusive ranges).
+LR_RULE_OF_THUMB: dict[str, tuple[float, float]] = {
+    "full": (1e-5, 2e-5),
+    "lora": (1e-4, 3e-4),
+    "qlora": (1e-4, 2e-4),
+}
+METHOD_WORDS = {"full": "full fine-tuning", "lora": "LoRA", "qlora": "QLoRA"}
+
+MAX_RECORDS = 200_000
+MAX_RECORD_CHARS = 200_000
+ROLES = ("system", "user", "assistant")
+
+
+class _Request(BaseModel):
+    # Unknown keys are errors everywhere: a typo ("learnig_rate") must not silently train
+    # with the default.
+    model_config = ConfigDict(extra="forbid")
+
+
+class Hyperparameters(_Request):
+    """Overrides of the preset, by ``TrainingArguments`` name; ``None`` keeps the preset's value."""
+
+    learning_rate: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+    num_train_epochs: Annotated[float, Field(gt=0.0, le=10_000)] | None = None
+    per_device_train_batch_size: Annotated[int, Field(ge=1, le=4096)] | None = None
+    gradient_accumulation_steps: Annotated[int, Field(ge=1, le=4096)] | None = None
+    warmup_ratio: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    lr_scheduler_type: SchedulerName | None = None
+    weight_decay: Annotated[float, Field(ge=0.0, le=100.0)] | None = None
+    max_grad_norm: Annotated[float, Field(ge=0.0)] | None = None
+    seed: Annotated[int, Field(ge=0, le=2**32 - 1)] | None = None
+    max_steps: Annotated[int, Field(ge=1, le=10_000_000)] | None = None
+    max_seq_length: Annotated[int, Field(ge=8, le=131_072)] | None = None
+    checkpoint_every_steps: Annotated[int, Field(ge=1, le=10_000_000)] | None = None
+
+
+class ResolvedHyperparameters(BaseModel):
+    """Every training setting, concrete: the preset with the request's overrides applied."""
+
+    model_config = ConfigDict(frozen=True)
+
+    learning_rate: float
+    num_train_epochs: float
+    per_device_train_batch_size: int
+    gradient_accumulation_steps: int
+    warmup_ratio: float
+    lr_scheduler_type: SchedulerName
+    weight_decay: float
+    max_grad_norm: float
+    seed: int
+    max_steps: int | None
+    max_seq_length: int
+    checkpoint_every_steps: int
+
+
+def resolve_hyperparameters(
+    method: str, preset: str, overrides: Hyperparameters | None = None
+) -> ResolvedHyperparameters:
+    """TrainingArguments defaults, then the preset, then the explicit overrides."""
+    values = {**TRAINING_ARGUMENTS_DEFAULTS, **FORGETGUARD_DEFAULTS}
+    for key, value in PRESETS[preset].items():
+        values[key] = value[method] if isinstance(value, dict) else value
+    if overrides is not None:
+        values.update(overrides.model_dump(exclude_none=True))
+    return ResolvedHyperparameters(**values)
+
+
+def learning_rate_warnings(method: str, learning_rate: float) -> list[str]:
+    """A warning when the rate is outside the lesson's rule of thumb for the method."""
+    low, high = LR_RULE_OF_THUMB[method]
+    words = METHOD_WORDS[method]
+    if learning_rate > high:
+        return [
+            f"learning_rate {learning_rate:g} is above the lesson's rule of thumb for {words} "
+            f"({low:g} to {high:g}): large steps overwrite what the model already knew "
+            "(catastrophic forgetting risk)"
+        ]
+    if learning_rate < low:
+        return [
+            f"learning_rate {learning_rate:g} is below the lesson's rule of thumb for {words} "
+            f"({low:g} to {high:g}): the model may barely learn the new data"
+        ]
+    return []
+
+
+# --------------------------------------------------------------------------- records
+
+
+def record_format(record: Any) -> str:
+    """``text``, ``prompt_completion`` or ``messages`` (TRL's formats); ValueError otherwise."""
+    if not isinstance(record, dict):
+        raise ValueError(f"a record must be a JSON object, got {type(record).__name__}")
+    keys = set(record)
+    if "messages" in keys:
+        if keys & {"text", "prompt", "completion"}:
+            raise ValueError(
+                "a record has 'messages' and also 'text'/'prompt'/'completion'; use one format"
+            )
+        _check_messages(record["messages"], "messages", need_assistant=True)
+        return "messages"
+    if "prompt" in keys or "completion" in keys:
+        if "text" in keys:
+            raise ValueError("a record has 'text' and also 'prompt'/'completion'; use one format")
+        if not {"prompt", "completion"} <= keys:
+            missing = "completion" if "prompt" in keys else "prompt"
+            raise ValueError(f"a prompt-completion record lacks {missing!r}")
+        prompt, completion = record["prompt"], record["completion"]
+        if isinstance(prompt, str) and isinstance(completion, str):
+            _check_text(prompt, "prompt", allow_empty=True)
+            _check_text(completion, "completion")
+        elif isinstance(prompt, list) and isinstance(completion, list):
+            # TRL's conversational prompt-completion: message lists, loss on the completion's turns.
+            _check_messages(prompt, "prompt", need_assistant=False)
+            _check_messages(completion, "completion", need_assistant=True)
+        else:
+            raise ValueError(
+                "'prompt' and 'completion' must both be strings or both be message lists"
+            )
+        return "prompt_completion"
+    if "text" in keys:
+        _check_text(record["text"], "text")
+        return "text"
+    shown = sorted(keys)[:6]
+    raise ValueError(
+        f"a record needs 'text', 'prompt' + 'completion', or 'messages'; got keys {shown}"
+    )
+
+
+def _check_text(value: Any, field: str, *, allow_empty: bool = False) -> None:
+    if not isinstance(value, str):
+        raise ValueError(f"'{field}' must be a string, got {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise ValueError(f"'{field}' is empty")
+    if len(value) > MAX_RECORD_CHARS:
+        raise ValueError(f"'{field}' is longer than {MAX_RECORD_CHARS} characters")
+
+
+def _check_messages(messages: Any, field: str, *, need_assistant: bool) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f"'{field}' must be a non-empty list of messages")
+    for index, message in enumerate(messages):
+        where = f"{field}[{index}]"
+        if (
+            not isinstance(message, dict)
+            or set(message) - {"role", "content"}
+            or "role" not in message
+        ):
+            raise ValueError(f"{where} must be an object with 'role' and 'content'")
+        if message["role"] not in ROLES:
+            raise ValueError(f"{where}.role must be one of {list(ROLES)}, got {message['role']!r}")
+        _check_text(
+            message.get("content"), f"{where}.content", allow_empty=message["role"] != "assistant"
+        )
+    if need_assistant and not any(m["role"] == "assistant" for m in messages):
+        raise ValueError(f"'{field}' has no assistant message: there is nothing to train on")
+
+
+def validate_records(records: Sequence[Any], *, where: str) -> dict[str, int]:
+    """Check every record; return counts per format. ValueError names the bad record."""
+    counts: dict[str, int] = {}
+    for index, record in enumerate(records):
+        try:
+            kind = record_format(record)
+        except ValueError as exc:
+            raise ValueError(f"{where}[{index}] (record {index + 1}): {exc}") from None
+        counts[kind] = counts.get(kind, 0) + 1
+    return counts
+
+
+def read_jsonl(path: Path, *, shown: str, what: str = "dataset") -> list[dict[str, Any]]:
+    """Parse a JSONL file of records (blank lines skipped), naming the line of any bad record."""
+    if not path.is_file():
+        raise Problem(422, f"{what.capitalize()} not found", f"{what} path {shown!r} is not a file")
+    records: list[dict[str, Any]] = []
+    with path.open(encoding="utf-8") as fh:
+        for number, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise Problem(
+                    422,
+                    "Invalid training record",
+                    f"{what} {shown} line {number}: not valid JSON ({exc.msg})",
+                ) from None
+            try:
+                record_format(record)
+            except ValueError as exc:
+                raise Problem(
+                    422, "Invalid training record", f"{what} {shown} line {number}: {exc}"
+                ) from None
+            records.append(record)
+            if len(records) > MAX_RECORDS:
+                raise Problem(
+                    422, "Dataset too large", f"{what} {shown} has more than {MAX_RECORDS} records"
+                )
+    if not records:
+        raise Problem(422, "Empty dataset", f"{what} {shown} holds no records")
+    return records
+
+
+# --------------------------------------------------------------------------- request
+
+
+class BaseModelRef(_Request):
+    path: PathStr
+
+
+class DatasetSpec(_Request):
+    """Training data: inline ``examples`` or a JSONL ``path`` under an allowed data root."""
+
+    examples: list[dict[str, Any]] | None = Field(None, min_length=1, max_length=MAX_RECORDS)
+    path: PathStr | None = None
+    # How prompt/completion and messages records are rendered; default: the tokenizer's chat
+    # template when it has one (the same default as evaluations), else plain concatenation.
+    prompt_format: PromptFormat | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DatasetSpec:
+        if (self.examples is None) == (self.path is None):
+            raise ValueError(
+                "give exactly one of 'examples' (inline records) or 'path' (a JSONL file)"
+            )
+        if self.examples is not None:
+            validate_records(self.examples, where="examples")
+        return self
+
+
+class GeneralData(_Request):
+    """General (non-domain) data for replay or the Fisher: a suite, ``self``, records or a file."""
+
+    source: SuiteRef | None = None
+    examples: list[dict[str, Any]] | None = Field(None, min_length=1, max_length=MAX_RECORDS)
+    path: PathStr | None = None
+    # "dataset": a qa suite's first accepted answer is the completion. "base_model": the base
+    # model answers the prompts itself (greedy; generated once per model and cached), which
+    # rehearses the model's own behaviour instead of teaching it terse suite answers.
+    completions: Literal["dataset", "base_model"] = "dataset"
+    max_new_tokens: Annotated[int, Field(ge=1, le=1024)] = 128
+
+    @model_validator(mode="after")
+    def _one_source(self) -> GeneralData:
+        given = [name for name in ("source", "examples", "path") if getattr(self, name) is not None]
+        if not given:
+            self.source = self._default_source()
+        elif len(given) > 1:
+            raise ValueError(f"give one of 'source', 'examples' or 'path', not {given}")
+        if self.examples is not None:
+            validate_records(self.examples, where="examples")
+        return self
+
+    def _default_source(self) -> str:
+        return "general-qa"
+
+
+class ReplaySpec(GeneralData):
+    """The lesson's ``create_replay_dataset``: ``int(len(domain) * fraction)`` general records."""
+
+    fraction: Annotated[float, Field(gt=0.0, le=100.0)] = 0.1
+    seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = 42
+
+    def _default_source(self) -> str:
+        return "self"
+
+
+class EWCSpec(GeneralData):
+    """Elastic weight consolidation: diagonal Fisher, penalty ``importance · Σ F (θ − θ*)²``."""
+
+    importance: Annotated[float, Field(gt=0.0, le=1e15)] = 5000.0
+    fisher_samples: Annotated[int, Field(ge=1, le=100_000)] = 256
+
+
+class LoraSpec(_Request):
+    """peft ``LoraConfig`` fields; defaults are the lesson's (r 16, alpha 32, q/v, dropout 0.1)."""
+
+    r: Annotated[int, Field(ge=1, le=4096)] = 16
+    lora_alpha: Annotated[float, Field(gt=0.0, le=1e6)] = 32
+    target_modules: (
+        Literal["all-linear"]
+        | list[Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.]+$")]]
+    ) = Field(default_factory=lambda: ["q_proj", "v_proj"])
+    lora_dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
+    use_rslora: bool = False
+
+    @model_validator(mode="after")
+    def _targets(self) -> LoraSpec:
+        if isinstance(self.target_modules, list) and not self.target_modules:
+            raise ValueError("target_modules must name at least one module, or be 'all-linear'")
+        return self
+
+
+class FinetuneEvaluationSpec(_Request):
+    """What the job evaluates before and after training, and how the comparison decides."""
+
+    suites: list[SuiteRef | SuiteDefinition] = Field(
+        default_factory=lambda: ["general-qa", "forgetting-checklist"],  # type: ignore[arg-type]
+        min_length=1,
+        max_length=20,
+    )
+    prompt_format: PromptFormat | None = None
+    generation: GenerationSettings = Field(default_factory=GenerationSettings)  # type: ignore[arg-type]
+    threshold: Annotated[float, Field(ge=0.0, le=1.0)] = 0.10
+    max_category_drop: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    max_nll_increase: Annotated[float, Field(ge=0.0, le=100.0)] | None = None
+    mode: Literal["threshold", "noninferiority"] = "threshold"
+    # Reuse a finished evaluation of the same base model, suites and settings as "before".
+    cache: bool = True
+
+
+class FinetuneJobCreate(_Request):
+    """``POST /finetune-jobs`` body (SPEC §5)."""
+
+    base_model: BaseModelRef
+    dataset: DatasetSpec
+    method: Method = "lora"
+    preset: PresetName = "safe"
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+    lora: LoraSpec | None = None
+    replay: ReplaySpec | None = None
+    ewc: EWCSpec | None = None
+    evaluation: FinetuneEvaluationSpec | None = Field(default_factory=FinetuneEvaluationSpec)
+    label: Annotated[str, Field(max_length=200)] | None = None
+
+    @model_validator(mode="after")
+    def _method_settings(self) -> FinetuneJobCreate:
+        if self.method == "full" and self.lora is not None:
+            raise ValueError(
+                "'lora' settings were given but method is 'full'; drop them or use method 'lora'"
+            )
+        if self.method == "lora" and self.lora is None:
+            self.lora = LoraSpec()
+        return self
+
+    def resolved(self) -> ResolvedHyperparameters:
+        """The preset with this request's overrides applied."""
+        return resolve_hyperparameters(self.method, self.preset, self.hyperparameters)
+
+    def warnings(self, n_records: int) -> list[str]:
+        """Warnings known at submission: the learning-rate rule of thumb, an empty replay."""
+        out = learning_rate_warnings(self.method, self.resolved().learning_rate)
+        if self.replay is not None and int(n_records * self.replay.fraction) == 0:
+            out.append(
+                f"replay adds no examples: int({n_records} × {self.replay.fraction:g}) = 0 "
+                "(the lesson's arithmetic rounds down); raise replay.fraction"
+            )
+        return out
+
+
+# --------------------------------------------------------------------------- responses
+
+
+class FinetuneJobPublic(JobTimestamps):
+    """The API view of a fine-tune job."""
+
+    id: str
+    status: Status
+    label: str | None
+    progress: Progress
+    base_model: dict[str, Any]
+    method: str
+    preset: str
+    hyperparameters: dict[str, Any]
+    lora: dict[str, Any] | None
+    replay: dict[str, Any] | None
+    ewc: dict[str, Any] | None
+    dataset: dict[str, Any]
+    evaluation: dict[str, Any] | None
+    before_evaluation_id: str | None
+    after_evaluation_id: str | None
+    comparison: dict[str, Any] | None
+    output_path: str | None
+    warnings: list[str]
+    trainable_parameters: dict[str, Any] | None
+    metrics: dict[str, Any] | None
+    attempts: int
+    error: str | None
+
+
+class FinetuneEventPublic(BaseModel):
+    id: str
+    created_at: datetime
+    level: str
+    message: str
+    data: dict[str, Any] | None
+
+    @field_serializer("created_at")
+    def _z(self, value: datetime) -> str | None:
+        return iso_utc(value)
+
+
+def summarize_source(spec: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A replay/ewc/dataset spec without its inline records (which may be megabytes)."""
+    if spec is None:
+        return None
+    out = {k: v for k, v in spec.items() if k != "examples"}
+    if spec.get("examples") is not None:
+        out["examples"] = len(spec["examples"])
+    return out
+
+
+def suite_refs(snapshot: Iterable[dict[str, Any]]) -> list[str]:
+    """Pinned ``name@version`` references, so before and after run the very same suite versions."""
+    return [f"{s['name']}@{s['version']}" for s in snapshot]

@@ -1,0 +1,64 @@
+"""Model fingerprints: what an evaluation ran on, and the key of the evaluation cache (SPEC §7).
+
+The fingerprint hashes the config, tokenizer files (chat template included) and each weight
+file's sha256. Hashing 500 MB of weights takes seconds, so weight hashes are cached on disk
+keyed by (path, size, mtime).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+from pathlib import Path
+
+HASHED_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "adapter_config.json",
+)
+
+
+def _file_sha256(path: Path, cache_dir: Path | None) -> str:
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()
+    cache_file = cache_dir / "hashes" / key if cache_dir else None
+    if cache_file is not None and cache_file.is_file():
+        return cache_file.read_text().strip()
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(1 << 20):
+            digest.update(block)
+    value = digest.hexdigest()
+    if cache_file is not None:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        # Unique per writer: API request threads may hash the same file at the same moment.
+        tmp = cache_file.with_suffix(f".{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        tmp.write_text(value)
+        tmp.replace(cache_file)
+    return value
+
+
+def _directory_entries(directory: Path, cache_dir: Path | None) -> dict[str, str]:
+    entries = {}
+    for path in sorted(directory.iterdir()):
+        if path.is_file() and (path.name in HASHED_FILES or path.suffix == ".safetensors"):
+            entries[path.name] = _file_sha256(path, cache_dir)
+    return entries
+
+
+def fingerprint(
+    model_dir: Path, adapter_dir: Path | None = None, *, cache_dir: Path | None = None
+) -> str:
+    """``sha256:…`` over the model's (and adapter's) config, tokenizer and weight hashes."""
+    content = {"model": _directory_entries(model_dir, cache_dir)}
+    if adapter_dir is not None:
+        content["adapter"] = _directory_entries(adapter_dir, cache_dir)
+    canonical = json.dumps(content, sort_keys=True).encode()
+    return "sha256:" + hashlib.sha256(canonical).hexdigest()

@@ -1,0 +1,209 @@
+"""Build the FastAPI application (no torch is imported on this side)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import numpy as np
+from fastapi import FastAPI
+from sqlalchemy import text
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app import auth, errors
+from app.api import compare, evaluations, finetune_jobs, health, suites, workers
+from app.api import metrics as metrics_api
+from app.config import Settings, get_settings
+from app.db import make_engine, session_factory
+from app.suites import registry
+from app.ui import routes as ui
+
+
+class SchemaNotReady(RuntimeError):
+    """The database has not been migrated."""
+
+
+# Deeper JSON than this is refused before it is parsed: nothing this API takes nests past a
+# dozen levels (checks' combinators included), and deep nesting breaks parsers and serialisers.
+JSON_MAX_DEPTH = 64
+
+
+class BodyRefused(StarletteHTTPException):
+    """A request body broke a limit; raised from ``receive``.
+
+    An ``HTTPException`` because FastAPI passes those through when it reads the body (any other
+    exception raised there becomes a generic 400), so the app's handler renders it as a problem.
+    """
+
+    def __init__(self, status_code: int, title: str, detail: str) -> None:
+        super().__init__(status_code, detail)
+        self.title = title
+
+
+class JsonNesting:
+    """Incremental scan of a JSON body for its nesting depth (strings and escapes understood).
+
+    Vectorised with numpy, a slice at a time, so the cost is a few milliseconds per MiB
+    whatever the body holds (a byte-at-a-time loop in Python would let a body of 8 MiB of
+    quotes hold the event loop for seconds).
+    """
+
+    SLICE = 1 << 16  # small slices keep the temporary arrays in cache
+
+    def __init__(self, max_depth: int) -> None:
+        self.max_depth = max_depth
+        self.depth = 0
+        self.in_string = False
+        self.backslashes = 0  # parity of the backslash run that ended the previous slice
+
+    def feed(self, chunk: bytes) -> bool:
+        """Scan the next chunk; True once the body nests deeper than ``max_depth``."""
+        view = memoryview(chunk)
+        return any(self._scan(view[i : i + self.SLICE]) for i in range(0, len(view), self.SLICE))
+
+    def _scan(self, piece: memoryview) -> bool:
+        a = np.frombuffer(piece, dtype=np.uint8)
+        index = np.arange(a.size, dtype=np.int32)
+        # Index of the last byte at or before each position that is not a backslash (-1: none).
+        last_other = np.maximum.accumulate(np.where(a == 0x5C, -1, index))
+        # Backslashes right before each byte; a run reaching back to the start continues the
+        # previous slice's run. A quote after an odd number of them is escaped.
+        before = np.empty(a.size, dtype=np.int32)
+        before[0] = self.backslashes
+        previous = last_other[:-1]
+        before[1:] = np.where(
+            previous >= 0, index[:-1] - previous, index[:-1] + 1 + self.backslashes
+        )
+        quotes = (a == 0x22) & (before % 2 == 0)
+        inside = (np.cumsum(quotes) - quotes + self.in_string) % 2 == 1
+        opens = ((a == 0x5B) | (a == 0x7B)) & ~inside
+        closes = ((a == 0x5D) | (a == 0x7D)) & ~inside
+        running = self.depth + np.cumsum(opens.astype(np.int32) - closes)
+        self.depth = int(running[-1])
+        self.in_string = bool((int(quotes.sum()) + self.in_string) % 2)
+        tail = int(last_other[-1])
+        self.backslashes = (a.size - 1 - tail if tail >= 0 else a.size + self.backslashes) % 2
+        return bool(running.max() > self.max_depth)
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    for key, value in scope.get("headers") or []:
+        if key.lower() == name:
+            return bytes(value)
+    return None
+
+
+def _is_json(content_type: bytes | None) -> bool:
+    media = (content_type or b"").split(b";", 1)[0].strip().lower()
+    return media == b"application/json" or media.endswith(b"+json")
+
+
+class BodyLimit:
+    """Refuse request bodies over ``limit`` bytes (413) and JSON nested too deeply (422).
+
+    Works for a declared ``Content-Length`` (refused before reading) and for chunked bodies
+    (refused as soon as the running total passes the limit), for every route.
+    """
+
+    def __init__(self, app: ASGIApp, limit: int, max_depth: int = JSON_MAX_DEPTH) -> None:
+        self.app = app
+        self.limit = limit
+        self.max_depth = max_depth
+
+    def _too_large(self) -> BodyRefused:
+        return BodyRefused(
+            413, "Request body too large", f"request bodies are limited to {self.limit} bytes"
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = (_header(scope, b"content-length") or b"").strip()
+        if declared.isdigit() and int(declared) > self.limit:
+            await self._refuse(self._too_large(), scope, receive, send)
+            return
+        nesting = JsonNesting(self.max_depth) if _is_json(_header(scope, b"content-type")) else None
+        seen = 0
+        started = False
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                body = message.get("body", b"")
+                seen += len(body)
+                if seen > self.limit:
+                    raise self._too_large()
+                if nesting is not None and nesting.feed(body):
+                    raise BodyRefused(
+                        422,
+                        "JSON nested too deeply",
+                        f"request JSON may nest at most {self.max_depth} levels deep",
+                    )
+            return message
+
+        async def tracking(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited, tracking)
+        except BodyRefused as exc:
+            # Raised past the app (a mount that is not FastAPI, say): answer, unless it already did.
+            if started:
+                raise
+            await self._refuse(exc, scope, receive, send)
+
+    async def _refuse(self, exc: BodyRefused, scope: Scope, receive: Receive, send: Send) -> None:
+        response = errors.problem_response(exc.status_code, exc.title, str(exc.detail))
+        await response(scope, receive, send)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The API: routers, problem+json errors, database, built-in suites registered at start."""
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = make_engine(settings.database_url)
+        with engine.connect() as conn:
+            try:
+                conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one()
+            except Exception:
+                raise SchemaNotReady(
+                    "the database schema is missing: run `forgetguard db upgrade` "
+                    "(forgetguard serve does it for you)"
+                ) from None
+        app.state.engine = engine
+        app.state.sessionmaker = session_factory(engine)
+        with app.state.sessionmaker() as session:
+            registry.sync_builtins(session)
+            session.commit()
+        yield
+        engine.dispose()
+
+    app = FastAPI(
+        title="forgetguard",
+        version="0.1.0",
+        description="Before/after evaluation of fine-tuned language models, and a CI gate.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.finished_evaluations = evaluations.FinishedCache()
+    errors.install(app)
+    for module in (health, suites, evaluations, finetune_jobs, compare, workers):
+        app.include_router(module.router)
+    app.include_router(metrics_api.router)
+    ui.install(app)  # the /ui dashboard pages and their static files
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    # Keep this the last add_middleware call: added last is outermost, so a caller without a
+    # valid key gets 401/403 before anything else (body reading included) happens. It is
+    # path-agnostic: every router, mount and page, including ones added later, is covered.
+    api_keys = auth.parse_api_keys(settings.api_keys)
+    if api_keys:
+        app.add_middleware(auth.ApiKeyAuth, keys=api_keys)
+    errors.document_problems(app, auth=bool(api_keys))
+    return app

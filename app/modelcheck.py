@@ -1,0 +1,133 @@
+"""What the service will load: checks on a model or adapter directory, without torch (SPEC §7)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from app.errors import Problem
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+# Every JSON file transformers or peft may read to pick classes; any of them may carry auto_map.
+CONFIG_FILES = (
+    "config.json",
+    "tokenizer_config.json",
+    "adapter_config.json",
+    "generation_config.json",
+    "processor_config.json",
+    "preprocessor_config.json",
+)
+MAX_CONFIG_BYTES = 16 * 1024 * 1024
+_MAX_SCAN_DEPTH = 32
+
+
+def _has_auto_map(data: object, depth: int = 0) -> bool:
+    # Nested too: composite configs (text_config, vision_config, …) are configs of their own.
+    if depth > _MAX_SCAN_DEPTH:
+        return True  # absurdly deep: refuse rather than guess
+    if isinstance(data, dict):
+        return "auto_map" in data or any(_has_auto_map(v, depth + 1) for v in data.values())
+    if isinstance(data, list):
+        return any(_has_auto_map(v, depth + 1) for v in data)
+    return False
+
+
+def _refuse_auto_map(directory: Path, shown: str) -> None:
+    for name in CONFIG_FILES:
+        path = directory / name
+        if not path.is_file():
+            continue
+        try:
+            if path.stat().st_size > MAX_CONFIG_BYTES:
+                raise Problem(
+                    422,
+                    "Unreadable model config",
+                    f"{shown}/{name} is larger than {MAX_CONFIG_BYTES} bytes",
+                )
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            # strerror only: str(exc) would name the resolved (internal) path.
+            raise Problem(
+                422, "Unreadable model config", f"{shown}/{name} cannot be read: {exc.strerror}"
+            ) from None
+        except (ValueError, RecursionError) as exc:
+            raise Problem(
+                422, "Unreadable model config", f"{shown}/{name} is not valid JSON: {exc}"
+            ) from None
+        if _has_auto_map(data):
+            raise Problem(
+                422,
+                "Remote code refused",
+                f"{shown}/{name} declares auto_map (custom modelling code); forgetguard never "
+                "runs code from a model directory. Use a model whose architecture is built into "
+                "transformers.",
+            )
+
+
+_CONVERT = {
+    "model": "AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir, "
+    "safe_serialization=True)",
+    "adapter": "PeftModel.from_pretrained(base_model, dir).save_pretrained(dir, "
+    "safe_serialization=True)",
+}
+
+
+def _require_safetensors(directory: Path, shown: str, *, kind: str) -> None:
+    if any(directory.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise Problem(
+            422,
+            "Pickle weights refused",
+            f"{kind} {shown} holds only pickle weights ({', '.join(pickles[:3])}); loading a "
+            "pickle can run code, so forgetguard loads *.safetensors only. Convert it once, on "
+            f"a machine where you trust the file: {_CONVERT[kind]}",
+        )
+    raise Problem(422, "No weights found", f"{kind} {shown} has no *.safetensors weights")
+
+
+def _unreadable(kind: str, shown: str, exc: OSError) -> Problem:
+    # strerror only: str(exc) names the resolved path, which the client need not see.
+    return Problem(
+        422,
+        "Unreadable model directory",
+        f"{kind} path {shown!r} cannot be read: {exc.strerror or 'I/O error'}",
+    )
+
+
+def check_model_dir(directory: Path, shown: str) -> None:
+    """Refuse a model directory that is missing, lacks safetensors, or asks for remote code."""
+    try:
+        if not directory.is_dir():
+            raise Problem(422, "Model not found", f"model path {shown!r} is not a directory")
+        if not (directory / "config.json").is_file():
+            raise Problem(
+                422,
+                "Not a model directory",
+                f"model path {shown!r} has no config.json (a Hugging Face model "
+                "directory is expected)",
+            )
+        _refuse_auto_map(directory, shown)
+        _require_safetensors(directory, shown, kind="model")
+    except OSError as exc:
+        raise _unreadable("model", shown, exc) from None
+
+
+def check_adapter_dir(directory: Path, shown: str) -> None:
+    """Refuse an adapter directory that is not a safetensors peft adapter.
+
+    Its ``adapter_config.json`` is data: ``base_model_name_or_path`` in it is ignored, the
+    adapter is applied to the model the request names.
+    """
+    try:
+        if not directory.is_dir() or not (directory / "adapter_config.json").is_file():
+            raise Problem(
+                422,
+                "Adapter not found",
+                f"adapter path {shown!r} is not a peft adapter directory (no adapter_config.json)",
+            )
+        _refuse_auto_map(directory, shown)
+        _require_safetensors(directory, shown, kind="adapter")
+    except OSError as exc:
+        raise _unreadable("adapter", shown, exc) from None

@@ -1,0 +1,215 @@
+"""SQLAlchemy models. The schema itself is made only by the Alembic migrations in migrations/."""
+
+from __future__ import annotations
+
+import secrets
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+FINISHED = ("succeeded", "failed", "cancelled")
+
+
+def utcnow() -> datetime:
+    """Naive UTC now: stored the same way on SQLite and PostgreSQL."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def new_id(prefix: str) -> str:
+    """An opaque, URL-safe, time-ordered-enough id such as ``ev_0f3a9c…``."""
+    return f"{prefix}_{secrets.token_hex(8)}"
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class JobMixin:
+    """Lifecycle and lease fields shared by every queued job kind (SPEC §2)."""
+
+    status: Mapped[str] = mapped_column(String(16), default="queued")
+    progress: Mapped[dict[str, Any]] = mapped_column(
+        JSON, default=lambda: {"done": 0, "total": 0, "stage": "queued"}
+    )
+    error: Mapped[str | None] = mapped_column(Text, default=None)
+    label: Mapped[str | None] = mapped_column(String(200), default=None)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime, default=None)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime, default=None)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer, default=3)
+    worker_id: Mapped[str | None] = mapped_column(String(64), default=None)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime, default=None)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime, default=None)
+    # Backoff: a job released after a failure is not claimed again before this time.
+    not_before: Mapped[datetime | None] = mapped_column(DateTime, default=None)
+
+
+class Suite(Base):
+    """One immutable version of a suite; same name + same content hash = same version."""
+
+    __tablename__ = "suites"
+    __table_args__ = (
+        UniqueConstraint("name", "version", name="uq_suites_name_version"),
+        Index("ix_suites_name_hash", "name", "content_hash"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(100))
+    version: Mapped[int] = mapped_column(Integer)
+    kind: Mapped[str] = mapped_column(String(32))
+    content_hash: Mapped[str] = mapped_column(String(80))
+    description: Mapped[str | None] = mapped_column(Text, default=None)
+    source: Mapped[str] = mapped_column(String(16), default="uploaded")
+    item_count: Mapped[int] = mapped_column(Integer)
+    definition: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class Evaluation(JobMixin, Base):
+    __tablename__ = "evaluations"
+    __table_args__ = (
+        Index("ix_evaluations_created", "created_at", "id"),
+        Index("ix_evaluations_claim", "status", "created_at"),
+        Index("ix_evaluations_cache_key", "cache_key", "status"),
+        Index("ix_evaluations_model_path", "model_path"),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    model_path: Mapped[str] = mapped_column(Text)
+    adapter_path: Mapped[str | None] = mapped_column(Text, default=None)
+    model_fingerprint: Mapped[str | None] = mapped_column(String(80), default=None)
+    prompt_format: Mapped[str | None] = mapped_column(String(16), default=None)
+    generation: Mapped[dict[str, Any]] = mapped_column(JSON)
+    # Snapshot of what ran: [{"id", "name", "version", "kind", "content_hash", "items"}].
+    suites: Mapped[list[Any]] = mapped_column(JSON)
+    results: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    cache_key: Mapped[str | None] = mapped_column(String(80), default=None)
+    use_cache: Mapped[bool] = mapped_column(Boolean, default=True)
+    cached_from: Mapped[str | None] = mapped_column(String(40), default=None)
+    finetune_job_id: Mapped[str | None] = mapped_column(String(40), default=None)
+
+
+class EvaluationItem(Base):
+    """One row per suite item of an evaluation, written as the worker goes."""
+
+    __tablename__ = "evaluation_items"
+    __table_args__ = (
+        UniqueConstraint("evaluation_id", "suite", "item_id", name="uq_evaluation_items_item"),
+        # Covering index: /compare reads every item's outcome without touching the table.
+        Index(
+            "ix_evaluation_items_outcomes",
+            "evaluation_id",
+            "suite",
+            "position",
+            "item_id",
+            "passed",
+            "score",
+            "category",
+            "severity",
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    evaluation_id: Mapped[str] = mapped_column(
+        String(40), ForeignKey("evaluations.id", ondelete="CASCADE")
+    )
+    suite: Mapped[str] = mapped_column(String(100))
+    item_id: Mapped[str] = mapped_column(String(200))
+    position: Mapped[int] = mapped_column(Integer)
+    prompt: Mapped[str] = mapped_column(Text)
+    response: Mapped[str | None] = mapped_column(Text, default=None)
+    passed: Mapped[bool | None] = mapped_column(Boolean, default=None)
+    score: Mapped[float | None] = mapped_column(Float, default=None)
+    category: Mapped[str | None] = mapped_column(String(100), default=None)
+    severity: Mapped[str | None] = mapped_column(String(16), default=None)
+    details: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+
+
+class FinetuneJob(JobMixin, Base):
+    __tablename__ = "finetune_jobs"
+    __table_args__ = (
+        Index("ix_finetune_jobs_created", "created_at", "id"),
+        Index("ix_finetune_jobs_claim", "status", "created_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    base_model_path: Mapped[str] = mapped_column(Text)
+    request: Mapped[dict[str, Any]] = mapped_column(JSON)
+    before_evaluation_id: Mapped[str | None] = mapped_column(String(40), default=None)
+    after_evaluation_id: Mapped[str | None] = mapped_column(String(40), default=None)
+    output_path: Mapped[str | None] = mapped_column(Text, default=None)
+    checkpoint_path: Mapped[str | None] = mapped_column(Text, default=None)
+    comparison: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    warnings: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    trainable_parameters: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+
+
+class FinetuneEvent(Base):
+    __tablename__ = "finetune_events"
+    __table_args__ = (Index("ix_finetune_events_job", "job_id", "id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(
+        String(40), ForeignKey("finetune_jobs.id", ondelete="CASCADE")
+    )
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    level: Mapped[str] = mapped_column(String(16), default="info")
+    message: Mapped[str] = mapped_column(Text)
+    data: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+
+
+class Claim(Base):
+    """Append-only log of every lease taken: evidence that no job had two live leases."""
+
+    __tablename__ = "claims"
+    __table_args__ = (Index("ix_claims_job", "job_kind", "job_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_kind: Mapped[str] = mapped_column(String(16))
+    job_id: Mapped[str] = mapped_column(String(40))
+    worker_id: Mapped[str] = mapped_column(String(64))
+    attempt: Mapped[int] = mapped_column(Integer)
+    claimed_at: Mapped[datetime] = mapped_column(DateTime)
+    lease_expires_at: Mapped[datetime] = mapped_column(DateTime)
+    released_at: Mapped[datetime | None] = mapped_column(DateTime, default=None)
+
+
+class Worker(Base):
+    __tablename__ = "workers"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    device: Mapped[str] = mapped_column(String(32))
+    kinds: Mapped[list[Any]] = mapped_column(JSON)
+    status: Mapped[str] = mapped_column(String(16), default="idle")
+    current_job_id: Mapped[str | None] = mapped_column(String(40), default=None)
+    current_job_kind: Mapped[str | None] = mapped_column(String(16), default=None)
+    started_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class IdempotencyKey(Base):
+    __tablename__ = "idempotency_keys"
+
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    path: Mapped[str] = mapped_column(String(255), primary_key=True)
+    body_hash: Mapped[str] = mapped_column(String(80))
+    resource_id: Mapped[str] = mapped_column(String(40))
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)

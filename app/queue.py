@@ -1,0 +1,327 @@
+"""The job queue: claim with a lease, heartbeat, release, finish, cancel (SPEC §2).
+
+One code path for both databases. A claim is a single ``UPDATE … WHERE id = (SELECT … LIMIT 1
+FOR UPDATE SKIP LOCKED) RETURNING``: PostgreSQL skips rows other workers hold; SQLite ignores
+the lock clause, and the claim runs inside ``BEGIN IMMEDIATE`` so only one writer is ever
+choosing. Every write a worker makes to its job is guarded by ``worker_id`` and
+``status = 'running'``: a worker whose lease was taken over, or whose job was cancelled, finds
+zero rows updated and stops, so no job is ever run twice at once.
+
+Lease times come from one clock, the database's (:func:`db_now`): workers on many hosts
+compare leases written by each other, and a skewed host clock must not end a live lease early.
+The ``claims`` log is written so that it can prove the promise: a claim's ``claimed_at`` is
+read after the claiming UPDATE, hence after the previous holder's lease ended or its release
+committed.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, cast
+
+from sqlalchemy import Engine, and_, delete, func, or_, select, text, update
+from sqlalchemy.orm import Session
+
+from app.db import immediate_session
+from app.models import Claim, Evaluation, FinetuneJob, JobMixin, Worker, utcnow
+
+JOB_MODELS: dict[str, type[Evaluation] | type[FinetuneJob]] = {
+    "evaluation": Evaluation,
+    "finetune": FinetuneJob,
+}
+BACKOFF_BASE_SECONDS = 2.0
+BACKOFF_MAX_SECONDS = 60.0
+
+
+class LeaseLost(RuntimeError):
+    """The worker no longer holds the job: cancelled, or its lease expired and was taken."""
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    kind: str
+    id: str
+    attempt: int
+    worker_id: str
+
+
+def backoff_seconds(attempt: int) -> float:
+    """Exponential backoff before a failed job's next attempt."""
+    return float(min(BACKOFF_MAX_SECONDS, BACKOFF_BASE_SECONDS * 2 ** max(0, attempt - 1)))
+
+
+def db_now(session: Session) -> datetime:
+    """Naive UTC "now" by the database's clock (PostgreSQL), or this host's (SQLite).
+
+    SQLite lives on one host, so its clock is the host's; the transaction is begun first so
+    that, under ``BEGIN IMMEDIATE``, the time is read after the write lock is held.
+    """
+    connection = session.connection()
+    if connection.dialect.name == "postgresql":
+        return connection.execute(text("SELECT timezone('UTC', clock_timestamp())")).scalar_one()
+    return utcnow()
+
+
+def default_worker_id() -> str:
+    """``host-pid``: unique among live workers and readable in ``GET /workers``."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _expire_leases(session: Session, model: type[JobMixin], now: Any) -> None:
+    """Jobs whose worker stopped heartbeating go back to the queue, or fail when out of tries."""
+    expired = and_(model.status == "running", model.lease_expires_at < now)
+    session.execute(
+        update(model)
+        .where(expired, model.attempts >= model.max_attempts)
+        .values(
+            status="failed",
+            finished_at=now,
+            lease_expires_at=None,
+            error="lease expired: the worker stopped heartbeating on its last allowed attempt",
+        )
+        .execution_options(synchronize_session=False)
+    )
+    session.execute(
+        update(model)
+        .where(expired)
+        .values(
+            status="queued",
+            worker_id=None,
+            lease_expires_at=None,
+            error="previous attempt's lease expired (worker stopped heartbeating)",
+        )
+        .execution_options(synchronize_session=False)
+    )
+
+
+def claim(
+    engine: Engine, *, worker_id: str, kinds: tuple[str, ...], lease_seconds: float
+) -> ClaimedJob | None:
+    """Atomically take the oldest claimable job of the given kinds, or return None."""
+    with immediate_session(engine) as session, session.begin():
+        now = db_now(session)
+        expires = now + timedelta(seconds=lease_seconds)
+        for kind in kinds:
+            model = JOB_MODELS[kind]
+            _expire_leases(session, model, now)
+            candidate = (
+                select(model.id)
+                .where(
+                    model.status == "queued",
+                    or_(model.not_before.is_(None), model.not_before <= now),
+                )
+                .order_by(model.created_at, model.id)
+                .limit(1)
+                .with_for_update(skip_locked=True)
+                .scalar_subquery()
+            )
+            row = session.execute(
+                update(model)
+                .where(model.id == candidate, model.status == "queued")
+                .values(
+                    status="running",
+                    worker_id=worker_id,
+                    attempts=model.attempts + 1,
+                    lease_expires_at=expires,
+                    heartbeat_at=now,
+                    started_at=func.coalesce(model.started_at, now),
+                    not_before=None,
+                )
+                .returning(model.id, model.attempts)
+                .execution_options(synchronize_session=False)
+            ).first()
+            if row is None:
+                continue
+            job_id, attempt = row
+            session.add(
+                Claim(
+                    job_kind=kind,
+                    job_id=job_id,
+                    worker_id=worker_id,
+                    attempt=attempt,
+                    # Read after the UPDATE: later than the end of any lease it replaced.
+                    claimed_at=db_now(session),
+                    lease_expires_at=expires,
+                )
+            )
+            session.execute(
+                update(Worker)
+                .where(Worker.id == worker_id)
+                .values(
+                    status="busy", current_job_id=job_id, current_job_kind=kind, heartbeat_at=now
+                )
+            )
+            return ClaimedJob(kind=kind, id=job_id, attempt=attempt, worker_id=worker_id)
+    return None
+
+
+def renew(session: Session, job: ClaimedJob, lease_seconds: float, **values: Any) -> None:
+    """Extend the lease (and set ``values``) inside the caller's transaction, or raise LeaseLost.
+
+    Called at the start of every transaction that writes job results, so results are only
+    ever written by the lease holder.
+    """
+    model = JOB_MODELS[job.kind]
+    now = db_now(session)
+    expires = now + timedelta(seconds=lease_seconds)
+    result = session.execute(
+        update(model)
+        .where(model.id == job.id, model.worker_id == job.worker_id, model.status == "running")
+        .values(heartbeat_at=now, lease_expires_at=expires, **values)
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        raise LeaseLost(f"{job.kind} {job.id} is no longer held by {job.worker_id}")
+    session.execute(
+        update(Claim)
+        .where(
+            Claim.job_id == job.id, Claim.worker_id == job.worker_id, Claim.attempt == job.attempt
+        )
+        .values(lease_expires_at=expires)
+    )
+    session.execute(update(Worker).where(Worker.id == job.worker_id).values(heartbeat_at=now))
+
+
+def heartbeat(engine: Engine, job: ClaimedJob, lease_seconds: float, **values: Any) -> None:
+    """Renew the lease in a transaction of its own; raises LeaseLost."""
+    with immediate_session(engine) as session, session.begin():
+        renew(session, job, lease_seconds, **values)
+
+
+def _close_claim(session: Session, job: ClaimedJob, *, held: bool) -> None:
+    """The worker is done with ``job``; its claim ends now only if it still held the lease.
+
+    A worker whose lease had already been taken over leaves ``released_at`` empty: its claim
+    ended when the lease expired, and the log must not say it held the job any longer.
+    """
+    now = db_now(session)
+    if held:
+        session.execute(
+            update(Claim)
+            .where(
+                Claim.job_id == job.id,
+                Claim.worker_id == job.worker_id,
+                Claim.attempt == job.attempt,
+            )
+            .values(released_at=now)
+        )
+    session.execute(
+        update(Worker)
+        .where(Worker.id == job.worker_id)
+        .values(status="idle", current_job_id=None, current_job_kind=None, heartbeat_at=now)
+    )
+
+
+def _guarded_update(session: Session, job: ClaimedJob, **values: Any) -> bool:
+    model = JOB_MODELS[job.kind]
+    result = session.execute(
+        update(model)
+        .where(model.id == job.id, model.worker_id == job.worker_id, model.status == "running")
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+    held = bool(result.rowcount == 1)  # type: ignore[attr-defined]
+    _close_claim(session, job, held=held)
+    return held
+
+
+def succeed(session: Session, job: ClaimedJob, **values: Any) -> bool:
+    """Mark the job succeeded (with ``values``) inside the caller's transaction."""
+    return _guarded_update(
+        session,
+        job,
+        status="succeeded",
+        finished_at=db_now(session),
+        lease_expires_at=None,
+        error=None,
+        **values,
+    )
+
+
+def fail(engine: Engine, job: ClaimedJob, error: str, *, retryable: bool) -> str:
+    """Record a failed attempt: retry later with backoff, or fail for good. Returns the status."""
+    model = JOB_MODELS[job.kind]
+    with immediate_session(engine) as session, session.begin():
+        row = cast("Evaluation | FinetuneJob | None", session.get(model, job.id))
+        now = db_now(session)
+        if row is None or row.status != "running" or row.worker_id != job.worker_id:
+            _close_claim(session, job, held=False)
+            return row.status if row is not None else "missing"
+        if retryable and row.attempts < row.max_attempts:
+            status = "queued"
+            _guarded_update(
+                session,
+                job,
+                status=status,
+                worker_id=None,
+                lease_expires_at=None,
+                error=f"attempt {row.attempts} failed: {error}",
+                not_before=now + timedelta(seconds=backoff_seconds(row.attempts)),
+            )
+        else:
+            status = "failed"
+            _guarded_update(
+                session, job, status=status, finished_at=now, lease_expires_at=None, error=error
+            )
+        return status
+
+
+def release(engine: Engine, job: ClaimedJob) -> bool:
+    """Give a job back to the queue (graceful shutdown); the attempt is not counted."""
+    model = JOB_MODELS[job.kind]
+    with immediate_session(engine) as session, session.begin():
+        return _guarded_update(
+            session,
+            job,
+            status="queued",
+            worker_id=None,
+            lease_expires_at=None,
+            attempts=model.attempts - 1,
+        )
+
+
+def cancel(session: Session, model: type[JobMixin], job_id: str) -> str | None:
+    """Cancel a queued or running job; returns the resulting status (None if not found)."""
+    now = db_now(session)
+    session.execute(
+        update(model)
+        .where(model.id == job_id, model.status.in_(("queued", "running")))  # type: ignore[attr-defined]
+        .values(status="cancelled", finished_at=now, lease_expires_at=None)
+        .execution_options(synchronize_session=False)
+    )
+    return session.execute(select(model.status).where(model.id == job_id)).scalar_one_or_none()  # type: ignore[attr-defined]
+
+
+def register_worker(engine: Engine, *, worker_id: str, device: str, kinds: tuple[str, ...]) -> None:
+    """Announce a live worker (shown by ``GET /workers``)."""
+    with immediate_session(engine) as session, session.begin():
+        session.execute(delete(Worker).where(Worker.id == worker_id))
+        now = db_now(session)
+        session.add(
+            Worker(
+                id=worker_id,
+                host=socket.gethostname(),
+                pid=os.getpid(),
+                device=device,
+                kinds=list(kinds),
+                started_at=now,
+                heartbeat_at=now,
+            )
+        )
+
+
+def worker_heartbeat(engine: Engine, worker_id: str) -> None:
+    """Mark the worker alive while it idles."""
+    with immediate_session(engine) as session, session.begin():
+        session.execute(
+            update(Worker).where(Worker.id == worker_id).values(heartbeat_at=db_now(session))
+        )
+
+
+def deregister_worker(engine: Engine, worker_id: str) -> None:
+    """Remove a worker that is shutting down."""
+    with immediate_session(engine) as session, session.begin():
+        session.execute(delete(Worker).where(Worker.id == worker_id))

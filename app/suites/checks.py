@@ -1,0 +1,182 @@
+"""Declarative checklist checks: a registry from check type to a pure function.
+
+A check is JSON data, never client code: ``{"type": "contains", "value": "10"}`` or a
+combinator ``{"all": [...]}``, ``{"any": [...]}``, ``{"not": {...}}``. Responses are the
+stripped generated continuation, as in the lesson's ``run_forgetting_checklist``.
+Adding a check type is one function and one ``@register`` line.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from typing import Any
+
+CheckFn = Callable[[str, Any], bool]
+CHECKS: dict[str, CheckFn] = {}
+# Value validators run when a suite is uploaded, so a bad check is a 422, not a worker failure.
+VALUE_VALIDATORS: dict[str, Callable[[Any], str | None]] = {}
+COMBINATORS = ("all", "any", "not")
+
+
+def register(name: str, validate: Callable[[Any], str | None]) -> Callable[[CheckFn], CheckFn]:
+    """Register a check type under ``name`` with a validator for its ``value``."""
+
+    def decorator(fn: CheckFn) -> CheckFn:
+        CHECKS[name] = fn
+        VALUE_VALIDATORS[name] = validate
+        return fn
+
+    return decorator
+
+
+def _string(value: Any) -> str | None:
+    return None if isinstance(value, str) else "value must be a string"
+
+
+def _count(value: Any) -> str | None:
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return None if ok else "value must be a non-negative integer"
+
+
+def _pattern(value: Any) -> str | None:
+    if not isinstance(value, str):
+        return "value must be a regular expression string"
+    try:
+        re.compile(value)
+    except re.error as exc:
+        return f"invalid regular expression: {exc}"
+    return None
+
+
+def _keys(value: Any) -> str | None:
+    ok = isinstance(value, list) and value and all(isinstance(k, str) for k in value)
+    return None if ok else "value must be a non-empty list of key names"
+
+
+def _none(value: Any) -> str | None:
+    return None
+
+
+@register("contains", _string)
+def contains(response: str, value: str) -> bool:
+    """Case-sensitive substring, like the lesson's ``"10" in r``."""
+    return value in response
+
+
+@register("icontains", _string)
+def icontains(response: str, value: str) -> bool:
+    """Case-insensitive substring."""
+    return value.lower() in response.lower()
+
+
+@register("not_contains", _string)
+def not_contains(response: str, value: str) -> bool:
+    """Case-insensitive absence of a substring."""
+    return value.lower() not in response.lower()
+
+
+@register("regex", _pattern)
+def regex(response: str, value: str) -> bool:
+    """``re.search`` anywhere in the response."""
+    return re.search(value, response) is not None
+
+
+@register("min_words", _count)
+def min_words(response: str, value: int) -> bool:
+    """At least ``value`` whitespace-separated words (``len(r.split()) >= value``)."""
+    return len(response.split()) >= value
+
+
+@register("max_words", _count)
+def max_words(response: str, value: int) -> bool:
+    """At most ``value`` whitespace-separated words."""
+    return len(response.split()) <= value
+
+
+@register("starts_with", _string)
+def starts_with(response: str, value: str) -> bool:
+    """The stripped response starts with ``value``."""
+    return response.strip().startswith(value)
+
+
+@register("ends_with", _string)
+def ends_with(response: str, value: str) -> bool:
+    """The stripped response ends with ``value`` (the lesson's ``r.endswith(".")``)."""
+    return response.strip().endswith(value)
+
+
+@register("min_titlecase_words", _count)
+def min_titlecase_words(response: str, value: int) -> bool:
+    """At least ``value`` words with ``str.istitle()``, exactly the lesson's first check."""
+    return len([w for w in response.split() if w.istitle()]) >= value
+
+
+def _first_json_value(response: str) -> Any:
+    """The first JSON object or array embedded in the response, or raise ValueError."""
+    decoder = json.JSONDecoder()
+    for match in re.finditer(r"[\[{]", response):
+        try:
+            value, _ = decoder.raw_decode(response, match.start())
+        except json.JSONDecodeError:
+            continue
+        return value
+    raise ValueError("no JSON value found")
+
+
+@register("json_valid", _none)
+def json_valid(response: str, value: Any = None) -> bool:
+    """The response holds a parseable JSON object or array (code fences allowed around it)."""
+    try:
+        _first_json_value(response)
+    except ValueError:
+        return False
+    return True
+
+
+@register("json_keys", _keys)
+def json_keys(response: str, value: list[str]) -> bool:
+    """The first JSON object in the response has every key in ``value``."""
+    try:
+        obj = _first_json_value(response)
+    except ValueError:
+        return False
+    return isinstance(obj, dict) and all(k in obj for k in value)
+
+
+def run_check(check: dict[str, Any], response: str) -> bool:
+    """Evaluate a (possibly nested) check against a response."""
+    if "all" in check:
+        return all(run_check(c, response) for c in check["all"])
+    if "any" in check:
+        return any(run_check(c, response) for c in check["any"])
+    if "not" in check:
+        return not run_check(check["not"], response)
+    return CHECKS[check["type"]](response, check.get("value"))
+
+
+def validate_check(check: Any, where: str = "check") -> list[str]:
+    """Return human-readable problems with a check definition (empty when valid)."""
+    if not isinstance(check, dict):
+        return [f"{where}: must be an object"]
+    combinators = [k for k in COMBINATORS if k in check]
+    if len(combinators) > 1 or (combinators and "type" in check):
+        return [f"{where}: use exactly one of 'type', 'all', 'any', 'not'"]
+    if combinators:
+        key = combinators[0]
+        inner = check[key]
+        if key == "not":
+            return validate_check(inner, f"{where}.not")
+        if not isinstance(inner, list) or not inner:
+            return [f"{where}.{key}: must be a non-empty list of checks"]
+        problems: list[str] = []
+        for i, sub in enumerate(inner):
+            problems += validate_check(sub, f"{where}.{key}[{i}]")
+        return problems
+    kind = check.get("type")
+    if kind not in CHECKS:
+        known = ", ".join(sorted(CHECKS))
+        return [f"{where}: unknown check type {kind!r} (known: {known}, all, any, not)"]
+    problem = VALUE_VALIDATORS[kind](check.get("value"))
+    return [f"{where}.value: {problem}"] if problem else []

@@ -1,0 +1,93 @@
+"""Suite versions in the database: register (content-addressed), resolve, sync built-ins."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import TypeAdapter
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.errors import Problem
+from app.models import Suite
+from app.suites.kinds import SuiteDefinition
+
+DATA_DIR = Path(__file__).resolve().parent / "data"
+SUITE_ADAPTER: TypeAdapter[Any] = TypeAdapter(SuiteDefinition)
+
+
+def content_hash(definition: dict[str, Any]) -> str:
+    """sha256 of the canonical JSON of everything that changes scores (not the description)."""
+    content = {k: v for k, v in definition.items() if k not in ("name", "description")}
+    canonical = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def register(session: Session, suite: Any, *, source: str = "uploaded") -> tuple[Suite, bool]:
+    """Store ``suite`` (a validated suite model); same content returns the existing version.
+
+    Returns ``(row, created)``. Commits nothing: the caller owns the transaction.
+    """
+    definition = suite.model_dump(mode="json")
+    digest = content_hash(definition)
+    for _ in range(3):  # a concurrent upload of the same name may take our version number
+        existing = session.execute(
+            select(Suite)
+            .where(Suite.name == suite.name, Suite.content_hash == digest)
+            .order_by(Suite.version.desc())
+            .limit(1)
+        ).scalar_one_or_none()
+        if existing is not None:
+            return existing, False
+        latest = session.execute(
+            select(func.max(Suite.version)).where(Suite.name == suite.name)
+        ).scalar_one()
+        row = Suite(
+            name=suite.name,
+            version=(latest or 0) + 1,
+            kind=suite.kind,
+            content_hash=digest,
+            description=suite.description,
+            source=source,
+            item_count=len(suite.items),
+            definition=definition,
+        )
+        try:
+            with session.begin_nested():
+                session.add(row)
+            return row, True
+        except IntegrityError:
+            continue
+    raise Problem(409, "Conflict", f"suite {suite.name!r} is being updated concurrently; retry")
+
+
+def resolve(session: Session, ref: str) -> Suite:
+    """``"name"`` (latest version) or ``"name@version"`` → the suite row, or a 404 problem."""
+    name, _, version = ref.partition("@")
+    query = select(Suite).where(Suite.name == name)
+    if version:
+        if not version.isdigit():
+            raise Problem(
+                422, "Invalid suite reference", f"suite version in {ref!r} must be an integer"
+            )
+        query = query.where(Suite.version == int(version))
+    row = session.execute(query.order_by(Suite.version.desc()).limit(1)).scalar_one_or_none()
+    if row is None:
+        what = f"suite {name!r} version {version}" if version else f"suite {name!r}"
+        raise Problem(404, "Suite not found", f"{what} does not exist; GET /suites lists them")
+    return row
+
+
+def builtin_definitions() -> list[dict[str, Any]]:
+    """The suites shipped in ``app/suites/data``, as raw JSON."""
+    return [json.loads(path.read_text()) for path in sorted(DATA_DIR.glob("*.json"))]
+
+
+def sync_builtins(session: Session) -> None:
+    """Register every built-in suite (idempotent: unchanged files add nothing)."""
+    for raw in builtin_definitions():
+        register(session, SUITE_ADAPTER.validate_python(raw), source="builtin")

@@ -1,0 +1,463 @@
+"""``/ui``: server-rendered pages over the same database the API reads.
+
+Evaluations list (live progress), one evaluation, the before/after compare, one fine-tune job.
+Errors raised while building a page (unknown id 404, incomparable runs 409, bad query 422)
+become an HTML error page with the problem's title and detail and the same status code.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Coroutine
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, Response
+from fastapi.routing import APIRoute
+from fastapi.staticfiles import StaticFiles
+from jinja2 import Environment, FileSystemLoader, StrictUndefined
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.api.compare import comparison
+from app.api.deps import SessionDep
+from app.api.evaluations import get_or_404
+from app.api.pagination import newest_first, page
+from app.compare import CompareOptions
+from app.errors import Problem
+from app.models import JOB_STATUSES, Evaluation, EvaluationItem, FinetuneEvent, FinetuneJob
+from app.ui import views
+
+HERE = Path(__file__).resolve().parent
+STATIC_DIR = HERE / "static"
+LIVE = ("queued", "running")
+REFRESH_SECONDS = 3
+ITEMS_PER_PAGE = 100
+FLIPS_SHOWN = 50
+EVENTS_SHOWN = 200
+CURVE_EVENTS = 20_000
+
+# Defence in depth behind autoescape: no inline script or style can run on these pages.
+SECURITY_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+    "Cache-Control": "no-store",
+}
+
+
+def _pct(value: float | None, digits: int = 0) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:.{digits}%}"
+
+
+def _num(value: float | None, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:.{digits}f}"
+
+
+def _pvalue(value: float | None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    if value < 1e-4:
+        return "< 0.0001"
+    return f"{value:.4f}" if value < 0.01 else f"{value:.3f}"
+
+
+def _when(value: datetime | None) -> str:
+    return "—" if value is None else value.strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _duration(start: datetime | None, end: datetime | None) -> str:
+    if start is None or end is None:
+        return "—"
+    seconds = int((end - start).total_seconds())
+    minutes, seconds = divmod(seconds, 60)
+    hours, minutes = divmod(minutes, 60)
+    return (
+        f"{hours}h {minutes:02d}m"
+        if hours
+        else (f"{minutes}m {seconds:02d}s" if minutes else f"{seconds}s")
+    )
+
+
+def make_environment() -> Environment:
+    """The template environment: package templates, autoescape always on, strict undefined."""
+    env = Environment(
+        loader=FileSystemLoader(HERE / "templates"),
+        autoescape=True,  # every template, whatever its extension
+        undefined=StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters.update(pct=_pct, num=_num, pvalue=_pvalue, when=_when)
+    env.globals.update(duration=_duration, LIVE=LIVE, REFRESH_SECONDS=REFRESH_SECONDS)
+    return env
+
+
+ENV = make_environment()
+
+
+def render(
+    template: str, status_code: int = 200, headers: dict[str, str] | None = None, **context: Any
+) -> HTMLResponse:
+    """Render a template to an HTML response carrying the security headers."""
+    html = ENV.get_template(template).render(**context)
+    return HTMLResponse(
+        html, status_code=status_code, headers={**SECURITY_HEADERS, **(headers or {})}
+    )
+
+
+def error_page(
+    status: int, title: str, detail: str, headers: dict[str, str] | None = None
+) -> HTMLResponse:
+    """A friendly HTML page with the problem's title and detail, at the problem's status code."""
+    return render(
+        "error.html", status_code=status, headers=headers, status=status, title=title, detail=detail
+    )
+
+
+class HTMLErrorRoute(APIRoute):
+    """A route whose problems (and validation / HTTP errors) render as HTML, not problem+json."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def html_errors(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except Problem as exc:
+                return error_page(exc.status, exc.title, exc.detail, exc.headers)
+            except RequestValidationError as exc:
+                first: dict[str, Any] = next(iter(exc.errors()), {})
+                where = ".".join(str(p) for p in first.get("loc", ()) if p not in ("query", "path"))
+                return error_page(
+                    422, "Invalid request", f"{where}: {first.get('msg', 'invalid value')}"
+                )
+            except StarletteHTTPException as exc:
+                detail = exc.detail if isinstance(exc.detail, str) else "request refused"
+                return error_page(
+                    exc.status_code, "Request refused", detail, getattr(exc, "headers", None)
+                )
+
+        return html_errors
+
+
+router = APIRouter(prefix="/ui", include_in_schema=False, route_class=HTMLErrorRoute)
+
+
+def _status_filter(status: str | None) -> str | None:
+    if status in (None, ""):
+        return None
+    if status not in JOB_STATUSES:
+        raise Problem(
+            422,
+            "Invalid status filter",
+            f"status must be one of {', '.join(JOB_STATUSES)}; got {status!r}",
+        )
+    return status
+
+
+def _float_param(
+    name: str, raw: str | None, default: float | None, low: float, high: float
+) -> float | None:
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise Problem(422, "Invalid parameter", f"{name} must be a number; got {raw!r}") from None
+    if not (low <= value <= high):
+        raise Problem(
+            422, "Invalid parameter", f"{name} must be between {low} and {high}; got {value}"
+        )
+    return value
+
+
+def _headline_results(results: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """Short "suite: score" pairs for list rows."""
+    out = []
+    for name, res in (results or {}).items():
+        kind = res.get("kind") if isinstance(res, dict) else None
+        if kind in ("qa", "multiple_choice"):
+            out.append((name, _pct(res.get("overall_accuracy"))))
+        elif kind == "checklist":
+            out.append(
+                (name, f"{res.get('passed', 0)}/{res.get('passed', 0) + res.get('failed', 0)}")
+            )
+        elif kind == "perplexity":
+            out.append((name, f"NLL {_num(res.get('nll_per_token'), 2)}"))
+    return out
+
+
+@router.get("", response_class=HTMLResponse)
+@router.get("/", response_class=HTMLResponse)
+@router.get("/evaluations", response_class=HTMLResponse)
+def home(session: SessionDep, status: str | None = None, cursor: str | None = None) -> HTMLResponse:
+    """Evaluations, newest first, with live progress; recent fine-tune jobs; a compare picker."""
+    status = _status_filter(status)
+    query = select(Evaluation)
+    if status:
+        query = query.where(Evaluation.status == status)
+    rows = list(session.execute(newest_first(query, Evaluation, cursor, 50)).scalars())
+    rows, next_cursor = page(rows, 50)
+    jobs = list(
+        session.execute(newest_first(select(FinetuneJob), FinetuneJob, None, 20)).scalars()
+    )[:20]
+    live = any(r.status in LIVE for r in rows) or any(j.status in LIVE for j in jobs)
+    return render(
+        "evaluations.html",
+        evaluations=[{"row": r, "scores": _headline_results(r.results)} for r in rows],
+        jobs=jobs,
+        status=status,
+        statuses=JOB_STATUSES,
+        next_cursor=next_cursor,
+        live=live,
+        succeeded=_recent_succeeded(session),
+    )
+
+
+def _recent_succeeded(session: Session, limit: int = 100) -> list[Evaluation]:
+    query = select(Evaluation).where(Evaluation.status == "succeeded")
+    return list(session.execute(newest_first(query, Evaluation, None, limit)).scalars())[:limit]
+
+
+def _item_source(evaluation: Evaluation) -> str:
+    # A cache hit stores no rows of its own: its items are the original run's.
+    return evaluation.cached_from or evaluation.id
+
+
+@router.get("/evaluations/{evaluation_id}", response_class=HTMLResponse)
+def evaluation_page(
+    evaluation_id: str,
+    session: SessionDep,
+    passed: str | None = None,
+    suite: str | None = None,
+    category: str | None = None,
+    cursor: str | None = None,
+) -> HTMLResponse:
+    """Per-category accuracy bars, checklist results with severities, a filterable item table."""
+    evaluation = get_or_404(session, evaluation_id)
+    source = _item_source(evaluation)
+    if passed not in (None, "", "pass", "fail"):
+        raise Problem(422, "Invalid filter", f"passed must be 'pass' or 'fail'; got {passed!r}")
+    if cursor and not cursor.isdigit():
+        raise Problem(422, "Invalid cursor", "cursor is not one this page produced")
+
+    kinds = {s["name"]: s["kind"] for s in evaluation.suites}
+    results = evaluation.results or {}
+    charts = []
+    for name, res in results.items():
+        if (
+            isinstance(res, dict)
+            and res.get("kind") in views.ACCURACY_KINDS
+            and res.get("by_category")
+        ):
+            charts.append(
+                {
+                    "suite": name,
+                    "result": res,
+                    "chart": views.accuracy_chart(
+                        res["by_category"], f"Accuracy by category on {name}"
+                    ),
+                }
+            )
+    checklist_suites = [name for name, kind in kinds.items() if kind == "checklist"]
+    checklist_rows: list[EvaluationItem] = []
+    if checklist_suites:
+        checklist_rows = views.sort_by_severity(
+            session.execute(
+                select(EvaluationItem)
+                .where(
+                    EvaluationItem.evaluation_id == source,
+                    EvaluationItem.suite.in_(checklist_suites),
+                )
+                .order_by(EvaluationItem.suite, EvaluationItem.position)
+            ).scalars()
+        )
+
+    I = EvaluationItem  # noqa: E741, N806
+    query = select(I).where(I.evaluation_id == source)
+    if passed:
+        query = query.where(I.passed.is_(passed == "pass"))
+    if suite:
+        query = query.where(I.suite == suite)
+    if category:
+        query = query.where(I.category == category)
+    if cursor:
+        query = query.where(I.id > int(cursor))
+    items = list(session.execute(query.order_by(I.id).limit(ITEMS_PER_PAGE + 1)).scalars())
+    next_cursor = str(items[ITEMS_PER_PAGE - 1].id) if len(items) > ITEMS_PER_PAGE else None
+    items = items[:ITEMS_PER_PAGE]
+    categories = sorted(
+        c
+        for c in session.execute(
+            select(I.category).where(I.evaluation_id == source).distinct()
+        ).scalars()
+        if c
+    )
+
+    return render(
+        "evaluation.html",
+        ev=evaluation,
+        results=results,
+        charts=charts,
+        checklist_rows=checklist_rows,
+        items=items,
+        kinds=kinds,
+        categories=categories,
+        filters={"passed": passed or "", "suite": suite or "", "category": category or ""},
+        next_cursor=next_cursor,
+        live=evaluation.status in LIVE,
+        succeeded=[e for e in _recent_succeeded(session) if e.id != evaluation.id],
+    )
+
+
+@router.get("/compare", response_class=HTMLResponse)
+def compare_page(
+    session: SessionDep,
+    before: str | None = None,
+    after: str | None = None,
+    threshold: str | None = None,
+    max_category_drop: str | None = None,
+    max_nll_increase: str | None = None,
+    mode: str | None = None,
+    flips: str | None = None,
+) -> HTMLResponse:
+    """Verdict banner, grouped before/after bars, statistics, changed answers, NLL drift."""
+    if not before or not after:
+        return render(
+            "compare_pick.html",
+            succeeded=_recent_succeeded(session),
+            before=before or "",
+            after=after or "",
+        )
+    if mode not in (None, "", "threshold", "noninferiority"):
+        raise Problem(
+            422, "Invalid parameter", f"mode must be 'threshold' or 'noninferiority'; got {mode!r}"
+        )
+    options = CompareOptions(
+        threshold=_float_param("threshold", threshold, 0.10, 0.0, 1.0) or 0.0,
+        max_category_drop=_float_param("max_category_drop", max_category_drop, None, 0.0, 1.0),
+        max_nll_increase=_float_param("max_nll_increase", max_nll_increase, None, 0.0, 100.0),
+        mode="noninferiority" if mode == "noninferiority" else "threshold",
+    )
+    body = comparison(session, before, after, options)
+    before_ev, after_ev = get_or_404(session, before), get_or_404(session, after)
+    rows = views.category_rows(body, before_ev.results, after_ev.results)
+    order = [r["category"] for r in rows]
+    forgotten = views.sort_flips(body["flips"]["forgotten"], order)
+    learned = views.sort_flips(body["flips"]["learned"], order)
+    show_all = flips == "all"
+    drift = views.drift_rows(body.get("drift"))
+    for suite in drift:
+        suite["texts_shown"] = _drift_texts(
+            session, after_ev, suite["suite"], suite["largest_increases"]
+        )
+    return render(
+        "compare.html",
+        body=body,
+        before_ev=before_ev,
+        after_ev=after_ev,
+        headline=views.headline(body),
+        rows=rows,
+        fell=[r for r in rows if r["fell"]],
+        chart=views.compare_category_chart(rows, options.threshold) if rows else None,
+        forgotten=forgotten if show_all else forgotten[:FLIPS_SHOWN],
+        forgotten_total=len(forgotten),
+        learned=learned if show_all else learned[:FLIPS_SHOWN],
+        learned_total=len(learned),
+        show_all=show_all,
+        flips_shown=FLIPS_SHOWN,
+        drift=drift,
+        drift_chart=views.drift_chart(drift),
+        options=options,
+    )
+
+
+def _drift_texts(
+    session: Session, evaluation: Evaluation, suite: str, increases: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """The largest NLL increases with the text each was measured on."""
+    ids = [t["item_id"] for t in increases]
+    if not ids:
+        return []
+    found = session.execute(
+        select(EvaluationItem.item_id, EvaluationItem.prompt).where(
+            EvaluationItem.evaluation_id == _item_source(evaluation),
+            EvaluationItem.suite == suite,
+            EvaluationItem.item_id.in_(ids),
+        )
+    )
+    texts = {row.item_id: row.prompt for row in found}
+    return [{**t, "text": texts.get(t["item_id"], "")} for t in increases]
+
+
+@router.get("/finetune-jobs/{job_id}", response_class=HTMLResponse)
+def finetune_job_page(job_id: str, session: SessionDep) -> HTMLResponse:
+    """Loss and learning-rate curves, warnings, events, and links to the before/after compare."""
+    job = session.get(FinetuneJob, job_id)
+    if job is None:
+        raise Problem(404, "Fine-tune job not found", f"fine-tune job {job_id!r} does not exist")
+    curve_data = session.execute(
+        select(FinetuneEvent.data)
+        .where(FinetuneEvent.job_id == job_id)
+        .order_by(FinetuneEvent.id)
+        .limit(CURVE_EVENTS)
+    ).scalars()
+    curves = views.training_curves(curve_data)
+    events = list(
+        session.execute(
+            select(FinetuneEvent)
+            .where(FinetuneEvent.job_id == job_id)
+            .order_by(FinetuneEvent.id.desc())
+            .limit(EVENTS_SHOWN)
+        ).scalars()
+    )
+    notable = list(
+        session.execute(
+            select(FinetuneEvent)
+            .where(FinetuneEvent.job_id == job_id, FinetuneEvent.level.in_(("warning", "error")))
+            .order_by(FinetuneEvent.id)
+        ).scalars()
+    )
+    request = job.request or {}
+    warnings = [views.warning_text(w) for w in (job.warnings or [])]
+    return render(
+        "finetune_job.html",
+        job=job,
+        request_=request,
+        method=request.get("method", "—"),
+        hyperparameters=request.get("hyperparameters") or {},
+        options={k: request.get(k) for k in ("preset", "lora", "replay", "ewc") if request.get(k)},
+        warnings=warnings,
+        # A warning the job also logged as an event is listed once.
+        notable=[e for e in notable if e.message not in warnings],
+        events=events,
+        loss_chart=views.loss_chart(curves),
+        lr_chart=views.lr_chart(curves),
+        has_curves=bool(curves["loss"] or curves["learning_rate"]),
+        comparison=job.comparison,
+        live=job.status in LIVE,
+    )
+
+
+@router.get("/{path:path}", response_class=HTMLResponse)
+def not_found(path: str) -> HTMLResponse:
+    """Any other ``/ui/…`` path: an HTML 404 rather than the API's problem+json."""
+    raise Problem(404, "Page not found", f"there is no dashboard page at /ui/{path}")
+
+
+def install(app: FastAPI) -> None:
+    """Mount the static files and the pages on ``app`` (static first: the 404 route catches all)."""
+    app.mount("/ui/static", StaticFiles(directory=STATIC_DIR), name="ui-static")
+    app.include_router(router)

@@ -1,0 +1,186 @@
+"""The evaluation cache: a finished evaluation with the same model fingerprint, suite contents,
+prompt format and generation settings answers a new one at once, unless ``"cache": false``."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import insert, update
+
+from app.cache import effective_prompt_format, has_chat_template
+from app.models import Evaluation, EvaluationItem, utcnow
+from tests.conftest import start_worker
+
+SUITE = {
+    "name": "cache-qa",
+    "kind": "qa",
+    "items": [
+        {"id": "q1", "question": "What is the capital of France?", "answers": ["Paris"]},
+        {"id": "q2", "question": "What is the capital of Italy?", "answers": ["Rome"]},
+    ],
+}
+RESULTS = {
+    "cache-qa": {
+        "kind": "qa",
+        "overall_accuracy": 0.5,
+        "correct": 1,
+        "total": 2,
+        "by_category": {"general": {"correct": 1, "total": 2, "accuracy": 0.5}},
+    }
+}
+
+
+def post(client: Any, model: Path, **extra: Any) -> dict[str, Any]:
+    body = {"model": {"path": str(model)}, "suites": [SUITE], **extra}
+    response = client.post("/evaluations", json=body)
+    assert response.status_code == 202, response.text
+    return dict(response.json())
+
+
+def succeed(client: Any, evaluation_id: str, status: str = "succeeded") -> None:
+    """What a worker leaves behind: item rows, results, status."""
+    rows = [
+        {
+            "evaluation_id": evaluation_id,
+            "suite": "cache-qa",
+            "item_id": item["id"],
+            "position": n,
+            "prompt": item["question"],
+            "response": "Paris" if n == 0 else "Milan",
+            "passed": n == 0,
+            "score": float(n == 0),
+            "category": "general",
+            "severity": None,
+            "details": {"question": item["question"], "answers": item["answers"]},
+        }
+        for n, item in enumerate(SUITE["items"])
+    ]
+    with client.app.state.sessionmaker() as session, session.begin():
+        session.execute(insert(EvaluationItem), rows)
+        session.execute(
+            update(Evaluation)
+            .where(Evaluation.id == evaluation_id)
+            .values(
+                status=status,
+                results=RESULTS,
+                finished_at=utcnow(),
+                progress={"done": 2, "total": 2, "stage": "done"},
+            )
+        )
+
+
+def test_a_repeated_evaluation_is_answered_from_the_cache(
+    client: Any, tiny_model_dir: Path
+) -> None:
+    source = post(client, tiny_model_dir)
+    assert source["status"] == "queued" and source["cached_from"] is None
+    assert source["model"]["fingerprint"].startswith("sha256:")
+    succeed(client, source["id"])
+    hit = post(client, tiny_model_dir, label="again")
+    assert hit["status"] == "succeeded" and hit["cached_from"] == source["id"]
+    assert hit["id"] != source["id"] and hit["label"] == "again"
+    assert hit["results"] == RESULTS
+    assert hit["progress"]["done"] == hit["progress"]["total"] == 2
+    assert hit["model"]["fingerprint"] == source["model"]["fingerprint"]
+    items = client.get(f"/evaluations/{hit['id']}/items").json()["data"]
+    assert [(i["item_id"], i["response"]) for i in items] == [("q1", "Paris"), ("q2", "Milan")]
+    # A copy of a copy still points at the run that produced the items.
+    assert post(client, tiny_model_dir)["cached_from"] == source["id"]
+    # Comparing the copy with its source is allowed, and the response says what it is.
+    body = client.get("/compare", params={"before": source["id"], "after": hit["id"]}).json()
+    assert body["same_run"] is True and body["statistics"]["mcnemar_p_value"] == 1.0
+
+
+def test_cache_false_queues_a_fresh_run(client: Any, tiny_model_dir: Path) -> None:
+    succeed(client, post(client, tiny_model_dir)["id"])
+    fresh = post(client, tiny_model_dir, cache=False)
+    assert fresh["status"] == "queued" and fresh["cached_from"] is None
+
+
+def test_another_suite_generation_or_prompt_format_misses(
+    client: Any, tiny_model_dir: Path
+) -> None:
+    succeed(client, post(client, tiny_model_dir)["id"])
+    assert post(client, tiny_model_dir, generation={"max_new_tokens": 10})["status"] == "queued"
+    assert post(client, tiny_model_dir, prompt_format="plain")["status"] == "queued"
+    other = {**SUITE, "items": SUITE["items"][:1]}
+    response = client.post(
+        "/evaluations", json={"model": {"path": str(tiny_model_dir)}, "suites": [other]}
+    )
+    assert response.json()["status"] == "queued"
+
+
+def test_a_null_prompt_format_is_resolved_at_submission(client: Any, tiny_model_dir: Path) -> None:
+    source = post(client, tiny_model_dir)  # the tiny model has a chat template
+    assert source["prompt_format"] == "chat"
+    succeed(client, source["id"])
+    assert post(client, tiny_model_dir, prompt_format="chat")["cached_from"] == source["id"]
+
+
+def test_the_fingerprint_is_content_not_path(
+    client: Any, settings: Any, tiny_model_dir: Path
+) -> None:
+    source = post(client, tiny_model_dir)
+    succeed(client, source["id"])
+    models = settings.model_roots[2]
+    same = shutil.copytree(tiny_model_dir, models / "same-weights")
+    assert post(client, same)["cached_from"] == source["id"]
+    changed = shutil.copytree(tiny_model_dir, models / "changed-weights")
+    weights = changed / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # one byte of one weight
+    weights.write_bytes(bytes(data))
+    assert post(client, changed)["status"] == "queued"
+    retemplated = shutil.copytree(tiny_model_dir, models / "new-template")
+    (retemplated / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")
+    assert post(client, retemplated)["status"] == "queued"
+
+
+def test_failed_runs_are_never_a_source(client: Any, tiny_model_dir: Path) -> None:
+    succeed(client, post(client, tiny_model_dir)["id"], status="failed")
+    assert post(client, tiny_model_dir)["status"] == "queued"
+
+
+def test_chat_template_detection_reads_the_files_transformers_reads(tmp_path: Path) -> None:
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 8}))
+    assert not has_chat_template(model)
+    assert effective_prompt_format(None, model) == "plain"
+    assert effective_prompt_format("chat", model) == "chat"
+    (model / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ x }}"}))
+    assert effective_prompt_format(None, model) == "chat"
+    (model / "tokenizer_config.json").write_text("{}")
+    (model / "chat_template.jinja").write_text("{{ x }}")
+    assert has_chat_template(model)
+
+
+@pytest.mark.slow
+@pytest.mark.one_db
+def test_a_run_queued_without_cache_becomes_a_source(
+    client: Any, settings: Any, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    queued = post(client, tiny_model_dir, cache=False, generation={"max_new_tokens": 4})
+    submitted_key = _cache_key(client, queued["id"])
+    with client.app.state.sessionmaker() as session, session.begin():
+        # Forget the submission's key: the worker must set it from the model it loaded.
+        session.execute(
+            update(Evaluation).where(Evaluation.id == queued["id"]).values(cache_key=None)
+        )
+    worker = start_worker(settings, "--once", log=tmp_path / "worker.log")
+    assert worker.wait(timeout=240) == 0, (tmp_path / "worker.log").read_text()[-3000:]
+    assert client.get(f"/evaluations/{queued['id']}").json()["status"] == "succeeded"
+    assert _cache_key(client, queued["id"]) == submitted_key
+    hit = post(client, tiny_model_dir, generation={"max_new_tokens": 4})
+    assert hit["cached_from"] == queued["id"] and hit["status"] == "succeeded"
+
+
+def _cache_key(client: Any, evaluation_id: str) -> str | None:
+    with client.app.state.sessionmaker() as session:
+        row = session.get(Evaluation, evaluation_id)
+        assert row is not None
+        return row.cache_key

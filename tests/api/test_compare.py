@@ -1,0 +1,159 @@
+"""GET /compare: statistics and verdict on stored runs, and the 409s for runs that must not be
+compared (unfinished, another suite version, another prompt format)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import insert, update
+
+from app.models import Evaluation, EvaluationItem, utcnow
+
+QUESTIONS = [
+    (f"q{i:02d}", f"What is fact number {i}?", f"answer{i}", ("geo", "sci")[i % 2])
+    for i in range(30)
+]
+QA_SUITE = {
+    "name": "facts-qa",
+    "kind": "qa",
+    "items": [{"id": i, "question": q, "answers": [a], "category": c} for i, q, a, c in QUESTIONS],
+}
+
+
+def submit(client: Any, model: Path, suites: list[Any] | None = None, **extra: Any) -> str:
+    """POST an evaluation and return its id."""
+    body = {"model": {"path": str(model)}, "suites": suites or [QA_SUITE], "cache": False, **extra}
+    response = client.post("/evaluations", json=body)
+    assert response.status_code == 202, response.text
+    return str(response.json()["id"])
+
+
+def finish(client: Any, evaluation_id: str, correct: set[str], *, collapsed: bool = False) -> None:
+    """Store item rows for a qa evaluation and mark it succeeded (what a worker would do)."""
+    rows = []
+    for position, (item_id, question, answer, category) in enumerate(QUESTIONS):
+        response = (
+            (answer if item_id in correct else "I do not know")
+            if not collapsed
+            else ("aspirin aspirin aspirin")
+        )
+        rows.append(
+            {
+                "evaluation_id": evaluation_id,
+                "suite": "facts-qa",
+                "item_id": item_id,
+                "position": position,
+                "prompt": f"Question: {question}\nAnswer:",
+                "response": response,
+                "passed": item_id in correct and not collapsed,
+                "score": float(item_id in correct and not collapsed),
+                "category": category,
+                "severity": None,
+                "details": {"question": question, "answers": [answer]},
+            }
+        )
+    with client.app.state.sessionmaker() as session, session.begin():
+        session.execute(insert(EvaluationItem), rows)
+        session.execute(
+            update(Evaluation)
+            .where(Evaluation.id == evaluation_id)
+            .values(status="succeeded", finished_at=utcnow(), results={})
+        )
+
+
+ALL = {q[0] for q in QUESTIONS}
+
+
+def test_collapsed_candidate_is_significant_with_ci_above_zero_and_flips(
+    client: Any, tiny_model_dir: Path
+) -> None:
+    before, after = submit(client, tiny_model_dir), submit(client, tiny_model_dir)
+    finish(client, before, ALL - {"q00", "q01"})
+    finish(client, after, set(), collapsed=True)
+    response = client.get("/compare", params={"before": before, "after": after})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["overall_accuracy_before"] == round(28 / 30, 3)
+    assert body["overall_accuracy_after"] == 0.0
+    assert body["catastrophic_forgetting_detected"] is True
+    assert body["statistics"]["mcnemar_p_value"] < 0.01
+    assert body["statistics"]["drop_ci95"][0] > 0
+    assert body["statistics"]["forgotten"] == 28 and body["statistics"]["learned"] == 0
+    flip = body["flips"]["forgotten"][0]
+    assert flip["item_id"] == "q02" and flip["question"] == "What is fact number 2?"
+    assert flip["response_before"] == "answer2"
+    assert flip["response_after"] == "aspirin aspirin aspirin"
+    assert set(body["statistics"]["by_category"]) == {"geo", "sci"}
+    assert body["verdict"] == "fail" and body["reasons"]
+
+
+def test_a_run_compared_with_itself_has_p_one_no_flips_and_says_so(
+    client: Any, tiny_model_dir: Path
+) -> None:
+    run = submit(client, tiny_model_dir)
+    finish(client, run, ALL - {"q05"})
+    body = client.get("/compare", params={"before": run, "after": run}).json()
+    assert body["statistics"]["mcnemar_p_value"] == 1.0
+    assert body["flips"] == {"forgotten": [], "learned": []}
+    assert body["same_run"] is True and "itself" in body["note"]
+    assert body["verdict"] == "pass"
+
+
+def test_query_options_change_the_verdict(client: Any, tiny_model_dir: Path) -> None:
+    before, after = submit(client, tiny_model_dir), submit(client, tiny_model_dir)
+    finish(client, before, ALL)
+    finish(client, after, ALL - {"q00", "q02", "q04"})  # geo loses 3 of 15 (0.2), overall 0.1
+    base = {"before": before, "after": after}
+    assert client.get("/compare", params=base).json()["verdict"] == "pass"
+    strict = client.get("/compare", params={**base, "max_category_drop": 0.15}).json()
+    assert strict["verdict"] == "fail" and "'geo'" in strict["reasons"][0]
+    assert client.get("/compare", params={**base, "threshold": 0.05}).json()["verdict"] == "fail"
+    noninf = client.get("/compare", params={**base, "mode": "noninferiority"}).json()
+    assert noninf["verdict"] == "fail" and noninf["mode"] == "noninferiority"
+    assert client.get("/compare", params={**base, "mode": "bogus"}).status_code == 422
+    assert client.get("/compare", params={**base, "alpha": 0.7}).status_code == 422
+
+
+def test_different_suite_versions_are_409_naming_the_suite(
+    client: Any, tiny_model_dir: Path
+) -> None:
+    assert client.post("/suites", json=QA_SUITE).status_code == 201
+    before = submit(client, tiny_model_dir, ["facts-qa"])
+    changed = {**QA_SUITE, "items": QA_SUITE["items"][:-1]}
+    assert client.post("/suites", json=changed).json()["version"] == 2
+    after = submit(client, tiny_model_dir, ["facts-qa"])
+    finish(client, before, ALL)
+    finish(client, after, ALL)
+    response = client.get("/compare", params={"before": before, "after": after})
+    assert response.status_code == 409
+    assert response.headers["content-type"].startswith("application/problem+json")
+    problem = response.json()
+    assert "suite 'facts-qa' differs: version 1 before, version 2 after" in problem["detail"]
+    assert problem["differences"] == [
+        "suite 'facts-qa' differs: version 1 before, version 2 after (content hashes differ)"
+    ]
+
+
+def test_different_prompt_format_or_generation_is_409_naming_it(
+    client: Any, tiny_model_dir: Path
+) -> None:
+    before = submit(client, tiny_model_dir, prompt_format="chat")
+    after = submit(client, tiny_model_dir, prompt_format="plain", generation={"max_new_tokens": 20})
+    finish(client, before, ALL)
+    finish(client, after, ALL)
+    response = client.get("/compare", params={"before": before, "after": after})
+    assert response.status_code == 409
+    assert response.json()["differences"] == [
+        "prompt_format differs: 'chat' before, 'plain' after",
+        "generation settings differ: max_new_tokens 50 before, 20 after",
+    ]
+
+
+def test_unfinished_runs_are_409_and_unknown_ones_404(client: Any, tiny_model_dir: Path) -> None:
+    done, queued = submit(client, tiny_model_dir), submit(client, tiny_model_dir)
+    finish(client, done, ALL)
+    response = client.get("/compare", params={"before": done, "after": queued})
+    assert response.status_code == 409
+    assert response.json()["detail"].startswith(f"evaluation {queued} is queued")
+    assert client.get("/compare", params={"before": done, "after": "ev_nope"}).status_code == 404

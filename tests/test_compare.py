@@ -1,0 +1,310 @@
+"""``app.compare.build`` on synthetic item rows: the verdict's rules, statistics, drift, flips."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from app import stats
+from app.compare import CompareOptions, Row, build, comparability_problems, compare_forgetting
+
+RUN_A = {"id": "ev_a"}
+RUN_B = {"id": "ev_b"}
+
+
+def qa(
+    item_id: str,
+    passed: bool,
+    *,
+    category: str = "geography",
+    response: str | None = None,
+    suite: str = "general-qa",
+) -> Row:
+    """A qa item row as the worker stores it."""
+    return Row(
+        item_id=item_id,
+        passed=passed,
+        score=float(passed),
+        category=category,
+        severity=None,
+        response=response if response is not None else f"answer {item_id}",
+        details={"question": f"question {item_id}?", "answers": ["x"]},
+        suite=suite,
+        kind="qa",
+        prompt=f"Question: question {item_id}?\nAnswer:",
+    )
+
+
+def check(item_id: str, passed: bool, severity: str) -> Row:
+    """A checklist item row."""
+    return Row(
+        item_id=item_id,
+        passed=passed,
+        score=float(passed),
+        category="general",
+        severity=severity,
+        response=f"response {item_id}",
+        details={"test": f"Test {item_id}"},
+        suite="forgetting-checklist",
+        kind="checklist",
+        prompt="List three countries.",
+    )
+
+
+def text(item_id: str, nll_sum: float, tokens: int) -> Row:
+    """A perplexity item row (score = NLL per token)."""
+    return Row(
+        item_id=item_id,
+        passed=None,
+        score=nll_sum / tokens,
+        category="general",
+        severity=None,
+        response=None,
+        details={"nll_sum": nll_sum, "tokens": tokens},
+        suite="general-text",
+        kind="perplexity",
+        prompt="",
+    )
+
+
+def qa_rows(outcomes: list[bool], **kwargs: Any) -> list[Row]:
+    return [qa(f"q{i:03d}", ok, **kwargs) for i, ok in enumerate(outcomes)]
+
+
+def test_lesson_keys_are_the_lessons_compare_forgetting() -> None:
+    before = qa_rows([True] * 8 + [False] * 2)
+    after = qa_rows([True] * 6 + [False] * 4)
+    body = build(RUN_A, RUN_B, before, after, CompareOptions())
+    lesson = compare_forgetting(
+        {"overall_accuracy": 0.8, "by_category": {"geography": {"accuracy": 0.8}}},
+        {"overall_accuracy": 0.6, "by_category": {"geography": {"accuracy": 0.6}}},
+    )
+    assert {k: body[k] for k in lesson} == lesson
+    assert body["accuracy_drop"] == 0.2 and body["catastrophic_forgetting_detected"] is True
+    assert body["recommendation"] == "Reduce learning rate and epochs, or switch to LoRA"
+    assert body["verdict"] == "fail" and "more than the threshold 0.1" in body["reasons"][0]
+
+
+def test_same_run_twice_has_p_value_one_no_flips_and_says_so() -> None:
+    rows = qa_rows([True, False, True, True, False])
+    body = build(RUN_A, RUN_A, rows, rows, CompareOptions())
+    assert body["statistics"]["mcnemar_p_value"] == 1.0
+    assert body["statistics"]["drop_ci95"] == [0.0, 0.0]
+    assert body["flips"] == {"forgotten": [], "learned": []}
+    assert body["same_run"] is True and "itself" in body["note"]
+    assert body["verdict"] == "pass" and body["reasons"] == []
+
+
+def test_cached_copy_compared_with_its_source_is_called_the_same_run() -> None:
+    rows = qa_rows([True, False])
+    body = build(
+        {"id": "ev_src", "source": "ev_src"},
+        {"id": "ev_copy", "source": "ev_src"},
+        rows,
+        rows,
+        CompareOptions(),
+    )
+    assert body["same_run"] is True and "cached copy" in body["note"]
+    assert "note" not in build(RUN_A, RUN_B, rows, rows, CompareOptions())
+
+
+def test_collapse_is_significant_with_ci_above_zero_and_lists_forgotten_responses() -> None:
+    before = qa_rows([True] * 20 + [False] * 5)
+    after = [qa(r.item_id, False, response="drug drug drug") for r in before]
+    body = build(RUN_A, RUN_B, before, after, CompareOptions())
+    stats = body["statistics"]
+    assert stats["forgotten"] == 20 and stats["learned"] == 0 and stats["n_pairs"] == 25
+    assert stats["mcnemar_p_value"] == pytest.approx(2 * 0.5**20)
+    assert stats["drop_ci95"][0] > 0
+    forgotten = body["flips"]["forgotten"]
+    assert len(forgotten) == 20 and body["flips"]["learned"] == []
+    assert forgotten[0] == {
+        "suite": "general-qa",
+        "item_id": "q000",
+        "category": "geography",
+        "question": "question q000?",
+        "answers": ["x"],
+        "response_before": "answer q000",
+        "response_after": "drug drug drug",
+    }
+    assert body["verdict"] == "fail"
+
+
+def test_mcnemar_uses_only_discordant_pairs() -> None:
+    # 5 forgotten, 1 learned, 94 unchanged: exact two-sided p = 2 * P(X <= 1 | n=6) = 0.21875.
+    before = qa_rows([True] * 5 + [False] + [True] * 50 + [False] * 44)
+    after = qa_rows([False] * 5 + [True] + [True] * 50 + [False] * 44)
+    stats = build(RUN_A, RUN_B, before, after, CompareOptions())["statistics"]
+    assert stats["mcnemar_p_value"] == pytest.approx(0.21875)
+    assert stats["drop"] == pytest.approx(0.04)
+
+
+def test_bootstrap_ci_is_seeded_and_reproducible() -> None:
+    before = qa_rows([True, False] * 30)
+    after = qa_rows([True, True, False, False] * 15)
+    first = build(RUN_A, RUN_B, before, after, CompareOptions())["statistics"]
+    again = build(RUN_A, RUN_B, before, after, CompareOptions())["statistics"]
+    assert first["drop_ci95"] == again["drop_ci95"]
+    expected = stats.paired_bootstrap_ci(
+        [bool(r.passed) for r in before], [bool(r.passed) for r in after], seed=0
+    )
+    assert first["drop_ci95"] == list(expected)
+    low, high = first["drop_ci95"]
+    assert low < first["drop"] < high
+
+
+def test_alpha_sets_the_confidence_of_the_interval() -> None:
+    before = qa_rows([True, False] * 30)
+    after = qa_rows([True, True, False, False] * 15)
+    wide = build(RUN_A, RUN_B, before, after, CompareOptions(alpha=0.01))["statistics"]
+    narrow = build(RUN_A, RUN_B, before, after, CompareOptions(alpha=0.2))["statistics"]
+    assert wide["confidence"] == 0.99 and narrow["confidence"] == pytest.approx(0.8)
+    width = lambda s: s["drop_ci95"][1] - s["drop_ci95"][0]  # noqa: E731
+    assert width(wide) > width(narrow)
+
+
+def test_noninferiority_fails_a_small_drop_measured_on_too_few_items() -> None:
+    # Point drop 0.05 (< threshold 0.1) on 20 items: the CI's upper bound reaches past 0.1.
+    before = qa_rows([True] * 10 + [False] * 10)
+    after = qa_rows([False] + [True] * 9 + [False] * 10)
+    threshold_mode = build(RUN_A, RUN_B, before, after, CompareOptions())
+    noninferiority = build(RUN_A, RUN_B, before, after, CompareOptions(mode="noninferiority"))
+    assert threshold_mode["verdict"] == "pass"
+    assert noninferiority["statistics"]["drop_ci95"][1] >= 0.1
+    assert noninferiority["verdict"] == "fail"
+    assert noninferiority["reasons"][0].startswith("non-inferiority not shown")
+
+
+def test_noninferiority_passes_when_many_items_pin_the_drop_below_the_margin() -> None:
+    before = qa_rows([True] * 500 + [False] * 500)
+    after = qa_rows([False] * 5 + [True] * 495 + [True] * 5 + [False] * 495)
+    body = build(RUN_A, RUN_B, before, after, CompareOptions(mode="noninferiority"))
+    assert body["statistics"]["drop_ci95"][1] < 0.1
+    assert body["verdict"] == "pass"
+
+
+def test_max_category_drop_fails_one_collapsed_category_the_overall_drop_hides() -> None:
+    before = qa_rows([True] * 40, category="geography") + [
+        qa(f"s{i}", True, category="science") for i in range(4)
+    ]
+    after = qa_rows([True] * 40, category="geography") + [
+        qa(f"s{i}", i >= 2, category="science") for i in range(4)
+    ]
+    lenient = build(RUN_A, RUN_B, before, after, CompareOptions())
+    strict = build(RUN_A, RUN_B, before, after, CompareOptions(max_category_drop=0.2))
+    assert lenient["accuracy_drop"] < 0.1 and lenient["verdict"] == "pass"
+    assert lenient["category_drops"] == {"geography": 0.0, "science": 0.5}
+    assert strict["verdict"] == "fail"
+    assert strict["reasons"] == [
+        "category 'science' dropped 0.500 (1.000 → 0.500), more than max_category_drop 0.2"
+    ]
+    by_cat = strict["statistics"]["by_category"]
+    assert by_cat["science"]["forgotten"] == 2 and by_cat["geography"]["forgotten"] == 0
+    assert by_cat["science"]["accuracy_after"] == 0.5
+
+
+def test_a_critical_check_that_newly_fails_fails_the_verdict() -> None:
+    before = [
+        check("c1", True, "critical"),
+        check("c2", True, "high"),
+        check("c3", False, "critical"),
+    ]
+    after = [
+        check("c1", False, "critical"),
+        check("c2", True, "high"),
+        check("c3", False, "critical"),
+    ]
+    body = build(RUN_A, RUN_B, before, after, CompareOptions())
+    checklist = body["checklist"]
+    assert checklist["score_before"] == pytest.approx(2 / 3)
+    assert checklist["score_after"] == pytest.approx(1 / 3)
+    assert [f["item_id"] for f in checklist["newly_failing"]] == ["c1"]
+    assert checklist["newly_failing"][0]["severity"] == "critical"
+    assert body["verdict"] == "fail" and body["reasons"] == [
+        "critical check 'Test c1' passed before and fails after"
+    ]
+    assert [(i["item_id"], i["passed_before"], i["passed_after"]) for i in checklist["items"]] == [
+        ("c1", True, False),
+        ("c2", True, True),
+        ("c3", False, False),
+    ]
+
+
+def test_a_non_critical_check_that_newly_fails_is_reported_but_passes() -> None:
+    before = [check("c1", True, "high"), check("c2", True, "low")]
+    after = [check("c1", False, "high"), check("c2", False, "low")]
+    body = build(RUN_A, RUN_B, before, after, CompareOptions())
+    assert [f["severity"] for f in body["checklist"]["newly_failing"]] == ["high", "low"]
+    assert body["verdict"] == "pass"
+    assert body["overall_accuracy_before"] is None  # no qa suite: nothing on accuracy
+
+
+def test_drift_reports_nll_per_token_change_and_gates_only_when_asked() -> None:
+    before = [text("t1", 30.0, 10), text("t2", 40.0, 10)]  # 3.5 per token
+    after = [text("t1", 60.0, 10), text("t2", 40.0, 10)]  # 5.0 per token
+    body = build(RUN_A, RUN_B, before, after, CompareOptions())
+    suite = body["drift"]["suites"]["general-text"]
+    assert suite["nll_per_token_before"] == pytest.approx(3.5)
+    assert suite["nll_per_token_after"] == pytest.approx(5.0)
+    assert suite["relative_change"] == pytest.approx(1.5 / 3.5)
+    assert suite["largest_increases"][0]["item_id"] == "t1"
+    assert body["verdict"] == "pass"
+    gated = build(RUN_A, RUN_B, before, after, CompareOptions(max_nll_increase=0.2))
+    assert gated["verdict"] == "fail"
+    assert "NLL/token on 'general-text' rose 42.9%" in gated["reasons"][0]
+
+
+def test_drift_normalises_each_run_by_its_own_token_count() -> None:
+    before = [text("t1", 30.0, 10)]
+    after = [text("t1", 36.0, 12)]  # another tokenizer: more tokens, same 3.0 per token
+    suite = build(RUN_A, RUN_B, before, after, CompareOptions())["drift"]["suites"]["general-text"]
+    assert suite["nll_per_token_after"] == pytest.approx(3.0)
+    assert suite["change"] == pytest.approx(0.0)
+
+
+def test_no_perplexity_suite_means_no_drift() -> None:
+    rows = qa_rows([True])
+    assert build(RUN_A, RUN_B, rows, rows, CompareOptions())["drift"] is None
+
+
+def snapshot(**overrides: Any) -> dict[str, Any]:
+    run = {
+        "suites": [
+            {"name": "general-qa", "version": 1, "content_hash": "sha256:aaa"},
+            {"name": "my-qa", "version": 1, "content_hash": "sha256:bbb"},
+        ],
+        "prompt_format": "chat",
+        "generation": {"max_new_tokens": 50, "stop": []},
+    }
+    run.update(overrides)
+    return run
+
+
+def test_identical_runs_are_comparable() -> None:
+    assert comparability_problems(snapshot(), snapshot()) == []
+
+
+def test_another_suite_version_is_named_with_both_versions() -> None:
+    after = snapshot(
+        suites=[
+            {"name": "general-qa", "version": 1, "content_hash": "sha256:aaa"},
+            {"name": "my-qa", "version": 2, "content_hash": "sha256:ccc"},
+        ]
+    )
+    assert comparability_problems(snapshot(), after) == [
+        "suite 'my-qa' differs: version 1 before, version 2 after (content hashes differ)"
+    ]
+
+
+def test_prompt_format_generation_and_missing_suites_are_each_named() -> None:
+    after = snapshot(
+        suites=[{"name": "general-qa", "version": 1, "content_hash": "sha256:aaa"}],
+        prompt_format="plain",
+        generation={"max_new_tokens": 20, "stop": []},
+    )
+    assert comparability_problems(snapshot(), after) == [
+        "suite 'my-qa' ran only in the before evaluation",
+        "prompt_format differs: 'chat' before, 'plain' after",
+        "generation settings differ: max_new_tokens 50 before, 20 after",
+    ]

@@ -1,0 +1,154 @@
+"""The queue's promises: one holder per job, expired leases come back, guarded writes."""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import select, update
+
+from app.config import Settings
+from app.db import immediate_session, make_engine, session_factory
+from app.models import Claim, Evaluation, new_id, utcnow
+from app.queue import LeaseLost, cancel, claim, fail, heartbeat, release, renew, succeed
+
+
+def _queue(engine, n: int = 1) -> list[str]:  # type: ignore[no-untyped-def]
+    ids = []
+    with session_factory(engine)() as session:
+        for i in range(n):
+            row = Evaluation(
+                id=new_id("ev"),
+                model_path="m",
+                generation={},
+                suites=[],
+                created_at=utcnow() + timedelta(microseconds=i),
+            )
+            session.add(row)
+            ids.append(row.id)
+        session.commit()
+    return ids
+
+
+@pytest.fixture
+def engine(settings: Settings):  # type: ignore[no-untyped-def]
+    engine = make_engine(settings.database_url)
+    yield engine
+    engine.dispose()
+
+
+def test_claim_takes_oldest_and_records_a_claim(engine) -> None:  # type: ignore[no-untyped-def]
+    first, second = _queue(engine, 2)
+    job = claim(engine, worker_id="w1", kinds=("evaluation",), lease_seconds=60)
+    assert job is not None and job.id == first and job.attempt == 1
+    with session_factory(engine)() as s:
+        row = s.get(Evaluation, first)
+        assert row.status == "running" and row.worker_id == "w1" and row.lease_expires_at > utcnow()
+        assert s.get(Evaluation, second).status == "queued"
+        assert [c.job_id for c in s.execute(select(Claim)).scalars()] == [first]
+
+
+def test_two_claimers_never_get_the_same_job(engine) -> None:  # type: ignore[no-untyped-def]
+    ids = _queue(engine, 20)
+    got: list[str] = []
+    lock = threading.Lock()
+
+    def worker(name: str) -> None:
+        while True:
+            job = claim(engine, worker_id=name, kinds=("evaluation",), lease_seconds=60)
+            if job is None:
+                return
+            with lock:
+                got.append(job.id)
+
+    threads = [threading.Thread(target=worker, args=(f"w{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(got) == sorted(ids)  # every job once, none twice
+
+
+def test_expired_lease_is_claimed_again(engine) -> None:  # type: ignore[no-untyped-def]
+    (job_id,) = _queue(engine)
+    first = claim(engine, worker_id="dead", kinds=("evaluation",), lease_seconds=60)
+    assert first is not None
+    assert claim(engine, worker_id="other", kinds=("evaluation",), lease_seconds=60) is None
+    with session_factory(engine)() as s:  # the dead worker's lease runs out
+        s.execute(update(Evaluation).values(lease_expires_at=utcnow() - timedelta(seconds=1)))
+        s.commit()
+    second = claim(engine, worker_id="other", kinds=("evaluation",), lease_seconds=60)
+    assert second is not None and second.id == job_id and second.attempt == 2
+    # The dead worker's late writes are refused: it no longer holds the job.
+    with pytest.raises(LeaseLost):
+        heartbeat(engine, first, 60)
+
+
+def test_expired_lease_on_last_attempt_fails_the_job(engine) -> None:  # type: ignore[no-untyped-def]
+    (job_id,) = _queue(engine)
+    with session_factory(engine)() as s:
+        s.execute(update(Evaluation).values(max_attempts=1))
+        s.commit()
+    assert claim(engine, worker_id="dead", kinds=("evaluation",), lease_seconds=60) is not None
+    with session_factory(engine)() as s:
+        s.execute(update(Evaluation).values(lease_expires_at=utcnow() - timedelta(seconds=1)))
+        s.commit()
+    assert claim(engine, worker_id="other", kinds=("evaluation",), lease_seconds=60) is None
+    with session_factory(engine)() as s:
+        row = s.get(Evaluation, job_id)
+        assert row.status == "failed" and "lease expired" in row.error
+
+
+def test_failure_retries_with_backoff_then_fails_with_last_error(engine) -> None:  # type: ignore[no-untyped-def]
+    (job_id,) = _queue(engine)
+    with session_factory(engine)() as s:
+        s.execute(update(Evaluation).values(max_attempts=2))
+        s.commit()
+    job = claim(engine, worker_id="w", kinds=("evaluation",), lease_seconds=60)
+    assert fail(engine, job, "boom 1", retryable=True) == "queued"
+    # Backoff: not claimable right away.
+    assert claim(engine, worker_id="w", kinds=("evaluation",), lease_seconds=60) is None
+    with session_factory(engine)() as s:
+        s.execute(update(Evaluation).values(not_before=utcnow() - timedelta(seconds=1)))
+        s.commit()
+    job = claim(engine, worker_id="w", kinds=("evaluation",), lease_seconds=60)
+    assert job is not None and job.attempt == 2
+    assert fail(engine, job, "boom 2", retryable=True) == "failed"
+    with session_factory(engine)() as s:
+        row = s.get(Evaluation, job_id)
+        assert row.status == "failed" and row.error == "boom 2"
+
+
+def test_release_puts_job_back_without_counting_the_attempt(engine) -> None:  # type: ignore[no-untyped-def]
+    (job_id,) = _queue(engine)
+    job = claim(engine, worker_id="w", kinds=("evaluation",), lease_seconds=60)
+    assert release(engine, job)
+    again = claim(engine, worker_id="w2", kinds=("evaluation",), lease_seconds=60)
+    assert again is not None and again.id == job_id and again.attempt == 1
+
+
+def test_cancel_stops_the_holder_at_its_next_write(engine) -> None:  # type: ignore[no-untyped-def]
+    (job_id,) = _queue(engine)
+    job = claim(engine, worker_id="w", kinds=("evaluation",), lease_seconds=60)
+    with session_factory(engine)() as s:
+        assert cancel(s, Evaluation, job_id) == "cancelled"
+        s.commit()
+    with pytest.raises(LeaseLost), immediate_session(engine) as s, s.begin():
+        renew(s, job, 60)
+    with immediate_session(engine) as s, s.begin():
+        assert succeed(s, job, results={}) is False
+    with session_factory(engine)() as s:
+        assert s.get(Evaluation, job_id).status == "cancelled"
+
+
+def test_heartbeat_extends_the_lease(engine) -> None:  # type: ignore[no-untyped-def]
+    (job_id,) = _queue(engine)
+    job = claim(engine, worker_id="w", kinds=("evaluation",), lease_seconds=5)
+    with session_factory(engine)() as s:
+        before = s.get(Evaluation, job_id).lease_expires_at
+    time.sleep(0.05)
+    heartbeat(engine, job, 60)
+    with session_factory(engine)() as s:
+        assert s.get(Evaluation, job_id).lease_expires_at > before + timedelta(seconds=30)

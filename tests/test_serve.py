@@ -1,0 +1,76 @@
+"""`forgetguard serve`: migrates, answers, starts a worker, and stops everything on SIGTERM."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from tests.conftest import REPO, settings_env, wait_for
+from tests.test_e2e_reference import _free_port, _healthy
+
+
+@pytest.mark.one_db
+def test_sigterm_stops_api_and_workers_with_exit_0(settings, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    port = _free_port()
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "app.cli",
+            "serve",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--device",
+            "cpu",
+        ],
+        env=settings_env(settings),
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10)
+        wait_for(lambda: _healthy(http), 60, what="/healthz")
+        workers = wait_for(
+            lambda: http.get("/workers").json()["data"], 90, what="the local worker to register"
+        )
+        assert len(workers) == 1 and workers[0]["device"] == "cpu"
+        worker_pid = workers[0]["pid"]
+    finally:
+        server.send_signal(signal.SIGTERM)
+        code = server.wait(timeout=90)
+    assert code == 0
+    # The worker went with it.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and _alive(worker_pid):
+        time.sleep(0.2)
+    assert not _alive(worker_pid)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_refuses_public_bind_without_keys(settings) -> None:  # type: ignore[no-untyped-def]
+    env = settings_env(settings)
+    env.pop("FORGETGUARD_API_KEYS", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "app.cli", "serve", "--host", "0.0.0.0", "--workers", "0"],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2 and "refusing to bind 0.0.0.0 without API keys" in proc.stderr

@@ -1,0 +1,235 @@
+"""The /ui pages through TestClient: status codes, content, escaping, error pages, auth."""
+
+from __future__ import annotations
+
+import base64
+import re
+from collections.abc import Callable
+from typing import Any
+
+from fastapi.testclient import TestClient
+from sqlalchemy.orm import Session
+
+from app.main import create_app
+from app.models import Evaluation, FinetuneJob
+from tests.ui.conftest import add_evaluation
+from tests.ui.seed import Pair, seed_finetune_job
+
+
+def _html(response: Any) -> str:
+    assert response.headers["content-type"].startswith("text/html"), response.headers
+    return str(response.text)
+
+
+def test_evaluations_list_shows_status_and_live_progress(
+    client: TestClient, db: Callable[[], Session], collapsed: Pair
+) -> None:
+    with db() as session:
+        running = add_evaluation(
+            session,
+            label="halfway",
+            status="running",
+            progress={"done": 12, "total": 330, "stage": "general-qa"},
+        )
+    html = _html(client.get("/ui"))
+    assert "smollm2-135m base" in html and "drug-qa full fine-tune, lr 1e-3" in html
+    assert f'href="/ui/evaluations/{running}"' in html
+    assert '<progress max="330" value="12">' in html and "general-qa" in html
+    assert 'data-refresh="' in html  # a running job makes the page refresh itself
+    assert 'src="/ui/static/refresh.js"' in html
+    assert "general-qa</span> 69%" in html  # headline score of the base run
+
+
+def test_finished_list_does_not_refresh(client: TestClient, collapsed: Pair) -> None:
+    html = _html(client.get("/ui"))
+    assert "data-refresh" not in html
+
+
+def test_status_filter_lists_only_that_status(
+    client: TestClient, db: Callable[[], Session], collapsed: Pair
+) -> None:
+    with db() as session:
+        add_evaluation(session, label="still-queued")
+    html = _html(client.get("/ui?status=queued"))
+    assert "still-queued" in html
+    assert f'href="/ui/evaluations/{collapsed.before}"' not in html
+    bad = client.get("/ui?status=exploded")
+    assert bad.status_code == 422 and "status must be one of" in _html(bad)
+
+
+def test_evaluation_page_shows_category_bars_checklist_and_items(
+    client: TestClient, collapsed: Pair
+) -> None:
+    html = _html(client.get(f"/ui/evaluations/{collapsed.before}"))
+    assert '<svg xmlns="http://www.w3.org/2000/svg" class="chart" role="img"' in html
+    for category in ("geography", "history", "science", "math"):
+        assert f'data-category="{category}"' in html
+    assert '<span class="badge sev-critical">critical</span>' in html
+    assert "Basic instruction following" in html
+    assert "What is the capital of France?" in html
+    assert "69.0%" in html  # general-qa overall accuracy card
+
+
+def test_item_table_filters_by_result_and_category(client: TestClient, collapsed: Pair) -> None:
+    html = _html(client.get(f"/ui/evaluations/{collapsed.after}?passed=fail&category=geography"))
+    table = html.split('<table class="data items">', 1)[1].split("</table>", 1)[0]
+    rows = re.findall(r"<tr class=\"([^\"]*)\">", table)
+    assert rows and all(r == "row-fail" for r in rows)
+    assert "✓ pass" not in table
+    assert table.count("<td>geography") == len(rows)
+    passing = _html(client.get(f"/ui/evaluations/{collapsed.before}?passed=pass&suite=general-qa"))
+    table = passing.split('<table class="data items">', 1)[1].split("</table>", 1)[0]
+    assert "✗ fail" not in table and "✓ pass" in table
+    assert client.get(f"/ui/evaluations/{collapsed.after}?passed=maybe").status_code == 422
+
+
+def test_compare_page_shows_verdict_statistics_flips_and_drift(
+    client: TestClient, collapsed: Pair
+) -> None:
+    response = client.get(f"/ui/compare?before={collapsed.before}&after={collapsed.after}")
+    assert response.status_code == 200
+    html = _html(response)
+    assert "✗ FAIL" in html and "Forgetting detected" in html
+    assert "General-knowledge accuracy fell 65 points: 69% before, 4% after" in html
+    assert (
+        "critical check &#39;Basic instruction following&#39; passed before and fails after" in html
+    )
+    assert "&lt; 0.0001" in html  # McNemar p
+    assert re.search(r"\[0\.\d\d, 0\.\d\d\]", html)  # the CI of the drop
+    assert "163 forgotten" in html
+    # Forgotten items side by side: the question, the right answer before, the babble after.
+    forgotten = html.split('id="forgotten"', 1)[1].split("</table>", 1)[0]
+    row = forgotten.split("What is the capital of Japan?", 1)[1].split("</tr>", 1)[0]
+    assert "Tokyo." in row and re.search(r"Japan (is an?|blocks)|Take Japan", row)
+    assert "3.48 → " in html and "9.64" in html and "+177%" in html
+    # Grouped before/after bars, worst category first.
+    chart = html.split('id="categories"', 1)[1]
+    assert "<title>Accuracy by category, before and after fine-tuning</title>" in chart
+    labels = re.findall(r'data-category="([^"]+)"', chart.split("</svg>", 1)[0])
+    assert labels[0] == "geography" and set(labels) >= {"history", "science", "math"}
+    assert "▼ 78 pts" in chart
+
+
+def test_compare_page_escapes_model_output(client: TestClient, collapsed: Pair) -> None:
+    html = _html(client.get(f"/ui/compare?before={collapsed.before}&after={collapsed.after}"))
+    assert "<script>window.__pwned" not in html
+    assert "<img src=x" not in html
+    assert "&lt;script&gt;window.__pwned = 1;" in html
+    assert "&lt;img src=x onerror=" in html
+    # The only script on the page is our own refresh script.
+    assert re.findall(r"<script\b[^>]*>", html) == ['<script src="/ui/static/refresh.js" defer>']
+    csp = client.get(f"/ui/compare?before={collapsed.before}&after={collapsed.after}").headers
+    assert "script-src 'self'" in csp["content-security-policy"]
+
+
+def test_evaluation_page_escapes_model_output(client: TestClient, collapsed: Pair) -> None:
+    html = _html(client.get(f"/ui/evaluations/{collapsed.after}?passed=fail&category=geography"))
+    assert "<script>window.__pwned" not in html and "&lt;script&gt;window.__pwned" in html
+
+
+def test_compare_page_passes_a_healthy_fine_tune(client: TestClient, healthy: Pair) -> None:
+    html = _html(client.get(f"/ui/compare?before={healthy.before}&after={healthy.after}"))
+    assert "✓ PASS" in html and "No forgetting detected" in html
+    assert "✗ FAIL" not in html
+
+
+def test_compare_without_ids_offers_a_picker(client: TestClient, collapsed: Pair) -> None:
+    html = _html(client.get("/ui/compare"))
+    assert "Compare two evaluations" in html
+    assert f'<option value="{collapsed.before}"' in html
+
+
+def test_unknown_evaluation_is_an_html_404(client: TestClient) -> None:
+    response = client.get("/ui/evaluations/ev_doesnotexist")
+    assert response.status_code == 404
+    html = _html(response)
+    assert "Evaluation not found" in html
+    assert "evaluation &#39;ev_doesnotexist&#39; does not exist" in html
+
+
+def test_compare_with_unknown_id_is_an_html_404(client: TestClient, collapsed: Pair) -> None:
+    response = client.get(f"/ui/compare?before={collapsed.before}&after=ev_gone")
+    assert response.status_code == 404 and "ev_gone" in _html(response)
+
+
+def test_incomparable_runs_are_an_html_409_that_says_what_differs(
+    client: TestClient, db: Callable[[], Session], collapsed: Pair
+) -> None:
+    with db() as session:
+        after = session.get(Evaluation, collapsed.after)
+        assert after is not None
+        after.generation = {"max_new_tokens": 20, "stop": []}
+        session.commit()
+    response = client.get(f"/ui/compare?before={collapsed.before}&after={collapsed.after}")
+    assert response.status_code == 409
+    html = _html(response)
+    assert "Evaluations not comparable" in html and "generation settings differ" in html
+
+
+def test_unfinished_run_is_an_html_409(
+    client: TestClient, db: Callable[[], Session], collapsed: Pair
+) -> None:
+    with db() as session:
+        running = add_evaluation(session, status="running")
+    response = client.get(f"/ui/compare?before={collapsed.before}&after={running}")
+    assert response.status_code == 409
+    assert "only succeeded evaluations can be compared" in _html(response)
+
+
+def test_bad_threshold_is_an_html_422(client: TestClient, collapsed: Pair) -> None:
+    url = f"/ui/compare?before={collapsed.before}&after={collapsed.after}&threshold=2"
+    response = client.get(url)
+    assert response.status_code == 422 and "threshold must be between" in _html(response)
+
+
+def test_unknown_dashboard_path_is_an_html_404(client: TestClient) -> None:
+    response = client.get("/ui/nothing/here")
+    assert response.status_code == 404 and "/ui/nothing/here" in _html(response)
+
+
+def test_finetune_job_page_draws_curves_and_links_the_compare(
+    client: TestClient, collapsed: Pair
+) -> None:
+    assert collapsed.job is not None
+    html = _html(client.get(f"/ui/finetune-jobs/{collapsed.job}"))
+    assert html.count("<polyline") == 2  # loss and learning rate
+    assert "<title>Loss over training steps</title>" in html
+    assert "learning_rate 0.001 is outside the rule of thumb" in html
+    assert f'href="/ui/compare?before={collapsed.before}&amp;after={collapsed.after}' in html
+    assert "✗ FAIL" in html  # the stored comparison's verdict
+    assert "step 60/60" in html
+
+
+def test_running_finetune_job_refreshes_and_unknown_job_is_404(
+    client: TestClient, db: Callable[[], Session], collapsed: Pair
+) -> None:
+    with db() as session:
+        job_id = seed_finetune_job(session, collapsed.before, None, status="running")
+        session.commit()
+        job = session.get(FinetuneJob, job_id)
+        assert job is not None and job.status == "running"
+    html = _html(client.get(f"/ui/finetune-jobs/{job_id}"))
+    assert 'data-refresh="' in html and "30/60" in html and "Compare before" not in html
+    missing = client.get("/ui/finetune-jobs/ft_missing")
+    assert missing.status_code == 404
+    assert "fine-tune job &#39;ft_missing&#39; does not exist" in _html(missing)
+
+
+def test_static_files_are_served(client: TestClient) -> None:
+    assert "font-family" in client.get("/ui/static/style.css").text
+    assert "DOMParser" in client.get("/ui/static/refresh.js").text
+
+
+def test_pages_need_a_read_key_when_keys_are_configured(settings: Any, collapsed: Pair) -> None:
+    keyed = settings.model_copy(update={"api_keys": ["reader-key:read", "writer-key:write"]})
+    with TestClient(create_app(keyed)) as client:
+        page = f"/ui/compare?before={collapsed.before}&after={collapsed.after}"
+        refused = client.get(page, headers={"Accept": "text/html"})
+        assert refused.status_code == 401
+        assert "Basic" in refused.headers["www-authenticate"]  # the browser asks for the key
+        assert client.get("/ui/static/style.css").status_code == 401
+        assert client.get(page, headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert client.get(page, headers={"Authorization": "Bearer reader-key"}).status_code == 200
+        basic = base64.b64encode(b"anyone:reader-key").decode()
+        response = client.get(page, headers={"Authorization": f"Basic {basic}"})
+        assert response.status_code == 200 and "✗ FAIL" in response.text

@@ -1,0 +1,136 @@
+"""``forgetguard demo``: the lesson's toy demonstrations; the table's plumbing on the tiny model."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import REPO
+from workers.demo import DemoRow, DemoSizes, demo_runs, demo_suites, drug_examples, format_table
+from workers.toy import forgetting_ratio, report, shared_weight
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    # Scalar-sized ops: extra threads only add contention on a shared 2-core machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_the_shared_weight_is_pulled_from_task_a_to_task_b() -> None:
+    result = shared_weight()
+    # The lesson's numbers: w 1.0 → -2.0, Task A loss 0 → 9, Task B loss 9 → 0.
+    assert (result.w_before, result.task_a_loss_before, result.task_b_loss_before) == (
+        1.0,
+        0.0,
+        9.0,
+    )
+    assert result.w_after == pytest.approx(-2.0)
+    assert result.task_a_loss_after == pytest.approx(9.0)
+    assert result.task_b_loss_after == pytest.approx(0.0)
+
+
+def test_an_ewc_penalty_keeps_the_shared_weight_between_the_optima() -> None:
+    result = shared_weight(ewc_importance=0.25, steps=200)
+    assert result.w_after == pytest.approx((0.25 * 2 - 2) / (0.25 * 2 + 1), abs=1e-4)
+    assert result.task_a_loss_after < 9.0
+
+
+def test_the_two_head_network_forgets_task_a() -> None:
+    result = forgetting_ratio(seed=0)
+    assert result.task_a_loss_after > 2 * result.task_a_loss_before
+    assert forgetting_ratio(seed=0) == result  # seeded: reproducible
+
+
+def test_the_toy_report_prints_both_demonstrations() -> None:
+    text = report(seeds=2)
+    assert "Forgetting ratio" in text and "w: 1.00 -> -2.00" in text and "9.00" in text
+
+
+def test_demo_sizes_and_runs() -> None:
+    sizes = DemoSizes()
+    qa, checklist, text = demo_suites(sizes)
+    assert checklist == "forgetting-checklist"
+    assert len({i["category"] for i in qa["items"]}) == 7  # type: ignore[index]
+    assert len(qa["items"]) == 7 * sizes.qa_per_category  # type: ignore[index]
+    assert len(text["items"]) == sizes.texts  # type: ignore[index]
+    assert len(drug_examples(sizes.drug_examples)) == 20
+    names = [name for name, _ in demo_runs(sizes)]
+    assert len(names) == 5 and names[0] == "full FT, lesson's risky preset"
+    runs = dict(demo_runs(sizes))
+    assert runs["LoRA, safe preset"] == {"method": "lora", "preset": "safe"}
+
+
+def test_format_table_has_a_column_per_category() -> None:
+    qa = {
+        "overall_accuracy": 0.5,
+        "by_category": {"geo": {"accuracy": 1.0}, "math": {"accuracy": 0.0}},
+    }
+    rows = [
+        DemoRow("base", None, "succeeded", qa, 0.75, 3.5),
+        DemoRow("full FT", "ft_1", "succeeded", qa, 0.25, 9.6, verdict="fail"),
+    ]
+    table = format_table(rows).splitlines()
+    assert table[0] == "| run | general-qa | geo | math | checklist | NLL/token | verdict |"
+    assert table[2] == "| base | 0.50 | 1.00 | 0.00 | 0.75 | 3.50 | (base) |"
+    assert table[3].endswith("| fail |")
+
+
+@pytest.mark.slow
+def test_demo_command_prints_the_table(tiny_model_dir: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "app.cli",
+            "demo",
+            "--quick",
+            "--model",
+            str(tiny_model_dir),
+            "--device",
+            "cpu",
+            "--workdir",
+            str(tmp_path / "demo"),
+            "--markdown",
+            str(tmp_path / "t.md"),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in result.stdout.splitlines() if line.startswith("|")]
+    assert lines[0].startswith("| run | general-qa |") and "NLL/token" in lines[0]
+    names = [line.split("|")[1].strip() for line in lines[2:]]
+    assert names == [
+        "base",
+        "full FT, lesson's risky preset",
+        "full FT, lr 0.001",
+        "full FT, lr 0.001 + replay",
+        "full FT, lr 0.001 + EWC",
+        "LoRA, safe preset",
+    ]
+    assert all(
+        line.rstrip(" |").split("|")[-1].strip() in ("pass", "fail", "(base)") for line in lines[2:]
+    )
+    assert (tmp_path / "t.md").read_text().strip() == "\n".join(lines)
+    toy = subprocess.run(
+        [sys.executable, "-m", "app.cli", "demo", "--toy"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert toy.returncode == 0 and "Forgetting ratio" in toy.stdout

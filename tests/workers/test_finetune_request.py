@@ -1,0 +1,253 @@
+"""The fine-tune request: the lesson's presets as data, overrides, the LR rule of thumb, records."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from app.errors import Problem
+from app.finetune import (
+    FinetuneJobCreate,
+    Hyperparameters,
+    learning_rate_warnings,
+    read_jsonl,
+    record_format,
+    resolve_hyperparameters,
+)
+
+COMPARED = (
+    "learning_rate",
+    "num_train_epochs",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "warmup_ratio",
+    "weight_decay",
+    "max_grad_norm",
+    "seed",
+)
+
+
+def _request(**fields: object) -> FinetuneJobCreate:
+    body = {
+        "base_model": {"path": "models/x"},
+        "dataset": {"examples": [{"text": "a b c"}]},
+        **fields,
+    }
+    return FinetuneJobCreate.model_validate(body)
+
+
+@pytest.mark.parametrize(
+    ("preset", "lesson_args"),
+    [
+        # The lesson's two TrainingArguments, verbatim.
+        (
+            "risky",
+            {
+                "num_train_epochs": 10,
+                "learning_rate": 5e-5,
+                "per_device_train_batch_size": 1,
+                "warmup_ratio": 0.0,
+            },
+        ),
+        (
+            "safe",
+            {
+                "num_train_epochs": 3,
+                "learning_rate": 2e-5,
+                "per_device_train_batch_size": 4,
+                "gradient_accumulation_steps": 4,
+                "warmup_ratio": 0.05,
+                "lr_scheduler_type": "cosine",
+                "weight_decay": 0.01,
+            },
+        ),
+    ],
+)
+def test_presets_equal_the_lessons_training_arguments(
+    preset: str, lesson_args: dict, tmp_path: Path
+) -> None:
+    from transformers import TrainingArguments
+
+    # transformers 5 folded warmup_ratio into warmup_steps (a float below 1 is a ratio).
+    kwargs = {("warmup_steps" if k == "warmup_ratio" else k): v for k, v in lesson_args.items()}
+    args = TrainingArguments(output_dir=str(tmp_path), **kwargs)
+    ours = resolve_hyperparameters("full", preset)
+    for name in COMPARED:
+        theirs = args.warmup_steps if name == "warmup_ratio" else getattr(args, name)
+        assert getattr(ours, name) == pytest.approx(theirs), name
+    assert ours.lr_scheduler_type == str(args.lr_scheduler_type.value)
+    assert ours.max_steps is None and args.max_steps == -1
+
+
+def test_safe_preset_uses_the_lora_rate_for_lora() -> None:
+    assert resolve_hyperparameters("lora", "safe").learning_rate == 2e-4
+    assert resolve_hyperparameters("full", "safe").learning_rate == 2e-5
+    assert resolve_hyperparameters("lora", "risky").learning_rate == 5e-5
+
+
+def test_explicit_hyperparameters_override_the_preset_field_by_field() -> None:
+    overrides = Hyperparameters(learning_rate=1e-3, lr_scheduler_type="constant", seed=7)
+    hp = resolve_hyperparameters("full", "safe", overrides)
+    assert (hp.learning_rate, hp.lr_scheduler_type, hp.seed) == (1e-3, "constant", 7)
+    # Everything not overridden is still the safe preset.
+    assert (
+        hp.num_train_epochs,
+        hp.per_device_train_batch_size,
+        hp.gradient_accumulation_steps,
+        hp.warmup_ratio,
+        hp.weight_decay,
+    ) == (3, 4, 4, 0.05, 0.01)
+
+
+@pytest.mark.parametrize(
+    ("method", "lr", "direction"),
+    [
+        ("full", 5e-5, "above"),
+        ("full", 1e-3, "above"),
+        ("full", 5e-6, "below"),
+        ("lora", 1e-3, "above"),
+        ("lora", 5e-5, "below"),
+        ("qlora", 2.5e-4, "above"),
+    ],
+)
+def test_learning_rate_outside_the_rule_of_thumb_warns(
+    method: str, lr: float, direction: str
+) -> None:
+    warnings = learning_rate_warnings(method, lr)
+    assert len(warnings) == 1 and direction in warnings[0]
+
+
+@pytest.mark.parametrize(
+    ("method", "lr"),
+    [
+        ("full", 1e-5),
+        ("full", 2e-5),
+        ("lora", 1e-4),
+        ("lora", 2e-4),
+        ("lora", 3e-4),
+        ("qlora", 2e-4),
+    ],
+)
+def test_learning_rate_inside_the_rule_of_thumb_does_not_warn(method: str, lr: float) -> None:
+    assert learning_rate_warnings(method, lr) == []
+
+
+def test_the_risky_preset_warns_and_safe_does_not() -> None:
+    assert _request(method="full", preset="risky").warnings(20)
+    assert _request(method="full", preset="safe").warnings(20) == []
+    assert _request(method="lora", preset="safe").warnings(20) == []
+
+
+def test_replay_that_rounds_down_to_nothing_warns() -> None:
+    request = _request(method="lora", replay={"source": "self", "fraction": 0.1})
+    assert any("replay adds no examples" in w for w in request.warnings(5))
+    assert not any("replay" in w for w in request.warnings(10))
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"hyperparameters": {"learnig_rate": 1e-4}},
+        {"hyperparameters": {"learning_rate": 0}},
+        {"hyperparameters": {"learning_rate": -1e-4}},
+        {"hyperparameters": {"num_train_epochs": 0}},
+        {"hyperparameters": {"per_device_train_batch_size": 0}},
+        {"hyperparameters": {"lr_scheduler_type": "exponential"}},
+        {"lora": {"r": 0}},
+        {"lora": {"rank": 8}},
+        {"method": "full", "lora": {"r": 8}},
+        {"dataset": {"examples": []}},
+        {"dataset": {"examples": [{"text": "x"}], "path": "x.jsonl"}},
+        {"replay": {"source": "self", "path": "x.jsonl"}},
+        {"ewc": {"importance": 0}},
+        {"surprise": True},
+    ],
+)
+def test_impossible_or_unknown_settings_are_rejected(fields: dict) -> None:
+    with pytest.raises(ValidationError):
+        _request(**fields)
+
+
+def test_lora_defaults_are_the_lessons_config() -> None:
+    lora = _request(method="lora").lora
+    assert lora is not None
+    assert (lora.r, lora.lora_alpha, lora.target_modules, lora.lora_dropout) == (
+        16,
+        32,
+        ["q_proj", "v_proj"],
+        0.1,
+    )
+    assert (
+        _request(method="lora", lora={"target_modules": "all-linear"}).lora.target_modules
+        == "all-linear"
+    )  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("record", "kind"),
+    [
+        ({"text": "hello"}, "text"),
+        ({"prompt": "Q?", "completion": "A."}, "prompt_completion"),
+        (
+            {
+                "prompt": [{"role": "user", "content": "Q?"}],
+                "completion": [{"role": "assistant", "content": "A."}],
+            },
+            "prompt_completion",
+        ),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": "Q?"},
+                    {"role": "assistant", "content": "A."},
+                ]
+            },
+            "messages",
+        ),
+    ],
+)
+def test_record_formats(record: dict, kind: str) -> None:
+    assert record_format(record) == kind
+
+
+@pytest.mark.parametrize(
+    ("record", "says"),
+    [
+        ({"prompt": "Q?"}, "'completion'"),
+        ({"question": "Q?", "answer": "A"}, "needs 'text'"),
+        ({"text": ""}, "empty"),
+        ({"messages": [{"role": "user", "content": "Q?"}]}, "no assistant message"),
+        ({"messages": [{"role": "robot", "content": "Q?"}]}, "role"),
+        ({"text": "a", "prompt": "b", "completion": "c"}, "one format"),
+        ("just a string", "JSON object"),
+    ],
+)
+def test_bad_records_say_what_is_wrong(record: object, says: str) -> None:
+    with pytest.raises(ValueError, match=".*") as info:
+        record_format(record)
+    assert says in str(info.value)
+
+
+def test_a_bad_inline_record_is_named_by_its_index() -> None:
+    with pytest.raises(ValidationError) as info:
+        _request(
+            dataset={"examples": [{"text": "ok"}, {"text": "ok"}, {"prompt": "no completion"}]}
+        )
+    assert "examples[2] (record 3)" in str(info.value)
+
+
+def test_a_bad_jsonl_line_is_named_by_its_line_number(tmp_path: Path) -> None:
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps({"text": "ok"}) + "\n\n" + json.dumps({"prompt": "only"}) + "\n")
+    with pytest.raises(Problem) as info:
+        read_jsonl(path, shown="data.jsonl")
+    assert info.value.status == 422 and "line 3" in info.value.detail
+    path.write_text('{"text": "ok"}\n{not json\n')
+    with pytest.raises(Problem, match="line 2"):
+        read_jsonl(path, shown="data.jsonl")
+    path.write_text("\n")
+    with pytest.raises(Problem, match="no records"):
+        read_jsonl(path, shown="data.jsonl")

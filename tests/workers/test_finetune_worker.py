@@ -1,0 +1,276 @@
+"""Fine-tune jobs on real ``forgetguard worker`` processes (tiny model): the whole job, cancel
+within one step, SIGKILL then resume from a checkpoint, SIGTERM checkpoints and releases."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, select
+
+from app.config import Settings
+from app.db import make_engine, session_factory
+from app.models import Evaluation, FinetuneEvent, FinetuneJob
+from tests.conftest import start_worker, wait_for
+
+pytestmark = [pytest.mark.slow, pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)]
+
+STARTUP = 180.0  # a worker imports torch: seconds, more on a busy machine
+RECORDS = [
+    {"prompt": "What is aspirin?", "completion": "Aspirin is an NSAID used for pain and fever."},
+    {
+        "prompt": "What is ibuprofen?",
+        "completion": "Ibuprofen is an NSAID for pain and inflammation.",
+    },
+    {
+        "prompt": "What is metformin?",
+        "completion": "Metformin lowers blood sugar in type 2 diabetes.",
+    },
+    {
+        "prompt": "What is warfarin?",
+        "completion": "Warfarin is an anticoagulant that thins the blood.",
+    },
+]
+QA = {
+    "name": "tiny-general",
+    "kind": "qa",
+    "items": [
+        {
+            "id": "q1",
+            "question": "What is the capital of France?",
+            "answers": ["Paris"],
+            "category": "geo",
+        },
+        {
+            "id": "q2",
+            "question": "How many legs does a spider have?",
+            "answers": ["Eight"],
+            "category": "bio",
+        },
+    ],
+}
+
+
+@pytest.fixture
+def fast_lease(settings: Settings) -> Settings:
+    """Short leases, so a killed worker's job is claimed again within seconds."""
+    return type(settings)(**{**settings.model_dump(), "lease_seconds": 5, "heartbeat_seconds": 1})
+
+
+@pytest.fixture
+def engine(settings: Settings) -> Iterator[Engine]:
+    engine = make_engine(settings.database_url)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for proc in started:  # only the workers this test started
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+
+
+def submit(client: Any, model: Path, *, evaluation: bool = False, **hp: Any) -> str:
+    body: dict[str, Any] = {
+        "base_model": {"path": str(model)},
+        "dataset": {"examples": RECORDS},
+        "method": "lora",
+        "preset": "risky",
+        "hyperparameters": {"learning_rate": 2e-4, **hp},
+        "evaluation": {"suites": [QA], "generation": {"max_new_tokens": 4}} if evaluation else None,
+    }
+    response = client.post("/finetune-jobs", json=body)
+    assert response.status_code == 202, response.text
+    return str(response.json()["id"])
+
+
+def events(engine: Engine, job_id: str) -> list[FinetuneEvent]:
+    with session_factory(engine)() as session:
+        return list(
+            session.execute(
+                select(FinetuneEvent)
+                .where(FinetuneEvent.job_id == job_id)
+                .order_by(FinetuneEvent.id)
+            ).scalars()
+        )
+
+
+def steps(engine: Engine, job_id: str) -> list[int]:
+    return [
+        int(e.data["step"])
+        for e in events(engine, job_id)
+        if e.message.startswith("step ") and e.data and "loss" in e.data
+    ]
+
+
+def job(engine: Engine, job_id: str) -> FinetuneJob:
+    with session_factory(engine)() as session:
+        row = session.get(FinetuneJob, job_id)
+        assert row is not None
+        return row
+
+
+def checkpoint_step(engine: Engine, job_id: str) -> int:
+    found = [
+        int(e.data["step"])
+        for e in events(engine, job_id)
+        if e.message.startswith("checkpoint at step")
+    ]
+    return found[-1] if found else 0
+
+
+def test_a_job_runs_end_to_end_on_a_worker(
+    client, settings, engine, tiny_model_dir, procs, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    from peft import PeftModel
+
+    from workers.models import load_model
+
+    job_id = submit(client, tiny_model_dir, evaluation=True, max_steps=6)
+    procs.append(start_worker(settings, log=tmp_path / "worker.log"))
+    wait_for(
+        lambda: job(engine, job_id).status in ("succeeded", "failed"), STARTUP + 240, 1.0, "the job"
+    )
+    data = client.get(f"/finetune-jobs/{job_id}").json()
+    assert data["status"] == "succeeded", (
+        data["error"],
+        (tmp_path / "worker.log").read_text()[-3000:],
+    )
+    assert data["trainable_parameters"]["fraction"] < 0.05
+    assert data["metrics"]["global_step"] == data["metrics"]["total_steps"] == 6
+    assert data["metrics"]["base_weights"]["unchanged"] is True
+    assert len(data["metrics"]["loss_curve"]) == 6
+    assert data["comparison"]["verdict"] in ("pass", "fail") and "statistics" in data["comparison"]
+    assert data["comparison"]["before"] == data["before_evaluation_id"]
+    # The after-evaluation runs the base with the job's adapter, from the artifacts dir.
+    with session_factory(engine)() as session:
+        after = session.get(Evaluation, data["after_evaluation_id"])
+        assert after is not None and after.status == "succeeded" and after.finetune_job_id == job_id
+        assert (after.model_path, after.adapter_path) == (str(tiny_model_dir), data["output_path"])
+    assert Path(data["output_path"]).parent == settings.artifacts_dir / job_id
+    assert not (settings.artifacts_dir / job_id / "checkpoints").exists()  # cleaned up on success
+    PeftModel.from_pretrained(
+        load_model(tiny_model_dir, __import__("torch").device("cpu")), data["output_path"]
+    )
+    messages = [
+        e["message"]
+        for e in client.get(f"/finetune-jobs/{job_id}/events", params={"limit": 500}).json()["data"]
+    ]
+    for expected in (
+        "stage: before evaluation",
+        "stage: training",
+        "step 6/6",
+        "stage: after evaluation",
+        "succeeded: verdict",
+    ):
+        assert any(m.startswith(expected) for m in messages), expected
+
+
+def test_cancel_stops_a_running_job_within_one_step(
+    client, settings, engine, tiny_model_dir, procs, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    job_id = submit(client, tiny_model_dir, max_steps=5000, checkpoint_every_steps=1000)
+    procs.append(start_worker(settings, log=tmp_path / "worker.log"))
+    wait_for(lambda: len(steps(engine, job_id)) >= 3, STARTUP, 0.5, "training steps")
+    cancelled_at = time.time()
+    response = client.post(f"/finetune-jobs/{job_id}/cancel")
+    assert response.status_code == 200 and response.json()["status"] == "cancelled"
+
+    log_file = tmp_path / "worker.log"
+    line = wait_for(
+        lambda: next(
+            (ln for ln in log_file.read_text().splitlines() if f"finetune {job_id}: stopped" in ln),
+            None,
+        ),
+        60,
+        0.2,
+        "the worker to stop",
+    )
+    stopped_at = datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+    step_seconds = max(
+        float(e.data["seconds"]) for e in events(engine, job_id) if e.message.startswith("step ")
+    )
+    assert stopped_at - cancelled_at < 2 * step_seconds + 2.0  # within one step (plus clock slack)
+    assert job(engine, job_id).status == "cancelled"
+    log = events(engine, job_id)
+    cancel_at = next(i for i, e in enumerate(log) if e.message == "cancelled by request")
+    # Every step is recorded in the transaction that renews the lease: after the cancel, the
+    # renewal fails, so no further step can have been recorded.
+    assert not [e for e in log[cancel_at:] if e.message.startswith("step ")]
+    assert not (settings.artifacts_dir / job_id / "checkpoints").exists()
+    assert procs[0].poll() is None  # the worker lives on, ready for the next job
+
+
+def test_a_killed_worker_s_job_resumes_from_its_checkpoint(
+    client, fast_lease, engine, tiny_model_dir, procs, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    total = 40
+    job_id = submit(
+        client, tiny_model_dir, evaluation=True, max_steps=total, checkpoint_every_steps=5
+    )
+    procs.append(start_worker(fast_lease, log=tmp_path / "worker-a.log"))
+    wait_for(
+        lambda: checkpoint_step(engine, job_id) >= 10, STARTUP + 120, 0.3, "a checkpoint at step 10"
+    )
+    procs[0].send_signal(signal.SIGKILL)
+    procs[0].wait(timeout=30)
+    killed_at = max(steps(engine, job_id))
+    saved = checkpoint_step(engine, job_id)
+    assert 10 <= saved <= killed_at < total
+
+    procs.append(start_worker(fast_lease, log=tmp_path / "worker-b.log"))
+    wait_for(
+        lambda: job(engine, job_id).status in ("succeeded", "failed"),
+        STARTUP + 300,
+        1.0,
+        "the resumed job",
+    )
+    done = job(engine, job_id)
+    assert done.status == "succeeded", (done.error, (tmp_path / "worker-b.log").read_text()[-3000:])
+    assert done.attempts == 2
+    assert done.metrics is not None
+    assert done.metrics["global_step"] == done.metrics["total_steps"] == total
+    assert done.metrics["resumed_from_steps"] == [saved]
+    log = events(engine, job_id)
+    resumed = next(
+        i for i, e in enumerate(log) if e.message.startswith("resumed from the checkpoint")
+    )
+    assert log[resumed].data["step"] == saved
+    after = [int(e.data["step"]) for e in log[resumed:] if e.message.startswith("step ")]
+    assert after == list(range(saved + 1, total + 1))  # no restart from zero, no gaps
+    assert done.metrics["base_weights"]["unchanged"] is True
+    assert done.comparison is not None and done.comparison["verdict"] in ("pass", "fail")
+
+
+def test_sigterm_checkpoints_the_last_step_and_releases_the_job(
+    client, settings, engine, tiny_model_dir, procs, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    job_id = submit(client, tiny_model_dir, max_steps=30, checkpoint_every_steps=1000)
+    procs.append(start_worker(settings, log=tmp_path / "worker-a.log"))
+    wait_for(lambda: len(steps(engine, job_id)) >= 4, STARTUP, 0.3, "training steps")
+    procs[0].send_signal(signal.SIGTERM)
+    assert procs[0].wait(timeout=120) == 0
+    stopped = job(engine, job_id)
+    assert stopped.status == "queued" and stopped.attempts == 0  # released, not failed
+    saved = checkpoint_step(engine, job_id)
+    assert saved == max(steps(engine, job_id))  # the last finished step, not a periodic one
+    assert stopped.checkpoint_path and Path(stopped.checkpoint_path).is_dir()
+
+    procs.append(start_worker(settings, log=tmp_path / "worker-b.log"))
+    wait_for(
+        lambda: job(engine, job_id).status in ("succeeded", "failed"), STARTUP + 120, 1.0, "the job"
+    )
+    done = job(engine, job_id)
+    assert done.status == "succeeded", done.error
+    assert done.metrics is not None and done.metrics["resumed_from_steps"] == [saved]
+    assert done.metrics["global_step"] == 30

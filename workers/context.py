@@ -1,0 +1,67 @@
+"""What a running job sees of its worker: the database, its lease, stop and cancel signals."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Engine, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.config import Settings
+from app.db import immediate_session
+from app.queue import JOB_MODELS, ClaimedJob, LeaseLost, renew
+
+
+class Interrupted(Exception):
+    """The worker is shutting down: release the job so another worker continues it."""
+
+
+class UserError(Exception):
+    """The job cannot succeed as submitted (retrying will not help)."""
+
+
+@dataclass
+class JobContext:
+    engine: Engine
+    sessionmaker: sessionmaker[Session]
+    settings: Settings
+    job: ClaimedJob
+    stop: threading.Event = field(default_factory=threading.Event)
+    lease_lost: threading.Event = field(default_factory=threading.Event)
+
+    def check_stop(self) -> None:
+        """Raise ``Interrupted`` when the worker was asked to stop (called between batches)."""
+        if self.lease_lost.is_set():
+            raise LeaseLost(
+                f"{self.job.kind} {self.job.id} is no longer held by {self.job.worker_id}"
+            )
+        if self.stop.is_set():
+            raise Interrupted("worker is shutting down")
+
+    def user_error(self, message: str) -> UserError:
+        return UserError(message)
+
+    def set_stage(self, stage: str, *, done: int | None = None, total: int | None = None) -> None:
+        """Record the current stage in the job's progress (and renew the lease)."""
+        model = JOB_MODELS[self.job.kind]
+        with immediate_session(self.engine) as session, session.begin():
+            row = session.get(model, self.job.id)
+            progress = dict(row.progress) if row is not None else {}
+            progress["stage"] = stage
+            if done is not None:
+                progress["done"] = done
+            if total is not None:
+                progress["total"] = total
+            renew(session, self.job, self.settings.lease_seconds, progress=progress)
+
+    def update_job(self, evaluation_id: str, **values: Any) -> None:
+        """Set fields on an evaluation this job runs, under the job's lease."""
+        from app.models import Evaluation
+
+        with immediate_session(self.engine) as session, session.begin():
+            renew(session, self.job, self.settings.lease_seconds)
+            session.execute(
+                update(Evaluation).where(Evaluation.id == evaluation_id).values(**values)
+            )

@@ -1,0 +1,269 @@
+"""The worker process: claim a job, keep its lease alive, run it, record the outcome.
+
+One process per GPU (or one on CPU). SIGTERM/SIGINT: stop claiming, let the current batch
+finish, give the job back to the queue, exit 0. That is bounded: if the batch has not returned
+within ``shutdown_grace_seconds`` (or a second signal comes), the job is released from the
+signal thread and the process exits 0 anyway.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy.exc import DBAPIError
+
+from app.config import Settings
+from app.db import make_engine, session_factory
+from app.errors import Problem
+from app.queue import (
+    ClaimedJob,
+    LeaseLost,
+    claim,
+    default_worker_id,
+    deregister_worker,
+    fail,
+    heartbeat,
+    register_worker,
+    release,
+    worker_heartbeat,
+)
+from app.suites import registry
+from workers import engine as compute
+from workers.context import Interrupted, JobContext, UserError
+from workers.evaluate import run_evaluation
+from workers.models import ModelCache
+
+log = logging.getLogger("forgetguard.worker")
+
+# A forced exit waits at most this long for the database to take the job back.
+FORCE_EXIT_DATABASE_SECONDS = 10.0
+# Longest pause between claim attempts while the database is unreachable.
+MAX_DATABASE_RETRY_SECONDS = 30.0
+
+JobRunner = Callable[[JobContext, ModelCache], Any]
+
+
+def _job_runners() -> dict[str, JobRunner]:
+    runners: dict[str, JobRunner] = {"evaluation": run_evaluation}
+    try:
+        from workers.finetune import run_finetune
+    except ImportError:  # fine-tuning support not installed in this build
+        return runners
+    runners["finetune"] = run_finetune
+    return runners
+
+
+class Worker:
+    """Claims and runs jobs until told to stop."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        device: str = "auto",
+        kinds: tuple[str, ...] = ("evaluation", "finetune"),
+        worker_id: str | None = None,
+        once: bool = False,
+    ) -> None:
+        self.settings = settings
+        self.engine = make_engine(settings.database_url)
+        self.sessionmaker = session_factory(self.engine)
+        self.device = compute.select_device(device)
+        self.runners = _job_runners()
+        self.kinds = tuple(k for k in kinds if k in self.runners)
+        self.worker_id = worker_id or default_worker_id()
+        self.once = once
+        self.stop = threading.Event()
+        self.models = ModelCache(settings, self.device)
+        self.current: ClaimedJob | None = None
+        self._signals = 0
+        self._wakeup: tuple[socket.socket, socket.socket] | None = None
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM/SIGINT begin a graceful stop with a hard deadline; a second signal forces it.
+
+        Signals are acted on by a thread of their own, woken through ``signal.set_wakeup_fd``,
+        not by a Python handler: Python runs handlers only in the main thread between bytecodes,
+        and the main thread may sit in one long native call (a model load, a CUDA kernel) for
+        longer than the grace period, or never notice a signal that another thread received.
+        Must be called from the main thread.
+        """
+        receiver, sender = socket.socketpair()
+        sender.setblocking(False)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            # The C-level handler writes the signal number to the wakeup fd from any thread;
+            # the Python-level one has nothing left to do.
+            signal.signal(signum, lambda _signum, _frame: None)
+        signal.set_wakeup_fd(sender.fileno(), warn_on_full_buffer=False)
+        self._wakeup = (receiver, sender)  # kept open for the life of the process
+        threading.Thread(
+            target=self._take_signals, args=(receiver,), name="signals", daemon=True
+        ).start()
+
+    def _take_signals(self, receiver: socket.socket) -> None:
+        while data := receiver.recv(64):
+            for signum in data:
+                if signum in (signal.SIGTERM, signal.SIGINT):
+                    self.on_signal(signum)
+
+    def on_signal(self, signum: int) -> None:
+        """First signal: stop claiming, release at the next batch boundary, arm the deadline."""
+        self._signals += 1
+        if self._signals > 1:
+            self.force_exit(f"signal {signum} received again")
+            return
+        grace = self.settings.shutdown_grace_seconds
+        log.info(
+            "worker %s: signal %d, finishing the current batch and releasing (at most %g s)",
+            self.worker_id,
+            signum,
+            grace,
+        )
+        self.stop.set()
+        deadline = threading.Timer(
+            grace, self.force_exit, args=(f"still busy {grace:g} s after the stop signal",)
+        )
+        deadline.daemon = True
+        deadline.start()
+
+    def force_exit(self, reason: str) -> None:
+        """Give the current job back and deregister (bounded in time), then exit 0 at once.
+
+        The release is guarded like every queue write: if the main thread released or finished
+        the job meanwhile, or another worker holds it, this changes nothing.
+        """
+        job = self.current
+        log.warning(
+            "worker %s: %s; releasing %s and exiting",
+            self.worker_id,
+            reason,
+            f"{job.kind} {job.id}" if job else "nothing",
+        )
+
+        def give_back() -> None:
+            try:
+                if job is not None:
+                    release(self.engine, job)
+                deregister_worker(self.engine, self.worker_id)
+            except Exception:  # the lease will expire and another worker will rescue the job
+                log.exception("worker %s: could not release on forced exit", self.worker_id)
+
+        helper = threading.Thread(target=give_back, name="force-release", daemon=True)
+        helper.start()
+        helper.join(FORCE_EXIT_DATABASE_SECONDS)
+        logging.shutdown()
+        os._exit(0)
+
+    def run(self) -> int:
+        """The claim loop; returns the process exit code."""
+        threads = compute.configure_threads()
+        log.info(
+            "worker %s on %s (%d threads), kinds %s",
+            self.worker_id,
+            self.device,
+            threads,
+            ",".join(self.kinds),
+        )
+        with self.sessionmaker() as session:
+            registry.sync_builtins(session)
+            session.commit()
+        register_worker(
+            self.engine, worker_id=self.worker_id, device=str(self.device), kinds=self.kinds
+        )
+        last_beat = 0.0
+        retry = self.settings.poll_seconds
+        try:
+            while not self.stop.is_set():
+                try:
+                    job = claim(
+                        self.engine,
+                        worker_id=self.worker_id,
+                        kinds=self.kinds,
+                        lease_seconds=self.settings.lease_seconds,
+                    )
+                    beat_due = time.monotonic() - last_beat > self.settings.heartbeat_seconds
+                    if job is None and beat_due:
+                        worker_heartbeat(self.engine, self.worker_id)
+                        last_beat = time.monotonic()
+                except DBAPIError as exc:  # database restarting, failover, a deadlock victim
+                    log.warning(
+                        "worker %s: database error while idle (%s); retrying in %.1f s",
+                        self.worker_id,
+                        type(exc.orig or exc).__name__,
+                        retry,
+                    )
+                    self.stop.wait(retry)
+                    retry = min(MAX_DATABASE_RETRY_SECONDS, retry * 2)
+                    continue
+                retry = self.settings.poll_seconds
+                if job is None:
+                    if self.once:
+                        break
+                    self.stop.wait(self.settings.poll_seconds)
+                    continue
+                self.run_job(job)
+        finally:
+            deregister_worker(self.engine, self.worker_id)
+            self.engine.dispose()
+        return 0
+
+    def run_job(self, job: ClaimedJob) -> None:
+        """Run one claimed job with a heartbeat thread; map every outcome to a queue transition."""
+        ctx = JobContext(self.engine, self.sessionmaker, self.settings, job, stop=self.stop)
+        self.current = job
+        beating = threading.Event()
+        beat = threading.Thread(target=self._heartbeat, args=(ctx, beating), daemon=True)
+        beat.start()
+        log.info("%s %s: attempt %d", job.kind, job.id, job.attempt)
+        try:
+            self.runners[job.kind](ctx, self.models)
+            log.info("%s %s: succeeded", job.kind, job.id)
+        except Interrupted:
+            released = release(self.engine, job)
+            log.info(
+                "%s %s: released to the queue (%s)",
+                job.kind,
+                job.id,
+                "ok" if released else "already gone",
+            )
+        except LeaseLost as exc:
+            log.warning("%s %s: stopped: %s", job.kind, job.id, exc)
+        except (UserError, Problem) as exc:
+            detail = exc.detail if isinstance(exc, Problem) else str(exc)
+            status = fail(self.engine, job, detail, retryable=False)
+            log.warning("%s %s: %s: %s", job.kind, job.id, status, detail)
+        except Exception as exc:  # the job failed; the worker lives on
+            log.exception("%s %s: error", job.kind, job.id)
+            message = f"{type(exc).__name__}: {exc}"
+            status = fail(self.engine, job, message[:2000], retryable=True)
+            log.warning("%s %s: now %s", job.kind, job.id, status)
+        finally:
+            self.current = None
+            beating.set()
+            beat.join(timeout=5)
+
+    def _heartbeat(self, ctx: JobContext, done: threading.Event) -> None:
+        while not done.wait(self.settings.heartbeat_seconds):
+            try:
+                heartbeat(self.engine, ctx.job, self.settings.lease_seconds)
+            except LeaseLost:
+                ctx.lease_lost.set()
+                return
+            except Exception:  # a database hiccup: the next beat retries
+                log.exception("heartbeat failed")
+
+
+def main(
+    settings: Settings, *, device: str, kinds: tuple[str, ...], worker_id: str | None, once: bool
+) -> int:
+    """Entry point of ``forgetguard worker``."""
+    worker = Worker(settings, device=device, kinds=kinds, worker_id=worker_id, once=once)
+    worker.install_signal_handlers()
+    return worker.run()

@@ -1,0 +1,121 @@
+"""Loading models the safe way, and keeping the last one loaded across jobs (SPEC §7).
+
+Only safetensors, never ``trust_remote_code``, never the hub; a directory is checked again
+here, right before loading, because the file system may have changed since submission.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+from app.config import Settings  # noqa: E402
+from app.fingerprint import fingerprint  # noqa: E402
+from app.modelcheck import check_adapter_dir, check_model_dir  # noqa: E402
+from app.paths import resolve_under  # noqa: E402
+from workers.engine import select_dtype  # noqa: E402
+
+log = logging.getLogger("forgetguard.worker")
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    fingerprint: str
+    model_dir: Path
+    adapter_dir: Path | None
+    device: torch.device
+
+
+def resolve_model(
+    settings: Settings, model_path: str, adapter_path: str | None
+) -> tuple[Path, Path | None]:
+    """Re-check roots and loadability; returns resolved directories (raises ``Problem``)."""
+    model_dir = resolve_under(
+        model_path, settings.resolved_model_roots, what="model", env_var="FORGETGUARD_MODEL_ROOTS"
+    )
+    check_model_dir(model_dir, model_path)
+    adapter_dir = None
+    if adapter_path:
+        adapter_dir = resolve_under(
+            adapter_path,
+            settings.resolved_model_roots,
+            what="adapter",
+            env_var="FORGETGUARD_MODEL_ROOTS",
+        )
+        check_adapter_dir(adapter_dir, adapter_path)
+    return model_dir, adapter_dir
+
+
+def load_tokenizer(model_dir: Path) -> Any:
+    """The model's tokenizer, local files only, with a pad token for batching."""
+    tokenizer = AutoTokenizer.from_pretrained(
+        model_dir, trust_remote_code=False, local_files_only=True
+    )
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(model_dir: Path, device: torch.device, *, dtype: torch.dtype | None = None) -> Any:
+    """A causal LM from safetensors only, on ``device``, in eval mode."""
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir,
+        dtype=dtype or select_dtype(device),
+        use_safetensors=True,
+        trust_remote_code=False,
+        local_files_only=True,
+    )
+    return model.to(device).eval()
+
+
+def attach_adapter(model: Any, adapter_dir: Path) -> Any:
+    """Apply a peft adapter; its config is read as data (its base model name is ignored)."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, adapter_dir, is_trainable=False).eval()
+
+
+class ModelCache:
+    """Keeps the most recently used model, so consecutive jobs on one model load it once."""
+
+    def __init__(self, settings: Settings, device: torch.device) -> None:
+        self.settings = settings
+        self.device = device
+        self._current: LoadedModel | None = None
+
+    def get(self, model_path: str, adapter_path: str | None) -> LoadedModel:
+        """Load (or reuse) the model named by a job, after checking it again."""
+        model_dir, adapter_dir = resolve_model(self.settings, model_path, adapter_path)
+        fp = fingerprint(model_dir, adapter_dir, cache_dir=self.settings.cache_dir)
+        if self._current is not None and self._current.fingerprint == fp:
+            return self._current
+        self.clear()
+        log.info(
+            "loading %s%s on %s",
+            model_path,
+            f" + {adapter_path}" if adapter_path else "",
+            self.device,
+        )
+        tokenizer = load_tokenizer(model_dir)
+        model = load_model(model_dir, self.device)
+        if adapter_dir is not None:
+            model = attach_adapter(model, adapter_dir)
+        self._current = LoadedModel(model, tokenizer, fp, model_dir, adapter_dir, self.device)
+        return self._current
+
+    def clear(self) -> None:
+        """Drop the cached model (before training, or when switching models)."""
+        self._current = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
