@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import astuple
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request, Response
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
+from starlette.concurrency import run_in_threadpool
 
-from app.api.deps import SessionDep
-from app.api.evaluations import get_or_404
+from app.api.evaluations import FinishedCache, get_or_404
 from app.compare import CompareOptions, Row, build, comparability_problems
 from app.errors import Problem
 from app.models import Evaluation, EvaluationItem
@@ -133,9 +135,25 @@ def comparison(
     return build(_run(before), _run(after), before_rows, after_rows, options)
 
 
-@router.get("/compare")
-def compare(
-    session: SessionDep,
+def _compare_json(
+    sessions: sessionmaker[Session],
+    cache: FinishedCache,
+    key: str,
+    before: str,
+    after: str,
+    options: CompareOptions,
+) -> bytes:
+    with sessions() as session:
+        body = comparison(session, before, after, options)
+    # Only succeeded evaluations get this far, and those never change: keep the answer.
+    data = json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+    cache.put(key, data)
+    return data
+
+
+@router.get("/compare", response_model=dict[str, Any])
+async def compare(
+    request: Request,
     before: Annotated[str, Query(min_length=1, max_length=40)],
     after: Annotated[str, Query(min_length=1, max_length=40)],
     threshold: Annotated[float, Query(ge=0.0, le=1.0)] = 0.10,
@@ -143,7 +161,7 @@ def compare(
     max_nll_increase: Annotated[float | None, Query(ge=0.0, le=100.0)] = None,
     mode: Literal["threshold", "noninferiority"] = "threshold",
     alpha: Annotated[float, Query(gt=0.0, lt=0.5)] = 0.05,
-) -> dict[str, Any]:
+) -> Response:
     """The lesson's ``compare_forgetting`` keys, then checklist, flips, statistics, drift, verdict.
 
     ``mode=noninferiority`` fails unless the upper bound of the (1 - ``alpha``) CI of the drop
@@ -156,4 +174,11 @@ def compare(
         mode=mode,
         alpha=alpha,
     )
-    return comparison(session, before, after, options)
+    cache: FinishedCache = request.app.state.comparisons
+    key = json.dumps([before, after, *astuple(options)])
+    data = cache.get(key)
+    if data is None:
+        data = await run_in_threadpool(
+            _compare_json, request.app.state.sessionmaker, cache, key, before, after, options
+        )
+    return Response(data, media_type="application/json")

@@ -38,10 +38,15 @@ router = APIRouter(prefix="/evaluations", tags=["evaluations"])
 
 
 class FinishedCache:
-    """A small LRU of serialized finished evaluations (they are immutable)."""
+    """A small LRU of serialized bodies about finished evaluations (those never change).
 
-    def __init__(self, size: int = 2048) -> None:
+    Bounded by entry count and by total bytes: comparison bodies can weigh megabytes.
+    """
+
+    def __init__(self, size: int = 2048, max_bytes: int = 64 << 20) -> None:
         self.size = size
+        self.max_bytes = max_bytes
+        self._bytes = 0
         self._items: OrderedDict[str, bytes] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -53,11 +58,15 @@ class FinishedCache:
             return value
 
     def put(self, key: str, value: bytes) -> None:
+        if len(value) > self.max_bytes // 4:
+            return  # one huge body must not flush everything else
         with self._lock:
+            if (old := self._items.pop(key, None)) is not None:
+                self._bytes -= len(old)
             self._items[key] = value
-            self._items.move_to_end(key)
-            while len(self._items) > self.size:
-                self._items.popitem(last=False)
+            self._bytes += len(value)
+            while len(self._items) > self.size or self._bytes > self.max_bytes:
+                self._bytes -= len(self._items.popitem(last=False)[1])
 
 
 def public(row: Evaluation) -> EvaluationPublic:

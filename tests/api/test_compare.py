@@ -157,3 +157,29 @@ def test_unfinished_runs_are_409_and_unknown_ones_404(client: Any, tiny_model_di
     assert response.status_code == 409
     assert response.json()["detail"].startswith(f"evaluation {queued} is queued")
     assert client.get("/compare", params={"before": done, "after": "ev_nope"}).status_code == 404
+
+
+def test_answers_are_kept_only_once_both_runs_are_final(client: Any, tiny_model_dir: Path) -> None:
+    before, after = submit(client, tiny_model_dir), submit(client, tiny_model_dir)
+    finish(client, before, ALL)
+    params = {"before": before, "after": after}
+    assert client.get("/compare", params=params).status_code == 409  # not cached as a refusal
+    finish(client, after, ALL - {"q00"})
+    first = client.get("/compare", params=params)
+    assert first.status_code == 200 and first.json()["statistics"]["forgotten"] == 1
+    # A stored answer is served again byte for byte, without touching the database.
+    client.app.state.sessionmaker = None
+    again = client.get("/compare", params=params)
+    assert again.status_code == 200 and again.content == first.content
+    assert again.headers["content-type"] == "application/json"
+
+
+def test_the_body_cache_stays_within_its_byte_budget() -> None:
+    from app.api.evaluations import FinishedCache
+
+    cache = FinishedCache(size=100, max_bytes=4000)
+    for i in range(10):
+        cache.put(f"k{i}", bytes(900))
+    assert [cache.get(f"k{i}") is not None for i in range(10)] == [False] * 6 + [True] * 4
+    cache.put("huge", bytes(1001))  # over a quarter of the budget: not kept, nothing evicted
+    assert cache.get("huge") is None and cache.get("k9") is not None
