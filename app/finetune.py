@@ -241,10 +241,44 @@ def validate_records(records: Sequence[Any], *, where: str) -> dict[str, int]:
     return counts
 
 
-def read_jsonl(path: Path, *, shown: str, what: str = "dataset") -> list[dict[str, Any]]:
-    """Parse a JSONL file of records (blank lines skipped), naming the line of any bad record."""
+def read_jsonl(
+    path: Path, *, shown: str, max_bytes: int, what: str = "dataset"
+) -> list[dict[str, Any]]:
+    """Parse a JSONL file of records (blank lines skipped), naming the line of any bad record.
+
+    Every failure is a 422 Problem that names the file as the client gave it (``shown``), never
+    the resolved path: the API checks a file at submission and the worker again before training.
+    """
+    try:
+        return _read_jsonl(path, shown=shown, max_bytes=max_bytes, what=what)
+    except UnicodeDecodeError:
+        raise Problem(
+            422, "Invalid training record", f"{what} {shown!r} is not UTF-8 text; JSONL is expected"
+        ) from None
+    except RecursionError:
+        raise Problem(
+            422, "Invalid training record", f"{what} {shown!r} holds JSON nested too deeply"
+        ) from None
+    except OSError as exc:
+        # strerror only: str(exc) would name the resolved path.
+        raise Problem(
+            422,
+            "Unreadable dataset",
+            f"{what} {shown!r} cannot be read: {exc.strerror or 'I/O error'}",
+        ) from None
+
+
+def _read_jsonl(path: Path, *, shown: str, max_bytes: int, what: str) -> list[dict[str, Any]]:
     if not path.is_file():
         raise Problem(422, f"{what.capitalize()} not found", f"{what} path {shown!r} is not a file")
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise Problem(
+            422,
+            "Dataset too large",
+            f"{what} {shown!r} is {size} bytes; the limit is {max_bytes} "
+            "(FORGETGUARD_MAX_DATASET_BYTES)",
+        )
     records: list[dict[str, Any]] = []
     with path.open(encoding="utf-8") as fh:
         for number, line in enumerate(fh, start=1):

@@ -71,17 +71,30 @@ def default_worker_id() -> str:
 
 
 def _expire_leases(session: Session, model: type[JobMixin], now: Any) -> None:
-    """Jobs whose worker stopped heartbeating go back to the queue, or fail when out of tries."""
+    """Jobs whose worker stopped heartbeating go back to the queue, or fail when out of tries.
+
+    A fine-tune job that fails this way takes its before/after evaluations with it: they are
+    run inside the job (never claimable on their own) and would otherwise stay "running".
+    """
     expired = and_(model.status == "running", model.lease_expires_at < now)
+    last_try = and_(expired, model.attempts >= model.max_attempts)
+    error = "lease expired: the worker stopped heartbeating on its last allowed attempt"
+    if model is FinetuneJob:
+        dying = list(session.execute(select(model.id).where(last_try)).scalars())
+        if dying:
+            session.execute(
+                update(Evaluation)
+                .where(
+                    Evaluation.finetune_job_id.in_(dying),
+                    Evaluation.status.in_(("queued", "running")),
+                )
+                .values(status="failed", finished_at=now, error=f"fine-tune job failed: {error}")
+                .execution_options(synchronize_session=False)
+            )
     session.execute(
         update(model)
-        .where(expired, model.attempts >= model.max_attempts)
-        .values(
-            status="failed",
-            finished_at=now,
-            lease_expires_at=None,
-            error="lease expired: the worker stopped heartbeating on its last allowed attempt",
-        )
+        .where(last_try)
+        .values(status="failed", finished_at=now, lease_expires_at=None, error=error)
         .execution_options(synchronize_session=False)
     )
     session.execute(
@@ -283,6 +296,19 @@ def release(engine: Engine, job: ClaimedJob) -> bool:
         )
 
 
+def abandon(engine: Engine, job: ClaimedJob) -> None:
+    """The worker stops ``job`` after losing it (cancelled, or its lease taken over).
+
+    A cancelled job's claim ends now, as the worker stops; a lease that another worker took
+    over ended when it expired, so that claim is left as it is. Either way the worker is idle.
+    """
+    model = JOB_MODELS[job.kind]
+    with immediate_session(engine) as session, session.begin():
+        row = cast("Evaluation | FinetuneJob | None", session.get(model, job.id))
+        held = row is not None and row.status == "cancelled" and row.worker_id == job.worker_id
+        _close_claim(session, job, held=held)
+
+
 def cancel(session: Session, model: type[JobMixin], job_id: str) -> str | None:
     """Cancel a queued or running job; returns the resulting status (None if not found)."""
     now = db_now(session)
@@ -298,8 +324,10 @@ def cancel(session: Session, model: type[JobMixin], job_id: str) -> str | None:
 def register_worker(engine: Engine, *, worker_id: str, device: str, kinds: tuple[str, ...]) -> None:
     """Announce a live worker (shown by ``GET /workers``)."""
     with immediate_session(engine) as session, session.begin():
-        session.execute(delete(Worker).where(Worker.id == worker_id))
         now = db_now(session)
+        # Rows of workers killed without deregistering (SIGKILL, lost hosts) go after a day.
+        stale = Worker.heartbeat_at < now - timedelta(days=1)
+        session.execute(delete(Worker).where(or_(Worker.id == worker_id, stale)))
         session.add(
             Worker(
                 id=worker_id,

@@ -11,8 +11,19 @@ from sqlalchemy import select, update
 
 from app.config import Settings
 from app.db import immediate_session, make_engine, session_factory
-from app.models import Claim, Evaluation, new_id, utcnow
-from app.queue import LeaseLost, cancel, claim, fail, heartbeat, release, renew, succeed
+from app.models import Claim, Evaluation, FinetuneJob, Worker, new_id, utcnow
+from app.queue import (
+    LeaseLost,
+    abandon,
+    cancel,
+    claim,
+    fail,
+    heartbeat,
+    register_worker,
+    release,
+    renew,
+    succeed,
+)
 
 
 def _queue(engine, n: int = 1) -> list[str]:  # type: ignore[no-untyped-def]
@@ -152,3 +163,60 @@ def test_heartbeat_extends_the_lease(engine) -> None:  # type: ignore[no-untyped
     heartbeat(engine, job, 60)
     with session_factory(engine)() as s:
         assert s.get(Evaluation, job_id).lease_expires_at > before + timedelta(seconds=30)
+
+
+def test_a_fine_tune_dying_on_its_last_attempt_fails_its_evaluations(engine) -> None:  # type: ignore[no-untyped-def]
+    with session_factory(engine)() as s:
+        job = FinetuneJob(id=new_id("ft"), base_model_path="m", request={}, max_attempts=1)
+        s.add(job)
+        s.commit()
+    dead = claim(engine, worker_id="dead", kinds=("finetune",), lease_seconds=60)
+    assert dead is not None and dead.id == job.id
+    with session_factory(engine)() as s:  # the job runs its before-evaluation, then dies
+        child = Evaluation(
+            id=new_id("ev"),
+            model_path="m",
+            generation={},
+            suites=[],
+            status="running",
+            finetune_job_id=job.id,
+        )
+        s.add(child)
+        s.execute(update(FinetuneJob).values(lease_expires_at=utcnow() - timedelta(seconds=1)))
+        s.commit()
+    assert claim(engine, worker_id="other", kinds=("finetune",), lease_seconds=60) is None
+    with session_factory(engine)() as s:
+        assert s.get(FinetuneJob, job.id).status == "failed"
+        row = s.get(Evaluation, child.id)
+        assert row.status == "failed" and "fine-tune job failed" in row.error
+        assert row.finished_at is not None
+
+
+def test_a_worker_that_lost_its_job_is_idle_and_its_claim_closed(engine) -> None:  # type: ignore[no-untyped-def]
+    (job_id,) = _queue(engine)
+    register_worker(engine, worker_id="w", device="cpu", kinds=("evaluation",))
+    job = claim(engine, worker_id="w", kinds=("evaluation",), lease_seconds=60)
+    with session_factory(engine)() as s:
+        assert s.get(Worker, "w").status == "busy"
+        assert cancel(s, Evaluation, job_id) == "cancelled"
+        s.commit()
+    abandon(engine, job)
+    with session_factory(engine)() as s:
+        worker = s.get(Worker, "w")
+        assert worker.status == "idle" and worker.current_job_id is None
+        (record,) = s.execute(select(Claim)).scalars()
+        assert record.released_at is not None  # it held the job until it stopped
+
+
+def test_a_taken_over_claim_is_not_closed_by_the_late_worker(engine) -> None:  # type: ignore[no-untyped-def]
+    _queue(engine)
+    slow = claim(engine, worker_id="slow", kinds=("evaluation",), lease_seconds=60)
+    with session_factory(engine)() as s:
+        s.execute(update(Evaluation).values(lease_expires_at=utcnow() - timedelta(seconds=1)))
+        s.commit()
+    assert claim(engine, worker_id="fast", kinds=("evaluation",), lease_seconds=60) is not None
+    abandon(engine, slow)
+    with session_factory(engine)() as s:
+        claims = {c.worker_id: c for c in s.execute(select(Claim)).scalars()}
+        assert claims["slow"].released_at is None  # its claim ended when its lease ran out
+        assert claims["fast"].released_at is None  # still held

@@ -188,7 +188,7 @@ def load_path_records(
     path = resolve_under(
         raw, settings.resolved_data_roots, what=what, env_var="FORGETGUARD_DATA_ROOTS"
     )
-    return read_jsonl(path, shown=raw, what=what)
+    return read_jsonl(path, shown=raw, what=what, max_bytes=settings.max_dataset_bytes)
 
 
 def records_sha256(records: Sequence[dict[str, Any]]) -> str:

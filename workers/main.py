@@ -25,6 +25,7 @@ from app.errors import Problem
 from app.queue import (
     ClaimedJob,
     LeaseLost,
+    abandon,
     claim,
     default_worker_id,
     deregister_worker,
@@ -235,6 +236,10 @@ class Worker:
             )
         except LeaseLost as exc:
             log.warning("%s %s: stopped: %s", job.kind, job.id, exc)
+            try:
+                abandon(self.engine, job)
+            except Exception:  # the next claim marks the worker busy or idle again anyway
+                log.exception("%s %s: could not record the stop", job.kind, job.id)
         except (UserError, Problem) as exc:
             detail = exc.detail if isinstance(exc, Problem) else str(exc)
             status = fail(self.engine, job, detail, retryable=False)

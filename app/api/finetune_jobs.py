@@ -80,32 +80,7 @@ def _check_data_path(settings: Settings, raw: str, what: str) -> int:
     path = resolve_under(
         raw, settings.resolved_data_roots, what=what, env_var="FORGETGUARD_DATA_ROOTS"
     )
-    try:
-        size = path.stat().st_size if path.is_file() else 0
-        if size > settings.max_dataset_bytes:
-            limit = settings.max_dataset_bytes
-            raise Problem(
-                422,
-                "Dataset too large",
-                f"{what} {raw!r} is {size} bytes; the limit is {limit} "
-                "(FORGETGUARD_MAX_DATASET_BYTES)",
-            )
-        return len(read_jsonl(path, shown=raw, what=what))
-    except UnicodeDecodeError:
-        raise Problem(
-            422, "Invalid training record", f"{what} {raw!r} is not UTF-8 text; JSONL is expected"
-        ) from None
-    except RecursionError:
-        raise Problem(
-            422, "Invalid training record", f"{what} {raw!r} holds JSON nested too deeply"
-        ) from None
-    except OSError as exc:
-        # strerror only: str(exc) would name the resolved path.
-        raise Problem(
-            422,
-            "Unreadable dataset",
-            f"{what} {raw!r} cannot be read: {exc.strerror or 'I/O error'}",
-        ) from None
+    return len(read_jsonl(path, shown=raw, what=what, max_bytes=settings.max_dataset_bytes))
 
 
 def _pin_general_source(

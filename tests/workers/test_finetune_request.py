@@ -243,11 +243,33 @@ def test_a_bad_jsonl_line_is_named_by_its_line_number(tmp_path: Path) -> None:
     path = tmp_path / "data.jsonl"
     path.write_text(json.dumps({"text": "ok"}) + "\n\n" + json.dumps({"prompt": "only"}) + "\n")
     with pytest.raises(Problem) as info:
-        read_jsonl(path, shown="data.jsonl")
+        read_jsonl(path, shown="data.jsonl", max_bytes=1 << 20)
     assert info.value.status == 422 and "line 3" in info.value.detail
     path.write_text('{"text": "ok"}\n{not json\n')
     with pytest.raises(Problem, match="line 2"):
-        read_jsonl(path, shown="data.jsonl")
+        read_jsonl(path, shown="data.jsonl", max_bytes=1 << 20)
     path.write_text("\n")
     with pytest.raises(Problem, match="no records"):
-        read_jsonl(path, shown="data.jsonl")
+        read_jsonl(path, shown="data.jsonl", max_bytes=1 << 20)
+
+
+def test_the_worker_rereads_a_dataset_with_the_same_limits(tmp_path: Path) -> None:
+    """The file may change between submission and training: size and encoding are re-checked."""
+    from app.config import Settings
+    from workers.datasets import load_path_records
+
+    settings = Settings(data_roots=[tmp_path], max_dataset_bytes=100)
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps({"text": "ok"}) + "\n")
+    assert load_path_records(settings, str(path)) == [{"text": "ok"}]
+    path.write_text(json.dumps({"text": "x" * 200}) + "\n")
+    with pytest.raises(Problem, match="the limit is 100") as info:
+        load_path_records(settings, str(path))
+    assert info.value.status == 422
+    path.write_bytes(b'{"text": "caf\xe9"}\n')  # Latin-1, not UTF-8
+    with pytest.raises(Problem, match="not UTF-8"):
+        load_path_records(settings, str(path))
+    path.write_text("[" * 100_000 + "\n")
+    with pytest.raises(Problem) as info:
+        read_jsonl(path, shown="deep.jsonl", max_bytes=1 << 20)
+    assert info.value.status == 422 and str(tmp_path) not in info.value.detail
