@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from app.config import Settings
 from app.errors import Problem
+from app.paths import resolve_under
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 # Every JSON file transformers or peft may read to pick classes; any of them may carry auto_map.
@@ -131,3 +133,27 @@ def check_adapter_dir(directory: Path, shown: str) -> None:
         _require_safetensors(directory, shown, kind="adapter")
     except OSError as exc:
         raise _unreadable("adapter", shown, exc) from None
+
+
+def resolve_model(
+    settings: Settings, model_path: str, adapter_path: str | None
+) -> tuple[Path, Path | None]:
+    """Roots (403) and loadability (422) of a model and optional adapter; resolved directories.
+
+    The API calls it before anything queues; the worker again right before loading, because
+    the file system may have changed in between.
+    """
+    model_dir = resolve_under(
+        model_path, settings.resolved_model_roots, what="model", env_var="FORGETGUARD_MODEL_ROOTS"
+    )
+    check_model_dir(model_dir, model_path)
+    adapter_dir = None
+    if adapter_path is not None:
+        adapter_dir = resolve_under(
+            adapter_path,
+            settings.resolved_model_roots,
+            what="adapter",
+            env_var="FORGETGUARD_MODEL_ROOTS",
+        )
+        check_adapter_dir(adapter_dir, adapter_path)
+    return model_dir, adapter_dir

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import os
 import secrets
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from sqlalchemy import create_engine, text
 
@@ -166,6 +168,43 @@ def start_worker(
         stderr=subprocess.STDOUT,
         cwd=REPO,
     )
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now, on 127.0.0.1."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_serve(
+    settings: Settings, *extra: str, log: Path | None = None
+) -> tuple[subprocess.Popen[bytes], httpx.Client]:
+    """A real ``forgetguard serve`` on a free loopback port, answering /healthz; and a client.
+
+    ``extra``: more command-line options (``--workers 1 --device cpu``). The caller stops it.
+    """
+    port = free_port()
+    out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115
+    server = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "serve", "--port", str(port), *extra],
+        env=settings_env(settings),
+        cwd=REPO,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+    )
+    http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
+
+    def healthy() -> bool:
+        if server.poll() is not None:
+            pytest.fail(f"forgetguard serve exited with {server.returncode} before answering")
+        try:
+            return http.get("/healthz").status_code == 200
+        except httpx.TransportError:
+            return False
+
+    wait_for(healthy, 60, what="the server to answer /healthz")
+    return server, http
 
 
 def wait_for(predicate, timeout: float, interval: float = 0.2, what: str = "condition"):  # type: ignore[no-untyped-def]

@@ -6,9 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
@@ -18,7 +15,7 @@ from sqlalchemy import select
 from app.config import Settings
 from app.db import make_engine, session_factory
 from app.models import EvaluationItem
-from tests.conftest import REPO, settings_env, start_worker, wait_for
+from tests.conftest import start_serve, start_worker, wait_for
 
 UNSEEN = json.loads((Path(__file__).parent / "data" / "unseen_general_40.json").read_text())
 CHECKS = {
@@ -50,12 +47,6 @@ CHECKS = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _wait_finished(http: httpx.Client, evaluation_id: str, timeout: float) -> dict:  # type: ignore[type-arg]
     def finished() -> dict | None:  # type: ignore[type-arg]
         body = http.get(f"/evaluations/{evaluation_id}").json()
@@ -82,29 +73,10 @@ def _item_counts(settings: Settings, evaluation_id: str) -> tuple[int, int, int]
 def test_serve_evaluates_the_reference_model_over_http(
     settings: Settings, reference_model_dir: Path, tmp_path: Path
 ) -> None:
-    port = _free_port()
-    log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "app.cli",
-            "serve",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-            "--device",
-            "cpu",
-        ],
-        env=settings_env(settings),
-        cwd=REPO,
-        stdout=log,
-        stderr=subprocess.STDOUT,
+    server, http = start_serve(
+        settings, "--workers", "1", "--device", "cpu", log=tmp_path / "serve.log"
     )
     try:
-        http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
-        wait_for(lambda: _healthy(http), 60, what="the server to answer /healthz")
         request = {
             "model": {"path": str(reference_model_dir)},
             "suites": [UNSEEN, CHECKS],
@@ -160,15 +132,7 @@ def test_serve_evaluates_the_reference_model_over_http(
     finally:
         server.send_signal(signal.SIGTERM)
         code = server.wait(timeout=60)
-        log.close()
     assert code == 0, (tmp_path / "serve.log").read_text()[-3000:]
-
-
-def _healthy(http: httpx.Client) -> bool:
-    try:
-        return http.get("/healthz").status_code == 200
-    except httpx.TransportError:
-        return False
 
 
 @pytest.mark.one_db

@@ -4,7 +4,6 @@ Markdown reports, waiting, idempotent submission, and errors (unreachable, faile
 from __future__ import annotations
 
 import io
-import socket
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ from sqlalchemy import func, insert, select, update
 
 from app.gate import GateOptions, idempotency_key, run_gate
 from app.models import Evaluation, EvaluationItem, utcnow
-from tests.conftest import REPO
+from tests.conftest import REPO, free_port
 
 pytestmark = pytest.mark.one_db
 
@@ -308,12 +307,6 @@ def test_usage_errors_exit_2(client: Any, tmp_path: Path) -> None:
     assert code == 2 and "404" in err and "ev_a" in err
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def test_an_unreachable_server_exits_2_quickly(tmp_path: Path) -> None:
     started = time.monotonic()
     result = subprocess.run(
@@ -323,7 +316,7 @@ def test_an_unreachable_server_exits_2_quickly(tmp_path: Path) -> None:
             "app.cli",
             "gate",
             "--server",
-            f"http://127.0.0.1:{_free_port()}",
+            f"http://127.0.0.1:{free_port()}",
             "--before",
             "ev_a",
             "--after",

@@ -7,37 +7,15 @@ import subprocess
 import sys
 import time
 
-import httpx
 import pytest
 
-from tests.conftest import REPO, settings_env, wait_for
-from tests.test_e2e_reference import _free_port, _healthy
+from tests.conftest import REPO, settings_env, start_serve, wait_for
 
 
 @pytest.mark.one_db
 def test_sigterm_stops_api_and_workers_with_exit_0(settings, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    port = _free_port()
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "app.cli",
-            "serve",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-            "--device",
-            "cpu",
-        ],
-        env=settings_env(settings),
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    server, http = start_serve(settings, "--workers", "1", "--device", "cpu")
     try:
-        http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10)
-        wait_for(lambda: _healthy(http), 60, what="/healthz")
         workers = wait_for(
             lambda: http.get("/workers").json()["data"], 90, what="the local worker to register"
         )

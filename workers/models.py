@@ -20,8 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from app.config import Settings  # noqa: E402
 from app.fingerprint import fingerprint  # noqa: E402
-from app.modelcheck import check_adapter_dir, check_model_dir  # noqa: E402
-from app.paths import resolve_under  # noqa: E402
+from app.modelcheck import resolve_model  # noqa: E402
 from workers.engine import select_dtype  # noqa: E402
 
 log = logging.getLogger("forgetguard.worker")
@@ -35,26 +34,6 @@ class LoadedModel:
     model_dir: Path
     adapter_dir: Path | None
     device: torch.device
-
-
-def resolve_model(
-    settings: Settings, model_path: str, adapter_path: str | None
-) -> tuple[Path, Path | None]:
-    """Re-check roots and loadability; returns resolved directories (raises ``Problem``)."""
-    model_dir = resolve_under(
-        model_path, settings.resolved_model_roots, what="model", env_var="FORGETGUARD_MODEL_ROOTS"
-    )
-    check_model_dir(model_dir, model_path)
-    adapter_dir = None
-    if adapter_path:
-        adapter_dir = resolve_under(
-            adapter_path,
-            settings.resolved_model_roots,
-            what="adapter",
-            env_var="FORGETGUARD_MODEL_ROOTS",
-        )
-        check_adapter_dir(adapter_dir, adapter_path)
-    return model_dir, adapter_dir
 
 
 def load_tokenizer(model_dir: Path) -> Any:

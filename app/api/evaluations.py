@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
@@ -19,9 +18,8 @@ from app.config import Settings
 from app.errors import Problem
 from app.fingerprint import fingerprint
 from app.idempotency import REPLAY_HEADER, IdempotencyDep
-from app.modelcheck import check_adapter_dir, check_model_dir
+from app.modelcheck import resolve_model
 from app.models import FINISHED, Evaluation, EvaluationItem, new_id
-from app.paths import resolve_under
 from app.queue import cancel
 from app.schemas import (
     EvaluationCreate,
@@ -102,26 +100,6 @@ def get_or_404(session: Session, evaluation_id: str) -> Evaluation:
     return row
 
 
-def check_model_paths(
-    settings: Settings, model_path: str, adapter_path: str | None
-) -> tuple[Path, Path | None]:
-    """Roots (403) and loadability (422) of a model and optional adapter, before anything queues."""
-    model_dir = resolve_under(
-        model_path, settings.resolved_model_roots, what="model", env_var="FORGETGUARD_MODEL_ROOTS"
-    )
-    check_model_dir(model_dir, model_path)
-    adapter_dir = None
-    if adapter_path is not None:
-        adapter_dir = resolve_under(
-            adapter_path,
-            settings.resolved_model_roots,
-            what="adapter",
-            env_var="FORGETGUARD_MODEL_ROOTS",
-        )
-        check_adapter_dir(adapter_dir, adapter_path)
-    return model_dir, adapter_dir
-
-
 def resolve_suites(session: Session, suites: list[Any]) -> list[dict[str, Any]]:
     """Suite references and inline suites → the exact versions this run will use."""
     snapshot = []
@@ -166,7 +144,7 @@ def create_evaluation(
     fingerprint, suite contents, prompt format and generation settings answers at once: the
     row is created ``succeeded`` with ``cached_from`` set and its results copied.
     """
-    model_dir, adapter_dir = check_model_paths(settings, body.model.path, body.model.adapter_path)
+    model_dir, adapter_dir = resolve_model(settings, body.model.path, body.model.adapter_path)
     # Hash before touching the database: a first hash of large weights takes seconds, and
     # SQLite refuses a write from a transaction whose snapshot went stale meanwhile.
     try:

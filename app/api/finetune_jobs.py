@@ -9,7 +9,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from app.api.deps import SessionDep, SettingsDep
-from app.api.evaluations import check_model_paths, resolve_suites
+from app.api.evaluations import resolve_suites
 from app.api.pagination import newest_first, page
 from app.config import Settings
 from app.errors import Problem
@@ -25,6 +25,7 @@ from app.finetune import (
     summarize_source,
 )
 from app.idempotency import REPLAY_HEADER, IdempotencyDep
+from app.modelcheck import resolve_model
 from app.models import Evaluation, FinetuneEvent, FinetuneJob, new_id, utcnow
 from app.paths import resolve_under
 from app.queue import cancel
@@ -108,7 +109,7 @@ def create_finetune_job(
     session: Session, settings: Settings, body: FinetuneJobCreate
 ) -> FinetuneJob:
     """Validate all that can be checked without a model; queue the job (caller commits)."""
-    check_model_paths(settings, body.base_model.path, None)
+    resolve_model(settings, body.base_model.path, None)
     if body.dataset.path is not None:
         n_records = _check_data_path(settings, body.dataset.path, "dataset")
     else:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -17,6 +16,8 @@ from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
+
+from tests.conftest import free_port
 
 CHROMIUM_CANDIDATES = ("/usr/bin/chromium", "/usr/bin/chromium-browser")
 CHROMIUM_ARGS = [
@@ -56,13 +57,6 @@ def missing_browser_reason() -> str | None:
         where = os.environ.get("FORGETGUARD_CHROMIUM") or ", ".join(CHROMIUM_CANDIDATES)
         return f"no system Chromium at {where}; {INSTALL_HINT}"
     return None
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now, on 127.0.0.1."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @contextmanager
