@@ -74,12 +74,12 @@ def models_pull(
     console = Console(stderr=True)
     try:
         with console.status("pulling") as status:
-            path = pull(
-                name,
-                models_dir,
-                force=force,
-                step=lambda msg: (status.update(msg), console.log(msg)),
-            )
+
+            def step(message: str) -> None:
+                status.update(message)
+                console.log(message)
+
+            path = pull(name, models_dir, force=force, step=step)
     except PullError as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None

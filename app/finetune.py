@@ -407,7 +407,7 @@ class FinetuneEvaluationSpec(_Request):
         max_length=20,
     )
     prompt_format: PromptFormat | None = None
-    generation: GenerationSettings = Field(default_factory=GenerationSettings)  # type: ignore[arg-type]
+    generation: GenerationSettings = Field(default_factory=GenerationSettings)
     threshold: Annotated[float, Field(ge=0.0, le=1.0)] = 0.10
     max_category_drop: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
     max_nll_increase: Annotated[float, Field(ge=0.0, le=100.0)] | None = None

@@ -45,10 +45,13 @@ class GenerationSettings(_Request):
     )
 
 
+DEFAULT_SUITES = ("general-qa", "forgetting-checklist")
+
+
 class EvaluationCreate(_Request):
     model: ModelRef
     suites: list[SuiteEntry] = Field(
-        default_factory=lambda: ["general-qa", "forgetting-checklist"], min_length=1, max_length=20
+        default_factory=lambda: list[SuiteEntry](DEFAULT_SUITES), min_length=1, max_length=20
     )
     prompt_format: Literal["chat", "plain"] | None = None
     generation: GenerationSettings = Field(default_factory=GenerationSettings)

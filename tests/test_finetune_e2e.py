@@ -166,6 +166,35 @@ def _submit(client: Any, model: Path, **fields: Any) -> str:
     return str(response.json()["id"])
 
 
+def _compare_page_shows_the_collapse(client: Any, job: dict[str, Any]) -> None:
+    """The dashboard's compare page for this real pair, in headless Chromium: verdict, chart,
+    and the forgotten answers with both responses."""
+    from app.main import create_app
+    from app.ui.routes import FLIPS_SHOWN
+    from tests.conftest import IN_CI
+    from tests.ui.live import chromium, missing_browser_reason, serve
+
+    if missing_browser_reason() is not None and not IN_CI:
+        print(f"\ncompare page not checked in a browser: {missing_browser_reason()}")
+        return
+    url = f"/ui/compare?before={job['before_evaluation_id']}&after={job['after_evaluation_id']}"
+    forgotten = job["comparison"]["flips"]["forgotten"]
+    with serve(create_app(client.app.state.settings)) as base, chromium() as browser:
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        response = page.goto(base + url)
+        assert response is not None and response.status == 200
+        verdict = page.locator("#verdict").inner_text()
+        assert "FAIL" in verdict and "Forgetting detected" in verdict
+        chart = page.locator("#categories svg.chart")
+        assert chart.is_visible() and chart.locator("rect").count() >= 2
+        rows = page.locator("#forgotten table tbody tr")
+        assert rows.count() == min(len(forgotten), FLIPS_SHOWN)
+        row = rows.filter(has_text=forgotten[0]["question"])
+        assert row.count() == 1
+        after = row.locator("td.response.after").inner_text()
+        assert after.split() == (forgotten[0]["response_after"] or "").split()
+
+
 def _finished(client: Any, job_id: str, log: Path) -> dict[str, Any]:
     def done() -> dict[str, Any] | None:
         job = client.get(f"/finetune-jobs/{job_id}").json()
@@ -207,6 +236,7 @@ def test_full_fine_tune_at_lr_1e3_forgets_and_lora_safe_does_not(
     assert comparison["accuracy_drop"] > 0.10 and comparison["flips"]["forgotten"]
     assert full["metrics"]["total_steps"] == 50  # 10 epochs × 20 examples / batch 4
     assert any("rule of thumb for full fine-tuning" in w for w in full["warnings"])
+    _compare_page_shows_the_collapse(client, full)
 
     lora = _finished(client, lora_id, log)
     assert lora["comparison"]["verdict"] == "pass", lora["comparison"]["reasons"]

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import Engine, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
 from app.db import immediate_session
+from app.models import Evaluation, FinetuneJob
 from app.queue import JOB_MODELS, ClaimedJob, LeaseLost, renew
 
 
@@ -47,7 +48,7 @@ class JobContext:
         """Record the current stage in the job's progress (and renew the lease)."""
         model = JOB_MODELS[self.job.kind]
         with immediate_session(self.engine) as session, session.begin():
-            row = session.get(model, self.job.id)
+            row = cast("Evaluation | FinetuneJob | None", session.get(model, self.job.id))
             progress = dict(row.progress) if row is not None else {}
             progress["stage"] = stage
             if done is not None:
@@ -58,8 +59,6 @@ class JobContext:
 
     def update_job(self, evaluation_id: str, **values: Any) -> None:
         """Set fields on an evaluation this job runs, under the job's lease."""
-        from app.models import Evaluation
-
         with immediate_session(self.engine) as session, session.begin():
             renew(session, self.job, self.settings.lease_seconds)
             session.execute(

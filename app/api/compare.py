@@ -81,7 +81,7 @@ def load_pair(
 
     rows = []
     for run in (before, after):
-        heavy = {}
+        heavy: dict[tuple[str, str], Any] = {}
         for suite, ids in wanted.items():
             ordered = sorted(ids)
             for start in range(0, len(ordered), CHUNK):
@@ -95,7 +95,7 @@ def load_pair(
                     heavy[(h.suite, h.item_id)] = h
         out = []
         for suite, item_id, passed, score, category, severity in light[run.id]:
-            h = heavy.get((suite, item_id))
+            texts = heavy.get((suite, item_id))
             out.append(
                 Row(
                     item_id,
@@ -103,11 +103,11 @@ def load_pair(
                     score,
                     category,
                     severity,
-                    h[2] if h else None,
-                    h[3] if h else None,
+                    texts[2] if texts else None,
+                    texts[3] if texts else None,
                     suite,
                     kinds.get(suite, ""),
-                    h[4] if h else "",
+                    texts[4] if texts else "",
                 )
             )
         rows.append(out)

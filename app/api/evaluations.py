@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 
 from app import cache
 from app.api.deps import SessionDep, SettingsDep
-from app.api.pagination import newest_first, page
+from app.api.pagination import Cursor, Limit, StatusFilter, newest_first, page
 from app.config import Settings
 from app.errors import Problem
 from app.fingerprint import fingerprint
@@ -71,7 +71,7 @@ def public(row: Evaluation) -> EvaluationPublic:
     """The API view of an evaluation row."""
     return EvaluationPublic(
         id=row.id,
-        status=row.status,  # type: ignore[arg-type]
+        status=row.status,
         label=row.label,
         progress=Progress(**row.progress),
         model=ModelPublic(
@@ -102,7 +102,7 @@ def get_or_404(session: Session, evaluation_id: str) -> Evaluation:
 
 def resolve_suites(session: Session, suites: list[Any]) -> list[dict[str, Any]]:
     """Suite references and inline suites → the exact versions this run will use."""
-    snapshot = []
+    snapshot: list[dict[str, Any]] = []
     for index, entry in enumerate(suites):
         if isinstance(entry, str):
             try:
@@ -211,11 +211,9 @@ def post_evaluation(
 @router.get("", response_model=Page[EvaluationPublic])
 def list_evaluations(
     session: SessionDep,
-    limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    cursor: Annotated[str | None, Query(max_length=200)] = None,
-    status: Annotated[
-        str | None, Query(pattern="^(queued|running|succeeded|failed|cancelled)$")
-    ] = None,
+    limit: Limit = 50,
+    cursor: Cursor = None,
+    status: StatusFilter = None,
     model_path: Annotated[str | None, Query(max_length=4096)] = None,
 ) -> Page[EvaluationPublic]:
     """Newest first; filter by ``status`` and ``model_path``."""

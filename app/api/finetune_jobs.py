@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 
 from app.api.deps import SessionDep, SettingsDep
 from app.api.evaluations import resolve_suites
-from app.api.pagination import newest_first, page
+from app.api.pagination import Cursor, Limit, StatusFilter, newest_first, page
 from app.config import Settings
 from app.errors import Problem
 from app.finetune import (
@@ -40,7 +40,7 @@ def public(row: FinetuneJob) -> FinetuneJobPublic:
     request = row.request
     return FinetuneJobPublic(
         id=row.id,
-        status=row.status,  # type: ignore[arg-type]
+        status=row.status,
         label=row.label,
         progress=Progress(**row.progress),
         base_model={"path": row.base_model_path},
@@ -175,11 +175,9 @@ def post_finetune_job(
 @router.get("", response_model=Page[FinetuneJobPublic])
 def list_finetune_jobs(
     session: SessionDep,
-    limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    cursor: Annotated[str | None, Query(max_length=200)] = None,
-    status: Annotated[
-        str | None, Query(pattern="^(queued|running|succeeded|failed|cancelled)$")
-    ] = None,
+    limit: Limit = 50,
+    cursor: Cursor = None,
+    status: StatusFilter = None,
 ) -> Page[FinetuneJobPublic]:
     """Newest first; filter by ``status``."""
     query = select(FinetuneJob)

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import base64
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
+from fastapi import Query
 from sqlalchemy import Select, and_, or_
 
 from app.errors import Problem
+
+# Query parameters shared by the newest-first listings.
+Limit = Annotated[int, Query(ge=1, le=500)]
+Cursor = Annotated[str | None, Query(max_length=200)]
+StatusFilter = Annotated[str | None, Query(pattern="^(queued|running|succeeded|failed|cancelled)$")]
 
 
 def encode_cursor(created_at: datetime, row_id: str) -> str:
