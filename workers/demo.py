@@ -204,7 +204,8 @@ def run_demo(
     engine = make_engine(url)
     sessions = session_factory(engine)
     common = {
-        "base_model": {"path": str(model_dir)},
+        # As given: a relative path stays relative in what the dashboard and API show.
+        "base_model": {"path": str(model_path)},
         "dataset": {"examples": drug_examples(sizes.drug_examples)},
         "evaluation": {
             "suites": demo_suites(sizes),
@@ -217,8 +218,8 @@ def run_demo(
     with sessions() as session:
         registry.sync_builtins(session)
         session.commit()
-        for _, fields in runs:
-            body = {**common, **fields}
+        for name, fields in runs:
+            body = {**common, "label": name, **fields}
             body["hyperparameters"] = {
                 "checkpoint_every_steps": 100_000,
                 **fields.get("hyperparameters", {}),
