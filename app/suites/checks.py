@@ -13,6 +13,11 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+try:  # the `regex` package (a transformers dependency, so always there in a worker) can time out
+    import regex as _timed_re
+except ImportError:  # pragma: no cover - the API process never runs checks
+    _timed_re = None
+
 CheckFn = Callable[[str, Any], bool]
 CHECKS: dict[str, CheckFn] = {}
 # Value validators run when a suite is uploaded, so a bad check is a 422, not a worker failure.
@@ -77,10 +82,20 @@ def not_contains(response: str, value: str) -> bool:
     return value.lower() not in response.lower()
 
 
+# A pattern that backtracks catastrophically on a crafted response gives up after this long and
+# the check fails, instead of stalling the worker (patterns are client data).
+REGEX_TIMEOUT_SECONDS = 1.0
+
+
 @register("regex", _pattern)
 def regex(response: str, value: str) -> bool:
-    """``re.search`` anywhere in the response."""
-    return re.search(value, response) is not None
+    """``re.search`` anywhere in the response; False when it runs past the time limit."""
+    if _timed_re is None:
+        return re.search(value, response) is not None
+    try:
+        return _timed_re.search(value, response, timeout=REGEX_TIMEOUT_SECONDS) is not None
+    except TimeoutError:
+        return False
 
 
 @register("min_words", _count)

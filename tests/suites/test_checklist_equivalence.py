@@ -196,3 +196,16 @@ def test_checklist_shape(checklist: dict) -> None:
         assert item["category"] in CATEGORIES, item["id"]
         assert validate_check(item["check"]) == [], item["id"]
     assert {item["category"] for item in items} == CATEGORIES
+
+
+def test_a_backtracking_regex_fails_its_check_instead_of_stalling() -> None:
+    import time
+
+    from app.suites import checks
+
+    check = {"type": "regex", "value": r"(a|aa)+$"}
+    assert validate_check(check) == []
+    assert run_check(check, "aa") is True
+    started = time.monotonic()
+    assert run_check(check, "a" * 60 + "b") is False  # exponential in `re`; cut off here
+    assert time.monotonic() - started < checks.REGEX_TIMEOUT_SECONDS + 2
