@@ -1,4 +1,4 @@
-"""API keys: who may call the API and what each key allows (SPEC §7, SECURITY.md).
+"""API keys: who may call the API and what each key allows (SECURITY.md).
 
 ``FORGETGUARD_API_KEYS="<key>:write,<key>:read"``. When keys are configured, every request
 but ``/healthz`` must carry ``Authorization: Bearer <key>``; ``read`` keys may only GET (and

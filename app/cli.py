@@ -275,7 +275,7 @@ def suites_export(
 
 
 class GateMode(StrEnum):
-    """How ``gate`` decides (see SPEC §6)."""
+    """How ``gate`` decides."""
 
     threshold = "threshold"
     noninferiority = "noninferiority"

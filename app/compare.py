@@ -1,4 +1,4 @@
-"""Before/after comparison and the verdict (SPEC §6). Pure functions: rows in, a dict out.
+"""Before/after comparison and the verdict. Pure functions: rows in, a dict out.
 
 ``build`` returns the ``/compare`` body: the lesson's ``compare_forgetting`` keys unchanged,
 then ``checklist``, ``flips``, ``statistics`` (exact McNemar, paired-bootstrap CI, per

@@ -1,4 +1,4 @@
-"""Fine-tune job requests (SPEC §5): the schema, the lesson's presets as data, the learning-rate
+"""Fine-tune job requests: the schema, the lesson's presets as data, the learning-rate
 rule of thumb, and training-record validation. Pure and torch-free: the API imports it.
 
 The two presets are the lesson's two ``TrainingArguments`` verbatim; every field the lesson
@@ -53,7 +53,7 @@ TRAINING_ARGUMENTS_DEFAULTS: dict[str, Any] = {
 FORGETGUARD_DEFAULTS: dict[str, Any] = {"max_seq_length": 512, "checkpoint_every_steps": 10}
 
 # The lesson's ``safe_args`` and ``risky_args``. ``learning_rate`` may depend on the method:
-# the lesson's safe 2e-5 is a full fine-tuning rate; LoRA's safe rate is its 2e-4 (SPEC §5).
+# the lesson's safe 2e-5 is a full fine-tuning rate; LoRA's safe rate is its 2e-4.
 PRESETS: dict[str, dict[str, Any]] = {
     "safe": {
         "num_train_epochs": 3.0,
@@ -417,7 +417,7 @@ class FinetuneEvaluationSpec(_Request):
 
 
 class FinetuneJobCreate(_Request):
-    """``POST /finetune-jobs`` body (SPEC §5)."""
+    """``POST /finetune-jobs`` body."""
 
     base_model: BaseModelRef
     dataset: DatasetSpec

@@ -1,4 +1,4 @@
-"""Model fingerprints: what an evaluation ran on, and the key of the evaluation cache (SPEC §7).
+"""Model fingerprints: what an evaluation ran on, and the key of the evaluation cache.
 
 The fingerprint hashes the config, tokenizer files (chat template included) and each weight
 file's sha256. Hashing 500 MB of weights takes seconds, so weight hashes are cached on disk

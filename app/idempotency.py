@@ -1,4 +1,4 @@
-"""``Idempotency-Key`` for POST routes (SPEC §3): a retried request never creates twice.
+"""``Idempotency-Key`` for POST routes: a retried request never creates twice.
 
 The same key and body on the same path return the original resource (200); the same key with
 another body is a 422. Keys live in the ``idempotency_keys`` table, keyed by (key, path).

@@ -1,4 +1,4 @@
-"""What the service will load: checks on a model or adapter directory, without torch (SPEC §7)."""
+"""What the service will load: checks on a model or adapter directory, without torch."""
 
 from __future__ import annotations
 

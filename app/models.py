@@ -39,7 +39,7 @@ class Base(DeclarativeBase):
 
 
 class JobMixin:
-    """Lifecycle and lease fields shared by every queued job kind (SPEC §2)."""
+    """Lifecycle and lease fields shared by every queued job kind."""
 
     status: Mapped[str] = mapped_column(String(16), default="queued")
     progress: Mapped[dict[str, Any]] = mapped_column(

@@ -1,4 +1,4 @@
-"""The job queue: claim with a lease, heartbeat, release, finish, cancel (SPEC §2).
+"""The job queue: claim with a lease, heartbeat, release, finish, cancel.
 
 One code path for both databases. A claim is a single ``UPDATE … WHERE id = (SELECT … LIMIT 1
 FOR UPDATE SKIP LOCKED) RETURNING``: PostgreSQL skips rows other workers hold; SQLite ignores

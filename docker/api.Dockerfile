@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
 # The API image: FastAPI, SQL and the CLI. No torch, no transformers: the API never imports
-# them (SPEC §1), and the image stays small. Jobs run in docker/worker.Dockerfile.
+# them, and the image stays small. Jobs run in docker/worker.Dockerfile.
 #
 #   docker build -f docker/api.Dockerfile -t forgetguard-api .
 FROM python:3.11-slim

@@ -104,7 +104,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def reference_model_dir() -> Path:
-    """The real SmolLM2-135M-Instruct in ./models, pulled on first use (SPEC §8)."""
+    """The real SmolLM2-135M-Instruct in ./models, pulled on first use."""
     from workers.reference import pull
 
     return pull("smollm2-135m-instruct", REPO / "models")

@@ -1,4 +1,4 @@
-"""What the service will load (SPEC §7): safetensors only, no remote code, adapters as data,
+"""What the service will load: safetensors only, no remote code, adapters as data,
 and the worker checking everything again right before it loads."""
 
 from __future__ import annotations

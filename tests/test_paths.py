@@ -1,4 +1,4 @@
-"""``resolve_under``: client-named paths are resolved and must stay inside the roots (SPEC §7)."""
+"""``resolve_under``: client-named paths are resolved and must stay inside the roots."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """SIGTERM to a worker: stop claiming, give the job back at a batch boundary, exit 0, in bounded
-time, even when the current batch never returns (SPEC §2)."""
+time, even when the current batch never returns."""
 
 from __future__ import annotations
 

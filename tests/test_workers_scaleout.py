@@ -28,7 +28,7 @@ from app.models import Claim, Evaluation
 from tests.conftest import REPO, start_worker, wait_for
 
 DOCKER = REPO / "docker"
-# Everything that only a worker may import (SPEC §1: the API image carries none of it).
+# Everything that only a worker may import (the API image carries none of it).
 WORKER_ONLY = ("torch", "transformers", "peft", "accelerate", "safetensors", "tokenizers", "gguf")
 STARTUP_TIMEOUT = 180.0  # two workers importing torch on a busy 2-core machine
 

@@ -1,4 +1,4 @@
-"""Training records → token ids and labels (TRL's three formats, SPEC §5).
+"""Training records → token ids and labels (TRL's three formats).
 
 - ``{"text"}``: the text plus EOS; every token is trained on.
 - ``{"prompt", "completion"}``: loss on the completion only. With a chat template (the

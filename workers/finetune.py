@@ -1,4 +1,4 @@
-"""Run one fine-tune job (SPEC §5): evaluate the base, train, save, evaluate the result, compare.
+"""Run one fine-tune job: evaluate the base, train, save, evaluate the result, compare.
 
 The training loop is our own (AdamW + ``transformers.get_scheduler``) rather than the HF
 ``Trainer``, because every optimizer step must renew the job's lease in the same transaction

@@ -1,4 +1,4 @@
-"""Loading models the safe way, and keeping the last one loaded across jobs (SPEC §7).
+"""Loading models the safe way, and keeping the last one loaded across jobs.
 
 Only safetensors, never ``trust_remote_code``, never the hub; a directory is checked again
 here, right before loading, because the file system may have changed since submission.

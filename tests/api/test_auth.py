@@ -1,4 +1,4 @@
-"""API keys (SPEC §7): 401 without a valid key, 403 for the wrong scope, /healthz open,
+"""API keys: 401 without a valid key, 403 for the wrong scope, /healthz open,
 keys validated at startup, constant-time matching, and `serve` refusing an open bind."""
 
 from __future__ import annotations

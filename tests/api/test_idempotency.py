@@ -1,4 +1,4 @@
-"""Idempotency-Key on POST (SPEC §3): same key and body → the original resource (200), same key
+"""Idempotency-Key on POST: same key and body → the original resource (200), same key
 and another body → 422, and concurrent retries still create exactly one job."""
 
 from __future__ import annotations
