@@ -384,6 +384,10 @@ def demo(
     markdown: Annotated[
         Path | None, typer.Option(help="Also write the table to this file.")
     ] = None,
+    aggressive_lr: Annotated[
+        float,
+        typer.Option(min=1e-7, max=1e-2, help="Learning rate of the aggressive full fine-tunes."),
+    ] = 1e-3,
 ) -> None:
     """Forgetting and its mitigations on a real model: base, full FT (risky, aggressive, + replay,
     + EWC) and LoRA on the drug Q&A dataset; prints accuracy per category, checklist, NLL drift."""
@@ -395,6 +399,8 @@ def demo(
 
         typer.echo(report())
         return
+    from dataclasses import replace
+
     from workers.demo import QUICK, DemoSizes, format_table, run_demo
 
     if not model.exists() and model.name == "smollm2-135m-instruct":
@@ -410,7 +416,7 @@ def demo(
         model,
         workdir=workdir,
         device=device,
-        sizes=QUICK if quick else DemoSizes(),
+        sizes=replace(QUICK if quick else DemoSizes(), aggressive_lr=aggressive_lr),
         echo=lambda line: typer.echo(line, err=True),
         keep=keep,
     )

@@ -16,6 +16,7 @@ from app.suites.kinds import DEFAULT_PROMPT_TEMPLATE, render_prompt
 from workers import engine
 
 Emit = Callable[[list[dict[str, Any]]], None]
+Score = Callable[[dict[str, Any], str], dict[str, Any]]  # (item, response) -> row fields
 FLUSH_EVERY = 8  # rows per database write while generating: resumable, not chatty
 
 
@@ -25,6 +26,12 @@ class RunSettings:
     max_new_tokens: int
     stop: tuple[str, ...]
     batch_size: int | str = "auto"
+
+
+# (model, tokenizer, suite, pending (position, item) pairs, settings, emit)
+Runner = Callable[
+    [Any, Any, dict[str, Any], Sequence[tuple[int, dict[str, Any]]], RunSettings, Emit], None
+]
 
 
 def _message_text(item: dict[str, Any], suite: dict[str, Any], fmt: str) -> str:
@@ -74,7 +81,7 @@ def _generate_rows(
     items: Sequence[tuple[int, dict[str, Any]]],
     settings: RunSettings,
     emit: Emit,
-    score: Callable[[dict[str, Any], str], dict[str, Any]],
+    score: Score,
 ) -> None:
     texts = [_message_text(item, suite, settings.prompt_format) for _, item in items]
     prompts = [encode_prompt(tokenizer, t, settings.prompt_format) for t in texts]
@@ -106,51 +113,50 @@ def _generate_rows(
     buffer.flush()
 
 
-def run_qa(
-    model: Any,
-    tokenizer: Any,
-    suite: dict[str, Any],
-    items: Sequence[tuple[int, dict[str, Any]]],
-    settings: RunSettings,
-    emit: Emit,
-) -> None:
+def _generative(score: Score) -> Runner:
+    """A runner that answers every item greedily and scores the answer with ``score``."""
+
+    def run(
+        model: Any,
+        tokenizer: Any,
+        suite: dict[str, Any],
+        items: Sequence[tuple[int, dict[str, Any]]],
+        settings: RunSettings,
+        emit: Emit,
+    ) -> None:
+        _generate_rows(model, tokenizer, suite, items, settings, emit, score)
+
+    run.__doc__ = score.__doc__
+    return run
+
+
+def _score_qa(item: dict[str, Any], response: str) -> dict[str, Any]:
     """Greedy answers; correct when any accepted answer is a case-insensitive substring."""
-
-    def score(item: dict[str, Any], response: str) -> dict[str, Any]:
-        answer = response.lower()
-        correct = any(a.lower() in answer for a in item["answers"])
-        return {
-            "passed": correct,
-            "score": float(correct),
-            "category": item.get("category"),
-            "severity": None,
-            "details": {"question": item["question"], "answers": item["answers"]},
-        }
-
-    _generate_rows(model, tokenizer, suite, items, settings, emit, score)
+    answer = response.lower()
+    correct = any(a.lower() in answer for a in item["answers"])
+    return {
+        "passed": correct,
+        "score": float(correct),
+        "category": item.get("category"),
+        "severity": None,
+        "details": {"question": item["question"], "answers": item["answers"]},
+    }
 
 
-def run_checklist(
-    model: Any,
-    tokenizer: Any,
-    suite: dict[str, Any],
-    items: Sequence[tuple[int, dict[str, Any]]],
-    settings: RunSettings,
-    emit: Emit,
-) -> None:
+def _score_checklist(item: dict[str, Any], response: str) -> dict[str, Any]:
     """Greedy responses checked by the declarative check of each item."""
+    passed = run_check(item["check"], response)
+    return {
+        "passed": passed,
+        "score": float(passed),
+        "category": item.get("category"),
+        "severity": item.get("severity"),
+        "details": {"test": item["test"]},
+    }
 
-    def score(item: dict[str, Any], response: str) -> dict[str, Any]:
-        passed = run_check(item["check"], response)
-        return {
-            "passed": passed,
-            "score": float(passed),
-            "category": item.get("category"),
-            "severity": item.get("severity"),
-            "details": {"test": item["test"]},
-        }
 
-    _generate_rows(model, tokenizer, suite, items, settings, emit, score)
+run_qa = _generative(_score_qa)
+run_checklist = _generative(_score_checklist)
 
 
 CHUNK = 32  # items per log-likelihood pass between database writes
@@ -246,9 +252,6 @@ def run_perplexity(
         )
 
 
-Runner = Callable[
-    [Any, Any, dict[str, Any], Sequence[tuple[int, dict[str, Any]]], RunSettings, Emit], None
-]
 RUNNERS: dict[str, Runner] = {
     "qa": run_qa,
     "checklist": run_checklist,
