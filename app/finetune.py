@@ -17,7 +17,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_serializer, model_validator
 
+from app.config import Settings
 from app.errors import Problem
+from app.paths import resolve_under
 from app.schemas import (
     GenerationSettings,
     JobTimestamps,
@@ -266,6 +268,20 @@ def read_jsonl(
             "Unreadable dataset",
             f"{what} {shown!r} cannot be read: {exc.strerror or 'I/O error'}",
         ) from None
+
+
+def load_path_records(
+    settings: Settings, raw: str, *, what: str = "dataset"
+) -> list[dict[str, Any]]:
+    """Records of a client-named JSONL file under the data roots (403 outside them, else 422).
+
+    The API calls it at submission and the worker again right before training: the file may
+    have changed in between.
+    """
+    path = resolve_under(
+        raw, settings.resolved_data_roots, what=what, env_var="FORGETGUARD_DATA_ROOTS"
+    )
+    return read_jsonl(path, shown=raw, what=what, max_bytes=settings.max_dataset_bytes)
 
 
 def _read_jsonl(path: Path, *, shown: str, max_bytes: int, what: str) -> list[dict[str, Any]]:

@@ -214,7 +214,7 @@ def main() -> int:
                 get_tool = f"wrk -t1 -c{args.clients} -d{args.seconds}s"
             else:
                 lat = asyncio.run(load(base, f"/evaluations/{after}", args.clients, args.requests))
-                get_ms = {"p50": 1000 * percentile(lat, 0.50), "p99": 1000 * percentile(lat, 0.99)}
+                get_ms = summary(lat)
                 get_tool = f"httpx, {args.requests} requests (the Python client shares the CPU)"
             # Cold: every request asks with other options (a new threshold), so each answer is
             # computed from the database. Warm: the same question again, answered from the

@@ -156,18 +156,24 @@ def settings_env(settings: Settings) -> dict[str, str]:
     return env
 
 
+def _spawn(settings: Settings, args: list[str], log: Path | None) -> subprocess.Popen[bytes]:
+    """``forgetguard <args>`` in a child process, its output appended to ``log`` (or dropped)."""
+    command = [sys.executable, "-m", "app.cli", *args]
+    if log is None:
+        return subprocess.Popen(
+            command, env=settings_env(settings), cwd=REPO, stdout=subprocess.DEVNULL
+        )
+    with log.open("ab") as out:  # the child keeps its own descriptor
+        return subprocess.Popen(
+            command, env=settings_env(settings), cwd=REPO, stdout=out, stderr=subprocess.STDOUT
+        )
+
+
 def start_worker(
     settings: Settings, *extra: str, log: Path | None = None
 ) -> subprocess.Popen[bytes]:
     """A real ``forgetguard worker`` process on the CPU."""
-    out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115
-    return subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "worker", "--device", "cpu", *extra],
-        env=settings_env(settings),
-        stdout=out,
-        stderr=subprocess.STDOUT,
-        cwd=REPO,
-    )
+    return _spawn(settings, ["worker", "--device", "cpu", *extra], log)
 
 
 def free_port() -> int:
@@ -185,14 +191,7 @@ def start_serve(
     ``extra``: more command-line options (``--workers 1 --device cpu``). The caller stops it.
     """
     port = free_port()
-    out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115
-    server = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "serve", "--port", str(port), *extra],
-        env=settings_env(settings),
-        cwd=REPO,
-        stdout=out,
-        stderr=subprocess.STDOUT,
-    )
+    server = _spawn(settings, ["serve", "--port", str(port), *extra], log)
     http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
 
     def healthy() -> bool:

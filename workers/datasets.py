@@ -23,9 +23,7 @@ from typing import Any
 
 import torch
 
-from app.config import Settings
-from app.finetune import read_jsonl, record_format
-from app.paths import resolve_under
+from app.finetune import record_format
 
 IGNORE_INDEX = -100
 
@@ -179,16 +177,6 @@ def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]
         mask[row, :n] = 1
         labels[row, :n] = torch.tensor(example.labels)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
-def load_path_records(
-    settings: Settings, raw: str, *, what: str = "dataset"
-) -> list[dict[str, Any]]:
-    """Records of a JSONL file, re-checked against the data roots right before reading."""
-    path = resolve_under(
-        raw, settings.resolved_data_roots, what=what, env_var="FORGETGUARD_DATA_ROOTS"
-    )
-    return read_jsonl(path, shown=raw, what=what, max_bytes=settings.max_dataset_bytes)
 
 
 def records_sha256(records: Sequence[dict[str, Any]]) -> str:

@@ -41,7 +41,12 @@ from app.compare import CompareOptions
 from app.config import Settings
 from app.db import immediate_session
 from app.errors import Problem
-from app.finetune import FinetuneJobCreate, GeneralData, ResolvedHyperparameters
+from app.finetune import (
+    FinetuneJobCreate,
+    GeneralData,
+    ResolvedHyperparameters,
+    load_path_records,
+)
 from app.fingerprint import fingerprint
 from app.models import Evaluation, FinetuneEvent, FinetuneJob, utcnow
 from app.queue import LeaseLost, renew, succeed
@@ -54,7 +59,6 @@ from workers.datasets import (
     collate,
     effective_format,
     encode_records,
-    load_path_records,
     read_records,
     records_sha256,
     write_jsonl,

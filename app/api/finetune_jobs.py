@@ -19,7 +19,7 @@ from app.finetune import (
     FinetuneJobPublic,
     GeneralData,
     Hyperparameters,
-    read_jsonl,
+    load_path_records,
     resolve_hyperparameters,
     suite_refs,
     summarize_source,
@@ -27,7 +27,6 @@ from app.finetune import (
 from app.idempotency import REPLAY_HEADER, IdempotencyDep
 from app.modelcheck import resolve_model
 from app.models import Evaluation, FinetuneEvent, FinetuneJob, new_id, utcnow
-from app.paths import resolve_under
 from app.queue import cancel
 from app.schemas import Page, Progress
 from app.suites import registry
@@ -76,14 +75,6 @@ def get_or_404(session: Session, job_id: str) -> FinetuneJob:
     return row
 
 
-def _check_data_path(settings: Settings, raw: str, what: str) -> int:
-    """403 outside the data roots; 422 for a missing file or a bad line. Returns the count."""
-    path = resolve_under(
-        raw, settings.resolved_data_roots, what=what, env_var="FORGETGUARD_DATA_ROOTS"
-    )
-    return len(read_jsonl(path, shown=raw, what=what, max_bytes=settings.max_dataset_bytes))
-
-
 def _pin_general_source(
     session: Session, settings: Settings, spec: GeneralData | None, where: str
 ) -> None:
@@ -91,7 +82,7 @@ def _pin_general_source(
     if spec is None:
         return
     if spec.path is not None:
-        _check_data_path(settings, spec.path, f"{where} data")
+        load_path_records(settings, spec.path, what=f"{where} data")
     elif spec.source is not None and spec.source != "self":
         try:
             row = registry.resolve(session, spec.source)
@@ -111,7 +102,7 @@ def create_finetune_job(
     """Validate all that can be checked without a model; queue the job (caller commits)."""
     resolve_model(settings, body.base_model.path, None)
     if body.dataset.path is not None:
-        n_records = _check_data_path(settings, body.dataset.path, "dataset")
+        n_records = len(load_path_records(settings, body.dataset.path))
     else:
         n_records = len(body.dataset.examples or [])
     if body.evaluation is not None:
