@@ -18,7 +18,7 @@ from typing import Annotated
 
 import typer
 
-from app.config import get_settings
+from app.core.config import get_settings
 
 app = typer.Typer(
     help="forgetguard: did fine-tuning make your model forget?",
@@ -54,7 +54,7 @@ def _is_loopback(host: str) -> bool:
 @db_app.command("upgrade")
 def db_upgrade(revision: str = "head") -> None:
     """Apply migrations (the only way the schema is made)."""
-    from app.db import upgrade
+    from app.core.database import upgrade
 
     upgrade(get_settings().database_url, revision)
     typer.echo(f"database at {revision}")
@@ -181,7 +181,7 @@ def serve(
     """Migrate the database, start the API and N local workers; Ctrl-C stops all of them."""
     import uvicorn
 
-    from app.db import upgrade
+    from app.core.database import upgrade
     from app.main import create_app
 
     _logging()
@@ -337,7 +337,7 @@ def gate(
 
     The API key is read from $FORGETGUARD_API_KEY; the server from --server or $FORGETGUARD_URL.
     """
-    from app.gate import GateOptions, parse_suites, run_gate
+    from app.gate.runner import GateOptions, parse_suites, run_gate
 
     options = GateOptions(
         server=server,
@@ -395,13 +395,13 @@ def demo(
     # slower on a CPU shared with other processes; passive waiting costs nothing when alone.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if toy:
-        from workers.toy import report
+        from workers.demo.toy import report
 
         typer.echo(report())
         return
     from dataclasses import replace
 
-    from workers.demo import QUICK, DemoSizes, format_table, run_demo
+    from workers.demo.run import QUICK, DemoSizes, format_table, run_demo
 
     if not model.exists() and model.name == "smollm2-135m-instruct":
         from workers.reference import PullError, pull

@@ -12,13 +12,15 @@ from sqlalchemy import text
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app import auth, errors
 from app.api import compare, evaluations, finetune_jobs, health, suites, workers
 from app.api import metrics as metrics_api
-from app.config import Settings, get_settings
-from app.db import make_engine, session_factory
-from app.suites import registry
+from app.core import errors
+from app.core.config import Settings, get_settings
+from app.core.database import make_engine, session_factory
+from app.suites import versions
 from app.ui import routes as ui
+from app.web import auth
+from app.web.response_cache import FinishedCache
 
 
 class SchemaNotReady(RuntimeError):
@@ -181,7 +183,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.engine = engine
         app.state.sessionmaker = session_factory(engine)
         with app.state.sessionmaker() as session:
-            registry.sync_builtins(session)
+            versions.sync_builtins(session)
             session.commit()
         # What start-up allocated lives as long as the process: keep it out of the cyclic
         # collector's full passes, which otherwise add tens of ms to large responses.
@@ -197,8 +199,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
-    app.state.finished_evaluations = evaluations.FinishedCache()
-    app.state.comparisons = evaluations.FinishedCache(size=256)
+    app.state.finished_evaluations = FinishedCache()
+    app.state.comparisons = FinishedCache(size=256)
     errors.install(app)
     for module in (health, suites, evaluations, finetune_jobs, compare, workers):
         app.include_router(module.router)

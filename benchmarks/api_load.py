@@ -34,8 +34,8 @@ from sqlalchemy import insert
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from app.db import make_engine, session_factory, upgrade  # noqa: E402
-from app.models import Evaluation, EvaluationItem, new_id, utcnow  # noqa: E402
+from app.core.database import make_engine, session_factory, upgrade  # noqa: E402
+from app.core.tables import Evaluation, EvaluationItem, new_id, utcnow  # noqa: E402
 
 CATEGORIES = ["geography", "math", "science", "literature", "history", "language", "general"]
 

@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
-    from workers import engine
+    from workers.engine import transformers_backend as engine
 
     items, template, suite_source = load_items(_resolve(args.suite))
     if args.limit is not None:

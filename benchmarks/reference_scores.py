@@ -20,8 +20,8 @@ sys.path.insert(0, str(REPO))
 
 from fastapi.testclient import TestClient  # noqa: E402
 
-from app.config import Settings  # noqa: E402
-from app.db import upgrade  # noqa: E402
+from app.core.config import Settings  # noqa: E402
+from app.core.database import upgrade  # noqa: E402
 from app.main import create_app  # noqa: E402
 from workers.main import Worker  # noqa: E402
 

@@ -16,8 +16,8 @@ import httpx
 import pytest
 from sqlalchemy import create_engine, text
 
-from app.config import Settings
-from app.db import upgrade
+from app.core.config import Settings
+from app.core.database import upgrade
 
 REPO = Path(__file__).resolve().parent.parent
 PG_URL = os.environ.get(

@@ -23,10 +23,10 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, select
 
-from app.config import Settings
-from app.db import make_engine, session_factory
+from app.core.config import Settings
+from app.core.database import make_engine, session_factory
+from app.core.tables import FINISHED, Claim, Evaluation, EvaluationItem, Worker
 from app.main import create_app
-from app.models import FINISHED, Claim, Evaluation, EvaluationItem, Worker
 from tests.conftest import REPO, settings_env
 
 pytestmark = pytest.mark.slow

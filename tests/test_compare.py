@@ -6,8 +6,14 @@ from typing import Any
 
 import pytest
 
-from app import stats
-from app.compare import CompareOptions, Row, build, comparability_problems, compare_forgetting
+from app.comparison import statistics as stats
+from app.comparison.verdict import (
+    CompareOptions,
+    Row,
+    build,
+    comparability_problems,
+    compare_forgetting,
+)
 
 RUN_A = {"id": "ev_a"}
 RUN_B = {"id": "ev_b"}

@@ -12,9 +12,9 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from app.config import Settings
-from app.db import make_engine, session_factory
-from app.models import EvaluationItem
+from app.core.config import Settings
+from app.core.database import make_engine, session_factory
+from app.core.tables import EvaluationItem
 from tests.conftest import start_serve, start_worker, wait_for
 
 UNSEEN = json.loads((Path(__file__).parent / "data" / "unseen_general_40.json").read_text())

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from app.config import Settings
+from app.core.config import Settings
 from tests.conftest import REPO, start_worker, wait_for
 
 # Twenty drug Q&A written for this test: none of these drugs is in app/datasets/drug-qa.jsonl.
@@ -213,7 +213,7 @@ def test_full_fine_tune_at_lr_1e3_forgets_and_lora_safe_does_not(
 ) -> None:  # type: ignore[no-untyped-def]
     from peft import PeftModel
 
-    from workers.models import load_model
+    from workers.engine.loading import load_model
 
     log = tmp_path / "worker.log"
     full_id = _submit(

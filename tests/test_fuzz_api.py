@@ -35,8 +35,8 @@ from hypothesis import HealthCheck, Phase, settings
 from schemathesis import checks as st_checks
 from schemathesis.config import SchemathesisConfig
 
-from app.config import Settings
-from app.db import upgrade
+from app.core.config import Settings
+from app.core.database import upgrade
 from app.main import create_app
 
 pytestmark = pytest.mark.timeout(600)

@@ -15,8 +15,8 @@ import httpx
 import pytest
 from sqlalchemy import func, insert, select, update
 
-from app.gate import GateOptions, idempotency_key, run_gate
-from app.models import Evaluation, EvaluationItem, utcnow
+from app.core.tables import Evaluation, EvaluationItem, utcnow
+from app.gate.runner import GateOptions, idempotency_key, run_gate
 from tests.conftest import REPO, free_port
 
 pytestmark = pytest.mark.one_db

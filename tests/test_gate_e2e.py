@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import pytest
 
-from app.config import Settings
+from app.core.config import Settings
 from tests.conftest import REPO, settings_env, start_worker
 
 pytestmark = [pytest.mark.slow, pytest.mark.one_db]

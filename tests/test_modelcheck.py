@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from app.config import Settings
-from app.errors import Problem
-from app.modelcheck import check_adapter_dir, check_model_dir
+from app.core.config import Settings
+from app.core.errors import Problem
+from app.core.modelcheck import check_adapter_dir, check_model_dir
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -125,7 +125,7 @@ def test_loader_asks_for_safetensors_and_no_remote_code(
 ) -> None:
     import torch
 
-    from workers import models
+    from workers.engine import loading as models
 
     seen: dict[str, Any] = {}
     real = models.AutoModelForCausalLM.from_pretrained
@@ -146,7 +146,7 @@ def test_adapter_base_model_name_is_ignored(tiny_model_dir: Path, tmp_path: Path
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import LlamaForCausalLM
 
-    from workers.models import ModelCache
+    from workers.engine.loading import ModelCache
 
     adapter = tmp_path / "models" / "adapter"
     base = LlamaForCausalLM.from_pretrained(tiny_model_dir)
@@ -176,8 +176,8 @@ def test_worker_rechecks_the_model_right_before_loading(
     swap: str,
 ) -> None:
     """Valid at submission, changed before the worker runs: the worker refuses, loads nothing."""
-    from app.models import Evaluation
-    from workers import models
+    from app.core.tables import Evaluation
+    from workers.engine import loading as models
     from workers.main import Worker
 
     target = model_copy(tiny_model_dir, tmp_path / "models" / "m")

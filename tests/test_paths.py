@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from app.errors import Problem
-from app.paths import is_under, resolve_under
+from app.core.errors import Problem
+from app.core.paths import is_under, resolve_under
 
 
 @pytest.fixture

@@ -9,10 +9,10 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select, update
 
-from app.config import Settings
-from app.db import immediate_session, make_engine, session_factory
-from app.models import Claim, Evaluation, FinetuneJob, Worker, new_id, utcnow
-from app.queue import (
+from app.core.config import Settings
+from app.core.database import immediate_session, make_engine, session_factory
+from app.core.tables import Claim, Evaluation, FinetuneJob, Worker, new_id, utcnow
+from app.jobs.queue import (
     LeaseLost,
     abandon,
     cancel,

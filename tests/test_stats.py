@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy.stats import binomtest
 
-from app.stats import (
+from app.comparison.statistics import (
     mcnemar_exact,
     noninferiority_pass,
     paired_bootstrap_ci,

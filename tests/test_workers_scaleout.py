@@ -21,10 +21,10 @@ from fastapi.testclient import TestClient
 from packaging.requirements import Requirement
 from sqlalchemy import select
 
-from app.config import Settings
-from app.db import make_engine, session_factory
+from app.core.config import Settings
+from app.core.database import make_engine, session_factory
+from app.core.tables import Claim, Evaluation
 from app.main import create_app
-from app.models import Claim, Evaluation
 from tests.conftest import REPO, start_worker, wait_for
 
 DOCKER = REPO / "docker"
@@ -142,7 +142,7 @@ def test_two_workers_on_postgres_run_evaluations_at_overlapping_times(
 def test_leases_run_on_the_database_clock_so_a_skewed_host_cannot_take_a_live_job(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from app import queue
+    from app.jobs import queue
 
     engine = make_engine(settings.database_url)
     try:
@@ -168,7 +168,7 @@ def test_model_cache_keeps_one_model_loaded_across_jobs(
     import torch
 
     from tests.tiny_model import build_tiny_model
-    from workers.models import ModelCache
+    from workers.engine.loading import ModelCache
 
     other = build_tiny_model(tmp_path / "models" / "other", seed=1)
     settings = Settings(
@@ -389,8 +389,8 @@ import sys
 for name in {blocked!r}:
     sys.modules[name] = None  # any import of these raises ImportError
 from fastapi.testclient import TestClient
-from app.config import Settings
-from app.db import upgrade
+from app.core.config import Settings
+from app.core.database import upgrade
 from app.main import create_app
 import app.cli  # the `serve` command's module too
 

@@ -9,10 +9,10 @@ from typing import Any, cast
 from sqlalchemy import Engine, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.config import Settings
-from app.db import immediate_session
-from app.models import Evaluation, FinetuneJob
-from app.queue import JOB_MODELS, ClaimedJob, LeaseLost, renew
+from app.core.config import Settings
+from app.core.database import immediate_session
+from app.core.tables import Evaluation, FinetuneJob
+from app.jobs.queue import JOB_MODELS, ClaimedJob, LeaseLost, renew
 
 
 class Interrupted(Exception):

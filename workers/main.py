@@ -19,10 +19,10 @@ from typing import Any
 
 from sqlalchemy.exc import DBAPIError
 
-from app.config import Settings
-from app.db import make_engine, session_factory
-from app.errors import Problem
-from app.queue import (
+from app.core.config import Settings
+from app.core.database import make_engine, session_factory
+from app.core.errors import Problem
+from app.jobs.queue import (
     ClaimedJob,
     LeaseLost,
     abandon,
@@ -35,11 +35,11 @@ from app.queue import (
     release,
     worker_heartbeat,
 )
-from app.suites import registry
-from workers import engine as compute
+from app.suites import versions
 from workers.context import Interrupted, JobContext, UserError
-from workers.evaluate import run_evaluation
-from workers.models import ModelCache
+from workers.engine import transformers_backend as compute
+from workers.engine.loading import ModelCache
+from workers.evaluation.run import run_evaluation
 
 log = logging.getLogger("forgetguard.worker")
 
@@ -54,7 +54,7 @@ JobRunner = Callable[[JobContext, ModelCache], Any]
 def _job_runners() -> dict[str, JobRunner]:
     runners: dict[str, JobRunner] = {"evaluation": run_evaluation}
     try:
-        from workers.finetune import run_finetune
+        from workers.finetune.job import run_finetune
     except ImportError:  # fine-tuning support not installed in this build
         return runners
     runners["finetune"] = run_finetune
@@ -173,7 +173,7 @@ class Worker:
             ",".join(self.kinds),
         )
         with self.sessionmaker() as session:
-            registry.sync_builtins(session)
+            versions.sync_builtins(session)
             session.commit()
         register_worker(
             self.engine, worker_id=self.worker_id, device=str(self.device), kinds=self.kinds

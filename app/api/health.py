@@ -5,9 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter
 from sqlalchemy import text
 
-from app.api.deps import SessionDep
-from app.errors import Problem
-from app.schemas import Health
+from app.core.errors import Problem
+from app.core.schemas import Health
+from app.web.deps import SessionDep
 
 router = APIRouter(tags=["health"])
 

@@ -6,8 +6,8 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Response
 
-from app.api.deps import SessionDep, SettingsDep
-from app.metrics import render
+from app.web.deps import SessionDep, SettingsDep
+from app.web.metrics import render
 
 router = APIRouter(tags=["metrics"])
 

@@ -8,13 +8,13 @@ from fastapi import APIRouter, Body, Query, Response
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from app.api.deps import SessionDep, SettingsDep
-from app.errors import Problem
-from app.idempotency import REPLAY_HEADER, IdempotencyDep
-from app.models import Suite
-from app.schemas import Page, SuitePublic, SuiteSummary
-from app.suites import registry
+from app.core.errors import Problem
+from app.core.schemas import Page, SuitePublic, SuiteSummary
+from app.core.tables import Suite
+from app.suites import versions
 from app.suites.kinds import SuiteDefinition
+from app.web.deps import SessionDep, SettingsDep
+from app.web.idempotency import REPLAY_HEADER, IdempotencyDep
 
 router = APIRouter(prefix="/suites", tags=["suites"])
 
@@ -63,7 +63,7 @@ def get_suite(
     name: str, session: SessionDep, version: Annotated[int | None, Query(ge=1)] = None
 ) -> SuitePublic:
     """One suite with its items (latest version unless ``?version=``)."""
-    row = registry.resolve(session, f"{name}@{version}" if version else name)
+    row = versions.resolve(session, f"{name}@{version}" if version else name)
     return SuitePublic(**summary(row).model_dump(), definition=row.definition)
 
 
@@ -92,7 +92,7 @@ def create_suite(
     outcome: dict[str, bool] = {}
 
     def create() -> str:
-        row, outcome["created"] = registry.register(session, suite)
+        row, outcome["created"] = versions.register(session, suite)
         session.flush()
         return str(row.id)
 

@@ -7,10 +7,10 @@ from datetime import timedelta
 from fastapi import APIRouter
 from sqlalchemy import select
 
-from app.api.deps import SessionDep, SettingsDep
-from app.models import Worker
-from app.queue import db_now
-from app.schemas import Page, WorkerPublic
+from app.core.schemas import Page, WorkerPublic
+from app.core.tables import Worker
+from app.jobs.queue import db_now
+from app.web.deps import SessionDep, SettingsDep
 
 router = APIRouter(prefix="/workers", tags=["workers"])
 

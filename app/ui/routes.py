@@ -23,14 +23,14 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.api.compare import comparison
-from app.api.deps import SessionDep
-from app.api.evaluations import get_or_404
-from app.api.pagination import newest_first, page
-from app.compare import CompareOptions
-from app.errors import Problem
-from app.models import JOB_STATUSES, Evaluation, EvaluationItem, FinetuneEvent, FinetuneJob
+from app.comparison import service as comparison
+from app.comparison.verdict import CompareOptions
+from app.core.errors import Problem
+from app.core.pagination import newest_first, page
+from app.core.tables import JOB_STATUSES, Evaluation, EvaluationItem, FinetuneEvent, FinetuneJob
+from app.evaluations import service as evaluations
 from app.ui import views
+from app.web.deps import SessionDep
 
 HERE = Path(__file__).resolve().parent
 STATIC_DIR = HERE / "static"
@@ -246,7 +246,7 @@ def evaluation_page(
     cursor: str | None = None,
 ) -> HTMLResponse:
     """Per-category accuracy bars, checklist results with severities, a filterable item table."""
-    evaluation = get_or_404(session, evaluation_id)
+    evaluation = evaluations.get(session=session, evaluation_id=evaluation_id)
     source = _item_source(evaluation)
     if passed not in (None, "", "pass", "fail"):
         raise Problem(422, "Invalid filter", f"passed must be 'pass' or 'fail'; got {passed!r}")
@@ -351,8 +351,9 @@ def compare_page(
         max_nll_increase=_float_param("max_nll_increase", max_nll_increase, None, 0.0, 100.0),
         mode="noninferiority" if mode == "noninferiority" else "threshold",
     )
-    body = comparison(session, before, after, options)
-    before_ev, after_ev = get_or_404(session, before), get_or_404(session, after)
+    body = comparison.compare(session=session, before_id=before, after_id=after, options=options)
+    before_ev = evaluations.get(session=session, evaluation_id=before)
+    after_ev = evaluations.get(session=session, evaluation_id=after)
     rows = views.category_rows(body, before_ev.results, after_ev.results)
     order = [r["category"] for r in rows]
     forgotten = views.sort_flips(body["flips"]["forgotten"], order)

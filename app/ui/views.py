@@ -12,7 +12,7 @@ from typing import Any
 
 from markupsafe import Markup
 
-from app.compare import SEVERITY_ORDER
+from app.comparison.verdict import SEVERITY_ORDER
 from app.ui.charts import (
     AFTER_COLOR,
     BEFORE_COLOR,

@@ -17,10 +17,10 @@ from pydantic import ValidationError
 from sqlalchemy import create_engine, func, select
 from typer.testing import CliRunner
 
-from app import auth
-from app.config import Settings, get_settings
+from app.core.config import Settings, get_settings
+from app.core.tables import Evaluation
 from app.main import create_app
-from app.models import Evaluation
+from app.web import auth
 
 WRITE_KEY = "fgw-3q2ZkQb1Xy8tW0pLmN4r"
 READ_KEY = "fgr-Jd8sLq0Zp3Vb6nYt1KcE"
@@ -273,7 +273,7 @@ def serve_calls(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[dict[st
     import uvicorn
 
     import app.cli as cli
-    import app.db
+    import app.core.database
 
     calls: list[dict[str, Any]] = []
 
@@ -287,7 +287,7 @@ def serve_calls(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[dict[st
     monkeypatch.setattr(uvicorn, "run", lambda _app, **kw: calls.append(kw))
     monkeypatch.setattr(uvicorn, "Server", FakeServer)
     monkeypatch.setattr(cli.signal, "signal", lambda *_args: None)  # keep pytest's handlers
-    monkeypatch.setattr(app.db, "upgrade", lambda *a, **k: None)
+    monkeypatch.setattr(app.core.database, "upgrade", lambda *a, **k: None)
 
     class NoWorkers:
         def __init__(self, *args: Any) -> None: ...

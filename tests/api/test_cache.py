@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 from sqlalchemy import insert, update
 
-from app.cache import effective_prompt_format, has_chat_template
-from app.models import Evaluation, EvaluationItem, utcnow
+from app.core.tables import Evaluation, EvaluationItem, utcnow
+from app.evaluations.cache import effective_prompt_format, has_chat_template
 from tests.conftest import start_worker
 
 SUITE = {

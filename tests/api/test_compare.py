@@ -8,7 +8,7 @@ from typing import Any
 
 from sqlalchemy import insert, update
 
-from app.models import Evaluation, EvaluationItem, utcnow
+from app.core.tables import Evaluation, EvaluationItem, utcnow
 
 QUESTIONS = [
     (f"q{i:02d}", f"What is fact number {i}?", f"answer{i}", ("geo", "sci")[i % 2])
@@ -175,7 +175,7 @@ def test_answers_are_kept_only_once_both_runs_are_final(client: Any, tiny_model_
 
 
 def test_the_body_cache_stays_within_its_byte_budget() -> None:
-    from app.api.evaluations import FinishedCache
+    from app.web.response_cache import FinishedCache
 
     cache = FinishedCache(size=100, max_bytes=4000)
     for i in range(10):

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from app.config import Settings
-from app.errors import describe_loc
+from app.core.config import Settings
+from app.core.errors import describe_loc
 from app.main import create_app
 
 PROBLEM_KEYS = {"type", "title", "status", "detail"}

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from app.db import make_engine, session_factory
-from app.models import Evaluation, FinetuneEvent
+from app.core.database import make_engine, session_factory
+from app.core.tables import Evaluation, FinetuneEvent
 
 EXAMPLES = [
     {"prompt": "What is aspirin?", "completion": "Aspirin is an NSAID used for pain and fever."},
@@ -249,7 +249,7 @@ def test_cancel_a_queued_job_and_its_evaluations(client, tiny_model_dir, setting
     job = client.post("/finetune-jobs", json=body(tiny_model_dir)).json()
     engine = make_engine(settings.database_url)
     with session_factory(engine)() as session:
-        from app.models import new_id
+        from app.core.tables import new_id
 
         session.add(
             Evaluation(

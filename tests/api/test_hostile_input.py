@@ -15,9 +15,9 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, func, select
 
-from app.config import Settings
+from app.core.config import Settings
+from app.core.tables import Claim, Evaluation, EvaluationItem, FinetuneJob, Suite
 from app.main import JSON_MAX_DEPTH, JsonNesting, create_app
-from app.models import Claim, Evaluation, EvaluationItem, FinetuneJob, Suite
 
 BODY_LIMIT = 2 * 1024 * 1024
 DATASET_LIMIT = 64 * 1024

@@ -10,8 +10,8 @@ from typing import Any
 
 from sqlalchemy import func, select
 
-from app.idempotency import body_hash
-from app.models import Evaluation, IdempotencyKey
+from app.core.tables import Evaluation, IdempotencyKey
+from app.web.idempotency import body_hash
 
 SUITE = {
     "name": "idem-qa",

@@ -8,10 +8,10 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.config import Settings
-from app.db import make_engine, session_factory
-from app.metrics import classify_failure
-from app.models import Claim, Evaluation, EvaluationItem, FinetuneJob, Worker, new_id, utcnow
+from app.core.config import Settings
+from app.core.database import make_engine, session_factory
+from app.core.tables import Claim, Evaluation, EvaluationItem, FinetuneJob, Worker, new_id, utcnow
+from app.web.metrics import classify_failure
 
 
 def _evaluation(status: str, **values: Any) -> Evaluation:

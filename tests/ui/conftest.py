@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from sqlalchemy.orm import Session
 
-from app.config import Settings
-from app.models import Evaluation, new_id
+from app.core.config import Settings
+from app.core.tables import Evaluation, new_id
 from tests.ui.seed import Pair, seed_collapsed_pair, seed_healthy_pair
 
 

@@ -14,8 +14,8 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from app.config import Settings
-from app.db import make_engine, session_factory, upgrade
+from app.core.config import Settings
+from app.core.database import make_engine, session_factory, upgrade
 from app.main import create_app
 from tests.ui.live import chromium, serve
 from tests.ui.seed import seed_collapsed_pair

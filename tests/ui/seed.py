@@ -19,8 +19,8 @@ from typing import Any
 from sqlalchemy import insert
 from sqlalchemy.orm import Session
 
-from app.models import Evaluation, EvaluationItem, FinetuneEvent, FinetuneJob, new_id, utcnow
-from app.suites import registry
+from app.core.tables import Evaluation, EvaluationItem, FinetuneEvent, FinetuneJob, new_id, utcnow
+from app.suites import versions
 from app.suites.checks import run_check
 from app.suites.kinds import DEFAULT_PROMPT_TEMPLATE, KINDS, ItemRow, render_prompt
 
@@ -132,10 +132,10 @@ def _wrong_answer(item: dict[str, Any], pool: list[str], rng: random.Random) -> 
 
 
 def _suites(session: Session) -> dict[str, Any]:
-    registry.sync_builtins(session)
+    versions.sync_builtins(session)
     session.flush()
     return {
-        name: registry.resolve(session, name)
+        name: versions.resolve(session, name)
         for name in ("general-qa", "forgetting-checklist", "general-text")
     }
 
@@ -356,12 +356,17 @@ def seed_collapsed_pair(
     job_id = seed_finetune_job(session, before_id, after_id) if with_job else None
     session.commit()
     if job_id is not None:
-        from app.api.compare import comparison
-        from app.compare import CompareOptions
+        from app.comparison import service as comparison
+        from app.comparison.verdict import CompareOptions
 
         job = session.get(FinetuneJob, job_id)
         assert job is not None
-        job.comparison = comparison(session, before_id, after_id, CompareOptions(n_resamples=200))
+        job.comparison = comparison.compare(
+            session=session,
+            before_id=before_id,
+            after_id=after_id,
+            options=CompareOptions(n_resamples=200),
+        )
         session.commit()
     return Pair(before=before_id, after=after_id, job=job_id)
 

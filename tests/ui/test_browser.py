@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 
-from app.config import Settings
-from app.db import make_engine, session_factory, upgrade
+from app.core.config import Settings
+from app.core.database import make_engine, session_factory, upgrade
+from app.core.tables import Evaluation
 from app.main import create_app
-from app.models import Evaluation
 from app.ui import routes
 from tests.conftest import IN_CI
 from tests.ui.conftest import add_evaluation

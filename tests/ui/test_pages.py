@@ -10,8 +10,8 @@ from typing import Any
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
+from app.core.tables import Evaluation, FinetuneJob
 from app.main import create_app
-from app.models import Evaluation, FinetuneJob
 from tests.ui.conftest import add_evaluation
 from tests.ui.seed import Pair, seed_finetune_job
 

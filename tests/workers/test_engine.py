@@ -16,7 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.tiny_model import CORPUS, QA_PAIRS, build_tiny_model, qa_texts, teach_tiny_model
-from workers import engine
+from workers.engine import transformers_backend as engine
 
 CONTEXT = 128  # tiny context window so that windowed token_nll is exercised by short texts
 MAX_NEW = 24

@@ -10,15 +10,15 @@ import pytest
 import torch
 import torch.nn as nn
 
-from workers.datasets import encode_record
-from workers.ewc import (
+from workers.engine.loading import load_model, load_tokenizer
+from workers.finetune.data import encode_record
+from workers.finetune.ewc import (
     EWCRegularizer,
     batch_mean_fisher,
     load_fisher,
     per_sample_fisher,
     save_fisher,
 )
-from workers.models import load_model, load_tokenizer
 
 
 @pytest.fixture(autouse=True)

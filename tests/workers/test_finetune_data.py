@@ -7,9 +7,15 @@ from typing import Any
 
 import pytest
 
-from workers.datasets import IGNORE_INDEX, collate, effective_format, encode_record, encode_records
-from workers.models import load_tokenizer
-from workers.runners import encode_prompt
+from workers.engine.loading import load_tokenizer
+from workers.evaluation.runners import encode_prompt
+from workers.finetune.data import (
+    IGNORE_INDEX,
+    collate,
+    effective_format,
+    encode_record,
+    encode_records,
+)
 
 
 @pytest.fixture(scope="module")

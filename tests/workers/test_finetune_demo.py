@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from tests.conftest import REPO
-from workers.demo import DemoRow, DemoSizes, demo_runs, demo_suites, drug_examples, format_table
-from workers.toy import forgetting_ratio, report, shared_weight
+from workers.demo.run import DemoRow, DemoSizes, demo_runs, demo_suites, drug_examples, format_table
+from workers.demo.toy import forgetting_ratio, report, shared_weight
 
 
 @pytest.fixture(autouse=True)

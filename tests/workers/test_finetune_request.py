@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from app.errors import Problem
-from app.finetune import (
+from app.core.errors import Problem
+from app.finetune.schemas import (
     FinetuneJobCreate,
     Hyperparameters,
     learning_rate_warnings,
@@ -255,8 +255,8 @@ def test_a_bad_jsonl_line_is_named_by_its_line_number(tmp_path: Path) -> None:
 
 def test_the_worker_rereads_a_dataset_with_the_same_limits(tmp_path: Path) -> None:
     """The file may change between submission and training: size and encoding are re-checked."""
-    from app.config import Settings
-    from app.finetune import load_path_records
+    from app.core.config import Settings
+    from app.finetune.schemas import load_path_records
 
     settings = Settings(data_roots=[tmp_path], max_dataset_bytes=100)
     path = tmp_path / "data.jsonl"

@@ -10,11 +10,12 @@ from typing import Any
 import pytest
 import torch
 
-from app.finetune import FinetuneJobCreate, Hyperparameters, resolve_hyperparameters
+from app.finetune.schemas import FinetuneJobCreate, Hyperparameters, resolve_hyperparameters
 from workers.context import Interrupted
-from workers.datasets import collate, encode_records
-from workers.ewc import sequence_loss
-from workers.finetune import (
+from workers.engine.loading import load_model, load_tokenizer
+from workers.finetune.data import collate, encode_records
+from workers.finetune.ewc import sequence_loss
+from workers.finetune.job import (
     Trainer,
     assert_base_frozen,
     base_checksum,
@@ -24,7 +25,6 @@ from workers.finetune import (
     save_output,
     thin,
 )
-from workers.models import load_model, load_tokenizer
 
 CPU = torch.device("cpu")
 RECORDS = [

@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, select
 
-from app.config import Settings
-from app.db import make_engine, session_factory
-from app.models import Evaluation, FinetuneEvent, FinetuneJob
+from app.core.config import Settings
+from app.core.database import make_engine, session_factory
+from app.core.tables import Evaluation, FinetuneEvent, FinetuneJob
 from tests.conftest import start_worker, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)]
@@ -134,7 +134,7 @@ def test_a_job_runs_end_to_end_on_a_worker(
 ) -> None:  # type: ignore[no-untyped-def]
     from peft import PeftModel
 
-    from workers.models import load_model
+    from workers.engine.loading import load_model
 
     job_id = submit(client, tiny_model_dir, evaluation=True, max_steps=6)
     procs.append(start_worker(settings, log=tmp_path / "worker.log"))

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from workers.replay import (
+from workers.finetune.replay import (
     SELF_PROMPTS,
     cached_completions,
     create_replay_dataset,

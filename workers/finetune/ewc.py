@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from workers.datasets import IGNORE_INDEX, Example, collate
+from workers.finetune.data import IGNORE_INDEX, Example, collate
 
 
 def trainable_named_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:

@@ -1,9 +1,9 @@
 """``forgetguard demo``: the lesson's mitigations, measured on a real model.
 
 Runs in-process on the same code paths as the service: a throwaway SQLite database, fine-tune
-jobs submitted exactly as ``POST /finetune-jobs`` would (``create_finetune_job``), and a worker
-(``workers.main.Worker``) that runs them. The first job's "before" evaluation is the base row;
-every later job reuses it from the evaluation cache.
+jobs submitted exactly as ``POST /finetune-jobs`` would (``app.finetune.service.create``), and a
+worker (``workers.main.Worker``) that runs them. The first job's "before" evaluation is the base
+row; every later job reuses it from the evaluation cache.
 
 Rows: the base model; full fine-tuning with the lesson's ``risky`` preset; full fine-tuning
 aggressive enough to forget; the same with replay; the same with EWC; LoRA with the ``safe``
@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from app.config import Settings
-from app.db import make_engine, session_factory, upgrade
-from app.models import Evaluation, FinetuneJob
+from app.core.config import Settings
+from app.core.database import make_engine, session_factory, upgrade
+from app.core.tables import Evaluation, FinetuneJob
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "app"
+DATA_DIR = Path(__file__).resolve().parents[2] / "app"
 DRUG_QA = DATA_DIR / "datasets" / "drug-qa.jsonl"
 SUITES_DIR = DATA_DIR / "suites" / "data"
 
@@ -181,9 +181,9 @@ def run_demo(
     runs: list[tuple[str, dict[str, Any]]] | None = None,
 ) -> list[DemoRow]:
     """Run every job of the demo (or ``runs``) in-process; return the rows, base first."""
-    from app.api.finetune_jobs import create_finetune_job
-    from app.finetune import FinetuneJobCreate
-    from app.suites import registry
+    from app.finetune import service as finetune_jobs
+    from app.finetune.schemas import FinetuneJobCreate
+    from app.suites import versions
     from workers.main import Worker
 
     workdir.mkdir(parents=True, exist_ok=True)
@@ -216,7 +216,7 @@ def run_demo(
     runs = runs if runs is not None else demo_runs(sizes)
     job_ids: list[str] = []
     with sessions() as session:
-        registry.sync_builtins(session)
+        versions.sync_builtins(session)
         session.commit()
         for name, fields in runs:
             body = {**common, "label": name, **fields}
@@ -224,7 +224,9 @@ def run_demo(
                 "checkpoint_every_steps": 100_000,
                 **fields.get("hyperparameters", {}),
             }
-            job = create_finetune_job(session, settings, FinetuneJobCreate.model_validate(body))
+            job = finetune_jobs.create(
+                session=session, settings=settings, body=FinetuneJobCreate.model_validate(body)
+            )
             session.commit()
             job_ids.append(job.id)
             time.sleep(0.002)  # distinct created_at: the worker takes jobs in submission order

@@ -8,12 +8,13 @@ Use in a route (the resource and its key are committed in one transaction)::
     @router.post("", status_code=202)
     def post_thing(body: ThingCreate, session: SessionDep, idem: IdempotencyDep,
                    response: Response) -> ThingPublic:
-        thing_id, created = idem.create_once(session, lambda: create_thing(session, body).id)
+        thing_id, created = idem.create_once(
+            session, lambda: service.create(session=session, body=body).id)
         if not created:                      # a replay: the original resource, 200
             response.status_code = 200
             response.headers[REPLAY_HEADER] = "true"
         response.headers["Location"] = f"/things/{thing_id}"
-        return public(get_or_404(session, thing_id))
+        return service.public(service.get(session=session, thing_id=thing_id))
 
 ``create`` only adds rows to the session (it must not commit) and returns the new resource's
 id; ``create_once`` commits, and may call it again after rolling back when SQLite refused a
@@ -35,8 +36,8 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
-from app.errors import Problem
-from app.models import IdempotencyKey
+from app.core.errors import Problem
+from app.core.tables import IdempotencyKey
 
 HEADER = "Idempotency-Key"
 MAX_KEY_LENGTH = 255
@@ -131,7 +132,7 @@ class Idempotency:
         """
         for attempt in range(CREATE_ATTEMPTS):
             if attempt:
-                # BEGIN IMMEDIATE on SQLite (see app.db); PostgreSQL ignores the option.
+                # BEGIN IMMEDIATE on SQLite (see app.core.database); PostgreSQL ignores the option.
                 session.connection(execution_options={"immediate": True})
             if (existing := self.existing(session)) is not None:
                 return existing, False

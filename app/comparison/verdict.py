@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from app import stats
+from app.comparison import statistics as stats
 from app.suites.kinds import ItemRow, aggregate_qa
 
 SEVERITY_ORDER = {"critical": 0, "high": 1, "medium": 2, "low": 3}

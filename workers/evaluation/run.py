@@ -8,14 +8,14 @@ from typing import Any
 
 from sqlalchemy import insert, select, update
 
-from app.cache import cache_key
-from app.db import immediate_session
-from app.models import Evaluation, EvaluationItem, Suite
-from app.queue import renew, succeed
+from app.core.database import immediate_session
+from app.core.tables import Evaluation, EvaluationItem, Suite
+from app.evaluations.cache import cache_key
+from app.jobs.queue import renew, succeed
 from app.suites.kinds import KINDS, ItemRow
 from workers.context import JobContext
-from workers.models import ModelCache
-from workers.runners import RUNNERS, RunSettings
+from workers.engine.loading import ModelCache
+from workers.evaluation.runners import RUNNERS, RunSettings
 
 log = logging.getLogger("forgetguard.worker")
 

@@ -25,8 +25,8 @@ from typing import Any, cast
 from sqlalchemy import Engine, and_, delete, func, or_, select, text, update
 from sqlalchemy.orm import Session
 
-from app.db import immediate_session
-from app.models import Claim, Evaluation, FinetuneJob, JobMixin, Worker, utcnow
+from app.core.database import immediate_session
+from app.core.tables import Claim, Evaluation, FinetuneJob, JobMixin, Worker, utcnow
 
 JOB_MODELS: dict[str, type[Evaluation] | type[FinetuneJob]] = {
     "evaluation": Evaluation,

@@ -9,7 +9,7 @@ from typing import Annotated
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from app.auth import parse_api_keys
+from app.web.auth import parse_api_keys
 
 DEFAULT_DATABASE_URL = "sqlite:///./var/forgetguard.db"
 

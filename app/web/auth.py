@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.errors import problem_response
+from app.core.errors import problem_response
 
 READ = "read"
 WRITE = "write"

@@ -13,7 +13,7 @@ from typing import Any
 
 from app.suites.checks import run_check
 from app.suites.kinds import DEFAULT_PROMPT_TEMPLATE, render_prompt
-from workers import engine
+from workers.engine import transformers_backend as engine
 
 Emit = Callable[[list[dict[str, Any]]], None]
 Score = Callable[[dict[str, Any], str], dict[str, Any]]  # (item, response) -> row fields

@@ -12,8 +12,8 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.errors import Problem
-from app.models import Suite
+from app.core.errors import Problem
+from app.core.tables import Suite
 from app.suites.kinds import SuiteDefinition
 
 DATA_DIR = Path(__file__).resolve().parent / "data"

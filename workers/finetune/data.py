@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from app.finetune import record_format
+from app.finetune.schemas import record_format
 
 IGNORE_INDEX = -100
 

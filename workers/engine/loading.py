@@ -18,10 +18,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from app.config import Settings  # noqa: E402
-from app.fingerprint import fingerprint  # noqa: E402
-from app.modelcheck import resolve_model  # noqa: E402
-from workers.engine import select_dtype  # noqa: E402
+from app.core.config import Settings  # noqa: E402
+from app.core.fingerprint import fingerprint  # noqa: E402
+from app.core.modelcheck import resolve_model  # noqa: E402
+from workers.engine.transformers_backend import select_dtype  # noqa: E402
 
 log = logging.getLogger("forgetguard.worker")
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from app.config import Settings
-from app.errors import Problem
-from app.paths import resolve_under
+from app.core.config import Settings
+from app.core.errors import Problem
+from app.core.paths import resolve_under
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 # Every JSON file transformers or peft may read to pick classes; any of them may carry auto_map.

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 from fastapi import Query
 from sqlalchemy import Select, and_, or_
 
-from app.errors import Problem
+from app.core.errors import Problem
 
 # Query parameters shared by the newest-first listings.
 Limit = Annotated[int, Query(ge=1, le=500)]

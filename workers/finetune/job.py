@@ -35,26 +35,29 @@ from typing import Any
 import torch
 from sqlalchemy import update
 
-from app.api.compare import comparison
-from app.api.evaluations import create_evaluation
-from app.compare import CompareOptions
-from app.config import Settings
-from app.db import immediate_session
-from app.errors import Problem
-from app.finetune import (
+from app.comparison import service as comparison
+from app.comparison.verdict import CompareOptions
+from app.core.config import Settings
+from app.core.database import immediate_session
+from app.core.errors import Problem
+from app.core.fingerprint import fingerprint
+from app.core.schemas import EvaluationCreate, ModelRef
+from app.core.tables import Evaluation, FinetuneEvent, FinetuneJob, utcnow
+from app.evaluations import service as evaluations
+from app.finetune.schemas import (
     FinetuneJobCreate,
     GeneralData,
     ResolvedHyperparameters,
     load_path_records,
 )
-from app.fingerprint import fingerprint
-from app.models import Evaluation, FinetuneEvent, FinetuneJob, utcnow
-from app.queue import LeaseLost, renew, succeed
-from app.schemas import EvaluationCreate, ModelRef
-from app.suites import registry
-from workers import engine
+from app.jobs.queue import LeaseLost, renew, succeed
+from app.suites import versions
 from workers.context import Interrupted, JobContext, UserError
-from workers.datasets import (
+from workers.engine import transformers_backend as engine
+from workers.engine.loading import ModelCache, load_model, load_tokenizer, resolve_model
+from workers.evaluation.run import run_evaluation
+from workers.evaluation.runners import encode_prompt
+from workers.finetune.data import (
     Example,
     collate,
     effective_format,
@@ -63,8 +66,7 @@ from workers.datasets import (
     records_sha256,
     write_jsonl,
 )
-from workers.evaluate import run_evaluation
-from workers.ewc import (
+from workers.finetune.ewc import (
     EWCRegularizer,
     fisher_cache_key,
     load_fisher,
@@ -73,8 +75,7 @@ from workers.ewc import (
     sequence_loss,
     trainable_named_parameters,
 )
-from workers.models import ModelCache, load_model, load_tokenizer, resolve_model
-from workers.replay import (
+from workers.finetune.replay import (
     SELF_PROMPTS,
     cached_completions,
     completion_cache_key,
@@ -83,7 +84,6 @@ from workers.replay import (
     exclude_evaluated,
     suite_records,
 )
-from workers.runners import encode_prompt
 
 log = logging.getLogger("forgetguard.worker")
 
@@ -695,7 +695,9 @@ class FinetuneRun:
                 mode=spec.mode,
             )
             with self.ctx.sessionmaker() as session:
-                comparison_body = comparison(session, before_id, after_id, options)
+                comparison_body = comparison.compare(
+                    session=session, before_id=before_id, after_id=after_id, options=options
+                )
 
         steps = outcome.metrics.get("total_steps", 0)
         with immediate_session(self.ctx.engine) as session, session.begin():
@@ -755,7 +757,7 @@ class FinetuneRun:
             out = []
             for ref in spec.suites:
                 assert isinstance(ref, str), "suites are pinned to name@version at submission"
-                out.append(registry.resolve(session, ref).definition)
+                out.append(versions.resolve(session, ref).definition)
             return out
 
     def evaluate(self, which: str, model_path: str, adapter_path: str | None) -> str:
@@ -779,7 +781,9 @@ class FinetuneRun:
                 cache=spec.cache if which == "before" else False,
             )
             with immediate_session(self.ctx.engine) as session, session.begin():
-                row = create_evaluation(session, settings, body, finetune_job_id=self.job_id)
+                row = evaluations.create(
+                    session=session, settings=settings, body=body, finetune_job_id=self.job_id
+                )
                 if row.status == "queued":
                     # Never visible as queued: a worker would claim it as a job of its own.
                     row.status = "running"
@@ -902,7 +906,7 @@ class FinetuneRun:
             records, prompts = [], list(SELF_PROMPTS)
         else:
             with self.ctx.sessionmaker() as session:
-                definition = registry.resolve(session, str(spec.source)).definition
+                definition = versions.resolve(session, str(spec.source)).definition
             records, prompts = suite_records(definition)
         if spec.completions == "base_model" or spec.source == "self":
             # The base model answers every string prompt itself; other records stay as given.

@@ -20,7 +20,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.models import Evaluation, utcnow
+from app.core.tables import Evaluation, utcnow
 
 # Where transformers looks for a chat template, besides tokenizer_config.json's "chat_template".
 CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")

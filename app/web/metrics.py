@@ -27,8 +27,8 @@ from prometheus_client.utils import floatToGoString
 from sqlalchemy import ColumnElement, and_, case, func, select
 from sqlalchemy.orm import Session
 
-from app.models import JOB_STATUSES, Claim, Evaluation, EvaluationItem, Worker
-from app.queue import JOB_MODELS, db_now
+from app.core.tables import JOB_STATUSES, Claim, Evaluation, EvaluationItem, Worker
+from app.jobs.queue import JOB_MODELS, db_now
 
 # Job durations run from seconds (a cached evaluation) to hours (a full fine-tune).
 DURATION_BUCKETS: tuple[float, ...] = (

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from app.errors import Problem
+from app.core.errors import Problem
 
 
 def resolve_under(raw: str, roots: list[Path], *, what: str, env_var: str) -> Path:

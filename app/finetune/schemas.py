@@ -17,10 +17,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_serializer, model_validator
 
-from app.config import Settings
-from app.errors import Problem
-from app.paths import resolve_under
-from app.schemas import (
+from app.core.config import Settings
+from app.core.errors import Problem
+from app.core.paths import resolve_under
+from app.core.schemas import (
     GenerationSettings,
     JobTimestamps,
     PathStr,

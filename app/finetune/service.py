@@ -1,0 +1,207 @@
+"""Fine-tune jobs: validate and queue, read, cancel. Routes, the UI and the demo call these."""
+
+from __future__ import annotations
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from app.core.config import Settings
+from app.core.errors import Problem
+from app.core.modelcheck import resolve_model
+from app.core.pagination import newest_first, page
+from app.core.schemas import Page, Progress
+from app.core.tables import Evaluation, FinetuneEvent, FinetuneJob, new_id, utcnow
+from app.evaluations import service as evaluations
+from app.finetune.schemas import (
+    FinetuneEventPublic,
+    FinetuneJobCreate,
+    FinetuneJobPublic,
+    GeneralData,
+    Hyperparameters,
+    load_path_records,
+    resolve_hyperparameters,
+    suite_refs,
+    summarize_source,
+)
+from app.jobs.queue import cancel as cancel_job
+from app.suites import versions
+
+
+def public(row: FinetuneJob) -> FinetuneJobPublic:
+    """The API view of a fine-tune job (inline records are counted, not echoed)."""
+    request = row.request
+    return FinetuneJobPublic(
+        id=row.id,
+        status=row.status,
+        label=row.label,
+        progress=Progress(**row.progress),
+        base_model={"path": row.base_model_path},
+        method=request["method"],
+        preset=request["preset"],
+        hyperparameters=resolve_hyperparameters(
+            request["method"], request["preset"], Hyperparameters(**request["hyperparameters"])
+        ).model_dump(),
+        lora=request.get("lora"),
+        replay=summarize_source(request.get("replay")),
+        ewc=summarize_source(request.get("ewc")),
+        dataset=summarize_source(request["dataset"]) or {},
+        evaluation=request.get("evaluation"),
+        before_evaluation_id=row.before_evaluation_id,
+        after_evaluation_id=row.after_evaluation_id,
+        comparison=row.comparison,
+        output_path=row.output_path,
+        warnings=list(row.warnings or []),
+        trainable_parameters=row.trainable_parameters,
+        metrics=row.metrics,
+        attempts=row.attempts,
+        error=row.error,
+        created_at=row.created_at,
+        started_at=row.started_at,
+        finished_at=row.finished_at,
+    )
+
+
+def get(*, session: Session, job_id: str) -> FinetuneJob:
+    """The fine-tune job, or a 404 problem."""
+    row = session.get(FinetuneJob, job_id)
+    if row is None:
+        raise Problem(404, "Fine-tune job not found", f"fine-tune job {job_id!r} does not exist")
+    return row
+
+
+def _pin_general_source(
+    session: Session, settings: Settings, spec: GeneralData | None, where: str
+) -> None:
+    """Check a replay/EWC source now and pin a suite source to its current version."""
+    if spec is None:
+        return
+    if spec.path is not None:
+        load_path_records(settings, spec.path, what=f"{where} data")
+    elif spec.source is not None and spec.source != "self":
+        try:
+            row = versions.resolve(session, spec.source)
+        except Problem as exc:
+            raise Problem(
+                422,
+                "Unknown suite",
+                exc.detail,
+                errors=[{"loc": ["body", where, "source"], "msg": exc.detail}],
+            ) from None
+        spec.source = f"{row.name}@{row.version}"
+
+
+def create(*, session: Session, settings: Settings, body: FinetuneJobCreate) -> FinetuneJob:
+    """Validate all that can be checked without a model; queue the job (caller commits)."""
+    resolve_model(settings, body.base_model.path, None)
+    if body.dataset.path is not None:
+        n_records = len(load_path_records(settings, body.dataset.path))
+    else:
+        n_records = len(body.dataset.examples or [])
+    if body.evaluation is not None:
+        # Pin suite versions (inline suites are registered): before and after run the same ones.
+        body.evaluation.suites = list(
+            suite_refs(
+                evaluations.resolve_suites(session=session, suites=list(body.evaluation.suites))
+            )
+        )
+    _pin_general_source(session, settings, body.replay, "replay")
+    _pin_general_source(session, settings, body.ewc, "ewc")
+    warnings = body.warnings(n_records)
+    hp = body.resolved()
+    row = FinetuneJob(
+        id=new_id("ft"),
+        label=body.label,
+        base_model_path=body.base_model.path,
+        request=body.model_dump(mode="json"),
+        status="queued",
+        progress={"done": 0, "total": 0, "stage": "queued"},
+        max_attempts=settings.max_attempts,
+        warnings=warnings,
+    )
+    session.add(row)
+    session.flush()
+    session.add(
+        FinetuneEvent(
+            job_id=row.id,
+            level="info",
+            message="queued",
+            data={
+                "method": body.method,
+                "preset": body.preset,
+                "records": n_records,
+                "hyperparameters": hp.model_dump(),
+            },
+        )
+    )
+    for warning in warnings:
+        session.add(FinetuneEvent(job_id=row.id, level="warning", message=warning, data=None))
+    return row
+
+
+def cancel(*, session: Session, job_id: str) -> FinetuneJobPublic:
+    """Cancel a queued or running job and its own evaluations (409 when finished); commits."""
+    row = get(session=session, job_id=job_id)
+    if row.status in ("succeeded", "failed"):
+        raise Problem(409, "Already finished", f"fine-tune job {job_id} already {row.status}")
+    was = row.status
+    cancel_job(session, FinetuneJob, job_id)
+    # Its before/after evaluations belong to it: they stop with it.
+    session.execute(
+        update(Evaluation)
+        .where(Evaluation.finetune_job_id == job_id, Evaluation.status.in_(("queued", "running")))
+        .values(status="cancelled", finished_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+    if was != "cancelled":
+        session.add(
+            FinetuneEvent(
+                job_id=job_id,
+                level="info",
+                message="cancelled by request",
+                data={"status_before": was},
+            )
+        )
+    session.commit()
+    session.refresh(row)
+    return public(row)
+
+
+def list_page(
+    *, session: Session, limit: int, cursor: str | None, status: str | None = None
+) -> Page[FinetuneJobPublic]:
+    """Newest first, filtered by ``status``."""
+    query = select(FinetuneJob)
+    if status:
+        query = query.where(FinetuneJob.status == status)
+    rows = list(session.execute(newest_first(query, FinetuneJob, cursor, limit)).scalars())
+    rows, next_cursor = page(rows, limit)
+    return Page(
+        data=[public(r) for r in rows], next_cursor=next_cursor, has_more=next_cursor is not None
+    )
+
+
+def list_events(
+    *,
+    session: Session,
+    job_id: str,
+    limit: int = 100,
+    cursor: str | None = None,
+    level: str | None = None,
+) -> Page[FinetuneEventPublic]:
+    """Oldest first: stages, steps, checkpoints, warnings."""
+    get(session=session, job_id=job_id)
+    query = select(FinetuneEvent).where(FinetuneEvent.job_id == job_id)
+    if level:
+        query = query.where(FinetuneEvent.level == level)
+    if cursor:
+        query = query.where(FinetuneEvent.id > int(cursor))
+    rows = list(session.execute(query.order_by(FinetuneEvent.id).limit(limit + 1)).scalars())
+    has_more = len(rows) > limit
+    rows = rows[:limit]
+    data = [
+        FinetuneEventPublic(
+            id=str(r.id), created_at=r.created_at, level=r.level, message=r.message, data=r.data
+        )
+        for r in rows
+    ]
+    return Page(data=data, next_cursor=str(rows[-1].id) if has_more else None, has_more=has_more)
