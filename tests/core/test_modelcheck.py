@@ -15,7 +15,7 @@ from app.core.config import Settings
 from app.core.errors import Problem
 from app.core.modelcheck import check_adapter_dir, check_model_dir
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def model_copy(tiny_model_dir: Path, dest: Path) -> Path:

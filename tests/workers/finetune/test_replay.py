@@ -18,7 +18,7 @@ from workers.finetune.replay import (
     suite_records,
 )
 
-SUITES = Path(__file__).resolve().parents[2] / "app" / "suites" / "data"
+SUITES = Path(__file__).resolve().parents[3] / "app" / "suites" / "data"
 
 
 def lesson_create_replay_dataset(
