@@ -36,7 +36,11 @@ from typing import Any, TypeVar
 import torch
 import torch.nn.functional as F
 
+from workers.engine.base import Backend, EngineInfo, Prompt
+
 __all__ = [
+    "TransformersBackend",
+    "encode_prompt",
     "configure_threads",
     "generate",
     "loglikelihood",
@@ -1126,3 +1130,74 @@ def token_nll(
         if results[k] is None:
             results[k] = (float(sums[k]), int(counts[k]))
     return [r if r is not None else (0.0, 0) for r in results]
+
+
+# --------------------------------------------------------------------------- backend
+
+
+def encode_prompt(tokenizer: Any, prompt: Prompt) -> list[int]:
+    """Token ids for one prompt: the chat template for chat prompts, plain tokenization otherwise.
+
+    Plain prompts are tokenized with the tokenizer's defaults, as the lesson's ``pipeline`` does;
+    the chat template already contains its special tokens.
+    """
+    if prompt.chat:
+        rendered = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt.text}], tokenize=False, add_generation_prompt=True
+        )
+        return list(tokenizer(rendered, add_special_tokens=False).input_ids)
+    return list(tokenizer(prompt.text).input_ids)
+
+
+class TransformersBackend(Backend):
+    """This module's batched engine over a loaded Hugging Face model (and peft adapter)."""
+
+    name = "transformers"
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, batch_size: int | str = "auto"):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+
+    def info(self) -> EngineInfo:
+        import transformers
+
+        dtype = next(self.model.parameters()).dtype
+        return EngineInfo(
+            backend=self.name,
+            device=str(_model_device(self.model)),
+            dtype=str(dtype).removeprefix("torch."),
+            version=f"transformers {transformers.__version__}",
+        )
+
+    def generate(
+        self,
+        prompts: Sequence[Prompt],
+        *,
+        max_new_tokens: int,
+        stop: Sequence[str] = (),
+        on_result: Callable[[int, str], None] | None = None,
+    ) -> list[str]:
+        return generate(
+            self.model,
+            self.tokenizer,
+            [encode_prompt(self.tokenizer, p) for p in prompts],
+            max_new_tokens=max_new_tokens,
+            stop=stop,
+            batch_size=self.batch_size,
+            on_result=on_result,
+        )
+
+    def loglikelihood(self, requests: Sequence[tuple[Prompt, str]]) -> list[tuple[float, bool]]:
+        encoded = [
+            (
+                encode_prompt(self.tokenizer, prompt),
+                list(self.tokenizer(continuation, add_special_tokens=False).input_ids),
+            )
+            for prompt, continuation in requests
+        ]
+        return loglikelihood(self.model, self.tokenizer, encoded, batch_size=self.batch_size)
+
+    def token_nll(self, texts: Sequence[str]) -> list[tuple[float, int]]:
+        ids = [list(self.tokenizer(text).input_ids) for text in texts]
+        return token_nll(self.model, self.tokenizer, ids, batch_size=self.batch_size)

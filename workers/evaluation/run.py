@@ -15,6 +15,7 @@ from app.jobs.queue import renew, succeed
 from app.suites.kinds import KINDS, ItemRow
 from workers.context import JobContext
 from workers.engine.loading import ModelCache
+from workers.engine.transformers_backend import TransformersBackend
 from workers.evaluation.runners import RUNNERS, RunSettings
 
 log = logging.getLogger("forgetguard.worker")
@@ -100,6 +101,7 @@ def run_evaluation(
         cache_key=key,
     )
 
+    backend = TransformersBackend(loaded.model, loaded.tokenizer)
     settings = RunSettings(
         prompt_format=prompt_format,
         max_new_tokens=int(evaluation.generation.get("max_new_tokens", 50)),
@@ -149,7 +151,7 @@ def run_evaluation(
             if on_progress:
                 on_progress(progress["done"], total)
 
-        RUNNERS[suite["kind"]](loaded.model, loaded.tokenizer, definition, pending, settings, emit)
+        RUNNERS[suite["kind"]](backend, definition, pending, settings, emit)
 
     with ctx.sessionmaker() as session:
         evaluation = session.get(Evaluation, evaluation_id)

@@ -13,7 +13,7 @@ from typing import Any
 
 from app.suites.checks import run_check
 from app.suites.kinds import DEFAULT_PROMPT_TEMPLATE, render_prompt
-from workers.engine import transformers_backend as engine
+from workers.engine.base import Backend, Prompt
 
 Emit = Callable[[list[dict[str, Any]]], None]
 Score = Callable[[dict[str, Any], str], dict[str, Any]]  # (item, response) -> row fields
@@ -25,12 +25,11 @@ class RunSettings:
     prompt_format: str  # "chat" | "plain"
     max_new_tokens: int
     stop: tuple[str, ...]
-    batch_size: int | str = "auto"
 
 
-# (model, tokenizer, suite, pending (position, item) pairs, settings, emit)
+# (backend, suite, pending (position, item) pairs, settings, emit)
 Runner = Callable[
-    [Any, Any, dict[str, Any], Sequence[tuple[int, dict[str, Any]]], RunSettings, Emit], None
+    [Backend, dict[str, Any], Sequence[tuple[int, dict[str, Any]]], RunSettings, Emit], None
 ]
 
 
@@ -42,20 +41,6 @@ def _message_text(item: dict[str, Any], suite: dict[str, Any], fmt: str) -> str:
     if fmt == "chat":
         return str(question)
     return render_prompt(suite.get("prompt_template") or DEFAULT_PROMPT_TEMPLATE, str(question))
-
-
-def encode_prompt(tokenizer: Any, text: str, fmt: str) -> list[int]:
-    """Token ids for one prompt: the chat template in chat format, plain tokenization otherwise.
-
-    Plain prompts are tokenized with the tokenizer's defaults, as the lesson's ``pipeline`` does;
-    the chat template already contains its special tokens.
-    """
-    if fmt == "chat":
-        rendered = tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
-        )
-        return list(tokenizer(rendered, add_special_tokens=False).input_ids)
-    return list(tokenizer(text).input_ids)
 
 
 class _Buffer:
@@ -75,8 +60,7 @@ class _Buffer:
 
 
 def _generate_rows(
-    model: Any,
-    tokenizer: Any,
+    backend: Backend,
     suite: dict[str, Any],
     items: Sequence[tuple[int, dict[str, Any]]],
     settings: RunSettings,
@@ -84,7 +68,8 @@ def _generate_rows(
     score: Score,
 ) -> None:
     texts = [_message_text(item, suite, settings.prompt_format) for _, item in items]
-    prompts = [encode_prompt(tokenizer, t, settings.prompt_format) for t in texts]
+    chat = settings.prompt_format == "chat"
+    prompts = [Prompt(t, chat) for t in texts]
     buffer = _Buffer(emit)
 
     def on_result(index: int, text: str) -> None:
@@ -101,14 +86,8 @@ def _generate_rows(
             }
         )
 
-    engine.generate(
-        model,
-        tokenizer,
-        prompts,
-        max_new_tokens=settings.max_new_tokens,
-        stop=settings.stop,
-        batch_size=settings.batch_size,
-        on_result=on_result,
+    backend.generate(
+        prompts, max_new_tokens=settings.max_new_tokens, stop=settings.stop, on_result=on_result
     )
     buffer.flush()
 
@@ -117,14 +96,13 @@ def _generative(score: Score) -> Runner:
     """A runner that answers every item greedily and scores the answer with ``score``."""
 
     def run(
-        model: Any,
-        tokenizer: Any,
+        backend: Backend,
         suite: dict[str, Any],
         items: Sequence[tuple[int, dict[str, Any]]],
         settings: RunSettings,
         emit: Emit,
     ) -> None:
-        _generate_rows(model, tokenizer, suite, items, settings, emit, score)
+        _generate_rows(backend, suite, items, settings, emit, score)
 
     run.__doc__ = score.__doc__
     return run
@@ -163,8 +141,7 @@ CHUNK = 32  # items per log-likelihood pass between database writes
 
 
 def run_multiple_choice(
-    model: Any,
-    tokenizer: Any,
+    backend: Backend,
     suite: dict[str, Any],
     items: Sequence[tuple[int, dict[str, Any]]],
     settings: RunSettings,
@@ -174,19 +151,16 @@ def run_multiple_choice(
     fmt = settings.prompt_format
     for start in range(0, len(items), CHUNK):
         chunk = items[start : start + CHUNK]
-        requests: list[tuple[list[int], list[int]]] = []
+        requests: list[tuple[Prompt, str]] = []
         texts = []
         for _, item in chunk:
             text = _message_text(item, suite, fmt)
             texts.append(text)
-            context = encode_prompt(tokenizer, text, fmt)
+            context = Prompt(text, fmt == "chat")
             for choice in item["choices"]:
                 # lm-eval's target delimiter: a space after "Answer:"; none after a chat turn start.
-                continuation = choice if fmt == "chat" else f" {choice}"
-                requests.append(
-                    (context, list(tokenizer(continuation, add_special_tokens=False).input_ids))
-                )
-        results = engine.loglikelihood(model, tokenizer, requests, batch_size=settings.batch_size)
+                requests.append((context, choice if fmt == "chat" else f" {choice}"))
+        results = backend.loglikelihood(requests)
         rows, offset = [], 0
         for (position, item), text in zip(chunk, texts, strict=True):
             n = len(item["choices"])
@@ -222,8 +196,7 @@ def run_multiple_choice(
 
 
 def run_perplexity(
-    model: Any,
-    tokenizer: Any,
+    backend: Backend,
     suite: dict[str, Any],
     items: Sequence[tuple[int, dict[str, Any]]],
     settings: RunSettings,
@@ -232,8 +205,7 @@ def run_perplexity(
     """Negative log-likelihood per token of each text (no prompt format: raw text)."""
     for start in range(0, len(items), CHUNK):
         chunk = items[start : start + CHUNK]
-        ids = [list(tokenizer(item["text"]).input_ids) for _, item in chunk]
-        results = engine.token_nll(model, tokenizer, ids, batch_size=settings.batch_size)
+        results = backend.token_nll([item["text"] for _, item in chunk])
         emit(
             [
                 {

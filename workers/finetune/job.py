@@ -54,9 +54,9 @@ from app.jobs.queue import LeaseLost, renew, succeed
 from app.suites import versions
 from workers.context import Interrupted, JobContext, UserError
 from workers.engine import transformers_backend as engine
+from workers.engine.base import Prompt
 from workers.engine.loading import ModelCache, load_model, load_tokenizer, resolve_model
 from workers.evaluation.run import run_evaluation
-from workers.evaluation.runners import encode_prompt
 from workers.finetune.data import (
     Example,
     collate,
@@ -949,15 +949,13 @@ class FinetuneRun:
         def generate() -> list[str]:
             self.stage("base model answering general prompts", total=len(prompts))
             loaded = self.models.get(self.request.base_model.path, None)
-            encoded = [encode_prompt(loaded.tokenizer, p, fmt) for p in prompts]
+            backend = engine.TransformersBackend(loaded.model, loaded.tokenizer)
 
             def progress(index: int, _text: str) -> None:
                 self.ctx.check_stop()
 
-            texts = engine.generate(
-                loaded.model,
-                loaded.tokenizer,
-                encoded,
+            texts = backend.generate(
+                [Prompt(p, fmt == "chat") for p in prompts],
                 max_new_tokens=spec.max_new_tokens,
                 on_result=progress,
             )

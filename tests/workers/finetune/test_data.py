@@ -7,8 +7,9 @@ from typing import Any
 
 import pytest
 
+from workers.engine.base import Prompt
 from workers.engine.loading import load_tokenizer
-from workers.evaluation.runners import encode_prompt
+from workers.engine.transformers_backend import encode_prompt
 from workers.finetune.data import (
     IGNORE_INDEX,
     collate,
@@ -39,7 +40,7 @@ def _trained_text(tokenizer: Any, record: dict, fmt: str) -> str:
 def test_prompt_completion_in_chat_trains_on_the_completion_only(tokenizer: Any) -> None:
     record = {"prompt": "What is aspirin?", "completion": "Aspirin is an NSAID."}
     example = encode_record(tokenizer, record, "chat")
-    prompt = encode_prompt(tokenizer, record["prompt"], "chat")
+    prompt = encode_prompt(tokenizer, Prompt(record["prompt"], chat=True))
     # The untrained part is exactly what an evaluation feeds the model in chat format ...
     assert example.input_ids[: len(prompt)] == prompt
     assert all(label == IGNORE_INDEX for label in example.labels[: len(prompt)])

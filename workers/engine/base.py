@@ -1,0 +1,63 @@
+"""The interface every compute backend implements, lm-eval style.
+
+A suite kind says which request type it needs (``generate``, ``loglikelihood`` or
+``token_nll``); the evaluation runner calls that method on whatever backend the job runs on.
+Requests are text, not token ids: a served model (an OpenAI-compatible endpoint) has no
+tokenizer here, and a local backend tokenizes exactly as the lesson's ``pipeline`` would.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+RequestType = str  # "generate" | "loglikelihood" | "token_nll"
+REQUEST_TYPES: tuple[RequestType, ...] = ("generate", "loglikelihood", "token_nll")
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """What the model is asked: ``text`` as a user turn (``chat``) or verbatim (plain)."""
+
+    text: str
+    chat: bool
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What an evaluation records about the engine that produced it (comparability)."""
+
+    backend: str
+    device: str
+    dtype: str
+    version: str
+
+
+class Backend(ABC):
+    """A loaded model that can answer the three request types."""
+
+    name: str = ""
+
+    @abstractmethod
+    def info(self) -> EngineInfo:
+        """Backend, device, dtype and engine version, recorded with every evaluation."""
+
+    @abstractmethod
+    def generate(
+        self,
+        prompts: Sequence[Prompt],
+        *,
+        max_new_tokens: int,
+        stop: Sequence[str] = (),
+        on_result: Callable[[int, str], None] | None = None,
+    ) -> list[str]:
+        """Greedy continuations in input order; ``on_result(index, text)`` as each finishes."""
+
+    @abstractmethod
+    def loglikelihood(self, requests: Sequence[tuple[Prompt, str]]) -> list[tuple[float, bool]]:
+        """``(sum log p(continuation | prompt), continuation is greedy)`` per request."""
+
+    @abstractmethod
+    def token_nll(self, texts: Sequence[str]) -> list[tuple[float, int]]:
+        """``(sum of NLL over predicted tokens, number of predicted tokens)`` per raw text."""
