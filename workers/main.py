@@ -49,6 +49,36 @@ FORCE_EXIT_DATABASE_SECONDS = 10.0
 MAX_DATABASE_RETRY_SECONDS = 30.0
 
 JobRunner = Callable[[JobContext, ModelCache], Any]
+WORKER_BACKENDS = ("transformers", "vllm", "openai")
+
+
+def claimable_backends(backend: str) -> tuple[str, ...]:
+    """The job backends a worker of ``backend`` takes: its own, and served models.
+
+    Evaluating a served model is only HTTP, so every worker can do it; a local-weights job
+    waits for a worker of its own backend.
+    """
+    return (backend,) if backend == "openai" else (backend, "openai")
+
+
+def engine_description(backend: str, settings: Settings, device: Any) -> tuple[str, str, str]:
+    """``(devices, dtype, engine version)`` a worker announces in ``GET /workers``."""
+    if backend == "vllm":
+        from workers.engine import vllm_backend
+
+        vllm_settings = vllm_backend.VLLMSettings(
+            tensor_parallel_size=settings.vllm_tensor_parallel_size,
+            data_parallel_size=settings.vllm_data_parallel_size,
+        )
+        return (
+            vllm_backend.device_description(vllm_settings),
+            settings.vllm_dtype,
+            vllm_backend.engine_version(),
+        )
+    import transformers
+
+    dtype = str(compute.select_dtype(device)).removeprefix("torch.")
+    return str(device), dtype, f"transformers {transformers.__version__}"
 
 
 def _job_runners() -> dict[str, JobRunner]:
@@ -72,8 +102,13 @@ class Worker:
         kinds: tuple[str, ...] = ("evaluation", "finetune"),
         worker_id: str | None = None,
         once: bool = False,
+        backend: str = "transformers",
     ) -> None:
+        if backend not in WORKER_BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose one of {WORKER_BACKENDS}")
         self.settings = settings
+        self.backend = backend
+        self.backends = claimable_backends(backend)
         self.engine = make_engine(settings.database_url)
         self.sessionmaker = session_factory(self.engine)
         self.device = compute.select_device(device)
@@ -165,10 +200,16 @@ class Worker:
     def run(self) -> int:
         """The claim loop; returns the process exit code."""
         threads = compute.configure_threads()
+        # A served-model worker runs no fine-tuning: the weights are not here.
+        kinds = self.kinds if self.backend != "openai" else ("evaluation",)
+        self.kinds = tuple(k for k in kinds if k in self.kinds)
+        devices, dtype, version = engine_description(self.backend, self.settings, self.device)
         log.info(
-            "worker %s on %s (%d threads), kinds %s",
+            "worker %s: backend %s (%s) on %s (%d threads), kinds %s",
             self.worker_id,
-            self.device,
+            self.backend,
+            version,
+            devices,
             threads,
             ",".join(self.kinds),
         )
@@ -176,7 +217,13 @@ class Worker:
             versions.sync_builtins(session)
             session.commit()
         register_worker(
-            self.engine, worker_id=self.worker_id, device=str(self.device), kinds=self.kinds
+            self.engine,
+            worker_id=self.worker_id,
+            device=devices,
+            kinds=self.kinds,
+            backend=self.backend,
+            dtype=dtype,
+            engine_version=version,
         )
         last_beat = 0.0
         retry = self.settings.poll_seconds
@@ -188,6 +235,7 @@ class Worker:
                         worker_id=self.worker_id,
                         kinds=self.kinds,
                         lease_seconds=self.settings.lease_seconds,
+                        backends=self.backends,
                     )
                     beat_due = time.monotonic() - last_beat > self.settings.heartbeat_seconds
                     if job is None and beat_due:
@@ -213,6 +261,8 @@ class Worker:
         finally:
             deregister_worker(self.engine, self.worker_id)
             self.engine.dispose()
+            for kept in self.models.engines.values():  # a started vLLM engine and its process
+                kept.close()
         return 0
 
     def run_job(self, job: ClaimedJob) -> None:
@@ -266,9 +316,17 @@ class Worker:
 
 
 def main(
-    settings: Settings, *, device: str, kinds: tuple[str, ...], worker_id: str | None, once: bool
+    settings: Settings,
+    *,
+    device: str,
+    kinds: tuple[str, ...],
+    worker_id: str | None,
+    once: bool,
+    backend: str = "transformers",
 ) -> int:
     """Entry point of ``forgetguard worker``."""
-    worker = Worker(settings, device=device, kinds=kinds, worker_id=worker_id, once=once)
+    worker = Worker(
+        settings, device=device, kinds=kinds, worker_id=worker_id, once=once, backend=backend
+    )
     worker.install_signal_handlers()
     return worker.run()

@@ -43,11 +43,14 @@ async def compare(
     max_nll_increase: Annotated[float | None, Query(ge=0.0, le=100.0)] = None,
     mode: Literal["threshold", "noninferiority"] = "threshold",
     alpha: Annotated[float, Query(gt=0.0, lt=0.5)] = 0.05,
+    allow_backend_mismatch: bool = False,
 ) -> Response:
     """The lesson's ``compare_forgetting`` keys, then checklist, flips, statistics, drift, verdict.
 
     ``mode=noninferiority`` fails unless the upper bound of the (1 - ``alpha``) CI of the drop
     is below ``threshold``; ``max_category_drop`` and ``max_nll_increase`` add stricter rules.
+    Runs on different engines (backend, dtype, engine version) are a 409 unless
+    ``allow_backend_mismatch=true``, which turns the difference into a warning.
     """
     options = CompareOptions(
         threshold=threshold,
@@ -55,6 +58,7 @@ async def compare(
         max_nll_increase=max_nll_increase,
         mode=mode,
         alpha=alpha,
+        allow_backend_mismatch=allow_backend_mismatch,
     )
     cache: FinishedCache = request.app.state.comparisons
     key = json.dumps([before, after, *astuple(options)])

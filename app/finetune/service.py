@@ -112,6 +112,7 @@ def create(*, session: Session, settings: Settings, body: FinetuneJobCreate) -> 
         id=new_id("ft"),
         label=body.label,
         base_model_path=body.base_model.path,
+        backend=body.evaluation.backend if body.evaluation is not None else "transformers",
         request=body.model_dump(mode="json"),
         status="queued",
         progress={"done": 0, "total": 0, "stage": "queued"},

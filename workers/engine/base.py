@@ -61,3 +61,10 @@ class Backend(ABC):
     @abstractmethod
     def token_nll(self, texts: Sequence[str]) -> list[tuple[float, int]]:
         """``(sum of NLL over predicted tokens, number of predicted tokens)`` per raw text."""
+
+
+class UnsupportedRequest(Exception):
+    """The backend cannot answer this request type (a server without prompt log-probabilities).
+
+    The evaluation fails with this message, naming the suite: retrying will not help.
+    """

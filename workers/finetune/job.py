@@ -773,7 +773,7 @@ class FinetuneRun:
             model_dir, adapter_dir = resolve_model(settings, model_path, adapter_path)
             fingerprint(model_dir, adapter_dir, cache_dir=settings.cache_dir)
             body = EvaluationCreate(
-                model=ModelRef(path=model_path, adapter_path=adapter_path),
+                model=ModelRef(path=model_path, adapter_path=adapter_path, backend=spec.backend),
                 suites=list(spec.suites),
                 prompt_format=spec.prompt_format,
                 generation=spec.generation,
