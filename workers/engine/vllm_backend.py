@@ -14,6 +14,7 @@ worker never need it.
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -25,6 +26,10 @@ from workers.engine.base import Backend, EngineInfo, Prompt
 from workers.engine.transformers_backend import encode_prompt
 
 os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
+# The engine core runs in this process: a worker stopped by a signal (or os._exit after its
+# grace period) leaves no engine process behind, and nothing is spawned from a module that
+# is being imported.
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 import vllm  # noqa: E402
 from vllm import LLM, SamplingParams  # noqa: E402
@@ -32,6 +37,19 @@ from vllm.inputs import TokensPrompt  # noqa: E402
 from vllm.lora.request import LoRARequest  # noqa: E402
 
 log = logging.getLogger("forgetguard.worker")
+
+# Modules an adapter may target. The output head is left out on purpose: wrapping it for
+# LoRA breaks prompt log-probabilities on vLLM's CPU backend (0.32), and forgetguard's
+# adapters never train it; an adapter that does is refused rather than silently cut.
+LORA_TARGET_MODULES = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+)
 
 # Prompts handed to vLLM at once between progress reports (vLLM schedules them itself).
 GENERATE_CHUNK = 256
@@ -80,6 +98,7 @@ class VLLMEngine:
             "enable_lora": True,
             "max_loras": 1,
             "max_lora_rank": settings.max_lora_rank,
+            "lora_target_modules": list(LORA_TARGET_MODULES),
             "seed": 0,
         }
         if settings.data_parallel_size > 1:
@@ -99,6 +118,7 @@ class VLLMEngine:
         """The request that serves ``adapter_dir`` unmerged (None: the base model)."""
         if adapter_dir is None:
             return None
+        check_adapter(adapter_dir, self.settings.max_lora_rank)
         key = str(adapter_dir)
         if key not in self._lora_ids:
             self._lora_ids[key] = len(self._lora_ids) + 1
@@ -115,6 +135,36 @@ class VLLMEngine:
             core.shutdown()
         del llm, engine, core
         gc.collect()
+
+
+class AdapterNotServable(ValueError):
+    """An adapter this engine would not apply in full (vLLM would drop part of it)."""
+
+
+def check_adapter(adapter_dir: Path, max_rank: int) -> None:
+    """Refuse an adapter vLLM cannot serve exactly: wrong type, rank, or target modules."""
+    try:
+        config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise AdapterNotServable(f"cannot read {adapter_dir}/adapter_config.json: {exc}") from None
+    if config.get("peft_type", "LORA") != "LORA":
+        raise AdapterNotServable(f"vLLM serves LoRA adapters only, not {config.get('peft_type')}")
+    rank = int(config.get("r", 0))
+    if rank > max_rank:
+        raise AdapterNotServable(
+            f"adapter rank {rank} exceeds the engine's max_lora_rank {max_rank}; raise "
+            "FORGETGUARD_VLLM_MAX_LORA_RANK on the worker"
+        )
+    targets = config.get("target_modules") or []
+    if isinstance(targets, str):
+        targets = [] if targets == "all-linear" else [targets]
+    unknown = sorted(t for t in targets if t.rsplit(".", 1)[-1] not in LORA_TARGET_MODULES)
+    if unknown or config.get("modules_to_save"):
+        raise AdapterNotServable(
+            f"the adapter trains {unknown or config.get('modules_to_save')}, which the vLLM "
+            f"backend does not apply (it serves {list(LORA_TARGET_MODULES)}); evaluate it on "
+            "the transformers backend"
+        )
 
 
 class EngineCache:

@@ -121,8 +121,12 @@ def _open_vllm(ctx: JobContext, models: ModelCache, evaluation: Evaluation) -> O
             )
         )
     engine = engines.get(model_dir, base, lambda: load_tokenizer(model_dir))
+    try:
+        backend = vllm_backend.VLLMBackend(engine, adapter_dir)
+    except vllm_backend.AdapterNotServable as exc:
+        raise ctx.user_error(str(exc)) from None
     return OpenedModel(
-        backend=vllm_backend.VLLMBackend(engine, adapter_dir),
+        backend=backend,
         fingerprint=full,
         has_chat_template=bool(getattr(engine.tokenizer, "chat_template", None)),
     )
