@@ -98,11 +98,13 @@ def worker(
         str,
         typer.Option(
             help="Engine: transformers, vllm (needs vLLM installed) or openai (served models "
-            "only). Every worker also evaluates served models."
+            "only). Every worker also evaluates served models.",
+            envvar="FORGETGUARD_WORKER_BACKEND",
         ),
     ] = "transformers",
 ) -> None:
     """Run a worker: claims queued jobs and runs them on one device."""
+    backend = backend or "transformers"  # an empty FORGETGUARD_WORKER_BACKEND
     if backend not in ("transformers", "vllm", "openai"):
         typer.echo(f"unknown backend {backend!r}: choose transformers, vllm or openai", err=True)
         raise typer.Exit(2)
@@ -352,6 +354,10 @@ def gate(
         typer.Option(help="Default: chat when the tokenizer has a chat template, else plain."),
     ] = None,
     max_new_tokens: Annotated[int | None, typer.Option(help="Generation length.")] = None,
+    backend: Annotated[
+        str | None,
+        typer.Option(help="Engine of both evaluations: transformers or vllm (server default)."),
+    ] = None,
     cache: Annotated[
         bool, typer.Option(help="Reuse finished evaluations of identical inputs.")
     ] = True,
@@ -381,6 +387,7 @@ def gate(
         alpha=alpha,
         prompt_format=prompt_format.value if prompt_format else None,
         max_new_tokens=max_new_tokens,
+        backend=backend,
         cache=cache,
         timeout=timeout,
         junit=junit,

@@ -45,8 +45,8 @@ class Settings(BaseSettings):
     # Seconds a worker waits for one request to a served model.
     endpoint_timeout_seconds: float = 300.0
 
-    # vLLM backend (workers started with --backend vllm). dtype "auto": the model's own
-    # (float32 on CPU, where vLLM's results then equal the transformers engine's).
+    # vLLM backend (workers started with --backend vllm). dtype "auto": float32 on CPU (as
+    # the transformers engine; answers then equal its answers), vLLM's choice on GPUs.
     vllm_tensor_parallel_size: int = 1
     vllm_data_parallel_size: int = 1
     vllm_gpu_memory_utilization: float = 0.9

@@ -201,3 +201,15 @@ def test_workers_show_backend_devices_dtype_and_engine_version(
     assert worker["device"] == "cuda:0,cuda:1"
     assert worker["dtype"] == "bfloat16"
     assert worker["engine_version"] == "vllm 0.32.0"
+
+
+def test_the_gate_submits_both_sides_on_the_backend_it_was_given() -> None:
+    from app.gate.runner import GateOptions, evaluation_body
+
+    body = evaluation_body(GateOptions(backend="vllm"), "models/base", "out/adapter", "after")
+    assert body["model"] == {
+        "path": "models/base",
+        "adapter_path": "out/adapter",
+        "backend": "vllm",
+    }
+    assert "backend" not in evaluation_body(GateOptions(), "models/base", None, "b")["model"]

@@ -23,9 +23,7 @@ def engine(settings: Settings) -> Iterator[Engine]:
 
 def _evaluation(engine: Engine, backend: str) -> str:
     with session_factory(engine)() as session:
-        row = Evaluation(
-            id=new_id("ev"), model_path="m", generation={}, suites=[], backend=backend
-        )
+        row = Evaluation(id=new_id("ev"), model_path="m", generation={}, suites=[], backend=backend)
         session.add(row)
         session.commit()
         return row.id

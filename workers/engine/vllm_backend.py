@@ -86,10 +86,15 @@ class VLLMEngine:
         self.model_dir = model_dir
         self.tokenizer = tokenizer
         self.settings = settings
+        dtype = settings.dtype
+        if dtype == "auto" and _on_cpu():
+            # As the transformers engine does: float32 on CPU (vLLM's own "auto" would cast a
+            # float32 checkpoint to 16 bits, and answers would no longer match).
+            dtype = "float32"
         kwargs: dict[str, Any] = {
             "model": str(model_dir),
             "tokenizer": str(model_dir),
-            "dtype": settings.dtype,
+            "dtype": dtype,
             "trust_remote_code": False,
             # Only safetensors, as everywhere in forgetguard: never a pickle.
             "load_format": "safetensors",
