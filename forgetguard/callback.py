@@ -229,7 +229,7 @@ class ForgetGuardCallback(TrainerCallback):
         """At each save: on the server (the saved checkpoint), or here when no every_steps."""
         step = state.global_step
         if self.client is not None:
-            checkpoint = Path(args.output_dir) / f"checkpoint-{step}"
+            checkpoint = Path(str(args.output_dir)) / f"checkpoint-{step}"
             self._record(step, self._evaluate_on_server(checkpoint), control)
         elif self.every_steps is None:
             tokenizer = processing_class or kwargs.get("tokenizer")

@@ -258,10 +258,12 @@ class Client:
         **options: Any,
     ) -> Comparison:
         """``GET /compare``; ``options`` are its other query parameters (``mode``, ``suites`` …)."""
-        params = {"before": before, "after": after, "threshold": threshold}
-        params.update({k: v for k, v in options.items() if v is not None})
-        if isinstance(params.get("suites"), list | tuple):
-            params["suites"] = ",".join(params["suites"])
+        params: dict[str, Any] = {"before": before, "after": after, "threshold": threshold}
+        for name, value in options.items():
+            if isinstance(value, list | tuple):
+                value = ",".join(str(v) for v in value)  # suites=["a", "b"] → "a,b"
+            if value is not None:
+                params[name] = value
         return Comparison.model_validate(self.request("GET", "/compare", params=params))
 
     def get(self, job_id: str) -> Evaluation | FinetuneJob:
