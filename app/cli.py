@@ -331,6 +331,12 @@ def gate(
     timeout: Annotated[float, typer.Option(help="Seconds to wait for evaluations.")] = 3600.0,
     junit: Annotated[Path | None, typer.Option(help="Write a JUnit XML report.")] = None,
     markdown: Annotated[Path | None, typer.Option(help="Write a Markdown report.")] = None,
+    mlflow: Annotated[
+        str | None,
+        typer.Option(
+            help="Also log the comparison to this MLflow tracking URI (needs the mlflow extra)."
+        ),
+    ] = None,
     server: ServerOpt = DEFAULT_URL,
 ) -> None:
     """CI gate: compare a candidate with its base; exit 0 pass, 1 forgetting, 2 error.
@@ -359,6 +365,7 @@ def gate(
         junit=junit,
         markdown=markdown,
         api_key=os.environ.get("FORGETGUARD_API_KEY") or None,
+        mlflow=mlflow,
     )
     raise typer.Exit(run_gate(options))
 

@@ -82,6 +82,7 @@ class GateOptions:
     junit: Path | None = None
     markdown: Path | None = None
     api_key: str | None = None
+    mlflow: str | None = None
 
 
 # --------------------------------------------------------------------------- HTTP
@@ -645,6 +646,16 @@ def _write_reports(comparison: Mapping[str, Any], options: GateOptions, elapsed:
         raise GateError(f"cannot write a report: {exc}") from None
 
 
+def _log_to_mlflow(comparison: Mapping[str, Any], uri: str, console: Console) -> None:
+    from forgetguard.tracking import log_comparison
+
+    try:
+        run_id = log_comparison(uri, comparison, markdown_report(comparison))
+    except Exception as exc:  # the tracking server's own errors: any type, all exit 2
+        raise GateError(f"cannot log to MLflow at {uri}: {exc.__class__.__name__}: {exc}") from None
+    console.print(f"logged to MLflow at {uri}: run {run_id}", soft_wrap=True, markup=False)
+
+
 def error_junit_xml(message: str, elapsed: float) -> bytes:
     """JUnit XML for a gate that could not decide: one testcase with an ``<error>``."""
     suites = ET.Element(
@@ -744,6 +755,8 @@ def run_gate(
         comparison = api.get("/compare", params=compare_params(options, ids))
         render_table(comparison, out)
         _write_reports(comparison, options, time.monotonic() - started)
+        if options.mlflow:
+            _log_to_mlflow(comparison, options.mlflow, err)
     except GateError as exc:
         _write_error_reports(str(exc), options, time.monotonic() - started)
         err.print(f"forgetguard gate: ERROR: {exc}", soft_wrap=True, markup=False)
