@@ -60,12 +60,14 @@ def problem_response(
     return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
 
 
-_TAGS = ("qa", "checklist", "multiple_choice", "perplexity", "ref", "inline")
+# Suite kinds validate without a union tag (``app.suites.kinds.validate_suite``); only a suite
+# entry's "ref" / "inline" branch is left in a location.
+_TAGS = ("ref", "inline")
 
 
 def _clean_loc(loc: tuple[Any, ...] | list[Any]) -> list[Any]:
-    # Discriminated unions insert the tag ("qa", "checklist", …) into the location; drop it so
-    # the location reads like the JSON path the client sent.
+    # Discriminated unions insert the tag ("ref", "inline") into the location; drop it so the
+    # location reads like the JSON path the client sent.
     return [part for part in loc if part not in _TAGS]
 
 
