@@ -81,7 +81,7 @@ def _short(value: str, limit: int = 60) -> str:
 def describe_loc(loc: tuple[Any, ...] | list[Any], body: Any = _UNSET) -> tuple[str, str | None]:
     """A location as the client would write it, and the id of the innermost item it passes.
 
-    ``("body", "checklist", "items", 3, "check")`` over the request body becomes
+    ``("body", "items", 3, "check")`` over the request body becomes
     ``("items[3] (id 'geo-004').check", "geo-004")``: the index alone does not tell a person
     which of 10,000 items to fix, the id does.
     """
