@@ -9,10 +9,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from app.suites.kinds import KINDS, ItemRow
-from app.suites.versions import SUITE_ADAPTER
+from app.suites.kinds import KINDS, ItemRow, validate_suite
 from workers.engine.transformers_backend import TransformersBackend
-from workers.evaluation.runners import RUNNERS, RunSettings
+from workers.evaluation.runners import RunSettings, run_items
 
 
 def evaluate_suites(
@@ -33,10 +32,10 @@ def evaluate_suites(
     settings = RunSettings(prompt_format=fmt, max_new_tokens=max_new_tokens, stop=tuple(stop))
     results: dict[str, dict[str, Any]] = {}
     for raw in suites:
-        definition = SUITE_ADAPTER.validate_python(dict(raw)).model_dump(mode="json")
+        definition = validate_suite(dict(raw)).model_dump(mode="json")
         rows: list[dict[str, Any]] = []
         items = list(enumerate(definition["items"]))
-        RUNNERS[definition["kind"]](backend, definition, items, settings, rows.extend)
+        run_items(definition["kind"], backend, definition, items, settings, rows.extend)
         rows.sort(key=lambda r: r["position"])
         results[definition["name"]] = KINDS[definition["kind"]].aggregate(
             [
