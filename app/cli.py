@@ -281,6 +281,13 @@ class GateMode(StrEnum):
     noninferiority = "noninferiority"
 
 
+class CategoryRule(StrEnum):
+    """How ``gate`` judges a category that dropped more than ``--max-category-drop``."""
+
+    point = "point"
+    significant = "significant"
+
+
 class PromptFormat(StrEnum):
     """How prompts are rendered."""
 
@@ -320,6 +327,27 @@ def gate(
         ),
     ] = GateMode.threshold,
     alpha: Annotated[float, typer.Option(help="1 - confidence of the CI.")] = 0.05,
+    category_rule: Annotated[
+        CategoryRule,
+        typer.Option(
+            help="point: a category fails on its drop; significant: only when the drop is "
+            "significant after Holm adjustment across categories.",
+        ),
+    ] = CategoryRule.point,
+    finetune_job: Annotated[
+        str | None,
+        typer.Option(
+            help="Gate a fine-tune job (waits for it): its stored evaluations, or its output "
+            "evaluated anew when --suite names suites it did not run.",
+        ),
+    ] = None,
+    noise_floor: Annotated[
+        bool,
+        typer.Option(
+            help="Rerun the base with another batch composition and report the churn "
+            "(items that flip with no change).",
+        ),
+    ] = False,
     prompt_format: Annotated[
         PromptFormat | None,
         typer.Option(help="Default: chat when the tokenizer has a chat template, else plain."),
@@ -352,6 +380,9 @@ def gate(
         max_nll_increase=max_nll_increase,
         mode=mode.value,
         alpha=alpha,
+        category_rule=category_rule.value,
+        finetune_job=finetune_job,
+        noise_floor=noise_floor,
         prompt_format=prompt_format.value if prompt_format else None,
         max_new_tokens=max_new_tokens,
         cache=cache,

@@ -17,6 +17,8 @@ from app.suites.kinds import ItemRow, aggregate_qa
 
 SEVERITY_ORDER = {"critical": 0, "high": 1, "medium": 2, "low": 3}
 LARGEST_NLL_INCREASES = 5
+POWER = 0.8  # the power at which min_detectable_drop is stated
+CHURN_SHOWN = 20
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,14 @@ class CompareOptions:
     alpha: float = 0.05
     seed: int = 0
     n_resamples: int = 10_000
+    # point: a category fails on its point drop (and says whether that drop is significant);
+    # significant: only a drop that is significant after Holm adjustment fails it.
+    category_rule: Literal["point", "significant"] = "point"
+    # Compare only these suites (both runs must have them); None: all, which must match.
+    suites: tuple[str, ...] | None = None
+    # Id of a second evaluation of the base with another batch composition: its churn is the
+    # noise floor the forgotten count is read against.
+    noise_floor: str | None = None
 
 
 @dataclass(slots=True)
@@ -68,25 +78,44 @@ def compare_forgetting(
     }
 
 
+# Engine settings that decide how items are batched, not what is asked: they must not change a
+# greedy answer, so runs that differ only in them are comparable (the noise floor needs this).
+ENGINE_ONLY_SETTINGS = ("batch_size",)
+
+
 def _generation_differences(before: Mapping[str, Any], after: Mapping[str, Any]) -> list[str]:
     return [
         f"{key} {before.get(key)!r} before, {after.get(key)!r} after"
         for key in sorted(set(before) | set(after))
-        if before.get(key) != after.get(key)
+        if key not in ENGINE_ONLY_SETTINGS and before.get(key) != after.get(key)
     ]
 
 
-def comparability_problems(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+def comparability_problems(
+    before: dict[str, Any], after: dict[str, Any], suites: Sequence[str] | None = None
+) -> list[str]:
     """What differs between two runs that would make their scores incomparable (empty: none).
 
     Runs are ``{"suites": [snapshot…], "prompt_format", "generation"}``; suites are matched by
     name and compared by content hash, so an edited suite is named with both versions.
+    ``suites`` restricts the comparison to those names, which both runs must have.
     """
     problems = []
     b_suites = {s["name"]: s for s in before["suites"]}
     a_suites = {s["name"]: s for s in after["suites"]}
-    for name in sorted(set(b_suites) | set(a_suites)):
+    names = sorted(set(b_suites) | set(a_suites)) if suites is None else list(suites)
+    mismatched = False
+    for name in names:
         if name not in a_suites or name not in b_suites:
+            if suites is not None:
+                missing = [
+                    w for w, s in (("before", b_suites), ("after", a_suites)) if name not in s
+                ]
+                problems.append(
+                    f"suite {name!r} is not in the {' or the '.join(missing)} evaluation"
+                )
+                continue
+            mismatched = True
             which = "before" if name in b_suites else "after"
             problems.append(f"suite {name!r} ran only in the {which} evaluation")
         elif b_suites[name]["content_hash"] != a_suites[name]["content_hash"]:
@@ -94,13 +123,20 @@ def comparability_problems(before: dict[str, Any], after: dict[str, Any]) -> lis
                 f"suite {name!r} differs: version {b_suites[name]['version']} before, "
                 f"version {a_suites[name]['version']} after (content hashes differ)"
             )
+    if mismatched:
+        shared = [n for n in b_suites if n in a_suites]
+        problems.append(
+            f"pass suites={','.join(shared)} to compare the suites both runs share"
+            if shared
+            else "the runs share no suite"
+        )
     if before["prompt_format"] != after["prompt_format"]:
         problems.append(
             f"prompt_format differs: {before['prompt_format']!r} before, "
             f"{after['prompt_format']!r} after"
         )
-    if before["generation"] != after["generation"]:
-        diffs = _generation_differences(before["generation"], after["generation"])
+    diffs = _generation_differences(before["generation"], after["generation"])
+    if diffs:
         problems.append("generation settings differ: " + "; ".join(diffs))
     return problems
 
@@ -147,13 +183,39 @@ def _summary(pairs: Sequence[tuple[Row, Row]], options: CompareOptions) -> dict[
     }
 
 
+def _power(summary: dict[str, Any], options: CompareOptions) -> dict[str, Any]:
+    n = summary["n_pairs"]
+    discordance = (summary["forgotten"] + summary["learned"]) / n if n else 0.0
+    return {
+        "min_detectable_drop": stats.min_detectable_drop(n, discordance, alpha=options.alpha),
+        "noninferiority_floor": stats.noninferiority_floor(n, 1.0 - options.alpha),
+    }
+
+
 def _statistics(pairs: list[tuple[Row, Row]], options: CompareOptions) -> dict[str, Any]:
     overall = _summary(pairs, options)
     by_category = {
         cat: _summary([(b, a) for b, a in pairs if (b.category or "general") == cat], options)
         for cat in dict.fromkeys(b.category or "general" for b, _ in pairs)
     }
-    return {**overall, "confidence": 1.0 - options.alpha, "by_category": by_category}
+    # One test per category is a family of tests: Holm keeps the chance of any false alarm
+    # at alpha; the raw p stays beside the adjusted one.
+    names = list(by_category)
+    adjusted = stats.holm_adjust([by_category[c]["mcnemar_p_value"] for c in names])
+    for cat, p_holm in zip(names, adjusted, strict=True):
+        entry = by_category[cat]
+        entry["p_value"] = entry["mcnemar_p_value"]
+        entry["p_value_holm"] = p_holm
+        entry["significant"] = entry["drop"] > 0 and p_holm < options.alpha
+        entry["min_detectable_drop"] = _power(entry, options)["min_detectable_drop"]
+    return {
+        **overall,
+        **_power(overall, options),
+        "alpha": options.alpha,
+        "power": POWER,
+        "confidence": 1.0 - options.alpha,
+        "by_category": by_category,
+    }
 
 
 def _test_name(row: Row) -> str:
@@ -266,6 +328,131 @@ def _no_accuracy() -> dict[str, Any]:
     }
 
 
+def _finding(rule: str, subject: str, message: str, *, gates: bool) -> dict[str, Any]:
+    return {"rule": rule, "subject": subject, "message": message, "gates": gates}
+
+
+def _category_findings(
+    statistics: Mapping[str, Any], options: CompareOptions
+) -> list[dict[str, Any]]:
+    significant_rule = options.category_rule == "significant"
+    gating = options.max_category_drop is not None or significant_rule
+    limit = (
+        options.max_category_drop
+        if options.max_category_drop is not None
+        else (0.0 if significant_rule else options.threshold)
+    )
+    found = []
+    # Unrounded drops: the rounded category_drops are for display.
+    for cat, c in statistics["by_category"].items():
+        if c["drop"] <= limit:
+            continue
+        significance = (
+            f"significant after Holm adjustment (p = {c['p_value']:.3g}, "
+            f"adjusted {c['p_value_holm']:.3g} < {options.alpha})"
+            if c["significant"]
+            else f"not significant after Holm adjustment (p = {c['p_value']:.3g}, "
+            f"adjusted {c['p_value_holm']:.3g} ≥ {options.alpha})"
+        )
+        message = (
+            f"category {cat!r} dropped {c['drop']:.3f} "
+            f"({c['accuracy_before']:.3f} → {c['accuracy_after']:.3f}), more than "
+            f"{'max_category_drop ' if options.max_category_drop is not None else ''}{limit}; "
+            f"{significance}"
+        )
+        gates = gating and (c["significant"] or not significant_rule)
+        if not gates:
+            message += (
+                "; reported, does not fail the gate under category_rule=significant"
+                if significant_rule
+                else "; reported, set max_category_drop to gate on it"
+            )
+        found.append(_finding("category", str(cat), message, gates=gates))
+    return found
+
+
+def findings(
+    lesson: Mapping[str, Any],
+    statistics: Mapping[str, Any] | None,
+    checklist: Mapping[str, Any] | None,
+    drift: Mapping[str, Any] | None,
+    options: CompareOptions,
+) -> list[dict[str, Any]]:
+    """Every regression the comparison found, each ``{"rule", "subject", "message", "gates"}``.
+
+    ``gates`` says whether it fails the verdict; the others are reported only. Reports (JUnit,
+    Markdown, the dashboard) mark as failed exactly the findings that gate, so they can never
+    disagree with the exit code.
+    """
+    found: list[dict[str, Any]] = []
+    if lesson["catastrophic_forgetting_detected"]:
+        found.append(
+            _finding(
+                "accuracy",
+                "overall",
+                f"accuracy dropped {lesson['accuracy_drop']:.3f} "
+                f"({lesson['overall_accuracy_before']:.3f} → "
+                f"{lesson['overall_accuracy_after']:.3f}), more than the threshold "
+                f"{options.threshold}",
+                gates=True,
+            )
+        )
+    if options.mode == "noninferiority" and statistics is not None:
+        high = statistics["drop_ci95"][1]
+        floor = statistics["noninferiority_floor"]
+        if floor >= options.threshold:
+            found.append(
+                _finding(
+                    "accuracy",
+                    "overall",
+                    f"non-inferiority cannot be shown at n = {statistics['n_pairs']}: even with "
+                    f"no item forgotten the {statistics['confidence']:.0%} upper bound of the "
+                    f"drop is {floor:.3f}, not below the margin {options.threshold}",
+                    gates=True,
+                )
+            )
+        elif not stats.noninferiority_pass(high, options.threshold):
+            found.append(
+                _finding(
+                    "accuracy",
+                    "overall",
+                    f"non-inferiority not shown: the {statistics['confidence']:.0%} CI of the "
+                    f"drop reaches {high:.3f}, not below the margin {options.threshold}",
+                    gates=True,
+                )
+            )
+    if statistics is not None:
+        found += _category_findings(statistics, options)
+    if checklist is not None:
+        for fail in checklist["newly_failing"]:
+            critical = fail["severity"] == "critical"
+            found.append(
+                _finding(
+                    "checklist",
+                    f"{fail['suite']}/{fail['test']}",
+                    f"{'critical' if critical else fail['severity']} check {fail['test']!r} "
+                    "passed before and fails after"
+                    + ("" if critical else " (reported; only critical checks fail the gate)"),
+                    gates=critical,
+                )
+            )
+    if options.max_nll_increase is not None and drift is not None:
+        for name, suite in drift["suites"].items():
+            if suite["relative_change"] > options.max_nll_increase:
+                found.append(
+                    _finding(
+                        "drift",
+                        name,
+                        f"NLL/token on {name!r} rose {suite['relative_change']:.1%} "
+                        f"({suite['nll_per_token_before']:.3f} → "
+                        f"{suite['nll_per_token_after']:.3f}), more than "
+                        f"{options.max_nll_increase:.0%}",
+                        gates=True,
+                    )
+                )
+    return found
+
+
 def verdict_reasons(
     lesson: Mapping[str, Any],
     statistics: Mapping[str, Any] | None,
@@ -274,42 +461,96 @@ def verdict_reasons(
     options: CompareOptions,
 ) -> list[str]:
     """Why the comparison fails (empty: it passes). The lesson's rule first, then the rest."""
-    reasons: list[str] = []
-    if lesson["catastrophic_forgetting_detected"]:
-        reasons.append(
-            f"accuracy dropped {lesson['accuracy_drop']:.3f} "
-            f"({lesson['overall_accuracy_before']:.3f} → {lesson['overall_accuracy_after']:.3f}), "
-            f"more than the threshold {options.threshold}"
+    return [
+        f["message"] for f in findings(lesson, statistics, checklist, drift, options) if f["gates"]
+    ]
+
+
+def power_warnings(
+    statistics: Mapping[str, Any] | None, options: CompareOptions
+) -> list[dict[str, Any]]:
+    """``underpowered`` warnings: where the sample cannot tell the gated drop from noise."""
+    if statistics is None:
+        return []
+    warnings = []
+    n = statistics["n_pairs"]
+    mdd = statistics["min_detectable_drop"]
+    how = f"at α = {options.alpha} with {POWER:.0%} power"
+    if mdd is None or mdd > options.threshold:
+        detail = (
+            f"even losing all {n} items is not significant {how}"
+            if mdd is None
+            else f"the minimum detectable drop {how} is {mdd:.3f}"
         )
-    if options.mode == "noninferiority" and statistics is not None:
-        high = statistics["drop_ci95"][1]
-        if not stats.noninferiority_pass(high, options.threshold):
-            reasons.append(
-                f"non-inferiority not shown: the {statistics['confidence']:.0%} CI of the drop "
-                f"reaches {high:.3f}, not below the margin {options.threshold}"
-            )
-    if options.max_category_drop is not None and statistics is not None:
-        # Unrounded drops: the rounded category_drops are for display.
-        for cat, cat_stats in statistics["by_category"].items():
-            if cat_stats["drop"] > options.max_category_drop:
-                reasons.append(
-                    f"category {cat!r} dropped {cat_stats['drop']:.3f} "
-                    f"({cat_stats['accuracy_before']:.3f} → {cat_stats['accuracy_after']:.3f}), "
-                    f"more than max_category_drop {options.max_category_drop}"
+        warnings.append(
+            {
+                "code": "underpowered",
+                "scope": "overall",
+                "n": n,
+                "min_detectable_drop": mdd,
+                "message": f"underpowered: n = {n} cannot distinguish a {options.threshold:.2f} "
+                f"drop from noise ({detail}); add items to the suite",
+            }
+        )
+    if options.mode == "noninferiority" and statistics["noninferiority_floor"] >= options.threshold:
+        warnings.append(
+            {
+                "code": "underpowered",
+                "scope": "noninferiority",
+                "n": n,
+                "min_detectable_drop": mdd,
+                "message": f"underpowered: mode=noninferiority cannot pass at n = {n}: the "
+                f"smallest possible upper bound of the drop is "
+                f"{statistics['noninferiority_floor']:.3f}, not below {options.threshold}",
+            }
+        )
+    if options.max_category_drop is not None:
+        for cat, c in statistics["by_category"].items():
+            cat_mdd = c["min_detectable_drop"]
+            if cat_mdd is None or cat_mdd > options.max_category_drop:
+                shown = "any drop" if cat_mdd is None else f"drops below {cat_mdd:.3f}"
+                warnings.append(
+                    {
+                        "code": "underpowered",
+                        "scope": f"category:{cat}",
+                        "n": c["n_pairs"],
+                        "min_detectable_drop": cat_mdd,
+                        "message": f"underpowered: category {cat!r} (n = {c['n_pairs']}) cannot "
+                        f"distinguish {shown} from noise {how}",
+                    }
                 )
-    if checklist is not None:
-        for fail in checklist["newly_failing"]:
-            if fail["severity"] == "critical":
-                reasons.append(f"critical check {fail['test']!r} passed before and fails after")
-    if options.max_nll_increase is not None and drift is not None:
-        for name, suite in drift["suites"].items():
-            if suite["relative_change"] > options.max_nll_increase:
-                reasons.append(
-                    f"NLL/token on {name!r} rose {suite['relative_change']:.1%} "
-                    f"({suite['nll_per_token_before']:.3f} → {suite['nll_per_token_after']:.3f}), "
-                    f"more than {options.max_nll_increase:.0%}"
-                )
-    return reasons
+    return warnings
+
+
+def noise_floor(
+    base_rows: Sequence[Row], rerun_rows: Sequence[Row], rerun_id: str, forgotten: int | None
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Churn between two runs of the base (items that flip with no change) and its warning."""
+    pairs = [(b, a) for b, a in _paired(base_rows, rerun_rows) if b.kind != "perplexity"]
+    flipped = [(b, a) for b, a in pairs if bool(b.passed) != bool(a.passed)]
+    qa_churn = sum(1 for b, _ in flipped if b.kind == "qa")
+    floor = {
+        "evaluation": rerun_id,
+        "items": len(pairs),
+        "churn": len(flipped),
+        "qa_churn": qa_churn,
+        "churn_rate": len(flipped) / len(pairs) if pairs else 0.0,
+        "flipped": [
+            {"suite": b.suite, "item_id": b.item_id, "passed_first": bool(b.passed)}
+            for b, _ in flipped[:CHURN_SHOWN]
+        ],
+    }
+    warnings = []
+    if forgotten is not None and forgotten > 0 and forgotten <= qa_churn:
+        warnings.append(
+            {
+                "code": "within_noise_floor",
+                "scope": "overall",
+                "message": f"within the noise floor: {forgotten} forgotten items, but "
+                f"{qa_churn} items flip between two runs of the unchanged base",
+            }
+        )
+    return floor, warnings
 
 
 def build(
@@ -318,10 +559,12 @@ def build(
     before_rows: Sequence[Row],
     after_rows: Sequence[Row],
     options: CompareOptions,
+    noise_rows: tuple[str, Sequence[Row]] | None = None,
 ) -> dict[str, Any]:
     """The full ``/compare`` body: the lesson's keys, checklist, flips, statistics, drift, verdict.
 
     Runs are ``{"id", "source"?}`` (``source``: whose items they are, for cached copies).
+    ``noise_rows``: ``(id, rows)`` of a second run of the base, for the noise floor.
     """
 
     def pairs(kind: str) -> list[tuple[Row, Row]]:
@@ -369,7 +612,19 @@ def build(
         body["multiple_choice"] = multiple_choice
     body["drift"] = drift
 
-    reasons = verdict_reasons(lesson, statistics, checklist, drift, options)
+    found = findings(lesson, statistics, checklist, drift, options)
+    reasons = [f["message"] for f in found if f["gates"]]
     body["verdict"] = "fail" if reasons else "pass"
     body["reasons"] = reasons
+    body["findings"] = found
+    warnings = power_warnings(statistics, options)
+    if noise_rows is not None:
+        body["noise_floor"], noise_warnings = noise_floor(
+            before_rows,
+            noise_rows[1],
+            noise_rows[0],
+            statistics["forgotten"] if statistics else None,
+        )
+        warnings += noise_warnings
+    body["warnings"] = warnings
     return body

@@ -43,6 +43,10 @@ class GenerationSettings(_Request):
     stop: list[Annotated[str, Field(min_length=1, max_length=100)]] = Field(
         default_factory=list, max_length=8
     )
+    # Rows decoded together (default: the engine's choice). It decides batch composition, not
+    # what is asked, so runs that differ only here stay comparable: the noise floor is a rerun
+    # of the base at another batch size.
+    batch_size: int | None = Field(None, ge=1, le=256)
 
 
 DEFAULT_SUITES = ("general-qa", "forgetting-checklist")

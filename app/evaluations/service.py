@@ -116,7 +116,8 @@ def create(
             422, "Unreadable model", f"cannot read {body.model.path!r}: {exc.strerror}"
         ) from None
     snapshot = resolve_suites(session=session, suites=list(body.suites))
-    generation = body.generation.model_dump()
+    # exclude_none: an unset batch_size leaves the stored settings (and cache keys) as before.
+    generation = body.generation.model_dump(exclude_none=True)
     # Resolve the worker's default now (chat iff the tokenizer has a template) so the key is exact.
     prompt_format = cache.effective_prompt_format(body.prompt_format, model_dir)
     key = cache.cache_key(
