@@ -143,15 +143,15 @@ def resolve_model(
     The API calls it before anything queues; the worker again right before loading, because
     the file system may have changed in between.
     """
-    model_dir = resolve_under(
-        model_path, settings.resolved_model_roots, what="model", env_var="FORGETGUARD_MODEL_ROOTS"
-    )
+    # Reading only: the artifacts dir (fine-tune outputs) is a root here, never for writes.
+    roots = settings.resolved_model_read_roots
+    model_dir = resolve_under(model_path, roots, what="model", env_var="FORGETGUARD_MODEL_ROOTS")
     check_model_dir(model_dir, model_path)
     adapter_dir = None
     if adapter_path is not None:
         adapter_dir = resolve_under(
             adapter_path,
-            settings.resolved_model_roots,
+            roots,
             what="adapter",
             env_var="FORGETGUARD_MODEL_ROOTS",
         )

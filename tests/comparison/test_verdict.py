@@ -209,7 +209,8 @@ def test_max_category_drop_fails_one_collapsed_category_the_overall_drop_hides()
     assert lenient["category_drops"] == {"geography": 0.0, "science": 0.5}
     assert strict["verdict"] == "fail"
     assert strict["reasons"] == [
-        "category 'science' dropped 0.500 (1.000 → 0.500), more than max_category_drop 0.2"
+        "category 'science' dropped 0.500 (1.000 → 0.500), more than max_category_drop 0.2; "
+        "not significant after Holm adjustment (p = 0.5, adjusted 1 ≥ 0.05)"
     ]
     by_cat = strict["statistics"]["by_category"]
     assert by_cat["science"]["forgotten"] == 2 and by_cat["geography"]["forgotten"] == 0
@@ -317,6 +318,7 @@ def test_prompt_format_generation_and_missing_suites_are_each_named() -> None:
     )
     assert comparability_problems(snapshot(), after) == [
         "suite 'my-qa' ran only in the before evaluation",
+        "pass suites=general-qa to compare the suites both runs share",
         "prompt_format differs: 'chat' before, 'plain' after",
         "generation settings differ: max_new_tokens 50 before, 20 after",
     ]
