@@ -332,6 +332,8 @@ def compare_page(
     max_nll_increase: str | None = None,
     mode: str | None = None,
     flips: str | None = None,
+    category_rule: str | None = None,
+    suites: str | None = None,
 ) -> HTMLResponse:
     """Verdict banner, grouped before/after bars, statistics, changed answers, NLL drift."""
     if not before or not after:
@@ -350,6 +352,8 @@ def compare_page(
         max_category_drop=_float_param("max_category_drop", max_category_drop, None, 0.0, 1.0),
         max_nll_increase=_float_param("max_nll_increase", max_nll_increase, None, 0.0, 100.0),
         mode="noninferiority" if mode == "noninferiority" else "threshold",
+        category_rule="significant" if category_rule == "significant" else "point",
+        suites=comparison.parse_suite_names(suites),
     )
     body = comparison.compare(session=session, before_id=before, after_id=after, options=options)
     before_ev = evaluations.get(session=session, evaluation_id=before)
