@@ -180,12 +180,15 @@ def test_dataset_outside_the_data_roots_is_403(client, tiny_model_dir, tmp_path)
         assert "FORGETGUARD_DATA_ROOTS" in response.json()["detail"]
 
 
-def test_the_artifacts_dir_is_not_a_model_root_for_clients(
-    client, settings, tiny_model_dir
-) -> None:  # type: ignore[no-untyped-def]
+def test_the_artifacts_dir_is_readable_as_a_model_root(client, settings, tiny_model_dir) -> None:  # type: ignore[no-untyped-def]
+    # A job's output can be fine-tuned again or evaluated where it lies: the artifacts dir is
+    # a root for reading (the dir itself is no model: 422, not 403). Clients never name where
+    # anything is written: outputs go under the artifacts dir by job id.
     settings.artifacts_dir.mkdir(parents=True, exist_ok=True)
     response = client.post("/finetune-jobs", json=body(settings.artifacts_dir))
-    assert response.status_code == 403
+    assert response.status_code == 422 and "no config.json" in response.json()["detail"]
+    named = body(tiny_model_dir, output_path=str(settings.artifacts_dir / "mine"))
+    assert client.post("/finetune-jobs", json=named).status_code == 422
 
 
 def test_unknown_replay_suite_is_422(client, tiny_model_dir) -> None:  # type: ignore[no-untyped-def]
