@@ -160,8 +160,19 @@ def install(app: FastAPI) -> None:
         )
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         raw = list(exc.errors())
+        media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        json_sent = media == "application/json" or media.endswith("+json")
+        if not json_sent and any(list(err.get("loc", ()))[:1] == ["body"] for err in raw):
+            # FastAPI parses a body as JSON only when it says it is JSON; anything else reaches
+            # validation as raw bytes, and "should be a valid dictionary" hides the real cause.
+            got = f"content-type {media!r}" if media else "no content-type"
+            return problem_response(
+                415,
+                "Unsupported Media Type",
+                f"send the request body as JSON with 'content-type: application/json' (got {got})",
+            )
         body = exc.body if exc.body is not None else _UNSET
         errors = validation_errors(raw, body)
         first = _validation_detail(raw[0], body) if raw else "invalid request"

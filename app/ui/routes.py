@@ -248,8 +248,9 @@ def evaluation_page(
     """Per-category accuracy bars, checklist results with severities, a filterable item table."""
     evaluation = evaluations.get(session=session, evaluation_id=evaluation_id)
     source = _item_source(evaluation)
-    if passed not in (None, "", "pass", "fail"):
-        raise Problem(422, "Invalid filter", f"passed must be 'pass' or 'fail'; got {passed!r}")
+    # The API's vocabulary (?passed=false), so a filtered page's URL reads like the API call.
+    if passed not in (None, "", "true", "false"):
+        raise Problem(422, "Invalid filter", f"passed must be 'true' or 'false'; got {passed!r}")
     if cursor and not cursor.isdigit():
         raise Problem(422, "Invalid cursor", "cursor is not one this page produced")
 
@@ -286,18 +287,18 @@ def evaluation_page(
         )
 
     I = EvaluationItem  # noqa: E741, N806
-    query = select(I).where(I.evaluation_id == source)
-    if passed:
-        query = query.where(I.passed.is_(passed == "pass"))
-    if suite:
-        query = query.where(I.suite == suite)
-    if category:
-        query = query.where(I.category == category)
-    if cursor:
-        query = query.where(I.id > int(cursor))
-    items = list(session.execute(query.order_by(I.id).limit(ITEMS_PER_PAGE + 1)).scalars())
-    next_cursor = str(items[ITEMS_PER_PAGE - 1].id) if len(items) > ITEMS_PER_PAGE else None
-    items = items[:ITEMS_PER_PAGE]
+    # The same rows, order and cursor as GET /evaluations/{id}/items (suite order).
+    item_page = evaluations.list_items(
+        session=session,
+        evaluation_id=evaluation.id,
+        passed=None if not passed else passed == "true",
+        suite=suite or None,
+        category=category or None,
+        limit=ITEMS_PER_PAGE,
+        cursor=cursor or None,
+    )
+    items = item_page.data
+    next_cursor = item_page.next_cursor
     categories = sorted(
         c
         for c in session.execute(

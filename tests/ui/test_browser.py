@@ -124,7 +124,7 @@ def test_script_in_a_model_response_does_not_run(live: Live, page: Any) -> None:
 
 
 def test_script_in_a_response_does_not_run_on_the_evaluation_page(live: Live, page: Any) -> None:
-    page.goto(f"{live.base}/ui/evaluations/{live.pair.after}?passed=fail&category=geography")
+    page.goto(f"{live.base}/ui/evaluations/{live.pair.after}?passed=false&category=geography")
     page.wait_for_load_state("load")
     assert page.evaluate("typeof window.__pwned") == "undefined"
     assert page.get_by_text("<script>window.__pwned = 1;", exact=False).count() >= 1

@@ -71,13 +71,13 @@ def test_evaluation_page_shows_category_bars_checklist_and_items(
 
 
 def test_item_table_filters_by_result_and_category(client: TestClient, collapsed: Pair) -> None:
-    html = _html(client.get(f"/ui/evaluations/{collapsed.after}?passed=fail&category=geography"))
+    html = _html(client.get(f"/ui/evaluations/{collapsed.after}?passed=false&category=geography"))
     table = html.split('<table class="data items">', 1)[1].split("</table>", 1)[0]
     rows = re.findall(r"<tr class=\"([^\"]*)\">", table)
     assert rows and all(r == "row-fail" for r in rows)
     assert "✓ pass" not in table
     assert table.count("<td>geography") == len(rows)
-    passing = _html(client.get(f"/ui/evaluations/{collapsed.before}?passed=pass&suite=general-qa"))
+    passing = _html(client.get(f"/ui/evaluations/{collapsed.before}?passed=true&suite=general-qa"))
     table = passing.split('<table class="data items">', 1)[1].split("</table>", 1)[0]
     assert "✗ fail" not in table and "✓ pass" in table
     assert client.get(f"/ui/evaluations/{collapsed.after}?passed=maybe").status_code == 422
@@ -123,7 +123,7 @@ def test_compare_page_escapes_model_output(client: TestClient, collapsed: Pair) 
 
 
 def test_evaluation_page_escapes_model_output(client: TestClient, collapsed: Pair) -> None:
-    html = _html(client.get(f"/ui/evaluations/{collapsed.after}?passed=fail&category=geography"))
+    html = _html(client.get(f"/ui/evaluations/{collapsed.after}?passed=false&category=geography"))
     assert "<script>window.__pwned" not in html and "&lt;script&gt;window.__pwned" in html
 
 
