@@ -268,7 +268,9 @@ class Worker:
                     FinetuneEvent(
                         job_id=job.id,
                         level="error" if final else "warning",
-                        message=f"failed: {error}" if final else f"attempt failed, will retry: {error}",
+                        message=f"failed: {error}"
+                        if final
+                        else f"attempt failed, will retry: {error}",
                         data={"attempt": job.attempt, "status": status},
                     )
                 )

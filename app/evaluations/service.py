@@ -27,7 +27,6 @@ from app.evaluations import cache
 from app.jobs.queue import cancel as cancel_job
 from app.suites import versions
 
-
 # Items per suite are limited to 10,000, so suite index × this + position orders every item of
 # an evaluation and fits in one integer cursor.
 ORDINAL_STRIDE = 1_000_000

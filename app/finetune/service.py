@@ -102,7 +102,9 @@ def _check_target_modules(model_dir: Path, targets: str | list[str]) -> None:
         return
     missing = [t for t in targets if not any(m == t or m.endswith("." + t) for m in modules)]
     if missing:
-        names = sorted({m.rsplit(".", 1)[-1] for m in modules if not m.rsplit(".", 1)[-1].isdigit()})
+        names = sorted(
+            {m.rsplit(".", 1)[-1] for m in modules if not m.rsplit(".", 1)[-1].isdigit()}
+        )
         detail = (
             f"target_modules {missing} match no module of this model; "
             f"its modules are named {names} (or use 'all-linear')"

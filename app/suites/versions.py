@@ -81,7 +81,11 @@ def resolve(session: Session, ref: str) -> Suite:
         what = f"suite {name!r} version {version}" if version else f"suite {name!r}"
         known = session.execute(select(Suite.name).distinct()).scalars().all()
         close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
-        hint = f"did you mean {close[0]!r}?" if close and close[0] != name else "GET /suites lists them"
+        hint = (
+            f"did you mean {close[0]!r}?"
+            if close and close[0] != name
+            else "GET /suites lists them"
+        )
         raise Problem(404, "Suite not found", f"{what} does not exist; {hint}")
     return row
 

@@ -19,7 +19,7 @@ from fastapi.responses import HTMLResponse, Response
 from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -29,6 +29,7 @@ from app.core.errors import Problem
 from app.core.pagination import newest_first, page
 from app.core.tables import JOB_STATUSES, Evaluation, EvaluationItem, FinetuneEvent, FinetuneJob
 from app.evaluations import service as evaluations
+from app.finetune import service as finetune
 from app.ui import views
 from app.web.deps import SessionDep
 
@@ -202,12 +203,30 @@ def _headline_results(results: dict[str, Any] | None) -> list[tuple[str, str]]:
 @router.get("", response_class=HTMLResponse)
 @router.get("/", response_class=HTMLResponse)
 @router.get("/evaluations", response_class=HTMLResponse)
-def home(session: SessionDep, status: str | None = None, cursor: str | None = None) -> HTMLResponse:
-    """Evaluations, newest first, with live progress; recent fine-tune jobs; a compare picker."""
+def home(
+    session: SessionDep,
+    status: str | None = None,
+    cursor: str | None = None,
+    cached: str | None = None,
+) -> HTMLResponse:
+    """Evaluations, newest first, with live progress; recent fine-tune jobs; a compare picker.
+
+    Cache hits (copies of an earlier run's results) are hidden unless ``?cached=show``: a CI
+    gate re-evaluating its base on every push would otherwise bury the real runs.
+    """
     status = _status_filter(status)
+    show_cached = cached == "show"
     query = select(Evaluation)
     if status:
         query = query.where(Evaluation.status == status)
+    hidden = 0
+    if not show_cached:
+        hidden = session.execute(
+            query.where(Evaluation.cached_from.is_not(None))
+            .with_only_columns(func.count())
+            .order_by(None)
+        ).scalar_one()
+        query = query.where(Evaluation.cached_from.is_(None))
     rows = list(session.execute(newest_first(query, Evaluation, cursor, 50)).scalars())
     rows, next_cursor = page(rows, 50)
     jobs = list(
@@ -223,6 +242,29 @@ def home(session: SessionDep, status: str | None = None, cursor: str | None = No
         next_cursor=next_cursor,
         live=live,
         succeeded=_recent_succeeded(session),
+        show_cached=show_cached,
+        hidden_cached=hidden,
+    )
+
+
+@router.get("/finetune-jobs", response_class=HTMLResponse)
+def finetune_jobs_page(
+    session: SessionDep, status: str | None = None, cursor: str | None = None
+) -> HTMLResponse:
+    """Every fine-tune job, newest first, with live progress and verdicts."""
+    status = _status_filter(status)
+    query = select(FinetuneJob)
+    if status:
+        query = query.where(FinetuneJob.status == status)
+    jobs = list(session.execute(newest_first(query, FinetuneJob, cursor, 50)).scalars())
+    jobs, next_cursor = page(jobs, 50)
+    return render(
+        "finetune_jobs.html",
+        jobs=jobs,
+        status=status,
+        statuses=JOB_STATUSES,
+        next_cursor=next_cursor,
+        live=any(j.status in LIVE for j in jobs),
     )
 
 
@@ -439,7 +481,8 @@ def finetune_job_page(job_id: str, session: SessionDep) -> HTMLResponse:
         job=job,
         request_=request,
         method=request.get("method", "—"),
-        hyperparameters=request.get("hyperparameters") or {},
+        # The values the job trains with (preset + overrides), not only what was overridden.
+        hyperparameters=finetune.public(job).hyperparameters,
         options={k: request.get(k) for k in ("preset", "lora", "replay", "ewc") if request.get(k)},
         warnings=warnings,
         # A warning the job also logged as an event is listed once.
