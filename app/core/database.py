@@ -98,7 +98,6 @@ def upgrade(url: str, revision: str = "head") -> None:
     _quiet_alembic()  # before the import: Alembic logs its plugin set-up as it loads
     from alembic import command
 
-
     if make_url(url).get_backend_name() == "sqlite":
         make_engine(url).dispose()  # creates the parent directory
     command.upgrade(alembic_config(url), revision)

@@ -29,7 +29,7 @@ from app.core.errors import Problem
 from app.core.pagination import newest_first, page
 from app.core.tables import JOB_STATUSES, Evaluation, EvaluationItem, FinetuneEvent, FinetuneJob
 from app.evaluations import service as evaluations
-from app.finetune import service as finetune
+from app.finetune.schemas import Hyperparameters, resolve_hyperparameters
 from app.ui import views
 from app.web.deps import SessionDep
 
@@ -482,7 +482,11 @@ def finetune_job_page(job_id: str, session: SessionDep) -> HTMLResponse:
         request_=request,
         method=request.get("method", "—"),
         # The values the job trains with (preset + overrides), not only what was overridden.
-        hyperparameters=finetune.public(job).hyperparameters,
+        hyperparameters=resolve_hyperparameters(
+            request.get("method", "lora"),
+            request.get("preset", "safe"),
+            Hyperparameters(**(request.get("hyperparameters") or {})),
+        ).model_dump(),
         options={k: request.get(k) for k in ("preset", "lora", "replay", "ewc") if request.get(k)},
         warnings=warnings,
         # A warning the job also logged as an event is listed once.

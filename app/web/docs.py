@@ -1,23 +1,26 @@
 """``/docs``: Swagger UI served from the app's own files, so it works with no network.
 
 FastAPI's default page loads Swagger UI from a CDN; on an air-gapped host, or behind a proxy
-that blocks it, that page is blank. The assets come from the ``swagger-ui-bundle`` package.
+that blocks it, that page is blank. The assets are Swagger UI 5 (``static/swagger-ui``, see its
+README): version 5 is the first to render OpenAPI 3.1, which FastAPI generates.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.openapi.docs import get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
-from swagger_ui_bundle import swagger_ui_path
 
 ASSETS = "/docs-assets"
+SWAGGER_UI_DIR = Path(__file__).resolve().parent / "static" / "swagger-ui"
 
 
 def install(app: FastAPI) -> None:
     """Serve ``/docs`` (and its OAuth2 redirect page) with assets under ``/docs-assets``."""
-    app.mount(ASSETS, StaticFiles(directory=str(swagger_ui_path)), name="docs-assets")
+    app.mount(ASSETS, StaticFiles(directory=SWAGGER_UI_DIR), name="docs-assets")
 
     @app.get("/docs", include_in_schema=False)
     def swagger_ui() -> HTMLResponse:

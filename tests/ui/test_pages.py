@@ -233,3 +233,48 @@ def test_pages_need_a_read_key_when_keys_are_configured(settings: Any, collapsed
         basic = base64.b64encode(b"anyone:reader-key").decode()
         response = client.get(page, headers={"Authorization": f"Basic {basic}"})
         assert response.status_code == 200 and "✗ FAIL" in response.text
+
+
+def test_finetune_jobs_list_page_and_breadcrumb(client: TestClient, collapsed: Pair) -> None:
+    assert collapsed.job is not None
+    html = _html(client.get("/ui/finetune-jobs"))
+    assert f'href="/ui/finetune-jobs/{collapsed.job}"' in html and "drug-qa full lr 1e-3" in html
+    assert 'href="/ui/finetune-jobs?status=failed"' in html
+    assert "drug-qa full lr 1e-3" not in _html(client.get("/ui/finetune-jobs?status=failed"))
+    job_page = _html(client.get(f"/ui/finetune-jobs/{collapsed.job}"))
+    assert '<a href="/ui/finetune-jobs">Fine-tune jobs</a>' in job_page
+    assert 'href="/ui/finetune-jobs"' in _html(client.get("/ui"))
+
+
+def test_hyperparameters_table_shows_resolved_values(client: TestClient, collapsed: Pair) -> None:
+    html = _html(client.get(f"/ui/finetune-jobs/{collapsed.job}"))
+    # Not overridden by the request: the risky preset's value, not None.
+    assert re.search(r'gradient_accumulation_steps</th><td class="mono">1<', html), html
+    assert '<td class="mono">None</td>' not in html
+
+
+def test_cached_copies_are_hidden_from_the_list_until_asked_for(
+    client: TestClient, db: Callable[[], Session], collapsed: Pair
+) -> None:
+    with db() as session:
+        copy = add_evaluation(
+            session,
+            label="gate re-run",
+            status="succeeded",
+            cached_from=collapsed.before,
+            progress={"done": 1, "total": 1, "stage": "done (cached)"},
+        )
+    html = _html(client.get("/ui"))
+    assert f'href="/ui/evaluations/{copy}"' not in html
+    assert "1 cached copy of earlier runs hidden" in html
+    shown = _html(client.get("/ui?cached=show"))
+    assert f'href="/ui/evaluations/{copy}"' in shown
+    assert f'cached copy of <a class="mono" href="/ui/evaluations/{collapsed.before}"' in shown
+
+
+def test_dashboard_links_the_offline_api_docs(client: TestClient) -> None:
+    html = _html(client.get("/ui"))
+    assert 'href="/docs"' in html
+    docs = _html(client.get("/docs"))
+    assert "cdn" not in docs.lower() and "/docs-assets/swagger-ui-bundle.js" in docs
+    assert client.get("/docs-assets/swagger-ui-bundle.js").status_code == 200

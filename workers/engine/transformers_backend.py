@@ -229,7 +229,8 @@ def _cache_argument(model: torch.nn.Module) -> str:
     """
     cls = type(model)
     if cls not in _CACHE_ARGUMENT:
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        unwrap = getattr(model, "get_base_model", None)
+        base: Any = unwrap() if callable(unwrap) else model
         params = inspect.signature(base.forward).parameters
         _CACHE_ARGUMENT[cls] = "cache" if "cache" in params else "past_key_values"
     return _CACHE_ARGUMENT[cls]
