@@ -251,6 +251,7 @@ def test_hyperparameters_table_shows_resolved_values(client: TestClient, collaps
     # Not overridden by the request: the risky preset's value, not None.
     assert re.search(r'gradient_accumulation_steps</th><td class="mono">1<', html), html
     assert '<td class="mono">None</td>' not in html
+    assert "no limit (epochs decide)" in html  # max_steps unset: said in words
 
 
 def test_cached_copies_are_hidden_from_the_list_until_asked_for(
