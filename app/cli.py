@@ -309,7 +309,9 @@ def _refusal(response: httpx.Response) -> str:
     )
     line = f"{response.status_code} {detail}"
     # Only the auth layer's refusals carry WWW-Authenticate; a 403 for a path is not about keys.
-    if response.status_code in (401, 403) and "www-authenticate" in response.headers:
+    if response.status_code == 401 or (
+        response.status_code == 403 and "www-authenticate" in response.headers
+    ):
         line += "; set FORGETGUARD_API_KEY to a key with the right scope"
     return line
 

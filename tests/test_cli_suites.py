@@ -130,3 +130,21 @@ def test_datasets_copy_makes_the_readme_dataset_path_exist(tmp_path) -> None:  #
     assert copied.returncode == 0, copied.stderr
     shipped = (REPO / "app" / "datasets" / "drug-qa.jsonl").read_text()
     assert (tmp_path / "data" / "drug-qa.jsonl").read_text() == shipped
+
+
+def test_a_403_about_paths_does_not_suggest_an_api_key() -> None:
+    import httpx
+
+    from app.cli import _refusal
+
+    path = httpx.Response(
+        403, json={"detail": "model path 'x' is outside the allowed roots ['models']"}
+    )
+    assert _refusal(path) == "403 model path 'x' is outside the allowed roots ['models']"
+    scope = httpx.Response(
+        403,
+        json={"detail": "this API key has read scope"},
+        headers={"WWW-Authenticate": 'Bearer error="insufficient_scope"'},
+    )
+    assert "set FORGETGUARD_API_KEY" in _refusal(scope)
+    assert "set FORGETGUARD_API_KEY" in _refusal(httpx.Response(401, json={"detail": "no key"}))
