@@ -282,6 +282,9 @@ def document_problems(app: FastAPI, *, auth: bool) -> None:
                 responses.setdefault("default", _problem_response("Error (problem+json)"))
                 if "requestBody" in operation:
                     responses.setdefault("413", _problem_response("Request body too large"))
+                    responses.setdefault(
+                        "415", _problem_response("Body not sent as application/json")
+                    )
                 if auth and path != "/healthz":
                     responses.setdefault("401", _problem_response("Missing or invalid API key"))
                     responses.setdefault("403", _problem_response("API key lacks write scope"))
