@@ -131,7 +131,11 @@ class Api:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _checked(self, response: httpx.Response, method: str, path: str) -> httpx.Response:
-        if response.status_code in (401, 403):
+        # Only the auth layer's refusals (they carry WWW-Authenticate) are about the key; a 403
+        # for a path outside the allowed roots is not, and says so in its own detail.
+        if response.status_code == 401 or (
+            response.status_code == 403 and "www-authenticate" in response.headers
+        ):
             raise GateError(
                 f"the server refused the request ({response.status_code}): {_detail(response)}; "
                 "set FORGETGUARD_API_KEY to a key with the right scope"

@@ -234,6 +234,21 @@ def run_check(check: dict[str, Any], response: str) -> bool:
     return CHECKS[check["type"]](response, check.get("value"))
 
 
+def failed_rule(check: dict[str, Any], response: str) -> dict[str, Any] | None:
+    """The rule that made ``check`` fail on ``response`` (None when it passes).
+
+    Inside ``all`` that is the first failing member, so a row says "min_words 3" rather than
+    the whole tree; an ``any`` or a ``not`` fails as a whole and is returned as it is.
+    """
+    if run_check(check, response):
+        return None
+    if "all" in check:
+        for sub in check["all"]:
+            if (rule := failed_rule(sub, response)) is not None:
+                return rule
+    return check
+
+
 def validate_check(check: Any, where: str = "check") -> list[str]:
     """Return human-readable problems with a check definition (empty when valid)."""
     if not isinstance(check, dict):
