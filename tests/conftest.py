@@ -18,6 +18,10 @@ from sqlalchemy import create_engine, text
 
 from app.core.config import Settings
 from app.core.database import upgrade
+from workers.engine.process import configure_process
+
+# As `forgetguard worker` does, before anything loads torch: tests load models in-process.
+configure_process()
 
 REPO = Path(__file__).resolve().parent.parent
 PG_URL = os.environ.get(
