@@ -21,25 +21,11 @@ import pytest
 from alembic.script import ScriptDirectory
 
 from app.core.database import MIGRATIONS_DIR
-from tests.conftest import REPO, free_port, wait_for
+from tests.conftest import REPO, free_port, run_checked, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 SOURCES = ("pyproject.toml", "README.md", "app", "workers")
-
-
-def _run(*command: str | Path, cwd: Path, env: dict[str, str] | None = None) -> str:
-    proc = subprocess.run(
-        [str(c) for c in command],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert proc.returncode == 0, f"{command}: exit {proc.returncode}\n{proc.stderr[-4000:]}"
-    return proc.stdout
 
 
 def _clean_env(**extra: str) -> dict[str, str]:
@@ -62,19 +48,19 @@ def test_wheel_without_extras_migrates_and_serves_without_torch(tmp_path: Path) 
         else:
             shutil.copy2(REPO / name, source / name)
     pip = (sys.executable, "-m", "pip", "--disable-pip-version-check")
-    _run(*pip, "wheel", "--no-deps", "--quiet", "-w", tmp_path / "dist", source, cwd=tmp_path)
+    run_checked(*pip, "wheel", "--no-deps", "-q", "-w", tmp_path / "dist", source, timeout=600)
     (wheel,) = (tmp_path / "dist").glob("forgetguard-*.whl")
 
     # No system site packages and no pip of its own: this process's pip installs into it.
     venv = tmp_path / "venv"
-    _run(sys.executable, "-m", "venv", "--without-pip", venv, cwd=tmp_path)
+    run_checked(sys.executable, "-m", "venv", "--without-pip", venv)
     python = venv / "bin" / "python"
-    _run(*pip, "--python", python, "install", "--quiet", wheel, cwd=tmp_path)
+    run_checked(*pip, "--python", python, "install", "--quiet", wheel, timeout=600)
 
     empty = tmp_path / "empty"
     empty.mkdir()
     env = _clean_env(FORGETGUARD_DATABASE_URL="sqlite:///./x.db")
-    where = _run(python, "-c", "import app, workers; print(app.__file__)", cwd=empty, env=env)
+    where = run_checked(python, "-c", "import app; print(app.__file__)", cwd=empty, env=env)
     assert Path(where.strip()).is_relative_to(venv), where  # the wheel's copy, not the checkout's
     no_torch = subprocess.run(
         [python, "-c", "import torch"], cwd=empty, env=env, capture_output=True, check=False
@@ -82,7 +68,7 @@ def test_wheel_without_extras_migrates_and_serves_without_torch(tmp_path: Path) 
     assert no_torch.returncode != 0 and b"No module named 'torch'" in no_torch.stderr
 
     forgetguard = venv / "bin" / "forgetguard"
-    assert "database at head" in _run(forgetguard, "db", "upgrade", cwd=empty, env=env)
+    assert "database at head" in run_checked(forgetguard, "db", "upgrade", cwd=empty, env=env)
     with sqlite3.connect(empty / "x.db") as db:
         (version,) = db.execute("SELECT version_num FROM alembic_version").fetchone()
     assert version == ScriptDirectory(str(MIGRATIONS_DIR)).get_current_head()

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
-from tests.conftest import REPO
+from tests.conftest import REPO, run_checked
 from workers.engine.process import configure_process
 
 SETTINGS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "OMP_WAIT_POLICY", "CUDA_VISIBLE_DEVICES")
@@ -30,17 +29,8 @@ def test_importing_every_module_leaves_the_environment_alone() -> None:
     # The test process itself is configured (conftest); the child starts without the settings.
     env = {k: v for k, v in os.environ.items() if k not in SETTINGS}
     env["PYTHONPATH"] = str(REPO)
-    proc = subprocess.run(
-        [sys.executable, "-c", IMPORT_EVERYTHING],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads(proc.stdout.splitlines()[-1]) == []
+    out = run_checked(sys.executable, "-c", IMPORT_EVERYTHING, env=env)
+    assert json.loads(out.splitlines()[-1]) == []
 
 
 def test_configure_process_sets_offline_and_passive_threads() -> None:
