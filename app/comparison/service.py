@@ -12,6 +12,7 @@ from app.comparison.verdict import CompareOptions, Row, build, comparability_pro
 from app.core.errors import Problem
 from app.core.tables import Evaluation, EvaluationItem
 from app.evaluations import service as evaluations
+from app.suites.kinds import KINDS
 
 
 def _run(row: Evaluation) -> dict[str, Any]:
@@ -39,7 +40,6 @@ HEAVY = (
     EvaluationItem.details,
     EvaluationItem.prompt,
 )
-TEXT_KINDS = ("checklist", "perplexity")  # small suites whose every row the comparison reads
 CHUNK = 500
 
 
@@ -54,9 +54,13 @@ def load_pair(
 
     Two passes keep a 10,000-item comparison fast: outcomes of every item first, then texts and
     details only where the comparison shows them — items whose outcome changed, and every row
-    of checklist and perplexity suites.
+    of suites whose kind's comparison reads them all (``compare_needs_text``: checklist,
+    perplexity).
     """
     kinds = {s["name"]: s["kind"] for s in before.suites}
+    every_row = {
+        name for name, kind in kinds.items() if kind in KINDS and KINDS[kind].compare_needs_text
+    }
     light = {}
     for run in (before, after):
         light[run.id] = (
@@ -71,7 +75,7 @@ def load_pair(
     after_passed = {(suite, item_id): passed for suite, item_id, passed, *_ in light[after.id]}
     wanted: dict[str, set[str]] = {}
     for suite, item_id, passed, *_ in light[before.id]:
-        if kinds.get(suite) in TEXT_KINDS or passed != after_passed.get((suite, item_id)):
+        if suite in every_row or passed != after_passed.get((suite, item_id)):
             wanted.setdefault(suite, set()).add(item_id)
 
     rows = []

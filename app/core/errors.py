@@ -60,12 +60,14 @@ def problem_response(
     return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
 
 
-_TAGS = ("qa", "checklist", "multiple_choice", "perplexity", "ref", "inline")
+# Suite kinds validate without a union tag (``app.suites.kinds.validate_suite``); only a suite
+# entry's "ref" / "inline" branch is left in a location.
+_TAGS = ("ref", "inline")
 
 
 def _clean_loc(loc: tuple[Any, ...] | list[Any]) -> list[Any]:
-    # Discriminated unions insert the tag ("qa", "checklist", …) into the location; drop it so
-    # the location reads like the JSON path the client sent.
+    # Discriminated unions insert the tag ("ref", "inline") into the location; drop it so the
+    # location reads like the JSON path the client sent.
     return [part for part in loc if part not in _TAGS]
 
 
@@ -79,7 +81,7 @@ def _short(value: str, limit: int = 60) -> str:
 def describe_loc(loc: tuple[Any, ...] | list[Any], body: Any = _UNSET) -> tuple[str, str | None]:
     """A location as the client would write it, and the id of the innermost item it passes.
 
-    ``("body", "checklist", "items", 3, "check")`` over the request body becomes
+    ``("body", "items", 3, "check")`` over the request body becomes
     ``("items[3] (id 'geo-004').check", "geo-004")``: the index alone does not tell a person
     which of 10,000 items to fix, the id does.
     """

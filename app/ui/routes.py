@@ -26,9 +26,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from app.comparison import service as comparison
 from app.comparison.verdict import CompareOptions
 from app.core.errors import Problem
+from app.core.formatting import number, percent
 from app.core.pagination import newest_first, page
 from app.core.tables import JOB_STATUSES, Evaluation, EvaluationItem, FinetuneEvent, FinetuneJob
 from app.evaluations import service as evaluations
+from app.suites.kinds import KINDS, Display
 from app.ui import views
 from app.web.deps import SessionDep
 
@@ -51,18 +53,6 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "same-origin",
     "Cache-Control": "no-store",
 }
-
-
-def _pct(value: float | None, digits: int = 0) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "n/a"
-    return f"{value:.{digits}%}"
-
-
-def _num(value: float | None, digits: int = 3) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "n/a"
-    return f"{value:.{digits}f}"
 
 
 def _pvalue(value: float | None) -> str:
@@ -99,7 +89,7 @@ def make_environment() -> Environment:
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    env.filters.update(pct=_pct, num=_num, pvalue=_pvalue, when=_when)
+    env.filters.update(pct=percent, num=number, pvalue=_pvalue, when=_when)
     env.globals.update(duration=_duration, LIVE=LIVE, REFRESH_SECONDS=REFRESH_SECONDS)
     return env
 
@@ -183,20 +173,20 @@ def _float_param(
     return value
 
 
+def _display(result: Any) -> Display | None:
+    """How the dashboard shows a stored result: its kind's display hints (None: unknown kind)."""
+    name = result.get("kind") if isinstance(result, dict) else None
+    kind = KINDS.get(name) if isinstance(name, str) else None
+    return kind.display if kind is not None else None
+
+
 def _headline_results(results: dict[str, Any] | None) -> list[tuple[str, str]]:
     """Short "suite: score" pairs for list rows."""
-    out = []
-    for name, res in (results or {}).items():
-        kind = res.get("kind") if isinstance(res, dict) else None
-        if kind in ("qa", "multiple_choice"):
-            out.append((name, _pct(res.get("overall_accuracy"))))
-        elif kind == "checklist":
-            out.append(
-                (name, f"{res.get('passed', 0)}/{res.get('passed', 0) + res.get('failed', 0)}")
-            )
-        elif kind == "perplexity":
-            out.append((name, f"NLL {_num(res.get('nll_per_token'), 2)}"))
-    return out
+    return [
+        (name, display.short(res))
+        for name, res in (results or {}).items()
+        if (display := _display(res)) is not None
+    ]
 
 
 @router.get("", response_class=HTMLResponse)
@@ -254,14 +244,23 @@ def evaluation_page(
         raise Problem(422, "Invalid cursor", "cursor is not one this page produced")
 
     kinds = {s["name"]: s["kind"] for s in evaluation.suites}
+    displays = {name: KINDS[kind].display for name, kind in kinds.items() if kind in KINDS}
     results = evaluation.results or {}
-    charts = []
+    cards, charts = [], []
     for name, res in results.items():
-        if (
-            isinstance(res, dict)
-            and res.get("kind") in views.ACCURACY_KINDS
-            and res.get("by_category")
-        ):
+        display = _display(res)
+        if display is None:
+            continue
+        cards.append(
+            {
+                "suite": name,
+                "kind": res["kind"],
+                "title": display.title,
+                "value": display.headline(res),
+                "detail": display.detail(res),
+            }
+        )
+        if display.category_chart and res.get("by_category"):
             charts.append(
                 {
                     "suite": name,
@@ -271,7 +270,7 @@ def evaluation_page(
                     ),
                 }
             )
-    checklist_suites = [name for name, kind in kinds.items() if kind == "checklist"]
+    checklist_suites = [name for name, d in displays.items() if d.severity_table]
     checklist_rows: list[EvaluationItem] = []
     if checklist_suites:
         checklist_rows = views.sort_by_severity(
@@ -310,6 +309,8 @@ def evaluation_page(
         "evaluation.html",
         ev=evaluation,
         results=results,
+        cards=cards,
+        item_scores={name: d.item_score for name, d in displays.items() if d.item_score},
         charts=charts,
         checklist_rows=checklist_rows,
         items=items,
@@ -360,6 +361,13 @@ def compare_page(
     learned = views.sort_flips(body["flips"]["learned"], order)
     show_all = flips == "all"
     drift = views.drift_rows(body.get("drift"))
+    # Kinds whose comparison the template has no section for show theirs as cards.
+    kind_cards = [
+        card
+        for kind in KINDS.values()
+        if kind.display.compare_cards is not None
+        for card in kind.display.compare_cards(body)
+    ]
     for suite in drift:
         suite["texts_shown"] = _drift_texts(
             session, after_ev, suite["suite"], suite["largest_increases"]
@@ -381,6 +389,7 @@ def compare_page(
         flips_shown=FLIPS_SHOWN,
         drift=drift,
         drift_chart=views.drift_chart(drift),
+        kind_cards=kind_cards,
         options=options,
     )
 

@@ -23,8 +23,6 @@ from app.ui.charts import (
     line_chart,
 )
 
-ACCURACY_KINDS = ("qa", "multiple_choice")
-
 
 def qa_by_category(
     results: dict[str, Any] | None, kinds: Sequence[str] = ("qa",)
