@@ -131,13 +131,9 @@ def worker(
     once: Annotated[bool, typer.Option(help="Exit when the queue is empty.")] = False,
 ) -> None:
     """Run a worker: claims queued jobs and runs them on one device."""
-    # Idle torch threads spin by default; on a shared CPU that starves the other processes
-    # (measured: tiny-model training 40x slower on 2 cores). Must be set before torch loads.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    if device.startswith("cuda:"):
-        # Pin the process to one GPU before torch is imported: it then sees it as cuda:0.
-        os.environ["CUDA_VISIBLE_DEVICES"] = device.split(":", 1)[1]
-        device = "cuda:0"
+    from workers.engine.process import configure_process
+
+    device = configure_process(device)  # before torch loads: it reads these settings once
     _logging()
     from workers.main import main as worker_main
 
@@ -570,9 +566,9 @@ def demo(
 ) -> None:
     """Forgetting and its mitigations on a real model: base, full FT (risky, aggressive, + replay,
     + EWC) and LoRA on the drug Q&A dataset; prints accuracy per category, checklist, NLL drift."""
-    # Before torch loads: OpenMP threads that spin while waiting make training many times
-    # slower on a CPU shared with other processes; passive waiting costs nothing when alone.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from workers.engine.process import configure_process
+
+    device = configure_process(device)  # before torch loads: it reads these settings once
     if toy:
         from workers.demo.toy import report
 

@@ -291,7 +291,8 @@ class Worker:
 def main(
     settings: Settings, *, device: str, kinds: tuple[str, ...], worker_id: str | None, once: bool
 ) -> int:
-    """Entry point of ``forgetguard worker``."""
+    """Entry point of ``forgetguard worker``, which applied the process settings first
+    (:func:`workers.engine.process.configure_process`)."""
     worker = Worker(settings, device=device, kinds=kinds, worker_id=worker_id, once=once)
     worker.install_signal_handlers()
     return worker.run()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,8 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
+# The Alembic scripts ship inside the package, so an installed wheel migrates as a checkout does.
+MIGRATIONS_DIR = Path(str(files("app.migrations")))
 
 
 def _prepare_sqlite(engine: Engine) -> None:
@@ -68,7 +70,7 @@ def immediate_session(engine: Engine) -> Iterator[Session]:
 
 
 def alembic_config(url: str) -> Any:
-    """An Alembic config pointing at ``migrations/`` and the given database."""
+    """An Alembic config pointing at the package's migrations and the given database."""
     from alembic.config import Config
 
     config = Config()
