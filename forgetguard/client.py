@@ -53,8 +53,16 @@ class Unreachable(ForgetguardError):
 class ProblemError(ForgetguardError):
     """The server refused a request; ``problem`` is its RFC 9457 body."""
 
-    def __init__(self, status: int, problem: Mapping[str, Any], method: str, path: str) -> None:
+    def __init__(
+        self,
+        status: int,
+        problem: Mapping[str, Any],
+        method: str,
+        path: str,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         self.status = status
+        self.headers = {k.lower(): v for k, v in (headers or {}).items()}
         self.problem = dict(problem)
         self.method = method
         self.path = path
@@ -194,7 +202,7 @@ class Client:
                 problem = {"title": response.reason_phrase, "detail": response.text[:300]}
             if not isinstance(problem, dict):
                 problem = {"detail": str(problem)[:300]}
-            raise ProblemError(response.status_code, problem, method, path)
+            raise ProblemError(response.status_code, problem, method, path, response.headers)
         return response.json()
 
     def _post(self, path: str, body: Mapping[str, Any], key: str | None) -> Any:

@@ -8,7 +8,7 @@ even when no suite of its kind ran (no pairs), so the body always carries its ke
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -17,6 +17,7 @@ from app.suites.aggregates import ItemRow, aggregate_qa
 
 SEVERITY_ORDER = {"critical": 0, "high": 1, "medium": 2, "low": 3}
 LARGEST_NLL_INCREASES = 5
+POWER = 0.8  # the power at which min_detectable_drop is stated
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,14 @@ class CompareOptions:
     alpha: float = 0.05
     seed: int = 0
     n_resamples: int = 10_000
+    # point: a category fails on its point drop (and says whether that drop is significant);
+    # significant: only a drop that is significant after Holm adjustment fails it.
+    category_rule: Literal["point", "significant"] = "point"
+    # Compare only these suites (both runs must have them); None: all, which must match.
+    suites: tuple[str, ...] | None = None
+    # Id of a second evaluation of the base with another batch composition: its churn is the
+    # noise floor the forgotten count is read against.
+    noise_floor: str | None = None
 
 
 @dataclass(slots=True)
@@ -73,10 +82,25 @@ Pairs = Sequence[tuple[Row, Row]]
 
 @dataclass(frozen=True)
 class Contribution:
-    """A kind's part of the ``/compare`` body and the reasons it gives the verdict to fail."""
+    """A kind's part of the ``/compare`` body and the reasons it gives the verdict to fail.
+
+    ``findings``: every regression it found, ``{"rule", "subject", "message", "gates"}``; the
+    ones that gate are the ``reasons``, the others are reported only (see ``of``).
+    """
 
     body: dict[str, Any]
     reasons: list[str] = field(default_factory=list)
+    findings: list[dict[str, Any]] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, body: dict[str, Any], findings: list[dict[str, Any]]) -> Contribution:
+        """A contribution whose reasons are exactly its gating findings' messages."""
+        return cls(body, [f["message"] for f in findings if f["gates"]], findings)
+
+
+def finding(rule: str, subject: str, message: str, *, gates: bool) -> dict[str, Any]:
+    """One regression: what rule, on what, in words, and whether it fails the verdict."""
+    return {"rule": rule, "subject": subject, "message": message, "gates": gates}
 
 
 def _flip(b: Row, a: Row) -> dict[str, Any]:
@@ -107,13 +131,39 @@ def _summary(pairs: Sequence[tuple[Row, Row]], options: CompareOptions) -> dict[
     }
 
 
+def _power(summary: dict[str, Any], options: CompareOptions) -> dict[str, Any]:
+    n = summary["n_pairs"]
+    discordance = (summary["forgotten"] + summary["learned"]) / n if n else 0.0
+    return {
+        "min_detectable_drop": stats.min_detectable_drop(n, discordance, alpha=options.alpha),
+        "noninferiority_floor": stats.noninferiority_floor(n, 1.0 - options.alpha),
+    }
+
+
 def _statistics(pairs: list[tuple[Row, Row]], options: CompareOptions) -> dict[str, Any]:
     overall = _summary(pairs, options)
     by_category = {
         cat: _summary([(b, a) for b, a in pairs if (b.category or "general") == cat], options)
         for cat in dict.fromkeys(b.category or "general" for b, _ in pairs)
     }
-    return {**overall, "confidence": 1.0 - options.alpha, "by_category": by_category}
+    # One test per category is a family of tests: Holm keeps the chance of any false alarm
+    # at alpha; the raw p stays beside the adjusted one.
+    names = list(by_category)
+    adjusted = stats.holm_adjust([by_category[c]["mcnemar_p_value"] for c in names])
+    for cat, p_holm in zip(names, adjusted, strict=True):
+        entry = by_category[cat]
+        entry["p_value"] = entry["mcnemar_p_value"]
+        entry["p_value_holm"] = p_holm
+        entry["significant"] = entry["drop"] > 0 and p_holm < options.alpha
+        entry["min_detectable_drop"] = _power(entry, options)["min_detectable_drop"]
+    return {
+        **overall,
+        **_power(overall, options),
+        "alpha": options.alpha,
+        "power": POWER,
+        "confidence": 1.0 - options.alpha,
+        "by_category": by_category,
+    }
 
 
 def _test_name(row: Row) -> str:
@@ -247,41 +297,104 @@ def compare_qa(pairs: Pairs, options: CompareOptions) -> Contribution:
         },
         "statistics": statistics,
     }
-    reasons: list[str] = []
+    found: list[dict[str, Any]] = []
     if lesson["catastrophic_forgetting_detected"]:
-        reasons.append(
-            f"accuracy dropped {lesson['accuracy_drop']:.3f} "
-            f"({lesson['overall_accuracy_before']:.3f} → {lesson['overall_accuracy_after']:.3f}), "
-            f"more than the threshold {options.threshold}"
+        found.append(
+            finding(
+                "accuracy",
+                "overall",
+                f"accuracy dropped {lesson['accuracy_drop']:.3f} "
+                f"({lesson['overall_accuracy_before']:.3f} → "
+                f"{lesson['overall_accuracy_after']:.3f}), more than the threshold "
+                f"{options.threshold}",
+                gates=True,
+            )
         )
     if options.mode == "noninferiority" and statistics is not None:
         high = statistics["drop_ci95"][1]
-        if not stats.noninferiority_pass(high, options.threshold):
-            reasons.append(
-                f"non-inferiority not shown: the {statistics['confidence']:.0%} CI of the drop "
-                f"reaches {high:.3f}, not below the margin {options.threshold}"
-            )
-    if options.max_category_drop is not None and statistics is not None:
-        # Unrounded drops: the rounded category_drops are for display.
-        for cat, cat_stats in statistics["by_category"].items():
-            if cat_stats["drop"] > options.max_category_drop:
-                reasons.append(
-                    f"category {cat!r} dropped {cat_stats['drop']:.3f} "
-                    f"({cat_stats['accuracy_before']:.3f} → {cat_stats['accuracy_after']:.3f}), "
-                    f"more than max_category_drop {options.max_category_drop}"
+        floor = statistics["noninferiority_floor"]
+        if floor >= options.threshold:
+            found.append(
+                finding(
+                    "accuracy",
+                    "overall",
+                    f"non-inferiority cannot be shown at n = {statistics['n_pairs']}: even with "
+                    f"no item forgotten the {statistics['confidence']:.0%} upper bound of the "
+                    f"drop is {floor:.3f}, not below the margin {options.threshold}",
+                    gates=True,
                 )
-    return Contribution(body, reasons)
+            )
+        elif not stats.noninferiority_pass(high, options.threshold):
+            found.append(
+                finding(
+                    "accuracy",
+                    "overall",
+                    f"non-inferiority not shown: the {statistics['confidence']:.0%} CI of the "
+                    f"drop reaches {high:.3f}, not below the margin {options.threshold}",
+                    gates=True,
+                )
+            )
+    if statistics is not None:
+        found += _category_findings(statistics, options)
+    return Contribution.of(body, found)
+
+
+def _category_findings(
+    statistics: Mapping[str, Any], options: CompareOptions
+) -> list[dict[str, Any]]:
+    significant_rule = options.category_rule == "significant"
+    gating = options.max_category_drop is not None or significant_rule
+    limit = (
+        options.max_category_drop
+        if options.max_category_drop is not None
+        else (0.0 if significant_rule else options.threshold)
+    )
+    found = []
+    # Unrounded drops: the rounded category_drops are for display.
+    for cat, c in statistics["by_category"].items():
+        if c["drop"] <= limit:
+            continue
+        significance = (
+            f"significant after Holm adjustment (p = {c['p_value']:.3g}, "
+            f"adjusted {c['p_value_holm']:.3g} < {options.alpha})"
+            if c["significant"]
+            else f"not significant after Holm adjustment (p = {c['p_value']:.3g}, "
+            f"adjusted {c['p_value_holm']:.3g} ≥ {options.alpha})"
+        )
+        message = (
+            f"category {cat!r} dropped {c['drop']:.3f} "
+            f"({c['accuracy_before']:.3f} → {c['accuracy_after']:.3f}), more than "
+            f"{'max_category_drop ' if options.max_category_drop is not None else ''}{limit}; "
+            f"{significance}"
+        )
+        gates = gating and (c["significant"] or not significant_rule)
+        if not gates:
+            message += (
+                "; reported, does not fail the gate under category_rule=significant"
+                if significant_rule
+                else "; reported, set max_category_drop to gate on it"
+            )
+        found.append(finding("category", str(cat), message, gates=gates))
+    return found
 
 
 def compare_checklist(pairs: Pairs, options: CompareOptions) -> Contribution:
     """Scores before/after, newly failing (most severe first); fails on a critical check."""
     checklist = _checklist(list(pairs))
-    reasons = [
-        f"critical check {fail['test']!r} passed before and fails after"
-        for fail in (checklist or {}).get("newly_failing", [])
-        if fail["severity"] == "critical"
-    ]
-    return Contribution({"checklist": checklist}, reasons)
+    found = []
+    for fail in (checklist or {}).get("newly_failing", []):
+        critical = fail["severity"] == "critical"
+        found.append(
+            finding(
+                "checklist",
+                f"{fail['suite']}/{fail['test']}",
+                f"{'critical' if critical else fail['severity']} check {fail['test']!r} "
+                "passed before and fails after"
+                + ("" if critical else " (reported; only critical checks fail the gate)"),
+                gates=critical,
+            )
+        )
+    return Contribution.of({"checklist": checklist}, found)
 
 
 def compare_multiple_choice(pairs: Pairs, options: CompareOptions) -> Contribution:
@@ -293,13 +406,19 @@ def compare_multiple_choice(pairs: Pairs, options: CompareOptions) -> Contributi
 def compare_perplexity(pairs: Pairs, options: CompareOptions) -> Contribution:
     """NLL-per-token drift per suite; fails past ``max_nll_increase``."""
     drift = _drift(list(pairs))
-    reasons = []
+    found = []
     if options.max_nll_increase is not None and drift is not None:
         for name, suite in drift["suites"].items():
             if suite["relative_change"] > options.max_nll_increase:
-                reasons.append(
-                    f"NLL/token on {name!r} rose {suite['relative_change']:.1%} "
-                    f"({suite['nll_per_token_before']:.3f} → {suite['nll_per_token_after']:.3f}), "
-                    f"more than {options.max_nll_increase:.0%}"
+                found.append(
+                    finding(
+                        "drift",
+                        name,
+                        f"NLL/token on {name!r} rose {suite['relative_change']:.1%} "
+                        f"({suite['nll_per_token_before']:.3f} → "
+                        f"{suite['nll_per_token_after']:.3f}), more than "
+                        f"{options.max_nll_increase:.0%}",
+                        gates=True,
+                    )
                 )
-    return Contribution({"drift": drift}, reasons)
+    return Contribution.of({"drift": drift}, found)

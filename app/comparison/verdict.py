@@ -14,12 +14,16 @@ from typing import Any
 
 from app.comparison.contributions import (
     LARGEST_NLL_INCREASES,
+    POWER,
     SEVERITY_ORDER,
     CompareOptions,
     Row,
     compare_forgetting,
+    finding,
 )
 from app.suites.kinds import KINDS
+
+CHURN_SHOWN = 20
 
 __all__ = [
     "LARGEST_NLL_INCREASES",
@@ -32,25 +36,44 @@ __all__ = [
 ]
 
 
+# Engine settings that decide how items are batched, not what is asked: they must not change a
+# greedy answer, so runs that differ only in them are comparable (the noise floor needs this).
+ENGINE_ONLY_SETTINGS = ("batch_size",)
+
+
 def _generation_differences(before: Mapping[str, Any], after: Mapping[str, Any]) -> list[str]:
     return [
         f"{key} {before.get(key)!r} before, {after.get(key)!r} after"
         for key in sorted(set(before) | set(after))
-        if before.get(key) != after.get(key)
+        if key not in ENGINE_ONLY_SETTINGS and before.get(key) != after.get(key)
     ]
 
 
-def comparability_problems(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+def comparability_problems(
+    before: dict[str, Any], after: dict[str, Any], suites: Sequence[str] | None = None
+) -> list[str]:
     """What differs between two runs that would make their scores incomparable (empty: none).
 
     Runs are ``{"suites": [snapshot…], "prompt_format", "generation"}``; suites are matched by
     name and compared by content hash, so an edited suite is named with both versions.
+    ``suites`` restricts the comparison to those names, which both runs must have.
     """
     problems = []
     b_suites = {s["name"]: s for s in before["suites"]}
     a_suites = {s["name"]: s for s in after["suites"]}
-    for name in sorted(set(b_suites) | set(a_suites)):
+    names = sorted(set(b_suites) | set(a_suites)) if suites is None else list(suites)
+    mismatched = False
+    for name in names:
         if name not in a_suites or name not in b_suites:
+            if suites is not None:
+                missing = [
+                    w for w, s in (("before", b_suites), ("after", a_suites)) if name not in s
+                ]
+                problems.append(
+                    f"suite {name!r} is not in the {' or the '.join(missing)} evaluation"
+                )
+                continue
+            mismatched = True
             which = "before" if name in b_suites else "after"
             problems.append(f"suite {name!r} ran only in the {which} evaluation")
         elif b_suites[name]["content_hash"] != a_suites[name]["content_hash"]:
@@ -58,13 +81,20 @@ def comparability_problems(before: dict[str, Any], after: dict[str, Any]) -> lis
                 f"suite {name!r} differs: version {b_suites[name]['version']} before, "
                 f"version {a_suites[name]['version']} after (content hashes differ)"
             )
+    if mismatched:
+        shared = [n for n in b_suites if n in a_suites]
+        problems.append(
+            f"pass suites={','.join(shared)} to compare the suites both runs share"
+            if shared
+            else "the runs share no suite"
+        )
     if before["prompt_format"] != after["prompt_format"]:
         problems.append(
             f"prompt_format differs: {before['prompt_format']!r} before, "
             f"{after['prompt_format']!r} after"
         )
-    if before["generation"] != after["generation"]:
-        diffs = _generation_differences(before["generation"], after["generation"])
+    diffs = _generation_differences(before["generation"], after["generation"])
+    if diffs:
         problems.append("generation settings differ: " + "; ".join(diffs))
     return problems
 
@@ -83,27 +113,124 @@ def _paired(before: Sequence[Row], after: Sequence[Row]) -> list[tuple[Row, Row]
     ]
 
 
+def power_warnings(
+    statistics: Mapping[str, Any] | None, options: CompareOptions
+) -> list[dict[str, Any]]:
+    """``underpowered`` warnings: where the sample cannot tell the gated drop from noise."""
+    if statistics is None:
+        return []
+    warnings = []
+    n = statistics["n_pairs"]
+    mdd = statistics["min_detectable_drop"]
+    how = f"at α = {options.alpha} with {POWER:.0%} power"
+    if mdd is None or mdd > options.threshold:
+        detail = (
+            f"even losing all {n} items is not significant {how}"
+            if mdd is None
+            else f"the minimum detectable drop {how} is {mdd:.3f}"
+        )
+        warnings.append(
+            {
+                "code": "underpowered",
+                "scope": "overall",
+                "n": n,
+                "min_detectable_drop": mdd,
+                "message": f"underpowered: n = {n} cannot distinguish a {options.threshold:.2f} "
+                f"drop from noise ({detail}); add items to the suite",
+            }
+        )
+    if options.mode == "noninferiority" and statistics["noninferiority_floor"] >= options.threshold:
+        warnings.append(
+            {
+                "code": "underpowered",
+                "scope": "noninferiority",
+                "n": n,
+                "min_detectable_drop": mdd,
+                "message": f"underpowered: mode=noninferiority cannot pass at n = {n}: the "
+                f"smallest possible upper bound of the drop is "
+                f"{statistics['noninferiority_floor']:.3f}, not below {options.threshold}",
+            }
+        )
+    if options.max_category_drop is not None:
+        for cat, c in statistics["by_category"].items():
+            cat_mdd = c["min_detectable_drop"]
+            if cat_mdd is None or cat_mdd > options.max_category_drop:
+                shown = "any drop" if cat_mdd is None else f"drops below {cat_mdd:.3f}"
+                warnings.append(
+                    {
+                        "code": "underpowered",
+                        "scope": f"category:{cat}",
+                        "n": c["n_pairs"],
+                        "min_detectable_drop": cat_mdd,
+                        "message": f"underpowered: category {cat!r} (n = {c['n_pairs']}) cannot "
+                        f"distinguish {shown} from noise {how}",
+                    }
+                )
+    return warnings
+
+
+def noise_floor(
+    base_rows: Sequence[Row], rerun_rows: Sequence[Row], rerun_id: str, forgotten: int | None
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Churn between two runs of the base (items that flip with no change) and its warning."""
+    pairs = [(b, a) for b, a in _paired(base_rows, rerun_rows) if b.kind != "perplexity"]
+    flipped = [(b, a) for b, a in pairs if bool(b.passed) != bool(a.passed)]
+    qa_churn = sum(1 for b, _ in flipped if b.kind == "qa")
+    floor = {
+        "evaluation": rerun_id,
+        "items": len(pairs),
+        "churn": len(flipped),
+        "qa_churn": qa_churn,
+        "churn_rate": len(flipped) / len(pairs) if pairs else 0.0,
+        "flipped": [
+            {"suite": b.suite, "item_id": b.item_id, "passed_first": bool(b.passed)}
+            for b, _ in flipped[:CHURN_SHOWN]
+        ],
+    }
+    warnings = []
+    if forgotten is not None and forgotten > 0 and forgotten <= qa_churn:
+        warnings.append(
+            {
+                "code": "within_noise_floor",
+                "scope": "overall",
+                "message": f"within the noise floor: {forgotten} forgotten items, but "
+                f"{qa_churn} items flip between two runs of the unchanged base",
+            }
+        )
+    return floor, warnings
+
+
 def build(
     before_run: dict[str, Any],
     after_run: dict[str, Any],
     before_rows: Sequence[Row],
     after_rows: Sequence[Row],
     options: CompareOptions,
+    noise_rows: tuple[str, Sequence[Row]] | None = None,
 ) -> dict[str, Any]:
     """The full ``/compare`` body: every kind's contribution, then the verdict and its reasons.
 
     Runs are ``{"id", "source"?}`` (``source``: whose items they are, for cached copies).
+    ``noise_rows``: ``(id, rows)`` of a second run of the base, for the noise floor. Every
+    regression is a finding; ``reasons`` are those that gate, the rest are reported.
     """
 
     body: dict[str, Any] = {"before": before_run["id"], "after": after_run["id"]}
-    reasons: list[str] = []
+    found: list[dict[str, Any]] = []
     for name, kind in KINDS.items():
         pairs = _paired(
             [r for r in before_rows if r.kind == name], [r for r in after_rows if r.kind == name]
         )
         contribution = kind.compare(pairs, options)
         body.update(contribution.body)
-        reasons.extend(contribution.reasons)
+        found.extend(contribution.findings)
+        # A kind that gives reasons without findings: each reason gates, under the kind's name.
+        covered = {f["message"] for f in contribution.findings}
+        found.extend(
+            finding(name, name, reason, gates=True)
+            for reason in contribution.reasons
+            if reason not in covered
+        )
 
     same_run = before_run["id"] == after_run["id"]
     same_source = before_run.get("source", before_run["id"]) == after_run.get(
@@ -119,6 +246,19 @@ def build(
     body["same_run"] = same_run or same_source
     body["threshold"] = options.threshold
     body["mode"] = options.mode
+    reasons = [f["message"] for f in found if f["gates"]]
     body["verdict"] = "fail" if reasons else "pass"
     body["reasons"] = reasons
+    body["findings"] = found
+    statistics = body.get("statistics")
+    warnings = power_warnings(statistics, options)
+    if noise_rows is not None:
+        body["noise_floor"], noise_warnings = noise_floor(
+            before_rows,
+            noise_rows[1],
+            noise_rows[0],
+            statistics["forgotten"] if statistics else None,
+        )
+        warnings += noise_warnings
+    body["warnings"] = warnings
     return body

@@ -19,7 +19,7 @@ from fastapi.responses import HTMLResponse, Response
 from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -30,6 +30,7 @@ from app.core.formatting import number, percent
 from app.core.pagination import newest_first, page
 from app.core.tables import JOB_STATUSES, Evaluation, EvaluationItem, FinetuneEvent, FinetuneJob
 from app.evaluations import service as evaluations
+from app.finetune.schemas import Hyperparameters, resolve_hyperparameters
 from app.suites.kinds import KINDS, Display
 from app.ui import views
 from app.web.deps import SessionDep
@@ -192,12 +193,30 @@ def _headline_results(results: dict[str, Any] | None) -> list[tuple[str, str]]:
 @router.get("", response_class=HTMLResponse)
 @router.get("/", response_class=HTMLResponse)
 @router.get("/evaluations", response_class=HTMLResponse)
-def home(session: SessionDep, status: str | None = None, cursor: str | None = None) -> HTMLResponse:
-    """Evaluations, newest first, with live progress; recent fine-tune jobs; a compare picker."""
+def home(
+    session: SessionDep,
+    status: str | None = None,
+    cursor: str | None = None,
+    cached: str | None = None,
+) -> HTMLResponse:
+    """Evaluations, newest first, with live progress; recent fine-tune jobs; a compare picker.
+
+    Cache hits (copies of an earlier run's results) are hidden unless ``?cached=show``: a CI
+    gate re-evaluating its base on every push would otherwise bury the real runs.
+    """
     status = _status_filter(status)
+    show_cached = cached == "show"
     query = select(Evaluation)
     if status:
         query = query.where(Evaluation.status == status)
+    hidden = 0
+    if not show_cached:
+        hidden = session.execute(
+            query.where(Evaluation.cached_from.is_not(None))
+            .with_only_columns(func.count())
+            .order_by(None)
+        ).scalar_one()
+        query = query.where(Evaluation.cached_from.is_(None))
     rows = list(session.execute(newest_first(query, Evaluation, cursor, 50)).scalars())
     rows, next_cursor = page(rows, 50)
     jobs = list(
@@ -213,6 +232,29 @@ def home(session: SessionDep, status: str | None = None, cursor: str | None = No
         next_cursor=next_cursor,
         live=live,
         succeeded=_recent_succeeded(session),
+        show_cached=show_cached,
+        hidden_cached=hidden,
+    )
+
+
+@router.get("/finetune-jobs", response_class=HTMLResponse)
+def finetune_jobs_page(
+    session: SessionDep, status: str | None = None, cursor: str | None = None
+) -> HTMLResponse:
+    """Every fine-tune job, newest first, with live progress and verdicts."""
+    status = _status_filter(status)
+    query = select(FinetuneJob)
+    if status:
+        query = query.where(FinetuneJob.status == status)
+    jobs = list(session.execute(newest_first(query, FinetuneJob, cursor, 50)).scalars())
+    jobs, next_cursor = page(jobs, 50)
+    return render(
+        "finetune_jobs.html",
+        jobs=jobs,
+        status=status,
+        statuses=JOB_STATUSES,
+        next_cursor=next_cursor,
+        live=any(j.status in LIVE for j in jobs),
     )
 
 
@@ -238,8 +280,9 @@ def evaluation_page(
     """Per-category accuracy bars, checklist results with severities, a filterable item table."""
     evaluation = evaluations.get(session=session, evaluation_id=evaluation_id)
     source = _item_source(evaluation)
-    if passed not in (None, "", "pass", "fail"):
-        raise Problem(422, "Invalid filter", f"passed must be 'pass' or 'fail'; got {passed!r}")
+    # The API's vocabulary (?passed=false), so a filtered page's URL reads like the API call.
+    if passed not in (None, "", "true", "false"):
+        raise Problem(422, "Invalid filter", f"passed must be 'true' or 'false'; got {passed!r}")
     if cursor and not cursor.isdigit():
         raise Problem(422, "Invalid cursor", "cursor is not one this page produced")
 
@@ -285,18 +328,18 @@ def evaluation_page(
         )
 
     I = EvaluationItem  # noqa: E741, N806
-    query = select(I).where(I.evaluation_id == source)
-    if passed:
-        query = query.where(I.passed.is_(passed == "pass"))
-    if suite:
-        query = query.where(I.suite == suite)
-    if category:
-        query = query.where(I.category == category)
-    if cursor:
-        query = query.where(I.id > int(cursor))
-    items = list(session.execute(query.order_by(I.id).limit(ITEMS_PER_PAGE + 1)).scalars())
-    next_cursor = str(items[ITEMS_PER_PAGE - 1].id) if len(items) > ITEMS_PER_PAGE else None
-    items = items[:ITEMS_PER_PAGE]
+    # The same rows, order and cursor as GET /evaluations/{id}/items (suite order).
+    item_page = evaluations.list_items(
+        session=session,
+        evaluation_id=evaluation.id,
+        passed=None if not passed else passed == "true",
+        suite=suite or None,
+        category=category or None,
+        limit=ITEMS_PER_PAGE,
+        cursor=cursor or None,
+    )
+    items = item_page.data
+    next_cursor = item_page.next_cursor
     categories = sorted(
         c
         for c in session.execute(
@@ -333,6 +376,8 @@ def compare_page(
     max_nll_increase: str | None = None,
     mode: str | None = None,
     flips: str | None = None,
+    category_rule: str | None = None,
+    suites: str | None = None,
 ) -> HTMLResponse:
     """Verdict banner, grouped before/after bars, statistics, changed answers, NLL drift."""
     if not before or not after:
@@ -351,6 +396,8 @@ def compare_page(
         max_category_drop=_float_param("max_category_drop", max_category_drop, None, 0.0, 1.0),
         max_nll_increase=_float_param("max_nll_increase", max_nll_increase, None, 0.0, 100.0),
         mode="noninferiority" if mode == "noninferiority" else "threshold",
+        category_rule="significant" if category_rule == "significant" else "point",
+        suites=comparison.parse_suite_names(suites),
     )
     body = comparison.compare(session=session, before_id=before, after_id=after, options=options)
     before_ev = evaluations.get(session=session, evaluation_id=before)
@@ -447,7 +494,12 @@ def finetune_job_page(job_id: str, session: SessionDep) -> HTMLResponse:
         job=job,
         request_=request,
         method=request.get("method", "—"),
-        hyperparameters=request.get("hyperparameters") or {},
+        # The values the job trains with (preset + overrides), not only what was overridden.
+        hyperparameters=resolve_hyperparameters(
+            request.get("method", "lora"),
+            request.get("preset", "safe"),
+            Hyperparameters(**(request.get("hyperparameters") or {})),
+        ).model_dump(),
         options={k: request.get(k) for k in ("preset", "lora", "replay", "ewc") if request.get(k)},
         warnings=warnings,
         # A warning the job also logged as an event is listed once.

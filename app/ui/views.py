@@ -73,6 +73,7 @@ def category_rows(
                 "forgotten": stats.get("forgotten"),
                 "learned": stats.get("learned"),
                 "p_value": stats.get("mcnemar_p_value"),
+                "p_value_holm": stats.get("p_value_holm"),
                 "fell": drop is not None and drop > threshold,
             }
         )

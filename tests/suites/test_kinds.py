@@ -182,7 +182,7 @@ def test_a_new_kind_is_uploaded_evaluated_compared_and_shown(  # type: ignore[no
 ) -> None:
     uploaded = client.post("/suites", json=SUITE)
     assert uploaded.status_code == 201, uploaded.text
-    assert uploaded.json()["kind"] == "word_count" and uploaded.json()["items"] == 3
+    assert uploaded.json()["kind"] == "word_count" and uploaded.json()["item_count"] == 3
     # The new kind's own schema validates its items, with the usual problem+json location.
     bad = client.post("/suites", json={**SUITE, "items": [{**SUITE["items"][0], "max_words": 0}]})
     assert bad.status_code == 422 and bad.json()["errors"][0]["loc"] == [

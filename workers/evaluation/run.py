@@ -101,7 +101,9 @@ def run_evaluation(
         cache_key=key,
     )
 
-    backend = TransformersBackend(loaded.model, loaded.tokenizer)
+    backend = TransformersBackend(
+        loaded.model, loaded.tokenizer, batch_size=evaluation.generation.get("batch_size") or "auto"
+    )
     settings = RunSettings(
         prompt_format=prompt_format,
         max_new_tokens=int(evaluation.generation.get("max_new_tokens", 50)),

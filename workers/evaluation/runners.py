@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from app.suites.checks import run_check
+from app.suites.checks import failed_rule
 from app.suites.kinds import DEFAULT_PROMPT_TEMPLATE, KINDS, RequestType, render_prompt
 from workers.engine.base import Backend, Prompt
 
@@ -231,13 +231,17 @@ def _score_qa(item: Item, response: str) -> dict[str, Any]:
 
 def _score_checklist(item: Item, response: str) -> dict[str, Any]:
     """Greedy responses checked by the declarative check of each item."""
-    passed = run_check(item["check"], response)
+    rule = failed_rule(item["check"], response)
+    passed = rule is None
+    details: dict[str, Any] = {"test": item["test"]}
+    if rule is not None:
+        details["failed_rule"] = rule  # which rule to read the response against
     return {
         "passed": passed,
         "score": float(passed),
         "category": item.get("category"),
         "severity": item.get("severity"),
-        "details": {"test": item["test"]},
+        "details": details,
     }
 
 
