@@ -109,5 +109,7 @@ def answer_from(row: Evaluation, source: Evaluation) -> None:
     row.engine = source.engine
     total = source.progress.get("total", 0)
     row.progress = {"done": total, "total": total, "stage": "done (cached)"}
+    # Created, started and finished in the same instant: never "started" before "created".
+    row.created_at = now
     row.started_at = now
     row.finished_at = now

@@ -21,7 +21,7 @@ from workers.context import JobContext
 from workers.engine.base import Backend, UnsupportedRequest
 from workers.engine.loading import ModelCache, load_tokenizer
 from workers.engine.transformers_backend import TransformersBackend
-from workers.evaluation.runners import RUNNERS, RunSettings
+from workers.evaluation.runners import RunSettings, run_items
 
 log = logging.getLogger("forgetguard.worker")
 
@@ -91,7 +91,11 @@ Opener = Callable[[JobContext, ModelCache, Evaluation], OpenedModel]
 def _open_transformers(ctx: JobContext, models: ModelCache, evaluation: Evaluation) -> OpenedModel:
     loaded = models.get(evaluation.model_path, evaluation.adapter_path)
     return OpenedModel(
-        backend=TransformersBackend(loaded.model, loaded.tokenizer),
+        backend=TransformersBackend(
+            loaded.model,
+            loaded.tokenizer,
+            batch_size=evaluation.generation.get("batch_size") or "auto",
+        ),
         fingerprint=loaded.fingerprint,
         has_chat_template=bool(getattr(loaded.tokenizer, "chat_template", None)),
     )
@@ -268,7 +272,7 @@ def run_evaluation(
                 on_progress(progress["done"], total)
 
         try:
-            RUNNERS[suite["kind"]](backend, definition, pending, settings, emit)
+            run_items(suite["kind"], backend, definition, pending, settings, emit)
         except UnsupportedRequest as exc:
             raise ctx.user_error(f"suite {suite['name']!r} (kind {suite['kind']}): {exc}") from None
 
