@@ -27,7 +27,13 @@ LOGLIK_TOLERANCE = 0.01
 NLL_RELATIVE_TOLERANCE = 1e-3
 AGREEMENT = 0.95
 
-pytestmark = [pytest.mark.vllm, pytest.mark.reference, pytest.mark.slow, pytest.mark.one_db]
+pytestmark = [
+    pytest.mark.vllm,
+    pytest.mark.reference,
+    pytest.mark.slow,
+    pytest.mark.one_db,
+    pytest.mark.timeout(2400),
+]
 
 
 def _random_adapter(model_dir: Path, out: Path) -> Path:
@@ -129,7 +135,12 @@ def test_vllm_agrees_with_transformers_and_serves_adapters_unmerged(
         changed = agreement("vllm-base", "vllm-adapter", UNSEEN["name"], "response")
         assert changed < 1.0, "the adapter changed no answer: it was not applied"
         same_engine = http.get(
-            "/compare", params={"before": ids["vllm-base"], "after": ids["vllm-adapter"]}
+            "/compare",
+            params={
+                "before": ids["vllm-base"],
+                "after": ids["vllm-adapter"],
+                "suites": UNSEEN["name"],
+            },
         )
         assert same_engine.status_code == 200, same_engine.text
         assert not any("changed nothing" in w for w in same_engine.json().get("warnings", []))

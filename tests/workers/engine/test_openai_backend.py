@@ -93,6 +93,7 @@ def served(reference_model_dir: Path, vllm_env: None, tmp_path_factory: Any) -> 
 @pytest.mark.vllm
 @pytest.mark.reference
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_served_model_agrees_with_the_transformers_engine(
     served: str, reference_model_dir: Path
 ) -> None:
@@ -144,6 +145,7 @@ def test_served_model_agrees_with_the_transformers_engine(
 @pytest.mark.reference
 @pytest.mark.slow
 @pytest.mark.one_db
+@pytest.mark.timeout(1800)
 def test_an_openai_evaluation_runs_through_a_worker_and_says_weights_were_not_hashed(
     served: str, settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
