@@ -49,7 +49,7 @@ def text_problem(value: str) -> str | None:
 
 
 def check_value(value: Any, where: str = "body") -> None:
-    """Raise :class:`Unstorable` for the first string (key or value) or float that cannot be stored."""
+    """Raise :class:`Unstorable` for the first string (key or value) or float not storable."""
     if isinstance(value, str):
         problem = text_problem(value)
         if problem:
@@ -89,9 +89,7 @@ def check_url(path: str, query_string: bytes) -> None:
         decoded = unquote_to_bytes(raw)
         shown = unquote_to_bytes(name).decode("utf-8", "replace")[:60]
         if b"\x00" in decoded or b"\x00" in unquote_to_bytes(name):
-            raise Unstorable(
-                f"query parameter {shown!r}", "holds a NUL character (%00); remove it"
-            )
+            raise Unstorable(f"query parameter {shown!r}", "holds a NUL character (%00); remove it")
         try:
             decoded.decode("utf-8")
         except UnicodeDecodeError:
