@@ -221,7 +221,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine = make_engine(settings.database_url)
+        # The thread pool that runs sync routes, and a database pool larger than it.
+        to_thread.current_default_thread_limiter().total_tokens = settings.api_threads
+        engine = make_engine(settings.database_url, pool_size=settings.api_threads + 4)
         with engine.connect() as conn:
             try:
                 conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one()
@@ -232,6 +234,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 ) from None
         app.state.engine = engine
         app.state.sessionmaker = session_factory(engine)
+        app.state.write_sessionmaker = session_factory(engine, immediate=True)
         with app.state.sessionmaker() as session:
             versions.sync_builtins(session)
             session.commit()

@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     # A worker given SIGTERM finishes its current batch, releases the job and exits within this.
     shutdown_grace_seconds: float = 30.0
 
+    # Requests the API runs at once in its thread pool; its database pool is sized from this.
+    api_threads: int = Field(40, ge=1, le=1000)
+
     max_body_bytes: int = 8 * 1024 * 1024
     # A JSONL dataset named by path is read and checked at submission; this bounds that work.
     max_dataset_bytes: int = 256 * 1024 * 1024

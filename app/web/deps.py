@@ -16,8 +16,20 @@ def get_settings(request: Request) -> Settings:
     return settings
 
 
+# Methods that only read; every other request may read then write.
+_READ_ONLY = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
 def get_session(request: Request) -> Iterator[Session]:
-    with request.app.state.sessionmaker() as session:
+    """A session for the request; it takes a connection only at its first statement.
+
+    A request that may write (POST) gets an immediate transaction on SQLite, so two
+    concurrent cancels or creates queue for the write lock instead of one failing with
+    ``database is locked``.
+    """
+    state = request.app.state
+    factory = state.sessionmaker if request.method in _READ_ONLY else state.write_sessionmaker
+    with factory() as session:
         yield session
 
 
