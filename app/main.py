@@ -7,6 +7,7 @@ import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import anyio
 import numpy as np
 from anyio import to_thread
 from fastapi import FastAPI
@@ -221,9 +222,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        # The thread pool that runs sync routes, and a database pool larger than it.
+        # The thread pool that runs sync routes; and database slots, one per request that may
+        # hold a connection (app.web.deps.get_session), fewer than the pool's connections:
+        # under load a request waits for a slot, holding nothing, never for a connection.
         to_thread.current_default_thread_limiter().total_tokens = settings.api_threads
-        engine = make_engine(settings.database_url, pool_size=settings.api_threads + 4)
+        app.state.database_slots = anyio.Semaphore(settings.api_threads)
+        engine = make_engine(settings.database_url, pool_size=settings.api_threads, max_overflow=4)
         with engine.connect() as conn:
             try:
                 conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one()
@@ -234,7 +238,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 ) from None
         app.state.engine = engine
         app.state.sessionmaker = session_factory(engine)
-        app.state.write_sessionmaker = session_factory(engine, immediate=True)
         with app.state.sessionmaker() as session:
             versions.sync_builtins(session)
             session.commit()

@@ -63,9 +63,10 @@ async def get_evaluation(evaluation_id: str, request: Request) -> Response:
     finished: FinishedCache = request.app.state.finished_evaluations
     body = finished.get(evaluation_id)
     if body is None:
-        body = await run_in_threadpool(
-            _load_public, request.app.state.sessionmaker, finished, evaluation_id
-        )
+        async with request.app.state.database_slots:  # see app.web.deps.get_session
+            body = await run_in_threadpool(
+                _load_public, request.app.state.sessionmaker, finished, evaluation_id
+            )
     return Response(body, media_type="application/json")
 
 

@@ -39,16 +39,15 @@ def _prepare_sqlite(engine: Engine) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
 
-def make_engine(url: str, *, pool_size: int = 10) -> Engine:
+def make_engine(url: str, *, pool_size: int = 10, max_overflow: int = 20) -> Engine:
     """Create an engine; for SQLite, the file's directory is created on first use.
 
-    ``pool_size`` connections are kept, and as many more may open under load: the API passes
-    more than its thread pool runs at once (each request thread holds at most one connection),
-    so a request never waits for a connection that only a queued request could give back
-    (``QueuePool limit reached`` under load).
+    ``pool_size`` connections are kept and ``max_overflow`` more may open under load. The API
+    admits fewer requests to the database at once than that (``app.web.deps.get_session``),
+    so a request never waits for a connection (``QueuePool limit reached`` under load).
     """
     parsed = make_url(url)
-    pool = {"pool_size": pool_size, "max_overflow": pool_size, "pool_timeout": 60}
+    pool = {"pool_size": pool_size, "max_overflow": max_overflow, "pool_timeout": 60}
     if parsed.get_backend_name() == "sqlite":
         database = parsed.database
         if database and database != ":memory:":

@@ -222,6 +222,9 @@ def list_items(
 
 def cancel(*, session: Session, evaluation_id: str) -> EvaluationPublic:
     """Cancel a queued or running evaluation (409 when already finished); commits."""
+    # Read, then write: take SQLite's write lock at BEGIN so concurrent cancels wait their turn
+    # (a deferred transaction that read before another committed fails "database is locked").
+    session.connection(execution_options={"immediate": True})
     row = get(session=session, evaluation_id=evaluation_id)
     if row.status in ("succeeded", "failed"):
         raise Problem(409, "Already finished", f"evaluation {evaluation_id} already {row.status}")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -16,21 +16,22 @@ def get_settings(request: Request) -> Settings:
     return settings
 
 
-# Methods that only read; every other request may read then write.
-_READ_ONLY = frozenset({"GET", "HEAD", "OPTIONS"})
+async def get_session(request: Request) -> AsyncIterator[Session]:
+    """A session for the request, once one of the API's database slots is free.
 
-
-def get_session(request: Request) -> Iterator[Session]:
-    """A session for the request; it takes a connection only at its first statement.
-
-    A request that may write (POST) gets an immediate transaction on SQLite, so two
-    concurrent cancels or creates queue for the write lock instead of one failing with
-    ``database is locked``.
+    Each request holding a session may hold one connection, and keeps it until its response
+    is serialised, which needs a thread of its own: with more such requests than connections,
+    every thread could wait for a connection held by a request that waits for a thread
+    (``QueuePool limit reached``, 500, under load). Slots are fewer than the pool's
+    connections, so that wait cannot happen; a request waits for a slot in the event loop,
+    holding neither a thread nor a connection. The session is closed here too, in the loop.
     """
-    state = request.app.state
-    factory = state.sessionmaker if request.method in _READ_ONLY else state.write_sessionmaker
-    with factory() as session:
-        yield session
+    async with request.app.state.database_slots:
+        session: Session = request.app.state.sessionmaker()
+        try:
+            yield session
+        finally:
+            session.close()
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
