@@ -27,6 +27,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from app.core.config import Settings
 from app.core.database import make_engine, session_factory
 from app.core.errors import Problem
+from app.core.tables import FinetuneEvent
 from app.jobs.queue import (
     ClaimedJob,
     LeaseLost,
@@ -275,6 +276,7 @@ class Worker:
                 detail = f"a regular expression in a check cannot be compiled: {exc}"
             status = fail(self.engine, job, detail[:2000], retryable=False)
             log.warning("%s %s: %s: %s", job.kind, job.id, status, detail)
+            self._record_failure(job, status, detail)
         except OperationalError as exc:
             # The database went away (a restart, a failover): not the job's fault, so it goes
             # back to the queue without costing an attempt, once the database answers again.
@@ -290,6 +292,7 @@ class Worker:
             message = f"{type(exc).__name__}: {exc}"
             status = fail(self.engine, job, message[:2000], retryable=True)
             log.warning("%s %s: now %s", job.kind, job.id, status)
+            self._record_failure(job, status, message[:2000])
         finally:
             self.current = None
             beating.set()
@@ -332,6 +335,26 @@ class Worker:
 
         threading.Thread(target=poll, name="parent-watch", daemon=True).start()
 
+    def _record_failure(self, job: ClaimedJob, status: str, error: str) -> None:
+        """A fine-tune job's event log says why an attempt failed, like it says everything else."""
+        if job.kind != "finetune" or status not in ("failed", "queued"):
+            return
+        final = status == "failed"
+        try:
+            with self.sessionmaker() as session, session.begin():
+                session.add(
+                    FinetuneEvent(
+                        job_id=job.id,
+                        level="error" if final else "warning",
+                        message=f"failed: {error}"
+                        if final
+                        else f"attempt failed, will retry: {error}",
+                        data={"attempt": job.attempt, "status": status},
+                    )
+                )
+        except Exception:  # the job's error field holds it anyway
+            log.exception("%s %s: could not record the failure event", job.kind, job.id)
+
     def _heartbeat(self, ctx: JobContext, done: threading.Event) -> None:
         while not done.wait(self.settings.heartbeat_seconds):
             try:
@@ -346,7 +369,8 @@ class Worker:
 def main(
     settings: Settings, *, device: str, kinds: tuple[str, ...], worker_id: str | None, once: bool
 ) -> int:
-    """Entry point of ``forgetguard worker``."""
+    """Entry point of ``forgetguard worker``, which applied the process settings first
+    (:func:`workers.engine.process.configure_process`)."""
     cap_memory(settings.worker_max_memory_bytes)
     worker = Worker(settings, device=device, kinds=kinds, worker_id=worker_id, once=once)
     worker.install_signal_handlers()

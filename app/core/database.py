@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +13,8 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
+# The Alembic scripts ship inside the package, so an installed wheel migrates as a checkout does.
+MIGRATIONS_DIR = Path(str(files("app.migrations")))
 
 
 def _prepare_sqlite(engine: Engine) -> None:
@@ -86,7 +89,7 @@ def immediate_session(engine: Engine) -> Iterator[Session]:
 
 
 def alembic_config(url: str) -> Any:
-    """An Alembic config pointing at ``migrations/`` and the given database."""
+    """An Alembic config pointing at the package's migrations and the given database."""
     from alembic.config import Config
 
     config = Config()
@@ -95,8 +98,25 @@ def alembic_config(url: str) -> Any:
     return config
 
 
+def _quiet_alembic() -> None:
+    """Keep Alembic's INFO lines that say something happened ("Running upgrade 0001 -> 0002"),
+    drop the ones it prints at every start (plugin set-up, dialect notes)."""
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
+    migration = logging.getLogger("alembic.runtime.migration")
+    if not any(isinstance(f, _RoutineAlembicLines) for f in migration.filters):
+        migration.addFilter(_RoutineAlembicLines())
+
+
+class _RoutineAlembicLines(logging.Filter):
+    ROUTINE = ("Context impl ", "Will assume ")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.ROUTINE)
+
+
 def upgrade(url: str, revision: str = "head") -> None:
     """Bring the schema to ``revision``; migrations are the only way the schema is made."""
+    _quiet_alembic()  # before the import: Alembic logs its plugin set-up as it loads
     from alembic import command
 
     if make_url(url).get_backend_name() == "sqlite":

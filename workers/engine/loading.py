@@ -7,22 +7,18 @@ here, right before loading, because the file system may have changed since submi
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import torch  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
-
-from app.core.config import Settings  # noqa: E402
-from app.core.fingerprint import fingerprint  # noqa: E402
-from app.core.modelcheck import resolve_model  # noqa: E402
-from workers.context import UserError  # noqa: E402
-from workers.engine.transformers_backend import select_dtype  # noqa: E402
+from app.core.config import Settings
+from app.core.fingerprint import fingerprint
+from app.core.modelcheck import resolve_model
+from workers.context import UserError
+from workers.engine.transformers_backend import select_dtype
 
 log = logging.getLogger("forgetguard.worker")
 
