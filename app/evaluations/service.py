@@ -92,7 +92,17 @@ def resolve_suites(
                     errors=[{"loc": [*loc, index], "msg": exc.detail}],
                 ) from None
         else:
-            row, _ = versions.register(session, entry, source="inline")
+            try:
+                row, _ = versions.register(session, entry, source="inline")
+            except Problem as exc:
+                if exc.title != "Reserved suite name":
+                    raise
+                raise Problem(
+                    422,
+                    exc.title,
+                    exc.detail,
+                    errors=[{"loc": ["body", "suites", index, "name"], "msg": exc.detail}],
+                ) from None
         if any(s["name"] == row.name for s in snapshot):
             raise Problem(422, "Duplicate suite", f"suite {row.name!r} is listed twice")
         snapshot.append(
@@ -241,6 +251,9 @@ def list_items(
 
 def cancel(*, session: Session, evaluation_id: str) -> EvaluationPublic:
     """Cancel a queued or running evaluation (409 when already finished); commits."""
+    # Read, then write: take SQLite's write lock at BEGIN so concurrent cancels wait their turn
+    # (a deferred transaction that read before another committed fails "database is locked").
+    session.connection(execution_options={"immediate": True})
     row = get(session=session, evaluation_id=evaluation_id)
     if row.status in ("succeeded", "failed"):
         raise Problem(409, "Already finished", f"evaluation {evaluation_id} already {row.status}")

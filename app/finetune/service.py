@@ -173,6 +173,9 @@ def create(*, session: Session, settings: Settings, body: FinetuneJobCreate) -> 
 
 def cancel(*, session: Session, job_id: str) -> FinetuneJobPublic:
     """Cancel a queued or running job and its own evaluations (409 when finished); commits."""
+    # Read, then write: take SQLite's write lock at BEGIN so concurrent cancels wait their turn
+    # (a deferred transaction that read before another committed fails "database is locked").
+    session.connection(execution_options={"immediate": True})
     row = get(session=session, job_id=job_id)
     if row.status in ("succeeded", "failed"):
         raise Problem(409, "Already finished", f"fine-tune job {job_id} already {row.status}")
