@@ -44,20 +44,7 @@ def aggregate(ctx: JobContext, evaluation: Evaluation) -> dict[str, Any]:
                 )
                 .order_by(EvaluationItem.position)
             ).scalars()
-            results[suite["name"]] = KINDS[suite["kind"]].aggregate(
-                [
-                    ItemRow(
-                        item_id=r.item_id,
-                        passed=r.passed,
-                        score=r.score,
-                        category=r.category,
-                        severity=r.severity,
-                        response=r.response,
-                        details=r.details,
-                    )
-                    for r in rows
-                ]
-            )
+            results[suite["name"]] = KINDS[suite["kind"]].aggregate([ItemRow.of(r) for r in rows])
     return results
 
 
