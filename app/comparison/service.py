@@ -12,6 +12,7 @@ from app.comparison.verdict import CompareOptions, Row, build, comparability_pro
 from app.core.errors import Problem
 from app.core.tables import Evaluation, EvaluationItem
 from app.evaluations import service as evaluations
+from app.jobs.status import JobStatus
 
 
 def _run(row: Evaluation) -> dict[str, Any]:
@@ -116,7 +117,7 @@ def compare(
     before = evaluations.get(session=session, evaluation_id=before_id)
     after = evaluations.get(session=session, evaluation_id=after_id)
     for row in (before, after):
-        if row.status != "succeeded":
+        if row.status != JobStatus.SUCCEEDED:
             raise Problem(
                 409,
                 "Evaluation not finished",
