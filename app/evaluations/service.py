@@ -25,6 +25,7 @@ from app.core.schemas import (
 from app.core.tables import Evaluation, EvaluationItem, new_id
 from app.evaluations import cache
 from app.jobs import lifecycle
+from app.jobs.queue import begin_write
 from app.jobs.queue import cancel as cancel_job
 from app.jobs.status import JobStatus
 from app.suites import versions
@@ -212,6 +213,7 @@ def list_items(
 
 def cancel(*, session: Session, evaluation_id: str) -> EvaluationPublic:
     """Cancel a queued or running evaluation (409 when already finished); commits."""
+    begin_write(session)
     row = get(session=session, evaluation_id=evaluation_id)
     if row.status in (JobStatus.SUCCEEDED, JobStatus.FAILED):
         raise Problem(409, "Already finished", f"evaluation {evaluation_id} already {row.status}")

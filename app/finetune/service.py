@@ -24,6 +24,7 @@ from app.finetune.schemas import (
     summarize_source,
 )
 from app.jobs import lifecycle
+from app.jobs.queue import begin_write
 from app.jobs.queue import cancel as cancel_job
 from app.jobs.status import JobStatus
 from app.suites import versions
@@ -141,6 +142,7 @@ def create(*, session: Session, settings: Settings, body: FinetuneJobCreate) -> 
 
 def cancel(*, session: Session, job_id: str) -> FinetuneJobPublic:
     """Cancel a queued or running job and its own evaluations (409 when finished); commits."""
+    begin_write(session)
     row = get(session=session, job_id=job_id)
     if row.status in (JobStatus.SUCCEEDED, JobStatus.FAILED):
         raise Problem(409, "Already finished", f"fine-tune job {job_id} already {row.status}")

@@ -357,6 +357,17 @@ def abandon(engine: Engine, job: ClaimedJob) -> None:
         _close_claim(session, job, held=held)
 
 
+def begin_write(session: Session) -> None:
+    """Begin ``session``'s transaction holding SQLite's write lock (``BEGIN IMMEDIATE``).
+
+    For a request that reads a job, then changes it (cancel): under WAL, a deferred transaction
+    whose snapshot a worker's commit made stale cannot become a writer and fails at once with
+    "database is locked", whatever the busy timeout. A no-op on PostgreSQL, and once begun.
+    """
+    if not session.in_transaction():
+        session.connection(execution_options={"immediate": True})
+
+
 def cancel(session: Session, model: type[JobMixin], job_id: str) -> str | None:
     """Cancel a queued or running job; returns the resulting status (None if not found).
 

@@ -15,6 +15,7 @@ from app.core.tables import Claim, Evaluation, EvaluationItem, FinetuneJob, Work
 from app.jobs.queue import (
     LeaseLost,
     abandon,
+    begin_write,
     cancel,
     claim,
     fail,
@@ -319,3 +320,30 @@ def test_status_is_not_a_field_a_guarded_write_sets(engine) -> None:  # type: ig
     with pytest.raises(ValueError, match="status"), guarded_write(engine, job, 60) as s:
         set_job(s, job, status="succeeded")
     assert _snapshot(engine, job_id)[0] == "running"
+
+
+def test_a_cancel_that_reads_first_is_not_refused_by_a_worker_s_commit(engine) -> None:  # type: ignore[no-untyped-def]
+    """Without the write lock up front, SQLite refuses the cancel: its snapshot went stale."""
+    (job_id,) = _queue(engine)
+    job = claim(engine, worker_id="w", kinds=("evaluation",), lease_seconds=60)
+    outcome: list[str] = []
+
+    def worker_writes() -> None:
+        try:
+            heartbeat(engine, job, 60)
+            outcome.append("renewed")
+        except LeaseLost:
+            outcome.append("lost")
+
+    with session_factory(engine)() as s:
+        begin_write(s)
+        assert s.get(Evaluation, job_id).status == "running"
+        beat = threading.Thread(target=worker_writes)
+        beat.start()
+        beat.join(0.5)  # the worker writes meanwhile (on SQLite it waits for this transaction)
+        assert cancel(s, Evaluation, job_id) == "cancelled"
+        s.commit()
+    beat.join(timeout=30)
+    assert outcome in (["renewed"], ["lost"])
+    with session_factory(engine)() as s:
+        assert s.get(Evaluation, job_id).status == "cancelled"
