@@ -19,7 +19,7 @@ from app.core.config import Settings, get_settings
 from app.core.database import make_engine, session_factory
 from app.suites import versions
 from app.ui import routes as ui
-from app.web import auth
+from app.web import auth, docs
 from app.web.response_cache import FinishedCache
 
 
@@ -197,6 +197,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         description="Before/after evaluation of fine-tuned language models, and a CI gate.",
         lifespan=lifespan,
+        # Swagger UI from the app's own files (app.web.docs), not a CDN; ReDoc has no offline
+        # bundle here, so it is off rather than a blank page.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.finished_evaluations = FinishedCache()
@@ -205,6 +209,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (health, suites, evaluations, finetune_jobs, compare, workers):
         app.include_router(module.router)
     app.include_router(metrics_api.router)
+    docs.install(app)  # /docs, served offline
     ui.install(app)  # the /ui dashboard pages and their static files
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     # Keep this the last add_middleware call: added last is outermost, so a caller without a

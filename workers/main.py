@@ -22,6 +22,7 @@ from sqlalchemy.exc import DBAPIError
 from app.core.config import Settings
 from app.core.database import make_engine, session_factory
 from app.core.errors import Problem
+from app.core.tables import FinetuneEvent
 from app.jobs.queue import (
     ClaimedJob,
     LeaseLost,
@@ -244,15 +245,37 @@ class Worker:
             detail = exc.detail if isinstance(exc, Problem) else str(exc)
             status = fail(self.engine, job, detail, retryable=False)
             log.warning("%s %s: %s: %s", job.kind, job.id, status, detail)
+            self._record_failure(job, status, detail)
         except Exception as exc:  # the job failed; the worker lives on
             log.exception("%s %s: error", job.kind, job.id)
             message = f"{type(exc).__name__}: {exc}"
             status = fail(self.engine, job, message[:2000], retryable=True)
             log.warning("%s %s: now %s", job.kind, job.id, status)
+            self._record_failure(job, status, message[:2000])
         finally:
             self.current = None
             beating.set()
             beat.join(timeout=5)
+
+    def _record_failure(self, job: ClaimedJob, status: str, error: str) -> None:
+        """A fine-tune job's event log says why an attempt failed, like it says everything else."""
+        if job.kind != "finetune" or status not in ("failed", "queued"):
+            return
+        final = status == "failed"
+        try:
+            with self.sessionmaker() as session, session.begin():
+                session.add(
+                    FinetuneEvent(
+                        job_id=job.id,
+                        level="error" if final else "warning",
+                        message=f"failed: {error}"
+                        if final
+                        else f"attempt failed, will retry: {error}",
+                        data={"attempt": job.attempt, "status": status},
+                    )
+                )
+        except Exception:  # the job's error field holds it anyway
+            log.exception("%s %s: could not record the failure event", job.kind, job.id)
 
     def _heartbeat(self, ctx: JobContext, done: threading.Event) -> None:
         while not done.wait(self.settings.heartbeat_seconds):

@@ -18,7 +18,17 @@ from app.web.response_cache import FinishedCache
 router = APIRouter(prefix="/evaluations", tags=["evaluations"])
 
 
-@router.post("", status_code=202, response_model=EvaluationPublic)
+@router.post(
+    "",
+    status_code=202,
+    response_model=EvaluationPublic,
+    responses={
+        200: {
+            "model": EvaluationPublic,
+            "description": "answered from the cache (cached_from set), or an idempotent replay",
+        }
+    },
+)
 def post_evaluation(
     body: EvaluationCreate,
     session: SessionDep,
@@ -28,17 +38,20 @@ def post_evaluation(
 ) -> EvaluationPublic:
     """Queue an evaluation; 202 with ``Location: /evaluations/{id}``.
 
-    A cache hit answers with an evaluation already ``succeeded`` (``cached_from`` set). A
-    repeated ``Idempotency-Key`` with the same body answers 200 with the original evaluation.
+    A cache hit is a finished resource, not accepted work: 200 with the evaluation already
+    ``succeeded`` and ``cached_from`` set. A repeated ``Idempotency-Key`` with the same body
+    answers 200 with the original evaluation.
     """
     evaluation_id, created = idem.create_once(
         session, lambda: service.create(session=session, settings=settings, body=body).id
     )
     if not created:
-        response.status_code = 200
         response.headers[REPLAY_HEADER] = "true"
     response.headers["Location"] = f"/evaluations/{evaluation_id}"
-    return service.public(service.get(session=session, evaluation_id=evaluation_id))
+    evaluation = service.public(service.get(session=session, evaluation_id=evaluation_id))
+    if not created or evaluation.cached_from is not None:
+        response.status_code = 200
+    return evaluation
 
 
 @router.get("", response_model=Page[EvaluationPublic])

@@ -27,9 +27,14 @@ def summary(row: Suite) -> SuiteSummary:
         content_hash=row.content_hash,
         description=row.description,
         source=row.source,
-        items=row.item_count,
+        item_count=row.item_count,
         created_at=row.created_at,
     )
+
+
+def detail(row: Suite) -> SuitePublic:
+    """A suite version with its definition (the ``items`` list lives in ``definition``)."""
+    return SuitePublic(**dict(summary(row)), definition=row.definition)
 
 
 @router.get("", response_model=Page[SuiteSummary])
@@ -64,7 +69,7 @@ def get_suite(
 ) -> SuitePublic:
     """One suite with its items (latest version unless ``?version=``)."""
     row = versions.resolve(session, f"{name}@{version}" if version else name)
-    return SuitePublic(**summary(row).model_dump(), definition=row.definition)
+    return detail(row)
 
 
 @router.post(
@@ -103,7 +108,7 @@ def create_suite(
     assert row is not None
     response.status_code = 201 if outcome["created"] else 200
     response.headers["Location"] = f"/suites/{row.name}?version={row.version}"
-    return SuitePublic(**summary(row).model_dump(), definition=row.definition)
+    return detail(row)
 
 
 def _replay(session: Session, response: Response, suite_id: str) -> SuitePublic:
@@ -114,4 +119,4 @@ def _replay(session: Session, response: Response, suite_id: str) -> SuitePublic:
     response.status_code = 200
     response.headers[REPLAY_HEADER] = "true"
     response.headers["Location"] = f"/suites/{row.name}?version={row.version}"
-    return SuitePublic(**summary(row).model_dump(), definition=row.definition)
+    return detail(row)

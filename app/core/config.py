@@ -64,6 +64,15 @@ class Settings(BaseSettings):
         return [root.expanduser().resolve() for root in self.model_roots]
 
     @cached_property
+    def resolved_model_read_roots(self) -> list[Path]:
+        """Where models and adapters may be read from: the model roots and the artifacts dir.
+
+        Fine-tune outputs land in the artifacts dir, so a client can evaluate or gate them
+        where they are. Clients never name a path to write: outputs go where the server says.
+        """
+        return [*self.resolved_model_roots, self.artifacts_dir.expanduser().resolve()]
+
+    @cached_property
     def resolved_data_roots(self) -> list[Path]:
         """Data roots with symlinks resolved, for containment checks."""
         return [root.expanduser().resolve() for root in self.data_roots]

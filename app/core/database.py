@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -76,8 +77,25 @@ def alembic_config(url: str) -> Any:
     return config
 
 
+def _quiet_alembic() -> None:
+    """Keep Alembic's INFO lines that say something happened ("Running upgrade 0001 -> 0002"),
+    drop the ones it prints at every start (plugin set-up, dialect notes)."""
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
+    migration = logging.getLogger("alembic.runtime.migration")
+    if not any(isinstance(f, _RoutineAlembicLines) for f in migration.filters):
+        migration.addFilter(_RoutineAlembicLines())
+
+
+class _RoutineAlembicLines(logging.Filter):
+    ROUTINE = ("Context impl ", "Will assume ")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.ROUTINE)
+
+
 def upgrade(url: str, revision: str = "head") -> None:
     """Bring the schema to ``revision``; migrations are the only way the schema is made."""
+    _quiet_alembic()  # before the import: Alembic logs its plugin set-up as it loads
     from alembic import command
 
     if make_url(url).get_backend_name() == "sqlite":

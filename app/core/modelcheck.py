@@ -143,17 +143,52 @@ def resolve_model(
     The API calls it before anything queues; the worker again right before loading, because
     the file system may have changed in between.
     """
-    model_dir = resolve_under(
-        model_path, settings.resolved_model_roots, what="model", env_var="FORGETGUARD_MODEL_ROOTS"
-    )
+    # Reading only: the artifacts dir (fine-tune outputs) is a root here, never for writes.
+    roots = settings.resolved_model_read_roots
+    model_dir = resolve_under(model_path, roots, what="model", env_var="FORGETGUARD_MODEL_ROOTS")
     check_model_dir(model_dir, model_path)
     adapter_dir = None
     if adapter_path is not None:
         adapter_dir = resolve_under(
             adapter_path,
-            settings.resolved_model_roots,
+            roots,
             what="adapter",
             env_var="FORGETGUARD_MODEL_ROOTS",
         )
         check_adapter_dir(adapter_dir, adapter_path)
     return model_dir, adapter_dir
+
+
+# A safetensors header is JSON; a real one is well under this (names, dtypes, shapes, offsets).
+MAX_SAFETENSORS_HEADER_BYTES = 100 * 1024 * 1024
+
+
+def _tensor_names(directory: Path) -> list[str]:
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        data = json.loads(index.read_text(encoding="utf-8"))
+        return list((data.get("weight_map") or {}).keys())
+    names: list[str] = []
+    for path in sorted(directory.glob("*.safetensors")):
+        with path.open("rb") as handle:
+            size = int.from_bytes(handle.read(8), "little")
+            if not 0 < size <= MAX_SAFETENSORS_HEADER_BYTES:
+                raise ValueError(f"{path.name}: implausible header size {size}")
+            header = json.loads(handle.read(size))
+        names += [name for name in header if name != "__metadata__"]
+    return names
+
+
+def weight_modules(model_dir: Path) -> set[str]:
+    """Dotted names of the modules that own weights (``model.layers.0.self_attn.q_proj``),
+    read from the safetensors index or headers: no torch, no weights loaded. Empty when the
+    names cannot be read."""
+    try:
+        names = _tensor_names(model_dir)
+        config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, AttributeError):
+        return set()
+    modules = {name.rsplit(".", 1)[0] for name in names if "." in name}
+    if isinstance(config, dict) and config.get("tie_word_embeddings"):
+        modules.add("lm_head")  # tied: shares the embedding's weights, stored once under it
+    return modules

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import case, select
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
@@ -30,6 +30,10 @@ from app.jobs.queue import cancel as cancel_job
 from app.jobs.status import JobStatus
 from app.suites import versions
 
+# Items per suite are limited to 10,000, so suite index × this + position orders every item of
+# an evaluation and fits in one integer cursor.
+ORDINAL_STRIDE = 1_000_000
+
 
 def public(row: Evaluation) -> EvaluationPublic:
     """The API view of an evaluation row."""
@@ -42,7 +46,13 @@ def public(row: Evaluation) -> EvaluationPublic:
             path=row.model_path, adapter_path=row.adapter_path, fingerprint=row.model_fingerprint
         ),
         suites=[
-            SuiteRun(**{k: s[k] for k in ("name", "version", "kind", "content_hash", "items")})
+            SuiteRun(
+                name=s["name"],
+                version=s["version"],
+                kind=s["kind"],
+                content_hash=s["content_hash"],
+                item_count=s["items"],
+            )
             for s in row.suites
         ],
         prompt_format=row.prompt_format,
@@ -65,8 +75,13 @@ def get(*, session: Session, evaluation_id: str) -> Evaluation:
     return row
 
 
-def resolve_suites(*, session: Session, suites: list[Any]) -> list[dict[str, Any]]:
-    """Suite references and inline suites → the exact versions this run will use."""
+def resolve_suites(
+    *, session: Session, suites: list[Any], loc: tuple[str, ...] = ("body", "suites")
+) -> list[dict[str, Any]]:
+    """Suite references and inline suites → the exact versions this run will use.
+
+    ``loc``: where the list sits in the request, for the errors' JSON paths.
+    """
     snapshot: list[dict[str, Any]] = []
     for index, entry in enumerate(suites):
         if isinstance(entry, str):
@@ -77,7 +92,7 @@ def resolve_suites(*, session: Session, suites: list[Any]) -> list[dict[str, Any
                     422,
                     "Unknown suite",
                     exc.detail,
-                    errors=[{"loc": ["body", "suites", index], "msg": exc.detail}],
+                    errors=[{"loc": [*loc, index], "msg": exc.detail}],
                 ) from None
         else:
             row, _ = versions.register(session, entry, source="inline")
@@ -119,7 +134,8 @@ def create(
             422, "Unreadable model", f"cannot read {body.model.path!r}: {exc.strerror}"
         ) from None
     snapshot = resolve_suites(session=session, suites=list(body.suites))
-    generation = body.generation.model_dump()
+    # exclude_none: an unset batch_size leaves the stored settings (and cache keys) as before.
+    generation = body.generation.model_dump(exclude_none=True)
     # Resolve the worker's default now (chat iff the tokenizer has a template) so the key is exact.
     prompt_format = cache.effective_prompt_format(body.prompt_format, model_dir)
     key = cache.cache_key(
@@ -179,10 +195,21 @@ def list_items(
     limit: int = 100,
     cursor: str | None = None,
 ) -> Page[ItemPublic]:
-    """Per-item rows in suite order (a cached evaluation's items are its source's)."""
+    """Per-item rows in suite order: the evaluation's suites as listed, each in its items' order,
+    whatever order the worker wrote them in (a cached evaluation's items are its source's).
+
+    The cursor is the last row's ordinal, ``suite index × ORDINAL_STRIDE + position``.
+    """
     row = get(session=session, evaluation_id=evaluation_id)
     source = row.cached_from or row.id
-    query = select(EvaluationItem).where(EvaluationItem.evaluation_id == source)
+    suite_index = {s["name"]: n for n, s in enumerate(row.suites)}
+    ordinal = (
+        case(suite_index, value=EvaluationItem.suite, else_=len(suite_index)) * ORDINAL_STRIDE
+        + EvaluationItem.position
+        if suite_index
+        else EvaluationItem.position
+    )
+    query = select(EvaluationItem, ordinal).where(EvaluationItem.evaluation_id == source)
     if passed is not None:
         query = query.where(EvaluationItem.passed.is_(passed))
     if suite:
@@ -190,10 +217,11 @@ def list_items(
     if category:
         query = query.where(EvaluationItem.category == category)
     if cursor:
-        query = query.where(EvaluationItem.id > int(cursor))
-    rows = list(session.execute(query.order_by(EvaluationItem.id).limit(limit + 1)).scalars())
-    has_more = len(rows) > limit
-    rows = rows[:limit]
+        query = query.where(ordinal > int(cursor))
+    found = list(session.execute(query.order_by(ordinal, EvaluationItem.id).limit(limit + 1)))
+    has_more = len(found) > limit
+    found = found[:limit]
+    rows = [item for item, _ in found]
     data = [
         ItemPublic(
             item_id=r.item_id,
@@ -208,7 +236,8 @@ def list_items(
         )
         for r in rows
     ]
-    return Page(data=data, next_cursor=str(rows[-1].id) if has_more else None, has_more=has_more)
+    next_cursor = str(found[-1][1]) if has_more else None
+    return Page(data=data, next_cursor=next_cursor, has_more=has_more)
 
 
 def cancel(*, session: Session, evaluation_id: str) -> EvaluationPublic:

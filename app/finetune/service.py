@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
 from app.core.errors import Problem
-from app.core.modelcheck import resolve_model
+from app.core.modelcheck import resolve_model, weight_modules
 from app.core.pagination import newest_first, page
 from app.core.schemas import Page, Progress
 from app.core.tables import FinetuneEvent, FinetuneJob, new_id
@@ -93,9 +95,36 @@ def _pin_general_source(
         spec.source = f"{row.name}@{row.version}"
 
 
+def _check_target_modules(model_dir: Path, targets: str | list[str]) -> None:
+    """Refuse LoRA ``target_modules`` that match no module of the model (422), as peft would,
+    but at submission: read from the weights' names, without loading anything."""
+    if isinstance(targets, str):  # "all-linear"
+        return
+    modules = weight_modules(model_dir)
+    if not modules:  # names unreadable here; peft will say so in the worker
+        return
+    missing = [t for t in targets if not any(m == t or m.endswith("." + t) for m in modules)]
+    if missing:
+        names = sorted(
+            {m.rsplit(".", 1)[-1] for m in modules if not m.rsplit(".", 1)[-1].isdigit()}
+        )
+        detail = (
+            f"target_modules {missing} match no module of this model; "
+            f"its modules are named {names} (or use 'all-linear')"
+        )
+        raise Problem(
+            422,
+            "Unknown target modules",
+            detail,
+            errors=[{"loc": ["body", "lora", "target_modules"], "msg": detail}],
+        )
+
+
 def create(*, session: Session, settings: Settings, body: FinetuneJobCreate) -> FinetuneJob:
     """Validate all that can be checked without a model; queue the job (caller commits)."""
-    resolve_model(settings, body.base_model.path, None)
+    model_dir, _ = resolve_model(settings, body.base_model.path, None)
+    if body.lora is not None:
+        _check_target_modules(model_dir, body.lora.target_modules)
     if body.dataset.path is not None:
         n_records = len(load_path_records(settings, body.dataset.path))
     else:
@@ -104,7 +133,11 @@ def create(*, session: Session, settings: Settings, body: FinetuneJobCreate) -> 
         # Pin suite versions (inline suites are registered): before and after run the same ones.
         body.evaluation.suites = list(
             suite_refs(
-                evaluations.resolve_suites(session=session, suites=list(body.evaluation.suites))
+                evaluations.resolve_suites(
+                    session=session,
+                    suites=list(body.evaluation.suites),
+                    loc=("body", "evaluation", "suites"),
+                )
             )
         )
     _pin_general_source(session, settings, body.replay, "replay")

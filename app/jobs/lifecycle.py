@@ -37,6 +37,8 @@ def submit(
         row.model_fingerprint = cached.model_fingerprint
         total = cached.progress.get("total", 0)
         row.progress = {"done": total, "total": total, "stage": "done (cached)"}
+        # Created, started and finished in the same instant: never "started" before "created".
+        row.created_at = now
         row.started_at = now
         row.finished_at = now
     session.add(row)

@@ -323,7 +323,13 @@ def fail(engine: Engine, job: ClaimedJob, error: str, *, retryable: bool) -> str
         else:
             status = JobStatus.FAILED
             _guarded_update(
-                session, job, status=status, finished_at=now, lease_expires_at=None, error=error
+                session,
+                job,
+                status=status,
+                finished_at=now,
+                lease_expires_at=None,
+                error=error,
+                progress={**(row.progress or {}), "stage": "failed"},
             )
         return status
 
@@ -374,14 +380,33 @@ def cancel(session: Session, model: type[JobMixin], job_id: str) -> str | None:
     A fine-tune job's own before/after evaluations stop with it.
     """
     now = db_now(session)
-    session.execute(
+    result = session.execute(
         update(model)
         .where(model.id == job_id, model.status.in_(sources(JobStatus.CANCELLED)))  # type: ignore[attr-defined]
         .values(status=JobStatus.CANCELLED, finished_at=now, lease_expires_at=None)
         .execution_options(synchronize_session=False)
     )
-    if model is FinetuneJob:
-        end_children(session, [job_id], JobStatus.CANCELLED, now=now)
+    if result.rowcount == 1:  # type: ignore[attr-defined]
+        # Once cancelled no worker can write the row again (writes check status), so the
+        # stage it shows is safe to set here: it must not keep saying "queued".
+        progress = session.execute(
+            select(model.progress).where(model.id == job_id)  # type: ignore[attr-defined]
+        ).scalar_one()
+        session.execute(
+            update(model)
+            .where(model.id == job_id)  # type: ignore[attr-defined]
+            .values(progress={**(progress or {}), "stage": "cancelled"})
+            .execution_options(synchronize_session=False)
+        )
+    if model is FinetuneJob:  # its before/after evaluations belong to it: they stop with it
+        owned = session.execute(
+            select(Evaluation.id).where(
+                Evaluation.finetune_job_id == job_id,
+                Evaluation.status.in_(sources(JobStatus.CANCELLED)),
+            )
+        ).scalars()
+        for evaluation_id in list(owned):
+            cancel(session, Evaluation, evaluation_id)
     return session.execute(select(model.status).where(model.id == job_id)).scalar_one_or_none()  # type: ignore[attr-defined]
 
 

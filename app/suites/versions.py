@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 from pathlib import Path
@@ -78,7 +79,14 @@ def resolve(session: Session, ref: str) -> Suite:
     row = session.execute(query.order_by(Suite.version.desc()).limit(1)).scalar_one_or_none()
     if row is None:
         what = f"suite {name!r} version {version}" if version else f"suite {name!r}"
-        raise Problem(404, "Suite not found", f"{what} does not exist; GET /suites lists them")
+        known = session.execute(select(Suite.name).distinct()).scalars().all()
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+        hint = (
+            f"did you mean {close[0]!r}?"
+            if close and close[0] != name
+            else "GET /suites lists them"
+        )
+        raise Problem(404, "Suite not found", f"{what} does not exist; {hint}")
     return row
 
 

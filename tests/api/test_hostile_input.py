@@ -353,7 +353,7 @@ def test_the_largest_allowed_suite_is_accepted(api: TestClient) -> None:
     items = [{"id": f"q{i}", "question": "q", "answers": ["a"]} for i in range(10_000)]
     response = api.post("/suites", json=qa_suite(items=items))
     assert response.status_code == 201, response.text[:300]
-    assert response.json()["items"] == 10_000
+    assert response.json()["item_count"] == 10_000
 
 
 # --- the JSON nesting scanner ----------------------------------------------------------------

@@ -215,3 +215,29 @@ def test_worker_rechecks_the_model_right_before_loading(
         assert row.status == "failed", (row.status, row.error)
         assert expected in (row.error or "")
         assert row.attempts == 1  # a refusal is final: retrying will not make it loadable
+
+
+def test_fine_tune_outputs_in_the_artifacts_dir_are_readable_as_models(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    from app.core.modelcheck import resolve_model
+
+    settings = Settings(
+        model_roots=[tmp_path / "models"],
+        artifacts_dir=tmp_path / "artifacts",
+        data_roots=[tmp_path / "data"],
+    )
+    output = model_copy(tiny_model_dir, tmp_path / "artifacts" / "ft_1" / "model")
+    model_dir, _ = resolve_model(settings, str(output), None)
+    assert model_dir == output.resolve()
+    # Read roots are not data roots: a client cannot name the artifacts dir as a dataset.
+    from app.finetune.schemas import load_path_records
+
+    (output / "train.jsonl").write_text('{"text": "x"}\n')
+    with pytest.raises(Problem) as caught:
+        load_path_records(settings, str(output / "train.jsonl"))
+    assert caught.value.status == 403
+    outside = model_copy(tiny_model_dir, tmp_path / "elsewhere")
+    with pytest.raises(Problem) as caught:
+        resolve_model(settings, str(outside), None)
+    assert caught.value.status == 403
