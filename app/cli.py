@@ -131,13 +131,9 @@ def worker(
     once: Annotated[bool, typer.Option(help="Exit when the queue is empty.")] = False,
 ) -> None:
     """Run a worker: claims queued jobs and runs them on one device."""
-    # Idle torch threads spin by default; on a shared CPU that starves the other processes
-    # (measured: tiny-model training 40x slower on 2 cores). Must be set before torch loads.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    if device.startswith("cuda:"):
-        # Pin the process to one GPU before torch is imported: it then sees it as cuda:0.
-        os.environ["CUDA_VISIBLE_DEVICES"] = device.split(":", 1)[1]
-        device = "cuda:0"
+    from workers.engine.process import configure_process
+
+    device = configure_process(device)  # before torch loads: it reads these settings once
     _logging()
     from workers.main import main as worker_main
 
@@ -145,6 +141,10 @@ def worker(
     raise typer.Exit(
         worker_main(get_settings(), device=device, kinds=kind_list, worker_id=worker_id, once=once)
     )
+
+
+# Set by `serve` for the workers it starts: the pid they must not outlive.
+PARENT_PID_ENV = "FORGETGUARD_PARENT_PID"
 
 
 class _Supervisor:
@@ -169,7 +169,10 @@ class _Supervisor:
             "--worker-id",
             f"{os.uname().nodename}-w{index}-{os.getpid()}",
         ]
-        return subprocess.Popen(cmd)
+        # The worker watches this process and stops when it dies, however it dies (SIGKILL
+        # included), so a restarted serve never runs beside an orphaned worker.
+        env = {**os.environ, PARENT_PID_ENV: str(os.getpid())}
+        return subprocess.Popen(cmd, env=env)
 
     def start(self) -> None:
         for i in range(self.count):
@@ -507,6 +510,12 @@ def gate(
     timeout: Annotated[float, typer.Option(help="Seconds to wait for evaluations.")] = 3600.0,
     junit: Annotated[Path | None, typer.Option(help="Write a JUnit XML report.")] = None,
     markdown: Annotated[Path | None, typer.Option(help="Write a Markdown report.")] = None,
+    mlflow: Annotated[
+        str | None,
+        typer.Option(
+            help="Also log the comparison to this MLflow tracking URI (needs the mlflow extra)."
+        ),
+    ] = None,
     server: ServerOpt = None,
 ) -> None:
     """CI gate: compare a candidate with its base; exit 0 pass, 1 forgetting, 2 error.
@@ -538,6 +547,7 @@ def gate(
         junit=junit,
         markdown=markdown,
         api_key=os.environ.get("FORGETGUARD_API_KEY") or None,
+        mlflow=mlflow,
     )
     raise typer.Exit(run_gate(options))
 
@@ -570,9 +580,9 @@ def demo(
 ) -> None:
     """Forgetting and its mitigations on a real model: base, full FT (risky, aggressive, + replay,
     + EWC) and LoRA on the drug Q&A dataset; prints accuracy per category, checklist, NLL drift."""
-    # Before torch loads: OpenMP threads that spin while waiting make training many times
-    # slower on a CPU shared with other processes; passive waiting costs nothing when alone.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from workers.engine.process import configure_process
+
+    device = configure_process(device)  # before torch loads: it reads these settings once
     if toy:
         from workers.demo.toy import report
 

@@ -95,7 +95,17 @@ def resolve_suites(
                     errors=[{"loc": [*loc, index], "msg": exc.detail}],
                 ) from None
         else:
-            row, _ = versions.register(session, entry, source="inline")
+            try:
+                row, _ = versions.register(session, entry, source="inline")
+            except Problem as exc:
+                if exc.title != "Reserved suite name":
+                    raise
+                raise Problem(
+                    422,
+                    exc.title,
+                    exc.detail,
+                    errors=[{"loc": ["body", "suites", index, "name"], "msg": exc.detail}],
+                ) from None
         if any(s["name"] == row.name for s in snapshot):
             raise Problem(422, "Duplicate suite", f"suite {row.name!r} is listed twice")
         snapshot.append(

@@ -32,6 +32,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from app.jobs.status import FINISHED, JobStatus
+from forgetguard.client import Client, ProblemError
+from forgetguard.client import Unreachable as ClientUnreachable
 
 EXIT_PASS, EXIT_FAIL, EXIT_ERROR = 0, 1, 2
 DEFAULT_SERVER = "http://127.0.0.1:8000"
@@ -45,7 +47,6 @@ RUN_ID_VARS = (
     "BUILDKITE_BUILD_ID",
 )
 RETRIES = 3
-RETRY_STATUSES = (502, 503, 504)
 MAX_FLIPS_SHOWN = 10
 # The noise-floor rerun decodes the base at this batch size (another composition than the
 # engine's default), or at the second one when the base already ran at the first.
@@ -89,70 +90,44 @@ class GateOptions:
     junit: Path | None = None
     markdown: Path | None = None
     api_key: str | None = None
+    mlflow: str | None = None
 
 
 # --------------------------------------------------------------------------- HTTP
 
 
-def _detail(response: httpx.Response) -> str:
-    try:
-        body = response.json()
-    except ValueError:
-        return response.text[:200] or response.reason_phrase
-    if isinstance(body, dict):
-        return str(body.get("detail") or body.get("title") or body)
-    return str(body)[:200]
-
-
 class Api:
-    """A thin client: retries transport errors and 502/503/504, turns problems into GateError."""
+    """The gate's view of the server: the Python client, its refusals turned into GateError."""
 
     def __init__(
         self, client: httpx.Client, server: str, *, sleep: Callable[[float], None]
     ) -> None:
-        self.client = client
         self.server = server
-        self.sleep = sleep
+        self.fg = Client(server, http=client, retries=RETRIES, sleep=sleep)
 
-    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        """Send with retries; POSTs are safe to retry because they carry an Idempotency-Key."""
-        for attempt in range(RETRIES + 1):
-            try:
-                response = self.client.request(method, path, **kwargs)
-            except httpx.TransportError as exc:
-                if attempt == RETRIES:
-                    raise Unreachable(
-                        f"cannot reach the forgetguard server at {self.server}: "
-                        f"{exc.__class__.__name__}: {exc or 'no response'}"
-                    ) from None
-            else:
-                if response.status_code not in RETRY_STATUSES or attempt == RETRIES:
-                    return self._checked(response, method, path)
-            self.sleep(0.25 * 2**attempt)
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    def _checked(self, response: httpx.Response, method: str, path: str) -> httpx.Response:
-        # Only the auth layer's refusals (they carry WWW-Authenticate) are about the key; a 403
-        # for a path outside the allowed roots is not, and says so in its own detail.
-        if response.status_code == 401 or (
-            response.status_code == 403 and "www-authenticate" in response.headers
-        ):
-            raise GateError(
-                f"the server refused the request ({response.status_code}): {_detail(response)}; "
-                "set FORGETGUARD_API_KEY to a key with the right scope"
-            )
-        if response.status_code >= 400:
-            raise GateError(f"{method} {path} failed ({response.status_code}): {_detail(response)}")
-        return response
+    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        """Send with the client's retries (POSTs carry an Idempotency-Key); decoded JSON."""
+        try:
+            return self.fg.request(method, path, **kwargs)
+        except ClientUnreachable as exc:
+            raise Unreachable(str(exc)) from None
+        except ProblemError as exc:
+            # Only the auth layer's refusals (they carry WWW-Authenticate) are about the key; a
+            # 403 for a path outside the allowed roots is not, and says so in its own detail.
+            if exc.status == 401 or (exc.status == 403 and "www-authenticate" in exc.headers):
+                raise GateError(
+                    f"the server refused the request ({exc.status}): {exc.detail}; "
+                    "set FORGETGUARD_API_KEY to a key with the right scope"
+                ) from None
+            raise GateError(f"{method} {path} failed ({exc.status}): {exc.detail}") from None
 
     def get(self, path: str, **kwargs: Any) -> dict[str, Any]:
         """GET and decode JSON."""
-        return dict(self.request("GET", path, **kwargs).json())
+        return dict(self.request("GET", path, **kwargs))
 
     def post(self, path: str, body: Mapping[str, Any], key: str) -> dict[str, Any]:
         """POST JSON with an Idempotency-Key."""
-        response = self.request("POST", path, json=body, headers={"Idempotency-Key": key})
-        return dict(response.json())
+        return dict(self.request("POST", path, json=body, headers={"Idempotency-Key": key}))
 
 
 # --------------------------------------------------------------------------- inputs
@@ -796,6 +771,16 @@ def _write_reports(comparison: Mapping[str, Any], options: GateOptions, elapsed:
         raise GateError(f"cannot write a report: {exc}") from None
 
 
+def _log_to_mlflow(comparison: Mapping[str, Any], uri: str, console: Console) -> None:
+    from forgetguard.tracking import log_comparison
+
+    try:
+        run_id = log_comparison(uri, comparison, markdown_report(comparison))
+    except Exception as exc:  # the tracking server's own errors: any type, all exit 2
+        raise GateError(f"cannot log to MLflow at {uri}: {exc.__class__.__name__}: {exc}") from None
+    console.print(f"logged to MLflow at {uri}: run {run_id}", soft_wrap=True, markup=False)
+
+
 def error_junit_xml(message: str, elapsed: float) -> bytes:
     """JUnit XML for a gate that could not decide: one testcase with an ``<error>``."""
     suites = ET.Element(
@@ -915,6 +900,8 @@ def run_gate(
         comparison = api.get("/compare", params=compare_params(options, ids))
         render_table(comparison, out)
         _write_reports(comparison, options, time.monotonic() - started)
+        if options.mlflow:
+            _log_to_mlflow(comparison, options.mlflow, err)
     except GateError as exc:
         _write_error_reports(str(exc), options, time.monotonic() - started)
         err.print(f"forgetguard gate: ERROR: {exc}", soft_wrap=True, markup=False)

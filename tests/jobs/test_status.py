@@ -111,3 +111,10 @@ def test_a_finished_job_never_moves_again(engine: Engine) -> None:
     assert not release(engine, held)
     assert done.claim("w2") is None  # nothing left to claim
     assert done.moved() == "succeeded" and dropped.moved() == "cancelled"
+
+
+def test_the_http_client_knows_the_same_finished_statuses() -> None:
+    """forgetguard.client imports nothing of the server, so it keeps its own copy: the same."""
+    from forgetguard import client
+
+    assert client.FINISHED == {s.value for s in FINISHED}
