@@ -9,8 +9,8 @@ from fastapi.concurrency import run_in_threadpool
 
 from app.core.pagination import Cursor, Limit, SeqCursor, StatusFilter
 from app.core.schemas import EvaluationCreate, EvaluationPublic, ItemPublic, Page
-from app.core.tables import FINISHED
 from app.evaluations import service
+from app.jobs.status import FINISHED
 from app.web.deps import SessionDep, SettingsDep
 from app.web.idempotency import REPLAY_HEADER, IdempotencyDep
 from app.web.response_cache import FinishedCache

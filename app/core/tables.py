@@ -20,8 +20,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
-FINISHED = ("succeeded", "failed", "cancelled")
+from app.jobs.status import JobStatus
 
 
 def utcnow() -> datetime:
@@ -41,7 +40,7 @@ class Base(DeclarativeBase):
 class JobMixin:
     """Lifecycle and lease fields shared by every queued job kind."""
 
-    status: Mapped[str] = mapped_column(String(16), default="queued")
+    status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED)
     progress: Mapped[dict[str, Any]] = mapped_column(
         JSON, default=lambda: {"done": 0, "total": 0, "stage": "queued"}
     )

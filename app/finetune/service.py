@@ -12,7 +12,7 @@ from app.core.errors import Problem
 from app.core.modelcheck import resolve_model, weight_modules
 from app.core.pagination import newest_first, page
 from app.core.schemas import Page, Progress
-from app.core.tables import Evaluation, FinetuneEvent, FinetuneJob, new_id
+from app.core.tables import FinetuneEvent, FinetuneJob, new_id
 from app.evaluations import service as evaluations
 from app.finetune.schemas import (
     FinetuneEventPublic,
@@ -25,7 +25,10 @@ from app.finetune.schemas import (
     suite_refs,
     summarize_source,
 )
+from app.jobs import lifecycle
+from app.jobs.queue import begin_write
 from app.jobs.queue import cancel as cancel_job
+from app.jobs.status import JobStatus
 from app.suites import versions
 
 
@@ -146,12 +149,11 @@ def create(*, session: Session, settings: Settings, body: FinetuneJobCreate) -> 
         label=body.label,
         base_model_path=body.base_model.path,
         request=body.model_dump(mode="json"),
-        status="queued",
         progress={"done": 0, "total": 0, "stage": "queued"},
         max_attempts=settings.max_attempts,
         warnings=warnings,
     )
-    session.add(row)
+    lifecycle.submit(session, row)
     session.flush()
     session.add(
         FinetuneEvent(
@@ -173,23 +175,13 @@ def create(*, session: Session, settings: Settings, body: FinetuneJobCreate) -> 
 
 def cancel(*, session: Session, job_id: str) -> FinetuneJobPublic:
     """Cancel a queued or running job and its own evaluations (409 when finished); commits."""
-    # Read, then write: take SQLite's write lock at BEGIN so concurrent cancels wait their turn
-    # (a deferred transaction that read before another committed fails "database is locked").
-    session.connection(execution_options={"immediate": True})
+    begin_write(session)
     row = get(session=session, job_id=job_id)
-    if row.status in ("succeeded", "failed"):
+    if row.status in (JobStatus.SUCCEEDED, JobStatus.FAILED):
         raise Problem(409, "Already finished", f"fine-tune job {job_id} already {row.status}")
     was = row.status
-    cancel_job(session, FinetuneJob, job_id)
-    # Its before/after evaluations belong to it: they stop with it.
-    owned = session.execute(
-        select(Evaluation.id).where(
-            Evaluation.finetune_job_id == job_id, Evaluation.status.in_(("queued", "running"))
-        )
-    ).scalars()
-    for evaluation_id in list(owned):
-        cancel_job(session, Evaluation, evaluation_id)
-    if was != "cancelled":
+    cancel_job(session, FinetuneJob, job_id)  # its before/after evaluations stop with it
+    if was != JobStatus.CANCELLED:
         session.add(
             FinetuneEvent(
                 job_id=job_id,

@@ -8,10 +8,9 @@ from typing import Any
 
 from sqlalchemy import insert, select, update
 
-from app.core.database import immediate_session
 from app.core.tables import Evaluation, EvaluationItem, Suite
 from app.evaluations.cache import cache_key
-from app.jobs.queue import renew, succeed
+from app.jobs.queue import guarded_write, succeed
 from app.suites.kinds import KINDS, ItemRow
 from workers.context import JobContext
 from workers.engine.loading import ModelCache
@@ -121,18 +120,13 @@ def run_evaluation(
         def emit(rows: list[dict[str, Any]], suite_name: str = suite["name"]) -> None:
             ctx.check_stop()
             progress["done"] += len(rows)
-            with immediate_session(ctx.engine) as session, session.begin():
-                # The lease check and the rows are one transaction: only the holder writes.
-                now = {"done": progress["done"], "total": total, "stage": suite_name}
-                if evaluation_id == ctx.job.id:
-                    renew(session, ctx.job, ctx.settings.lease_seconds, progress=now)
-                else:  # an evaluation run inside a fine-tune job: the job holds the lease
-                    renew(session, ctx.job, ctx.settings.lease_seconds)
-                    session.execute(
-                        update(Evaluation)
-                        .where(Evaluation.id == evaluation_id)
-                        .values(progress=now)
-                    )
+            now = {"done": progress["done"], "total": total, "stage": suite_name}
+            # The lease check and the rows are one transaction: only the holder writes. The
+            # evaluation is the claimed job, or one run inside the fine-tune job holding it.
+            with guarded_write(ctx.engine, ctx.job, ctx.settings.lease_seconds) as session:
+                session.execute(
+                    update(Evaluation).where(Evaluation.id == evaluation_id).values(progress=now)
+                )
                 session.execute(
                     insert(EvaluationItem),
                     [{"evaluation_id": evaluation_id, "suite": suite_name, **row} for row in rows],
@@ -147,7 +141,7 @@ def run_evaluation(
         assert evaluation is not None
     results = aggregate(ctx, evaluation)
     if evaluation_id == ctx.job.id:
-        with immediate_session(ctx.engine) as session, session.begin():
+        with guarded_write(ctx.engine, ctx.job, ctx.settings.lease_seconds) as session:
             succeed(
                 session,
                 ctx.job,

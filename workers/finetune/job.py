@@ -33,12 +33,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from sqlalchemy import update
 
 from app.comparison import service as comparison
 from app.comparison.verdict import CompareOptions
 from app.core.config import Settings
-from app.core.database import immediate_session
 from app.core.errors import Problem
 from app.core.fingerprint import fingerprint
 from app.core.schemas import EvaluationCreate, ModelRef
@@ -50,7 +48,9 @@ from app.finetune.schemas import (
     ResolvedHyperparameters,
     load_path_records,
 )
-from app.jobs.queue import LeaseLost, renew, succeed
+from app.jobs import lifecycle
+from app.jobs.queue import LeaseLost, guarded_write, set_job, succeed
+from app.jobs.status import JobStatus
 from app.suites import versions
 from workers.context import Interrupted, JobContext, UserError
 from workers.engine import transformers_backend as engine
@@ -573,18 +573,18 @@ class FinetuneRun:
         **values: Any,
     ) -> None:
         """Record an event (and set job fields) under the lease; LeaseLost if it is gone."""
-        with immediate_session(self.ctx.engine) as session, session.begin():
-            renew(session, self.ctx.job, self.settings.lease_seconds, **values)
+        lease = self.settings.lease_seconds
+        with guarded_write(self.ctx.engine, self.ctx.job, lease, **values) as session:
             session.add(FinetuneEvent(job_id=self.job_id, level=level, message=message, data=data))
 
     def warn(self, message: str, data: dict[str, Any] | None = None) -> None:
         """Add a warning to the job and to its events."""
-        with immediate_session(self.ctx.engine) as session, session.begin():
+        with guarded_write(self.ctx.engine, self.ctx.job, self.settings.lease_seconds) as session:
             row = session.get(FinetuneJob, self.job_id)
             warnings = list(row.warnings or []) if row is not None else []
             if message not in warnings:
                 warnings.append(message)
-            renew(session, self.ctx.job, self.settings.lease_seconds, warnings=warnings)
+            set_job(session, self.ctx.job, warnings=warnings)
             session.add(
                 FinetuneEvent(job_id=self.job_id, level="warning", message=message, data=data)
             )
@@ -630,19 +630,15 @@ class FinetuneRun:
 
     def _fail_children(self, reason: str) -> None:
         try:
-            with immediate_session(self.ctx.engine) as session, session.begin():
-                renew(session, self.ctx.job, self.settings.lease_seconds)
-                session.execute(
-                    update(Evaluation)
-                    .where(
-                        Evaluation.finetune_job_id == self.job_id,
-                        Evaluation.status.in_(("queued", "running")),
-                    )
-                    .values(
-                        status="failed",
-                        finished_at=utcnow(),
-                        error=f"fine-tune job {self.job_id} failed: {reason}"[:2000],
-                    )
+            with guarded_write(
+                self.ctx.engine, self.ctx.job, self.settings.lease_seconds
+            ) as session:
+                lifecycle.end_children(
+                    session,
+                    [self.job_id],
+                    JobStatus.FAILED,
+                    now=utcnow(),
+                    error=f"fine-tune job {self.job_id} failed: {reason}"[:2000],
                 )
         except LeaseLost:
             pass
@@ -700,8 +696,7 @@ class FinetuneRun:
                 )
 
         steps = outcome.metrics.get("total_steps", 0)
-        with immediate_session(self.ctx.engine) as session, session.begin():
-            renew(session, self.ctx.job, self.settings.lease_seconds)
+        with guarded_write(self.ctx.engine, self.ctx.job, self.settings.lease_seconds) as session:
             summary: dict[str, Any] = {"output_path": outcome.output_path}
             if comparison_body is not None:
                 summary.update(
@@ -780,18 +775,18 @@ class FinetuneRun:
                 label=f"{self.request.label or self.job_id}: {which}",
                 cache=spec.cache if which == "before" else False,
             )
-            with immediate_session(self.ctx.engine) as session, session.begin():
+            with guarded_write(
+                self.ctx.engine, self.ctx.job, self.settings.lease_seconds
+            ) as session:
                 row = evaluations.create(
                     session=session, settings=settings, body=body, finetune_job_id=self.job_id
                 )
-                if row.status == "queued":
-                    # Never visible as queued: a worker would claim it as a job of its own.
-                    row.status = "running"
-                    row.started_at = utcnow()
+                # Never visible as queued: a worker would claim it as a job of its own.
+                lifecycle.start_child(row)
                 session.flush()
                 evaluation_id = row.id
                 cached = row.cached_from
-                renew(session, self.ctx.job, self.settings.lease_seconds, **{column: evaluation_id})
+                set_job(session, self.ctx.job, **{column: evaluation_id})
                 session.add(
                     FinetuneEvent(
                         job_id=self.job_id,
@@ -824,21 +819,15 @@ class FinetuneRun:
         results = run_evaluation(
             _prefixed(self.ctx, f"{which} evaluation"), models, evaluation_id=evaluation_id
         )
-        with immediate_session(self.ctx.engine) as session, session.begin():
-            renew(session, self.ctx.job, self.settings.lease_seconds)
+        with guarded_write(self.ctx.engine, self.ctx.job, self.settings.lease_seconds) as session:
             total = sum(s["items"] for s in snapshot)
-            finished = session.execute(
-                update(Evaluation)
-                .where(Evaluation.id == evaluation_id, Evaluation.status == "running")
-                .values(
-                    status="succeeded",
-                    results=results,
-                    finished_at=utcnow(),
-                    progress={"done": total, "total": total, "stage": "done"},
-                )
-                .execution_options(synchronize_session=False)
-            ).rowcount  # type: ignore[attr-defined]
-        if finished != 1:
+            finished = lifecycle.succeed_child(
+                session,
+                evaluation_id,
+                results=results,
+                progress={"done": total, "total": total, "stage": "done"},
+            )
+        if not finished:
             raise UserError(
                 f"the {which} evaluation {evaluation_id} was cancelled; nothing to compare to"
             )
