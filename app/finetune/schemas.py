@@ -10,6 +10,7 @@ warmup_ratio=0.0)`` gets.
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -414,6 +415,52 @@ class LoraSpec(_Request):
         return self
 
 
+# A dataset this large gets a held-out domain split by default (``evaluation.domain``).
+DOMAIN_DEFAULT_MIN_RECORDS = 20
+DOMAIN_DEFAULT_HOLDOUT = 0.2
+
+
+class DomainEvaluationSpec(_Request):
+    """What the job learned: a held-out split of its own dataset and/or the user's domain suites.
+
+    ``holdout`` sets aside that fraction of the dataset (seeded, never trained on) and scores
+    NLL per token on its completions, as training does. ``suites`` are the user's own domain
+    suites (accuracy for ``qa`` and ``multiple_choice``). ``min_gain`` is how much counts as
+    learning: a relative fall of the held-out NLL per token, or an accuracy gain, of at least
+    that much.
+    """
+
+    holdout: Annotated[float, Field(gt=0.0, lt=1.0)] | None = None
+    seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = 42
+    suites: list[SuiteRef | SuiteDefinition] = Field(default_factory=list, max_length=20)
+    min_gain: Annotated[float, Field(ge=0.0, le=1.0)] = 0.05
+
+    @model_validator(mode="after")
+    def _something(self) -> DomainEvaluationSpec:
+        if self.holdout is None and not self.suites:
+            raise ValueError("give 'holdout' (a fraction of the dataset), 'suites', or both")
+        return self
+
+
+def holdout_count(n_records: int, fraction: float) -> int:
+    """How many of ``n_records`` a held-out ``fraction`` sets aside (at least one)."""
+    return max(1, round(n_records * fraction))
+
+
+def holdout_split(
+    records: Sequence[dict[str, Any]], fraction: float, seed: int
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """``(train, held_out)``: a seeded shuffle of the indexes; each keeps the dataset's order."""
+    k = holdout_count(len(records), fraction)
+    indexes = list(range(len(records)))
+    random.Random(seed).shuffle(indexes)
+    held = set(indexes[:k])
+    return (
+        [r for i, r in enumerate(records) if i not in held],
+        [r for i, r in enumerate(records) if i in held],
+    )
+
+
 class FinetuneEvaluationSpec(_Request):
     """What the job evaluates before and after training, and how the comparison decides."""
 
@@ -430,6 +477,9 @@ class FinetuneEvaluationSpec(_Request):
     mode: Literal["threshold", "noninferiority"] = "threshold"
     # Reuse a finished evaluation of the same base model, suites and settings as "before".
     cache: bool = True
+    # What the job learned. Default: a 20 % held-out split when the dataset has at least 20
+    # records (set at submission); ``false`` turns it off.
+    domain: DomainEvaluationSpec | Literal[False] | None = None
 
 
 class FinetuneJobCreate(_Request):

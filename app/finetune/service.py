@@ -13,11 +13,16 @@ from app.core.schemas import Page, Progress
 from app.core.tables import Evaluation, FinetuneEvent, FinetuneJob, new_id, utcnow
 from app.evaluations import service as evaluations
 from app.finetune.schemas import (
+    DOMAIN_DEFAULT_HOLDOUT,
+    DOMAIN_DEFAULT_MIN_RECORDS,
+    DomainEvaluationSpec,
+    FinetuneEvaluationSpec,
     FinetuneEventPublic,
     FinetuneJobCreate,
     FinetuneJobPublic,
     GeneralData,
     Hyperparameters,
+    holdout_count,
     load_path_records,
     resolve_hyperparameters,
     suite_refs,
@@ -90,6 +95,27 @@ def _pin_general_source(
         spec.source = f"{row.name}@{row.version}"
 
 
+def _domain_defaults(session: Session, spec: FinetuneEvaluationSpec, n_records: int) -> None:
+    """Hold out part of a large enough dataset by default; check the split; pin domain suites."""
+    if spec.domain is None and n_records >= DOMAIN_DEFAULT_MIN_RECORDS:
+        spec.domain = DomainEvaluationSpec(holdout=DOMAIN_DEFAULT_HOLDOUT)
+    domain = spec.domain
+    if not domain:
+        return
+    if domain.holdout is not None and n_records - holdout_count(n_records, domain.holdout) < 1:
+        raise Problem(
+            422,
+            "Nothing left to train on",
+            f"evaluation.domain.holdout {domain.holdout:g} of {n_records} records leaves no "
+            "record to train on; lower the fraction or add records",
+            errors=[{"loc": ["body", "evaluation", "domain", "holdout"], "msg": "too large"}],
+        )
+    if domain.suites:
+        domain.suites = list(
+            suite_refs(evaluations.resolve_suites(session=session, suites=list(domain.suites)))
+        )
+
+
 def create(*, session: Session, settings: Settings, body: FinetuneJobCreate) -> FinetuneJob:
     """Validate all that can be checked without a model; queue the job (caller commits)."""
     resolve_model(settings, body.base_model.path, None)
@@ -104,6 +130,7 @@ def create(*, session: Session, settings: Settings, body: FinetuneJobCreate) -> 
                 evaluations.resolve_suites(session=session, suites=list(body.evaluation.suites))
             )
         )
+        _domain_defaults(session, body.evaluation, n_records)
     _pin_general_source(session, settings, body.replay, "replay")
     _pin_general_source(session, settings, body.ewc, "ewc")
     warnings = body.warnings(n_records)

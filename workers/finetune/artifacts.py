@@ -1,6 +1,7 @@
 """What a fine-tune job leaves in its directory: the layout, the saved output, checksums.
 
 A job directory holds the training-data snapshot (``train.jsonl`` + ``train.json``), the
+held-out domain split (``heldout.jsonl``, never trained on) and its NLL before and after, the
 checkpoints of an unfinished training, the finished training's outcome (``training.json``)
 and the output: ``adapter/`` for LoRA, ``model/`` for a full fine-tune.
 """
@@ -23,6 +24,9 @@ CHECKPOINTS = "checkpoints"
 TRAIN_SNAPSHOT = "train.jsonl"
 TRAIN_SNAPSHOT_META = "train.json"
 TRAINING_DONE = "training.json"
+# The domain dataset split for evaluation.domain.holdout: trained on, and never trained on.
+DOMAIN_TRAIN = "domain-train.jsonl"
+HELD_OUT = "heldout.jsonl"
 
 
 @dataclass

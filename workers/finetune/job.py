@@ -28,6 +28,7 @@ from workers.context import Interrupted, JobContext, UserError
 from workers.engine.loading import ModelCache, load_tokenizer, resolve_model
 from workers.finetune.artifacts import CHECKPOINTS, TRAINING_DONE, TrainingOutcome
 from workers.finetune.data import effective_format
+from workers.finetune.stages.domain import evaluate_domain, with_domain
 from workers.finetune.stages.evaluation import compare, evaluate, evaluation_definitions
 from workers.finetune.stages.training import run_training
 
@@ -156,8 +157,12 @@ class FinetuneRun:
         eval_definitions = evaluation_definitions(self)
 
         before_id = None
+        domain_before: tuple[dict[str, Any] | None, str | None] = (None, None)
         if request.evaluation is not None:
             before_id = evaluate(self, "before", request.base_model.path, None)
+            domain_before = evaluate_domain(
+                self, "before", request.base_model.path, None, train_format
+            )
 
         done_marker = self.job_dir / TRAINING_DONE
         if done_marker.is_file():
@@ -177,7 +182,14 @@ class FinetuneRun:
             )
             after_id = evaluate(self, "after", model_path, adapter_path)
             assert before_id is not None
+            domain_after = evaluate_domain(self, "after", model_path, adapter_path, train_format)
             comparison_body = compare(self, before_id, after_id)
+            comparison_body = with_domain(
+                self,
+                comparison_body,
+                (domain_before[0], domain_after[0]),
+                (domain_before[1], domain_after[1]),
+            )
 
         steps = outcome.metrics.get("total_steps", 0)
         with immediate_session(self.ctx.engine) as session, session.begin():
@@ -194,6 +206,8 @@ class FinetuneRun:
                             "overall_accuracy_after",
                             "accuracy_drop",
                             "catastrophic_forgetting_detected",
+                            "outcome",
+                            "outcome_summary",
                         )
                     }
                 )

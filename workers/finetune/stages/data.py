@@ -21,6 +21,7 @@ from workers.finetune.replay import (
     exclude_evaluated,
     suite_records,
 )
+from workers.finetune.stages.domain import domain_records
 
 if TYPE_CHECKING:
     from workers.finetune.job import FinetuneRun
@@ -37,13 +38,11 @@ def training_records(
     if snapshot.is_file() and meta_path.is_file():
         return read_records(snapshot), json.loads(meta_path.read_text(encoding="utf-8"))
     request = run.request
-    domain = (
-        list(request.dataset.examples)
-        if request.dataset.examples is not None
-        else load_path_records(run.settings, str(request.dataset.path))
-    )
+    domain, held_out = domain_records(run)
     records = domain
     meta: dict[str, Any] = {"domain": len(domain), "replay": 0}
+    if held_out:
+        meta["held_out"] = len(held_out)
     if request.replay is not None:
         run.stage("preparing replay data")
         general = general_items(run, request.replay, "replay", eval_definitions)

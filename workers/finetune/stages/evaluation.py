@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from app.comparison import service as comparison
 from app.comparison.verdict import CompareOptions
@@ -61,13 +61,28 @@ def evaluation_definitions(run: FinetuneRun) -> list[dict[str, Any]]:
         return out
 
 
-def evaluate(run: FinetuneRun, which: str, model_path: str, adapter_path: str | None) -> str:
-    """Create (or find) the job's before/after evaluation, run it to the end; returns its id."""
-    column = f"{which}_evaluation_id"
+def evaluate(
+    run: FinetuneRun,
+    which: str,
+    model_path: str,
+    adapter_path: str | None,
+    *,
+    suites: list[str] | None = None,
+) -> str:
+    """Create (or find) one of the job's evaluations, run it to the end; returns its id.
+
+    ``before`` and ``after`` run the general suites and are the job's own columns; any other
+    ``which`` (e.g. ``domain before``) runs ``suites`` and is found again by its label.
+    """
+    column = f"{which}_evaluation_id" if which in ("before", "after") else None
     spec = run.request.evaluation
     assert spec is not None
-    evaluation_id: str | None = getattr(run._job(), column)
+    label = f"{run.request.label or run.job_id}: {which}"
+    evaluation_id: str | None = (
+        getattr(run._job(), column) if column is not None else _child(run, label)
+    )
     settings = job_settings(run.settings)
+    from_base = adapter_path is None and which.endswith("before")
     if evaluation_id is None:
         # Fingerprint before the write transaction: hashing weights takes seconds, and
         # SQLite's write lock must not be held meanwhile (the hash is cached on disk).
@@ -75,11 +90,11 @@ def evaluate(run: FinetuneRun, which: str, model_path: str, adapter_path: str | 
         fingerprint(model_dir, adapter_dir, cache_dir=settings.cache_dir)
         body = EvaluationCreate(
             model=ModelRef(path=model_path, adapter_path=adapter_path),
-            suites=list(spec.suites),
+            suites=list(spec.suites) if suites is None else list(suites),
             prompt_format=spec.prompt_format,
             generation=spec.generation,
-            label=f"{run.request.label or run.job_id}: {which}",
-            cache=spec.cache if which == "before" else False,
+            label=label,
+            cache=spec.cache if from_base else False,
         )
         with immediate_session(run.ctx.engine) as session, session.begin():
             row = evaluations.create(
@@ -92,7 +107,8 @@ def evaluate(run: FinetuneRun, which: str, model_path: str, adapter_path: str | 
             session.flush()
             evaluation_id = row.id
             cached = row.cached_from
-            renew(session, run.ctx.job, run.settings.lease_seconds, **{column: evaluation_id})
+            columns = {column: evaluation_id} if column is not None else {}
+            renew(session, run.ctx.job, run.settings.lease_seconds, **columns)
             session.add(
                 FinetuneEvent(
                     job_id=run.job_id,
@@ -117,11 +133,7 @@ def evaluate(run: FinetuneRun, which: str, model_path: str, adapter_path: str | 
             f"the {which} evaluation {evaluation_id} is {status}; nothing to compare without it"
         )
     run.stage(f"{which} evaluation", data={"evaluation_id": evaluation_id})
-    models = (
-        run.models
-        if adapter_path is None and which == "before"
-        else ModelCache(settings, run.device)
-    )
+    models = run.models if from_base else ModelCache(settings, run.device)
     results = run_evaluation(
         prefixed(run.ctx, f"{which} evaluation"), models, evaluation_id=evaluation_id
     )
@@ -148,6 +160,17 @@ def evaluate(run: FinetuneRun, which: str, model_path: str, adapter_path: str | 
         data={"evaluation_id": evaluation_id, "results": headline(results)},
     )
     return evaluation_id
+
+
+def _child(run: FinetuneRun, label: str) -> str | None:
+    """The job's own evaluation with this label (the newest), if an earlier attempt made it."""
+    with run.ctx.sessionmaker() as session:
+        return session.scalars(
+            select(Evaluation.id)
+            .where(Evaluation.finetune_job_id == run.job_id, Evaluation.label == label)
+            .order_by(Evaluation.created_at.desc())
+            .limit(1)
+        ).first()
 
 
 def compare(run: FinetuneRun, before_id: str, after_id: str) -> dict[str, Any]:

@@ -124,6 +124,7 @@ def run_training(
         "examples": {
             "domain": meta["domain"],
             "replay": meta["replay"],
+            "held_out": meta.get("held_out", 0),
             "trained": len(examples),
             "truncated": stats.truncated,
             "dropped": stats.dropped,
