@@ -9,7 +9,12 @@ from fastapi import APIRouter, Query, Response
 from app.core.pagination import Cursor, Limit, StatusFilter
 from app.core.schemas import Page
 from app.finetune import service
-from app.finetune.schemas import FinetuneEventPublic, FinetuneJobCreate, FinetuneJobPublic
+from app.finetune.schemas import (
+    FinetuneCheckpointPublic,
+    FinetuneEventPublic,
+    FinetuneJobCreate,
+    FinetuneJobPublic,
+)
 from app.web.deps import SessionDep, SettingsDep
 from app.web.idempotency import REPLAY_HEADER, IdempotencyDep
 
@@ -64,6 +69,12 @@ def list_events(
     return service.list_events(
         session=session, job_id=job_id, limit=limit, cursor=cursor, level=level
     )
+
+
+@router.get("/{job_id}/checkpoints", response_model=list[FinetuneCheckpointPublic])
+def list_checkpoints(job_id: str, session: SessionDep) -> list[FinetuneCheckpointPublic]:
+    """Evaluations during training, by step (0: the base): the forgetting and learning curves."""
+    return service.checkpoints(session=session, job_id=job_id)
 
 
 @router.post("/{job_id}/cancel", response_model=FinetuneJobPublic)

@@ -480,6 +480,29 @@ class FinetuneEvaluationSpec(_Request):
     # What the job learned. Default: a 20 % held-out split when the dataset has at least 20
     # records (set at submission); ``false`` turns it off.
     domain: DomainEvaluationSpec | Literal[False] | None = None
+    # Evaluate the weights during training (general suites, domain split, verdict against the
+    # base) every N optimizer steps, or at N evenly spaced steps; the last step is always one.
+    every_steps: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
+    checkpoints: Annotated[int, Field(ge=1, le=100)] | None = None
+
+    @model_validator(mode="after")
+    def _one_cadence(self) -> FinetuneEvaluationSpec:
+        if self.every_steps is not None and self.checkpoints is not None:
+            raise ValueError("give 'every_steps' or 'checkpoints', not both")
+        return self
+
+
+class GuardSpec(_Request):
+    """Which checkpoint to ship when training forgets.
+
+    A checkpoint passes when the verdict against the base passes and the general accuracy
+    dropped by at most ``max_drop``. ``stop`` ends training at the first checkpoint that does
+    not pass; ``keep_best`` trains to the end. Both ship the final weights when they pass,
+    else the passing checkpoint with the largest domain gain.
+    """
+
+    max_drop: Annotated[float, Field(ge=0.0, le=1.0)] = 0.05
+    action: Literal["stop", "keep_best"] = "keep_best"
 
 
 class FinetuneJobCreate(_Request):
@@ -494,6 +517,7 @@ class FinetuneJobCreate(_Request):
     replay: ReplaySpec | None = None
     ewc: EWCSpec | None = None
     evaluation: FinetuneEvaluationSpec | None = Field(default_factory=FinetuneEvaluationSpec)
+    guard: GuardSpec | None = None
     label: Annotated[str, Field(max_length=200)] | None = None
 
     @model_validator(mode="after")
@@ -504,6 +528,14 @@ class FinetuneJobCreate(_Request):
             )
         if self.method == "lora" and self.lora is None:
             self.lora = LoraSpec()
+        if self.guard is not None and (
+            self.evaluation is None
+            or (self.evaluation.every_steps is None and self.evaluation.checkpoints is None)
+        ):
+            raise ValueError(
+                "'guard' chooses among checkpoint evaluations: set evaluation.every_steps "
+                "or evaluation.checkpoints"
+            )
         return self
 
     def resolved(self) -> ResolvedHyperparameters:
@@ -547,8 +579,40 @@ class FinetuneJobPublic(JobTimestamps):
     warnings: list[str]
     trainable_parameters: dict[str, Any] | None
     metrics: dict[str, Any] | None
+    guard: dict[str, Any] | None = None
+    # Which optimizer step's weights the output holds (None: no guard, the final step), and why.
+    shipped_step: int | None = None
+    shipped_reason: str | None = None
     attempts: int
     error: str | None
+
+
+class FinetuneCheckpointPublic(BaseModel):
+    """One evaluated step: general and domain figures, drift, the verdict against the base."""
+
+    step: int
+    general: dict[str, Any] | None
+    domain: dict[str, Any] | None
+    drift: dict[str, Any] | None
+    verdict: dict[str, Any] | None
+    created_at: datetime
+
+    @field_serializer("created_at")
+    def _z(self, value: datetime) -> str | None:
+        return iso_utc(value)
+
+
+def evaluation_steps(
+    total_steps: int, every_steps: int | None, checkpoints: int | None
+) -> list[int]:
+    """The optimizer steps evaluated during training; the last step is always among them."""
+    if every_steps is not None:
+        steps = set(range(every_steps, total_steps + 1, every_steps))
+    elif checkpoints is not None:
+        steps = {max(1, round(total_steps * (i + 1) / checkpoints)) for i in range(checkpoints)}
+    else:
+        return []
+    return sorted(steps | {total_steps})
 
 
 class FinetuneEventPublic(BaseModel):

@@ -10,12 +10,20 @@ from app.core.errors import Problem
 from app.core.modelcheck import resolve_model
 from app.core.pagination import newest_first, page
 from app.core.schemas import Page, Progress
-from app.core.tables import Evaluation, FinetuneEvent, FinetuneJob, new_id, utcnow
+from app.core.tables import (
+    Evaluation,
+    FinetuneCheckpoint,
+    FinetuneEvent,
+    FinetuneJob,
+    new_id,
+    utcnow,
+)
 from app.evaluations import service as evaluations
 from app.finetune.schemas import (
     DOMAIN_DEFAULT_HOLDOUT,
     DOMAIN_DEFAULT_MIN_RECORDS,
     DomainEvaluationSpec,
+    FinetuneCheckpointPublic,
     FinetuneEvaluationSpec,
     FinetuneEventPublic,
     FinetuneJobCreate,
@@ -58,6 +66,9 @@ def public(row: FinetuneJob) -> FinetuneJobPublic:
         warnings=list(row.warnings or []),
         trainable_parameters=row.trainable_parameters,
         metrics=row.metrics,
+        guard=request.get("guard"),
+        shipped_step=(row.metrics or {}).get("shipped", {}).get("step"),
+        shipped_reason=(row.metrics or {}).get("shipped", {}).get("reason"),
         attempts=row.attempts,
         error=row.error,
         created_at=row.created_at,
@@ -232,3 +243,24 @@ def list_events(
         for r in rows
     ]
     return Page(data=data, next_cursor=str(rows[-1].id) if has_more else None, has_more=has_more)
+
+
+def checkpoints(*, session: Session, job_id: str) -> list[FinetuneCheckpointPublic]:
+    """The job's checkpoint evaluations by step (step 0 is the base); 404 for no such job."""
+    get(session=session, job_id=job_id)
+    rows = session.scalars(
+        select(FinetuneCheckpoint)
+        .where(FinetuneCheckpoint.job_id == job_id)
+        .order_by(FinetuneCheckpoint.step)
+    )
+    return [
+        FinetuneCheckpointPublic(
+            step=r.step,
+            general=r.general,
+            domain=r.domain,
+            drift=r.drift,
+            verdict=r.verdict,
+            created_at=r.created_at,
+        )
+        for r in rows
+    ]

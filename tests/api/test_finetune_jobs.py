@@ -351,3 +351,33 @@ def test_domain_suites_are_pinned_like_the_general_ones(client, tiny_model_dir) 
         ),
     ).json()
     assert job["evaluation"]["domain"]["suites"] == ["tiny-drug-qa@1"]
+
+
+def test_checkpoints_of_an_unknown_job_are_404_and_a_guard_needs_a_cadence(
+    client, tiny_model_dir
+) -> None:  # type: ignore[no-untyped-def]
+    assert client.get("/finetune-jobs/ft_nope/checkpoints").status_code == 404
+    response = client.post(
+        "/finetune-jobs", json=body(tiny_model_dir, guard={"max_drop": 0.05, "action": "stop"})
+    )
+    assert response.status_code == 422 and "every_steps" in response.text
+    both = client.post(
+        "/finetune-jobs",
+        json=body(
+            tiny_model_dir, evaluation={"suites": [QA_SUITE], "every_steps": 2, "checkpoints": 3}
+        ),
+    )
+    assert both.status_code == 422
+    ok = client.post(
+        "/finetune-jobs",
+        json=body(
+            tiny_model_dir,
+            evaluation={"suites": [QA_SUITE], "checkpoints": 3},
+            guard={"action": "stop"},
+        ),
+    )
+    assert ok.status_code == 202, ok.text
+    job = ok.json()
+    assert job["guard"] == {"max_drop": 0.05, "action": "stop"}
+    assert job["shipped_step"] is None
+    assert client.get(f"/finetune-jobs/{job['id']}/checkpoints").json() == []

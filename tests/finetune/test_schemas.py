@@ -286,3 +286,13 @@ def test_holdout_split_is_seeded_disjoint_and_keeps_order() -> None:
     assert holdout_split(records, 0.2, 42) == (train, held)  # seeded
     assert holdout_split(records, 0.2, 7)[1] != held
     assert holdout_count(3, 0.01) == 1  # at least one record
+
+
+def test_evaluation_steps_always_end_at_the_last_step() -> None:
+    from app.finetune.schemas import evaluation_steps
+
+    assert evaluation_steps(12, 4, None) == [4, 8, 12]
+    assert evaluation_steps(10, 4, None) == [4, 8, 10]
+    assert evaluation_steps(10, None, 3) == [3, 7, 10]
+    assert evaluation_steps(2, None, 5) == [1, 2]
+    assert evaluation_steps(10, None, None) == []

@@ -112,6 +112,10 @@ def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class GuardStop(Exception):  # noqa: N818 (a signal, not an error)
+    """Raised by an evaluation callback: end training at this step (``guard.action=stop``)."""
+
+
 def _never() -> None:
     return None
 
@@ -144,6 +148,8 @@ class Trainer:
         check_stop: Callable[[], None] = _never,
         on_checkpoint: Callable[[int, Path], None] | None = None,
         state: dict[str, Any] | None = None,
+        evaluate_steps: Sequence[int] = (),
+        on_evaluate: Callable[[int], None] | None = None,
     ) -> None:
         from transformers import get_scheduler
 
@@ -156,6 +162,9 @@ class Trainer:
         self.on_step = on_step
         self.check_stop = check_stop
         self.on_checkpoint = on_checkpoint
+        self.evaluate_steps = frozenset(evaluate_steps)
+        self.on_evaluate = on_evaluate
+        self.stopped_at: int | None = None
         self.device = next(model.parameters()).device
         self.autocast = autocast_for(self.device)
         self.plan = plan_steps(len(self.examples), hp)
@@ -287,8 +296,12 @@ class Trainer:
     def train(self) -> None:
         """Train to ``plan.total_steps``; on ``Interrupted``, checkpoint the last finished step."""
         try:
+            if self.global_step in self.evaluate_steps:  # resumed at an evaluated step
+                self._evaluate()
             for step in range(self.global_step, self.plan.total_steps):
                 self._step(step)
+        except GuardStop:
+            self.stopped_at = self.global_step
         except Interrupted:
             if self.global_step > max(self.checkpointed_step, 0):
                 self.save_checkpoint()
@@ -351,6 +364,17 @@ class Trainer:
         every = self.hp.checkpoint_every_steps
         if self.global_step % every == 0 and self.global_step < self.plan.total_steps:
             self.save_checkpoint()
+        if self.global_step in self.evaluate_steps:
+            self._evaluate()
+
+    def _evaluate(self) -> None:
+        """Evaluate the weights of this step, checkpointed first so a killed worker resumes
+        here and does not train the step again before evaluating it."""
+        if self.on_evaluate is None:
+            return
+        if self.global_step < self.plan.total_steps and self.checkpointed_step != self.global_step:
+            self.save_checkpoint()
+        self.on_evaluate(self.global_step)
 
 
 # --------------------------------------------------------------------------- model preparation

@@ -23,6 +23,7 @@ from workers.finetune.artifacts import (
     save_output,
 )
 from workers.finetune.data import encode_records, pad_id
+from workers.finetune.stages.checkpoints import CheckpointEvaluator
 from workers.finetune.stages.data import training_records
 from workers.finetune.stages.fisher import ewc_regularizer
 from workers.finetune.training import StepLog, Trainer, assert_base_frozen, prepare_model, thin
@@ -83,6 +84,15 @@ def run_training(
         state={"base_checksum": checksum_before},
     )
     plan = trainer.plan
+    evaluator = None
+    spec = request.evaluation
+    if spec is not None and (spec.every_steps is not None or spec.checkpoints is not None):
+        evaluator = CheckpointEvaluator(
+            run, model, tokenizer, fmt, eval_definitions, plan.total_steps
+        )
+        trainer.evaluate_steps = frozenset(evaluator.steps)
+        trainer.on_evaluate = evaluator
+        evaluator.base()
     resumed = trainer.restore()
     if resumed is not None:
         run.event(
@@ -98,6 +108,10 @@ def run_training(
     )
     run.event("trainable parameters", data=counts, trainable_parameters=counts)
     trainer.train()
+    shipped = None
+    if evaluator is not None and request.guard is not None:
+        shipped = evaluator.ship(trainer.global_step, stopped=trainer.stopped_at is not None)
+        run.event(f"shipping step {shipped['step']}: {shipped['reason']}", data=shipped)
 
     base_weights = None
     if request.method == "lora":
@@ -139,6 +153,12 @@ def run_training(
     }
     if base_weights is not None:
         metrics["base_weights"] = base_weights
+    if evaluator is not None:
+        metrics["evaluation_steps"] = evaluator.steps
+    if trainer.stopped_at is not None:
+        metrics["stopped_at_step"] = trainer.stopped_at
+    if shipped is not None:
+        metrics["shipped"] = shipped
     if ewc is not None:
         metrics["ewc"] = {
             "importance": ewc.importance,
