@@ -29,6 +29,7 @@ from app.core.errors import Problem
 from app.core.pagination import newest_first, page
 from app.core.tables import JOB_STATUSES, Evaluation, EvaluationItem, FinetuneEvent, FinetuneJob
 from app.evaluations import service as evaluations
+from app.finetune import service as finetune
 from app.ui import views
 from app.web.deps import SessionDep
 
@@ -433,8 +434,14 @@ def finetune_job_page(job_id: str, session: SessionDep) -> HTMLResponse:
     )
     request = job.request or {}
     warnings = [views.warning_text(w) for w in (job.warnings or [])]
+    checkpoints = finetune.checkpoints(session=session, job_id=job_id)
+    forgetting, learning = views.checkpoint_curves(checkpoints)
     return render(
         "finetune_job.html",
+        checkpoints=checkpoints,
+        forgetting_chart=views.forgetting_chart(forgetting) if checkpoints else None,
+        learning_chart=views.learning_chart(learning) if checkpoints else None,
+        shipped=(job.metrics or {}).get("shipped"),
         job=job,
         request_=request,
         method=request.get("method", "—"),
