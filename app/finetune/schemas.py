@@ -505,6 +505,25 @@ class GuardSpec(_Request):
     action: Literal["stop", "keep_best"] = "keep_best"
 
 
+class InterpolationSpec(_Request):
+    """WiSE-FT: evaluate weights between the base (α 0) and the fine-tune (α 1); ship one.
+
+    LoRA: the adapter's update scaled by α. Full: ``(1 − α)·base + α·tuned``. ``largest``
+    picks the largest α that passes the gate; ``best_domain`` the passing α with the largest
+    domain gain.
+    """
+
+    alphas: list[Annotated[float, Field(gt=0.0, le=1.0)]] = Field(
+        default_factory=lambda: [0.25, 0.5, 0.75, 1.0], min_length=1, max_length=20
+    )
+    pick: Literal["largest", "best_domain"] = "largest"
+
+    @model_validator(mode="after")
+    def _distinct(self) -> InterpolationSpec:
+        self.alphas = sorted(set(self.alphas))
+        return self
+
+
 class FinetuneJobCreate(_Request):
     """``POST /finetune-jobs`` body."""
 
@@ -518,6 +537,9 @@ class FinetuneJobCreate(_Request):
     ewc: EWCSpec | None = None
     evaluation: FinetuneEvaluationSpec | None = Field(default_factory=FinetuneEvaluationSpec)
     guard: GuardSpec | None = None
+    interpolation: InterpolationSpec | None = None
+    # Set by POST /finetune-jobs/{id}/interpolations: reuse that job's training, only sweep.
+    from_job: Annotated[str, Field(max_length=40, pattern=r"^ft_[0-9a-f]+$")] | None = None
     label: Annotated[str, Field(max_length=200)] | None = None
 
     @model_validator(mode="after")
@@ -536,6 +558,8 @@ class FinetuneJobCreate(_Request):
                 "'guard' chooses among checkpoint evaluations: set evaluation.every_steps "
                 "or evaluation.checkpoints"
             )
+        if self.interpolation is not None and self.evaluation is None:
+            raise ValueError("'interpolation' chooses by evaluation: it needs 'evaluation'")
         return self
 
     def resolved(self) -> ResolvedHyperparameters:
@@ -583,6 +607,8 @@ class FinetuneJobPublic(JobTimestamps):
     # Which optimizer step's weights the output holds (None: no guard, the final step), and why.
     shipped_step: int | None = None
     shipped_reason: str | None = None
+    interpolation: dict[str, Any] | None = None
+    chosen_alpha: float | None = None
     attempts: int
     error: str | None
 

@@ -30,6 +30,7 @@ from app.finetune.schemas import (
     FinetuneJobPublic,
     GeneralData,
     Hyperparameters,
+    InterpolationSpec,
     holdout_count,
     load_path_records,
     resolve_hyperparameters,
@@ -69,6 +70,8 @@ def public(row: FinetuneJob) -> FinetuneJobPublic:
         guard=request.get("guard"),
         shipped_step=(row.metrics or {}).get("shipped", {}).get("step"),
         shipped_reason=(row.metrics or {}).get("shipped", {}).get("reason"),
+        interpolation=request.get("interpolation"),
+        chosen_alpha=(row.metrics or {}).get("interpolation", {}).get("chosen_alpha"),
         attempts=row.attempts,
         error=row.error,
         created_at=row.created_at,
@@ -127,8 +130,21 @@ def _domain_defaults(session: Session, spec: FinetuneEvaluationSpec, n_records: 
         )
 
 
-def create(*, session: Session, settings: Settings, body: FinetuneJobCreate) -> FinetuneJob:
+def create(
+    *,
+    session: Session,
+    settings: Settings,
+    body: FinetuneJobCreate,
+    allow_from_job: bool = False,
+) -> FinetuneJob:
     """Validate all that can be checked without a model; queue the job (caller commits)."""
+    if body.from_job is not None and not allow_from_job:
+        raise Problem(
+            422,
+            "Use the interpolations route",
+            "'from_job' is set by POST /finetune-jobs/{id}/interpolations; leave it out",
+            errors=[{"loc": ["body", "from_job"], "msg": "not accepted here"}],
+        )
     resolve_model(settings, body.base_model.path, None)
     if body.dataset.path is not None:
         n_records = len(load_path_records(settings, body.dataset.path))
@@ -264,3 +280,38 @@ def checkpoints(*, session: Session, job_id: str) -> list[FinetuneCheckpointPubl
         )
         for r in rows
     ]
+
+
+def interpolate(
+    *, session: Session, settings: Settings, job_id: str, body: InterpolationSpec
+) -> FinetuneJob:
+    """Queue an interpolation sweep of a finished job's fine-tune (no training; caller commits)."""
+    parent = get(session=session, job_id=job_id)
+    if parent.status != "succeeded" or parent.output_path is None:
+        raise Problem(
+            409,
+            "Fine-tune not finished",
+            f"fine-tune job {job_id} is {parent.status}; interpolate a succeeded job",
+        )
+    request = dict(parent.request)
+    if request.get("evaluation") is None:
+        raise Problem(
+            409,
+            "Nothing to choose by",
+            f"fine-tune job {job_id} ran without evaluation; an interpolation is chosen by it",
+        )
+    source = parent.request.get("from_job") or parent.id
+    evaluation = {**request["evaluation"], "every_steps": None, "checkpoints": None}
+    request.update(
+        interpolation=body.model_dump(mode="json"),
+        from_job=source,
+        guard=None,
+        evaluation=evaluation,
+        label=f"{parent.label or parent.id}: interpolation"[:200],
+    )
+    return create(
+        session=session,
+        settings=settings,
+        body=FinetuneJobCreate.model_validate(request),
+        allow_from_job=True,
+    )

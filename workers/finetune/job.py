@@ -30,6 +30,7 @@ from workers.finetune.artifacts import CHECKPOINTS, TRAINING_DONE, TrainingOutco
 from workers.finetune.data import effective_format
 from workers.finetune.stages.domain import evaluate_domain, with_domain
 from workers.finetune.stages.evaluation import compare, evaluate, evaluation_definitions
+from workers.finetune.stages.interpolation import interpolate
 from workers.finetune.stages.training import run_training
 
 log = logging.getLogger("forgetguard.worker")
@@ -165,12 +166,22 @@ class FinetuneRun:
             )
 
         done_marker = self.job_dir / TRAINING_DONE
+        if request.from_job is not None:  # an interpolation of another job's fine-tune
+            done_marker = self.settings.artifacts_dir / request.from_job / TRAINING_DONE
+            if not done_marker.is_file():
+                raise UserError(f"the training output of fine-tune job {request.from_job} is gone")
         if done_marker.is_file():
             outcome = TrainingOutcome(**json.loads(done_marker.read_text(encoding="utf-8")))
             self.event("training already finished in an earlier attempt; not repeated")
         else:
             outcome = run_training(
                 self, base_dir, tokenizer, base_fp, train_format, eval_definitions, hp
+            )
+
+        if request.interpolation is not None and request.evaluation is not None:
+            self.models.clear()
+            outcome, _ = interpolate(
+                self, base_dir, tokenizer, train_format, eval_definitions, outcome
             )
 
         after_id = comparison_body = None
