@@ -85,7 +85,9 @@ def interpolate(
     if "chosen_alpha" in state:
         return _shipped(outcome, state), state
     done = {r["alpha"] for r in state["results"]}
-    weights = _Weights(run, base_dir, Path(outcome.output_path))
+    # From the final weights of the training, even when the guard shipped an earlier step.
+    tuned = Path(outcome.metrics.get("final_output_path") or outcome.output_path)
+    weights = _Weights(run, base_dir, tuned)
     evaluator = CheckpointEvaluator(run, weights.model, tokenizer, fmt, eval_definitions, 0)
     for alpha in sorted(spec.alphas):
         if alpha in done:
@@ -112,7 +114,7 @@ def interpolate(
     elif chosen["alpha"] == 1.0:
         state.update(
             chosen_alpha=1.0,
-            output_path=outcome.output_path,
+            output_path=str(tuned),
             reason="α = 1 (the fine-tune as trained) passes the gate",
         )
     else:
@@ -146,7 +148,7 @@ def _shipped(outcome: TrainingOutcome, state: dict[str, Any]) -> TrainingOutcome
             ],
             "chosen_alpha": state["chosen_alpha"],
             "reason": state["reason"],
-            "trained_output_path": outcome.output_path,
+            "trained_output_path": outcome.metrics.get("final_output_path") or outcome.output_path,
         },
     }
     return TrainingOutcome(

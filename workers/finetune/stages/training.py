@@ -108,10 +108,6 @@ def run_training(
     )
     run.event("trainable parameters", data=counts, trainable_parameters=counts)
     trainer.train()
-    shipped = None
-    if evaluator is not None and request.guard is not None:
-        shipped = evaluator.ship(trainer.global_step, stopped=trainer.stopped_at is not None)
-        run.event(f"shipping step {shipped['step']}: {shipped['reason']}", data=shipped)
 
     base_weights = None
     if request.method == "lora":
@@ -129,6 +125,16 @@ def run_training(
     run.stage("saving", done=plan.total_steps, total=plan.total_steps)
     out = run.job_dir / ("adapter" if request.method == "lora" else "model")
     save_output(model, tokenizer, request, base_dir, out)
+    final_out = out
+    shipped = None
+    if evaluator is not None and request.guard is not None:
+        # The final weights stay in ``out`` (an interpolation starts from them); a shipped
+        # earlier checkpoint is exported beside them and becomes the job's output.
+        shipped = evaluator.ship(trainer.global_step, stopped=trainer.stopped_at is not None)
+        run.event(f"shipping step {shipped['step']}: {shipped['reason']}", data=shipped)
+        if shipped["step"] != trainer.global_step:
+            out = run.job_dir / f"shipped-step-{shipped['step']}"
+            save_output(model, tokenizer, request, base_dir, out)
     metrics: dict[str, Any] = {
         "global_step": trainer.global_step,
         "total_steps": plan.total_steps,
@@ -159,6 +165,7 @@ def run_training(
         metrics["stopped_at_step"] = trainer.stopped_at
     if shipped is not None:
         metrics["shipped"] = shipped
+        metrics["final_output_path"] = str(final_out)
     if ewc is not None:
         metrics["ewc"] = {
             "importance": ewc.importance,
