@@ -4,7 +4,7 @@ general ones ("learned but forgot"); checkpoint evaluations follow both curves, 
 ships an earlier checkpoint that passes the gate although the final one fails; an
 interpolation between the base and the collapsed weights finds an α < 1 that passes.
 
-Sized for a CPU shared with other work: 8 optimizer steps, 10 general questions."""
+Sized for a CPU shared with other work: 16 optimizer steps, 10 general questions."""
 
 from __future__ import annotations
 
@@ -58,8 +58,9 @@ def test_lr_1e3_learns_but_forgets_and_keep_best_ships_a_passing_checkpoint(
         "hyperparameters": {
             "learning_rate": 1e-3,
             "per_device_train_batch_size": 4,
-            "max_steps": 8,
-            "warmup_ratio": 0.25,
+            "max_steps": 16,
+            "warmup_ratio": 0.125,
+            "lr_scheduler_type": "linear",
             "checkpoint_every_steps": 100_000,
         },
         "evaluation": {
@@ -67,7 +68,7 @@ def test_lr_1e3_learns_but_forgets_and_keep_best_ships_a_passing_checkpoint(
             "generation": {"max_new_tokens": 12},
             "threshold": 0.10,
             "domain": {"holdout": 0.2, "seed": 42},
-            "every_steps": 2,
+            "every_steps": 4,
         },
         "guard": {"max_drop": 0.10, "action": "keep_best"},
     }
@@ -95,16 +96,16 @@ def test_lr_1e3_learns_but_forgets_and_keep_best_ships_a_passing_checkpoint(
     assert all(c["domain"]["after"]["nll_per_token"] is not None for c in trained)
     # The final weights learned the domain and forgot: "learned but forgot".
     final = checkpoints[-1]
-    assert final["step"] == 8
+    assert final["step"] == 16
     assert final["domain"]["after"]["nll_per_token"] < final["domain"]["before"]["nll_per_token"]
     assert final["general"]["accuracy_drop"] > 0.10
     assert final["verdict"]["verdict"] == "fail"
     assert final["verdict"]["outcome"] == "learned_but_forgot"
     # keep_best shipped an earlier checkpoint that passes the gate, and the job says why.
-    assert job["shipped_step"] is not None and job["shipped_step"] < 8
+    assert job["shipped_step"] is not None and job["shipped_step"] < 16
     shipped = next(c for c in checkpoints if c["step"] == job["shipped_step"])
     assert shipped["verdict"]["guard"] == "pass"
-    assert "the final step 8 fails the guard" in job["shipped_reason"]
+    assert "the final step 16 fails the guard" in job["shipped_reason"]
     # The exported checkpoint, evaluated after: it passes the gate, as its checkpoint said.
     assert job["comparison"]["verdict"] == "pass", job["comparison"]["reasons"]
     assert job["comparison"]["domain"]["held_out_records"] == 6
