@@ -1,6 +1,8 @@
 # forgetguard: the two commands of the README's quick start, and a few more.
-#   make run    install everything, pull the reference model, serve (SQLite + one local worker)
-#   make test   install everything, run the whole test suite
+#   make run    install what serving needs, pull the reference model, copy the example
+#               datasets into data/, serve (SQLite + one local worker) on HOST:PORT
+#   make test   install that plus the dev tools, run the whole test suite
+#   make run HOST=127.0.0.1 PORT=8080    serve elsewhere; it prints the FORGETGUARD_URL to use
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -11,29 +13,41 @@ TORCH  ?= torch==2.13.0
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: install run test lint typecheck bench demo compose-config clean
+.PHONY: install install-dev run test lint typecheck bench demo compose-config clean
 
+# Serving needs the worker and PostgreSQL extras only; the dev tools (pytest, mypy, ruff,
+# playwright, …) come with `make test`, `make lint` and `make typecheck`.
 $(BIN)/forgetguard: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet $(TORCH)
+	$(PIP) install --quiet -e ".[worker,postgres]"
+	@touch $@
+
+$(VENV)/.dev: $(BIN)/forgetguard
 	$(PIP) install --quiet -e ".[worker,postgres,dev]"
 	@touch $@
 
 install: $(BIN)/forgetguard
 
+install-dev: $(VENV)/.dev
+
 run: install
 	$(BIN)/forgetguard models pull smollm2-135m-instruct
+	$(BIN)/forgetguard datasets copy
+	@echo "forgetguard will serve on http://$(HOST):$(PORT); in another terminal:"
+	@echo "  export FORGETGUARD_URL=http://$(HOST):$(PORT)   # CLI commands run here find it anyway"
+	@echo "  . $(VENV)/bin/activate                     # or call $(BIN)/forgetguard"
 	$(BIN)/forgetguard serve --host $(HOST) --port $(PORT) --workers 1
 
-test: install
+test: install-dev
 	$(BIN)/python -m pytest
 
-lint: install
+lint: install-dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check app workers tests benchmarks
 
-typecheck: install
+typecheck: install-dev
 	$(BIN)/mypy
 
 bench: install

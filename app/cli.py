@@ -7,6 +7,7 @@ import ipaddress
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,11 +15,14 @@ import threading
 import time
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from app.core.config import get_settings
+
+if TYPE_CHECKING:
+    import httpx
 
 app = typer.Typer(
     help="forgetguard: did fine-tuning make your model forget?",
@@ -31,9 +35,40 @@ suites_app = typer.Typer(help="Import and export suites through the API.", no_ar
 app.add_typer(db_app, name="db")
 app.add_typer(models_app, name="models")
 app.add_typer(suites_app, name="suites")
+datasets_app = typer.Typer(help="Example datasets shipped with forgetguard.", no_args_is_help=True)
+app.add_typer(datasets_app, name="datasets")
 
-ServerOpt = Annotated[str, typer.Option(envvar="FORGETGUARD_URL", help="API base URL.")]
+ServerOpt = Annotated[
+    str | None,
+    typer.Option(
+        envvar="FORGETGUARD_URL",
+        help="API base URL. Default: the URL a `forgetguard serve` started in this directory "
+        "wrote to var/server-url, else http://127.0.0.1:8000.",
+        show_default=False,
+    ),
+]
 DEFAULT_URL = "http://127.0.0.1:8000"
+# `forgetguard serve` writes the URL it serves here (relative to where it runs, like var/ for
+# the database), so CLI commands run beside it follow `--port` without FORGETGUARD_URL.
+SERVER_URL_FILE = Path("var/server-url")
+DATASETS_DIR = Path(__file__).resolve().parent / "datasets"
+
+
+def server_url(explicit: str | None) -> str:
+    """--server or $FORGETGUARD_URL, else the URL a local ``serve`` wrote, else the default."""
+    if explicit:
+        return explicit
+    try:
+        written = SERVER_URL_FILE.read_text(encoding="utf-8").strip()
+    except OSError:
+        written = ""
+    return written or DEFAULT_URL
+
+
+def fail(message: str) -> typer.Exit:
+    """Print one line on stderr; the caller raises the returned exit (status 2)."""
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(2)
 
 
 def _logging() -> None:
@@ -96,13 +131,9 @@ def worker(
     once: Annotated[bool, typer.Option(help="Exit when the queue is empty.")] = False,
 ) -> None:
     """Run a worker: claims queued jobs and runs them on one device."""
-    # Idle torch threads spin by default; on a shared CPU that starves the other processes
-    # (measured: tiny-model training 40x slower on 2 cores). Must be set before torch loads.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    if device.startswith("cuda:"):
-        # Pin the process to one GPU before torch is imported: it then sees it as cuda:0.
-        os.environ["CUDA_VISIBLE_DEVICES"] = device.split(":", 1)[1]
-        device = "cuda:0"
+    from workers.engine.process import configure_process
+
+    device = configure_process(device)  # before torch loads: it reads these settings once
     _logging()
     from workers.main import main as worker_main
 
@@ -110,6 +141,10 @@ def worker(
     raise typer.Exit(
         worker_main(get_settings(), device=device, kinds=kind_list, worker_id=worker_id, once=once)
     )
+
+
+# Set by `serve` for the workers it starts: the pid they must not outlive.
+PARENT_PID_ENV = "FORGETGUARD_PARENT_PID"
 
 
 class _Supervisor:
@@ -134,7 +169,10 @@ class _Supervisor:
             "--worker-id",
             f"{os.uname().nodename}-w{index}-{os.getpid()}",
         ]
-        return subprocess.Popen(cmd)
+        # The worker watches this process and stops when it dies, however it dies (SIGKILL
+        # included), so a restarted serve never runs beside an orphaned worker.
+        env = {**os.environ, PARENT_PID_ENV: str(os.getpid())}
+        return subprocess.Popen(cmd, env=env)
 
     def start(self) -> None:
         for i in range(self.count):
@@ -197,6 +235,14 @@ def serve(
     server = uvicorn.Server(
         uvicorn.Config(create_app(settings), host=host, port=port, log_level="info")
     )
+    url = f"http://{_url_host(host)}:{port}"
+    SERVER_URL_FILE.parent.mkdir(parents=True, exist_ok=True)
+    SERVER_URL_FILE.write_text(url + "\n", encoding="utf-8")
+    typer.echo(
+        f"forgetguard at {url} (dashboard {url}/ui, API docs {url}/docs); CLI commands run "
+        f"in this directory use it, elsewhere: export FORGETGUARD_URL={url}",
+        err=True,
+    )
     # uvicorn re-raises a captured SIGTERM after shutting down, which would kill this process
     # before it stops its workers; handle the signals here instead.
     server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
@@ -212,9 +258,21 @@ def serve(
         server.run()
     finally:
         supervisor.stop()
+        with contextlib.suppress(OSError):
+            if SERVER_URL_FILE.read_text(encoding="utf-8").strip() == url:
+                SERVER_URL_FILE.unlink()
 
 
-def _client(server: str) -> object:
+def _url_host(host: str) -> str:
+    """The host part of a URL that reaches a server bound to ``host``."""
+    if host in ("0.0.0.0", ""):
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host else host
+
+
+def _client(server: str) -> httpx.Client:
     import httpx
 
     headers = {}
@@ -223,55 +281,148 @@ def _client(server: str) -> object:
     return httpx.Client(base_url=server, headers=headers, timeout=60)
 
 
-@suites_app.command("import")
-def suites_import(
-    file: Annotated[Path, typer.Argument(help="JSONL, one item per line (or a suite JSON).")],
-    name: Annotated[str, typer.Option(help="Suite name.")],
-    kind: Annotated[str, typer.Option(help="qa, checklist, multiple_choice or perplexity.")],
-    description: str | None = None,
-    prompt_template: str | None = None,
-    server: ServerOpt = DEFAULT_URL,
-) -> None:
-    """Upload a suite from a JSONL file of items."""
+def _call(server: str | None, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    """One API request; any failure (unreachable, refused) is one line on stderr and exit 2."""
+    import httpx
+
+    url = server_url(server)
+    try:
+        with _client(url) as client:
+            response = client.request(method, path, **kwargs)
+    except httpx.HTTPError as exc:
+        raise fail(
+            f"cannot reach the forgetguard server at {url} ({type(exc).__name__}); start it with "
+            "`forgetguard serve`, or point --server / FORGETGUARD_URL at it"
+        ) from None
+    if response.status_code >= 400:
+        raise fail(_refusal(response))
+    return response
+
+
+def _refusal(response: httpx.Response) -> str:
+    """A refused request as one line: status, the problem's detail, and what to do for auth."""
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    detail = (
+        (body.get("detail") if isinstance(body, dict) else None)
+        or response.text[:200].strip()
+        or response.reason_phrase
+    )
+    line = f"{response.status_code} {detail}"
+    # Only the auth layer's refusals carry WWW-Authenticate; a 403 for a path is not about keys.
+    if response.status_code == 401 or (
+        response.status_code == 403 and "www-authenticate" in response.headers
+    ):
+        line += "; set FORGETGUARD_API_KEY to a key with the right scope"
+    return line
+
+
+def _read_suite_file(file: Path) -> tuple[dict[str, Any] | None, list[Any]]:
+    """A suite JSON file (an object with ``items``) or JSONL items: (suite or None, items)."""
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise fail(f"cannot read {file}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise fail(f"{file} is not UTF-8 text") from None
+    with contextlib.suppress(json.JSONDecodeError):
+        whole = json.loads(text)
+        if isinstance(whole, dict) and "items" in whole:
+            return whole, list(whole["items"] or [])
     items = []
-    for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
             items.append(json.loads(line))
         except json.JSONDecodeError as exc:
-            typer.echo(f"{file}:{number}: not valid JSON: {exc.msg}", err=True)
-            raise typer.Exit(2) from None
-    body: dict[str, object] = {"name": name, "kind": kind, "items": items}
-    if description:
-        body["description"] = description
-    if prompt_template:
-        body["prompt_template"] = prompt_template
-    response = _client(server).post("/suites", json=body)  # type: ignore[attr-defined]
-    if response.status_code >= 400:
-        typer.echo(f"error {response.status_code}: {response.json().get('detail')}", err=True)
-        for err in response.json().get("errors") or []:
-            typer.echo(f"  {'.'.join(map(str, err['loc']))}: {err['msg']}", err=True)
-        raise typer.Exit(2)
+            raise fail(f"{file}:{number}: not valid JSON: {exc.msg}") from None
+    return None, items
+
+
+@suites_app.command("import")
+def suites_import(
+    file: Annotated[
+        Path, typer.Argument(help="A suite JSON file (with name, kind, items), or JSONL items.")
+    ],
+    name: Annotated[
+        str | None, typer.Option(help="Suite name (required for JSONL; overrides the file's).")
+    ] = None,
+    kind: Annotated[
+        str | None,
+        typer.Option(help="qa, checklist, multiple_choice or perplexity (required for JSONL)."),
+    ] = None,
+    description: str | None = None,
+    prompt_template: str | None = None,
+    server: ServerOpt = None,
+) -> None:
+    """Upload a suite: a suite JSON file as `suites export --json` writes it, or JSONL items."""
+    suite, items = _read_suite_file(file)
+    body: dict[str, Any] = dict(suite or {})
+    body["items"] = items
+    for key, value in (
+        ("name", name),
+        ("kind", kind),
+        ("description", description),
+        ("prompt_template", prompt_template),
+    ):
+        if value:
+            body[key] = value
+    missing = [f"--{key}" for key in ("name", "kind") if not body.get(key)]
+    if missing:
+        raise fail(
+            f"{file} does not say the suite's {' and '.join(m[2:] for m in missing)}: "
+            f"pass {' and '.join(missing)}"
+        )
+    response = _call(server, "POST", "/suites", json=body)
     data = response.json()
     verb = "created" if response.status_code == 201 else "unchanged"
-    typer.echo(f"{data['name']} version {data['version']} ({verb}, {data['items']} items)")
+    typer.echo(f"{data['name']} version {data['version']} ({verb}, {data['item_count']} items)")
 
 
 @suites_app.command("export")
 def suites_export(
     name: Annotated[str, typer.Argument(help="Suite name, or name@version.")],
-    server: ServerOpt = DEFAULT_URL,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="The whole suite as JSON (what `import` takes back).")
+    ] = False,
+    server: ServerOpt = None,
 ) -> None:
-    """Print a suite's items as JSONL."""
+    """Print a suite's items as JSONL (or the whole suite with --json)."""
     suite, _, version = name.partition("@")
     params = {"version": version} if version else {}
-    response = _client(server).get(f"/suites/{suite}", params=params)  # type: ignore[attr-defined]
-    if response.status_code >= 400:
-        typer.echo(f"error {response.status_code}: {response.json().get('detail')}", err=True)
-        raise typer.Exit(2)
-    for item in response.json()["definition"]["items"]:
+    definition = _call(server, "GET", f"/suites/{suite}", params=params).json()["definition"]
+    if as_json:
+        typer.echo(json.dumps(definition, ensure_ascii=False, indent=1))
+        return
+    for item in definition["items"]:
         typer.echo(json.dumps(item, ensure_ascii=False))
+
+
+@datasets_app.command("copy")
+def datasets_copy(
+    to: Annotated[
+        Path | None,
+        typer.Option(help="Directory to copy into. Default: the first FORGETGUARD_DATA_ROOTS."),
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Overwrite files that exist.")] = False,
+) -> None:
+    """Copy the shipped example datasets (drug-qa.jsonl) into a data root, where fine-tune
+    requests may name them (``"dataset": {"path": "data/drug-qa.jsonl"}``)."""
+    target = to or get_settings().data_roots[0]
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        for source in sorted(DATASETS_DIR.glob("*.jsonl")):
+            destination = target / source.name
+            if destination.exists() and not force:
+                typer.echo(f"{destination} (kept)")
+                continue
+            shutil.copyfile(source, destination)
+            typer.echo(str(destination))
+    except OSError as exc:
+        raise fail(f"cannot copy into {target}: {exc.strerror or exc}") from None
 
 
 class GateMode(StrEnum):
@@ -279,6 +430,13 @@ class GateMode(StrEnum):
 
     threshold = "threshold"
     noninferiority = "noninferiority"
+
+
+class CategoryRule(StrEnum):
+    """How ``gate`` judges a category that dropped more than ``--max-category-drop``."""
+
+    point = "point"
+    significant = "significant"
 
 
 class PromptFormat(StrEnum):
@@ -320,6 +478,27 @@ def gate(
         ),
     ] = GateMode.threshold,
     alpha: Annotated[float, typer.Option(help="1 - confidence of the CI.")] = 0.05,
+    category_rule: Annotated[
+        CategoryRule,
+        typer.Option(
+            help="point: a category fails on its drop; significant: only when the drop is "
+            "significant after Holm adjustment across categories.",
+        ),
+    ] = CategoryRule.point,
+    finetune_job: Annotated[
+        str | None,
+        typer.Option(
+            help="Gate a fine-tune job (waits for it): its stored evaluations, or its output "
+            "evaluated anew when --suite names suites it did not run.",
+        ),
+    ] = None,
+    noise_floor: Annotated[
+        bool,
+        typer.Option(
+            help="Rerun the base with another batch composition and report the churn "
+            "(items that flip with no change).",
+        ),
+    ] = False,
     prompt_format: Annotated[
         PromptFormat | None,
         typer.Option(help="Default: chat when the tokenizer has a chat template, else plain."),
@@ -331,7 +510,13 @@ def gate(
     timeout: Annotated[float, typer.Option(help="Seconds to wait for evaluations.")] = 3600.0,
     junit: Annotated[Path | None, typer.Option(help="Write a JUnit XML report.")] = None,
     markdown: Annotated[Path | None, typer.Option(help="Write a Markdown report.")] = None,
-    server: ServerOpt = DEFAULT_URL,
+    mlflow: Annotated[
+        str | None,
+        typer.Option(
+            help="Also log the comparison to this MLflow tracking URI (needs the mlflow extra)."
+        ),
+    ] = None,
+    server: ServerOpt = None,
 ) -> None:
     """CI gate: compare a candidate with its base; exit 0 pass, 1 forgetting, 2 error.
 
@@ -340,7 +525,7 @@ def gate(
     from app.gate.runner import GateOptions, parse_suites, run_gate
 
     options = GateOptions(
-        server=server,
+        server=server_url(server),
         before=before,
         after=after,
         base_model=base_model,
@@ -352,6 +537,9 @@ def gate(
         max_nll_increase=max_nll_increase,
         mode=mode.value,
         alpha=alpha,
+        category_rule=category_rule.value,
+        finetune_job=finetune_job,
+        noise_floor=noise_floor,
         prompt_format=prompt_format.value if prompt_format else None,
         max_new_tokens=max_new_tokens,
         cache=cache,
@@ -359,6 +547,7 @@ def gate(
         junit=junit,
         markdown=markdown,
         api_key=os.environ.get("FORGETGUARD_API_KEY") or None,
+        mlflow=mlflow,
     )
     raise typer.Exit(run_gate(options))
 
@@ -391,9 +580,9 @@ def demo(
 ) -> None:
     """Forgetting and its mitigations on a real model: base, full FT (risky, aggressive, + replay,
     + EWC) and LoRA on the drug Q&A dataset; prints accuracy per category, checklist, NLL drift."""
-    # Before torch loads: OpenMP threads that spin while waiting make training many times
-    # slower on a CPU shared with other processes; passive waiting costs nothing when alone.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from workers.engine.process import configure_process
+
+    device = configure_process(device)  # before torch loads: it reads these settings once
     if toy:
         from workers.demo.toy import report
 
@@ -430,8 +619,20 @@ def demo(
 
 
 def main() -> None:
-    """Console-script entry point."""
-    app()
+    """Console-script entry point: an error the user can fix is one line and exit 2."""
+    from sqlalchemy.exc import OperationalError
+
+    try:
+        app()
+    except OperationalError as exc:
+        typer.echo(
+            f"error: the database cannot be used: {exc.orig or exc}".splitlines()[0], err=True
+        )
+        raise SystemExit(2) from None
+    except OSError as exc:
+        where = f" {exc.filename}" if exc.filename else ""
+        typer.echo(f"error:{where} {exc.strerror or exc}", err=True)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

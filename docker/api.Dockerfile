@@ -20,11 +20,10 @@ RUN useradd --system --uid 10001 --create-home forgetguard \
 WORKDIR /opt/forgetguard
 COPY pyproject.toml README.md ./
 COPY app ./app
-COPY migrations ./migrations
 # Base dependencies + psycopg only: the `worker` extra (torch, transformers, peft) is never
-# installed here. Editable, so migrations/ stays next to app/ where `forgetguard db upgrade`
-# looks for it. The check fails the build if anything pulled torch in after all.
-RUN pip install -e ".[postgres]" \
+# installed here. The migrations ship inside the package (app/migrations). The check fails
+# the build if anything pulled torch in after all.
+RUN pip install ".[postgres]" \
     && python -c "import importlib.util as u, sys; sys.exit(u.find_spec('torch') is not None)"
 
 USER forgetguard

@@ -44,7 +44,6 @@ WORKDIR /opt/forgetguard
 COPY pyproject.toml README.md ./
 COPY app ./app
 COPY workers ./workers
-COPY migrations ./migrations
 RUN pip install -e ".[worker,postgres]" \
     && python -c "import torch; assert torch.version.cuda and torch.__version__.startswith('${TORCH_VERSION}')"
 

@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -18,6 +19,10 @@ from sqlalchemy import create_engine, text
 
 from app.core.config import Settings
 from app.core.database import upgrade
+from workers.engine.process import configure_process
+
+# As `forgetguard worker` does, before anything loads torch: tests load models in-process.
+configure_process()
 
 REPO = Path(__file__).resolve().parent.parent
 PG_URL = os.environ.get(
@@ -108,6 +113,17 @@ def reference_model_dir() -> Path:
     from workers.reference import pull
 
     return pull("smollm2-135m-instruct", REPO / "models")
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """torch on one thread for the test: with tiny tensors, more threads only add contention."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture
@@ -204,6 +220,39 @@ def start_serve(
 
     wait_for(healthy, 60, what="the server to answer /healthz")
     return server, http
+
+
+def run_checked(
+    *command: str | Path, cwd: Path = REPO, env: dict[str, str] | None = None, timeout: float = 300
+) -> str:
+    """Run ``command``; fail the test with its stderr unless it exits 0; return its stdout."""
+    proc = subprocess.run(
+        [str(part) for part in command],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, f"{command}: exit {proc.returncode}\n{proc.stderr[-4000:]}"
+    return proc.stdout
+
+
+def qa_suite(name: str, size: int) -> dict[str, Any]:
+    """An inline qa suite of ``size`` arithmetic questions in two categories."""
+    return {
+        "name": name,
+        "kind": "qa",
+        "items": [
+            {
+                "id": f"{name}-{i:03d}",
+                "question": f"What is {i} plus {i}?",
+                "answers": [str(2 * i)],
+                "category": ("even", "odd")[i % 2],
+            }
+            for i in range(size)
+        ],
+    }
 
 
 def wait_for(predicate, timeout: float, interval: float = 0.2, what: str = "condition"):  # type: ignore[no-untyped-def]

@@ -43,11 +43,17 @@ async def compare(
     max_nll_increase: Annotated[float | None, Query(ge=0.0, le=100.0)] = None,
     mode: Literal["threshold", "noninferiority"] = "threshold",
     alpha: Annotated[float, Query(gt=0.0, lt=0.5)] = 0.05,
+    category_rule: Literal["point", "significant"] = "point",
+    suites: Annotated[str | None, Query(max_length=2000)] = None,
+    noise_floor: Annotated[str | None, Query(min_length=1, max_length=40)] = None,
 ) -> Response:
     """The lesson's ``compare_forgetting`` keys, then checklist, flips, statistics, drift, verdict.
 
     ``mode=noninferiority`` fails unless the upper bound of the (1 - ``alpha``) CI of the drop
-    is below ``threshold``; ``max_category_drop`` and ``max_nll_increase`` add stricter rules.
+    is below ``threshold``; ``max_category_drop`` and ``max_nll_increase`` add stricter rules;
+    ``category_rule=significant`` fails a category only when its Holm-adjusted p is below
+    ``alpha``. ``suites=a,b`` compares only those suites (both runs must have them);
+    ``noise_floor=ID`` reports the churn between the base and ID, a rerun of it.
     """
     options = CompareOptions(
         threshold=threshold,
@@ -55,12 +61,16 @@ async def compare(
         max_nll_increase=max_nll_increase,
         mode=mode,
         alpha=alpha,
+        category_rule=category_rule,
+        suites=service.parse_suite_names(suites),
+        noise_floor=noise_floor,
     )
     cache: FinishedCache = request.app.state.comparisons
     key = json.dumps([before, after, *astuple(options)])
     data = cache.get(key)
     if data is None:
-        data = await run_in_threadpool(
-            _compare_json, request.app.state.sessionmaker, cache, key, before, after, options
-        )
+        async with request.app.state.database_slots:  # see app.web.deps.get_session
+            data = await run_in_threadpool(
+                _compare_json, request.app.state.sessionmaker, cache, key, before, after, options
+            )
     return Response(data, media_type="application/json")

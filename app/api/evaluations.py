@@ -7,7 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
-from app.core.pagination import Cursor, Limit, StatusFilter
+from app.core.pagination import Cursor, Limit, SeqCursor, StatusFilter
 from app.core.schemas import EvaluationCreate, EvaluationPublic, ItemPublic, Page
 from app.core.tables import FINISHED
 from app.evaluations import service
@@ -18,7 +18,17 @@ from app.web.response_cache import FinishedCache
 router = APIRouter(prefix="/evaluations", tags=["evaluations"])
 
 
-@router.post("", status_code=202, response_model=EvaluationPublic)
+@router.post(
+    "",
+    status_code=202,
+    response_model=EvaluationPublic,
+    responses={
+        200: {
+            "model": EvaluationPublic,
+            "description": "answered from the cache (cached_from set), or an idempotent replay",
+        }
+    },
+)
 def post_evaluation(
     body: EvaluationCreate,
     session: SessionDep,
@@ -28,17 +38,20 @@ def post_evaluation(
 ) -> EvaluationPublic:
     """Queue an evaluation; 202 with ``Location: /evaluations/{id}``.
 
-    A cache hit answers with an evaluation already ``succeeded`` (``cached_from`` set). A
-    repeated ``Idempotency-Key`` with the same body answers 200 with the original evaluation.
+    A cache hit is a finished resource, not accepted work: 200 with the evaluation already
+    ``succeeded`` and ``cached_from`` set. A repeated ``Idempotency-Key`` with the same body
+    answers 200 with the original evaluation.
     """
     evaluation_id, created = idem.create_once(
         session, lambda: service.create(session=session, settings=settings, body=body).id
     )
     if not created:
-        response.status_code = 200
         response.headers[REPLAY_HEADER] = "true"
     response.headers["Location"] = f"/evaluations/{evaluation_id}"
-    return service.public(service.get(session=session, evaluation_id=evaluation_id))
+    evaluation = service.public(service.get(session=session, evaluation_id=evaluation_id))
+    if not created or evaluation.cached_from is not None:
+        response.status_code = 200
+    return evaluation
 
 
 @router.get("", response_model=Page[EvaluationPublic])
@@ -63,9 +76,10 @@ async def get_evaluation(evaluation_id: str, request: Request) -> Response:
     finished: FinishedCache = request.app.state.finished_evaluations
     body = finished.get(evaluation_id)
     if body is None:
-        body = await run_in_threadpool(
-            _load_public, request.app.state.sessionmaker, finished, evaluation_id
-        )
+        async with request.app.state.database_slots:  # see app.web.deps.get_session
+            body = await run_in_threadpool(
+                _load_public, request.app.state.sessionmaker, finished, evaluation_id
+            )
     return Response(body, media_type="application/json")
 
 
@@ -86,7 +100,7 @@ def list_items(
     suite: Annotated[str | None, Query(max_length=100)] = None,
     category: Annotated[str | None, Query(max_length=100)] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
-    cursor: Annotated[str | None, Query(max_length=40, pattern="^[0-9]+$")] = None,
+    cursor: SeqCursor = None,
 ) -> Page[ItemPublic]:
     """Per-item prompt, response and score; filter ``passed=false`` to see what went wrong."""
     return service.list_items(

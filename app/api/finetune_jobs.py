@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
 
-from app.core.pagination import Cursor, Limit, StatusFilter
+from app.core.pagination import Cursor, Limit, SeqCursor, StatusFilter
 from app.core.schemas import Page
 from app.finetune import service
 from app.finetune.schemas import (
@@ -63,7 +63,7 @@ def list_events(
     job_id: str,
     session: SessionDep,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
-    cursor: Annotated[str | None, Query(max_length=40, pattern="^[0-9]+$")] = None,
+    cursor: SeqCursor = None,
     level: Annotated[str | None, Query(pattern="^(debug|info|warning|error)$")] = None,
 ) -> Page[FinetuneEventPublic]:
     """Oldest first: stages, steps (loss, learning rate, epoch), checkpoints, warnings."""

@@ -27,9 +27,14 @@ def summary(row: Suite) -> SuiteSummary:
         content_hash=row.content_hash,
         description=row.description,
         source=row.source,
-        items=row.item_count,
+        item_count=row.item_count,
         created_at=row.created_at,
     )
+
+
+def detail(row: Suite) -> SuitePublic:
+    """A suite version with its definition (the ``items`` list lives in ``definition``)."""
+    return SuitePublic(**dict(summary(row)), definition=row.definition)
 
 
 @router.get("", response_model=Page[SuiteSummary])
@@ -64,7 +69,7 @@ def get_suite(
 ) -> SuitePublic:
     """One suite with its items (latest version unless ``?version=``)."""
     row = versions.resolve(session, f"{name}@{version}" if version else name)
-    return SuitePublic(**summary(row).model_dump(), definition=row.definition)
+    return detail(row)
 
 
 @router.post(
@@ -80,19 +85,12 @@ def create_suite(
     idem: IdempotencyDep,
 ) -> SuitePublic:
     """Upload a suite: same content → the same version (200), new content → version + 1 (201)."""
-    existing = session.execute(
-        select(Suite.source).where(Suite.name == suite.name).limit(1)
-    ).scalar_one_or_none()
-    if existing == "builtin":
-        raise Problem(
-            409,
-            "Reserved suite name",
-            f"{suite.name!r} is a built-in suite; upload yours under another name",
-        )
+    # 409 here (the name exists as a resource); inline suites get 422 from the same rule.
+    versions.refuse_reserved(session, suite.name, status=409)
     outcome: dict[str, bool] = {}
 
     def create() -> str:
-        row, outcome["created"] = versions.register(session, suite)
+        row, outcome["created"] = versions.register(session, suite, reserved_status=409)
         session.flush()
         return str(row.id)
 
@@ -103,7 +101,7 @@ def create_suite(
     assert row is not None
     response.status_code = 201 if outcome["created"] else 200
     response.headers["Location"] = f"/suites/{row.name}?version={row.version}"
-    return SuitePublic(**summary(row).model_dump(), definition=row.definition)
+    return detail(row)
 
 
 def _replay(session: Session, response: Response, suite_id: str) -> SuitePublic:
@@ -114,4 +112,4 @@ def _replay(session: Session, response: Response, suite_id: str) -> SuitePublic:
     response.status_code = 200
     response.headers[REPLAY_HEADER] = "true"
     response.headers["Location"] = f"/suites/{row.name}?version={row.version}"
-    return SuitePublic(**summary(row).model_dump(), definition=row.definition)
+    return detail(row)

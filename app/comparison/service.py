@@ -12,13 +12,14 @@ from app.comparison.verdict import CompareOptions, Row, build, comparability_pro
 from app.core.errors import Problem
 from app.core.tables import Evaluation, EvaluationItem
 from app.evaluations import service as evaluations
+from app.suites.kinds import KINDS
 
 
-def _run(row: Evaluation) -> dict[str, Any]:
+def _run(row: Evaluation, suites: tuple[str, ...] | None = None) -> dict[str, Any]:
     return {
         "id": row.id,
         "source": row.cached_from or row.id,
-        "suites": row.suites,
+        "suites": row.suites if suites is None else [s for s in row.suites if s["name"] in suites],
         "prompt_format": row.prompt_format,
         "generation": row.generation,
     }
@@ -39,7 +40,6 @@ HEAVY = (
     EvaluationItem.details,
     EvaluationItem.prompt,
 )
-TEXT_KINDS = ("checklist", "perplexity")  # small suites whose every row the comparison reads
 CHUNK = 500
 
 
@@ -48,30 +48,36 @@ def _source(evaluation: Evaluation) -> str:
 
 
 def load_pair(
-    session: Session, before: Evaluation, after: Evaluation
+    session: Session,
+    before: Evaluation,
+    after: Evaluation,
+    suites: tuple[str, ...] | None = None,
 ) -> tuple[list[Row], list[Row]]:
     """Item rows of two finished evaluations (a cached one's are its source's).
 
     Two passes keep a 10,000-item comparison fast: outcomes of every item first, then texts and
     details only where the comparison shows them — items whose outcome changed, and every row
-    of checklist and perplexity suites.
+    of suites whose kind's comparison reads them all (``compare_needs_text``: checklist,
+    perplexity). ``suites``: only these suites' rows.
     """
     kinds = {s["name"]: s["kind"] for s in before.suites}
+    every_row = {
+        name for name, kind in kinds.items() if kind in KINDS and KINDS[kind].compare_needs_text
+    }
     light = {}
     for run in (before, after):
+        query = select(*LIGHT).where(EvaluationItem.evaluation_id == _source(run))
+        if suites is not None:
+            query = query.where(EvaluationItem.suite.in_(suites))
         light[run.id] = (
             session.connection()
-            .execute(
-                select(*LIGHT)
-                .where(EvaluationItem.evaluation_id == _source(run))
-                .order_by(EvaluationItem.suite, EvaluationItem.position)
-            )
+            .execute(query.order_by(EvaluationItem.suite, EvaluationItem.position))
             .all()
         )
     after_passed = {(suite, item_id): passed for suite, item_id, passed, *_ in light[after.id]}
     wanted: dict[str, set[str]] = {}
     for suite, item_id, passed, *_ in light[before.id]:
-        if kinds.get(suite) in TEXT_KINDS or passed != after_passed.get((suite, item_id)):
+        if suite in every_row or passed != after_passed.get((suite, item_id)):
             wanted.setdefault(suite, set()).add(item_id)
 
     rows = []
@@ -109,23 +115,65 @@ def load_pair(
     return rows[0], rows[1]
 
 
+def parse_suite_names(raw: str | None) -> tuple[str, ...] | None:
+    """``suites=a,b`` as a tuple of names (``name@version`` counts as ``name``); None: all."""
+    if raw is None:
+        return None
+    names = tuple(dict.fromkeys(p.strip().split("@")[0] for p in raw.split(",") if p.strip()))
+    if not names:
+        raise Problem(422, "Invalid parameter", "suites must name at least one suite")
+    return names
+
+
+def _finished(session: Session, evaluation_id: str) -> Evaluation:
+    row = evaluations.get(session=session, evaluation_id=evaluation_id)
+    if row.status != "succeeded":
+        raise Problem(
+            409,
+            "Evaluation not finished",
+            f"evaluation {row.id} is {row.status}; only succeeded evaluations can be compared",
+            evaluation=row.id,
+            evaluation_status=row.status,
+        )
+    return row
+
+
 def compare(
     *, session: Session, before_id: str, after_id: str, options: CompareOptions
 ) -> dict[str, Any]:
-    """Load, check comparability (409 naming what differs) and compare two evaluations."""
-    before = evaluations.get(session=session, evaluation_id=before_id)
-    after = evaluations.get(session=session, evaluation_id=after_id)
-    for row in (before, after):
-        if row.status != "succeeded":
-            raise Problem(
-                409,
-                "Evaluation not finished",
-                f"evaluation {row.id} is {row.status}; only succeeded evaluations can be compared",
-                evaluation=row.id,
-                evaluation_status=row.status,
-            )
-    problems = comparability_problems(_run(before), _run(after))
+    """Load, check comparability (409 naming what differs) and compare two evaluations.
+
+    ``options.suites`` restricts the comparison to suites both runs share;
+    ``options.noise_floor`` names a second run of the base whose churn is reported.
+    """
+    before = _finished(session, before_id)
+    after = _finished(session, after_id)
+    suites = options.suites
+    problems = comparability_problems(_run(before), _run(after), suites)
     if problems:
         raise Problem(409, "Evaluations not comparable", "; ".join(problems), differences=problems)
-    before_rows, after_rows = load_pair(session, before, after)
-    return build(_run(before), _run(after), before_rows, after_rows, options)
+    before_rows, after_rows = load_pair(session, before, after, suites)
+    noise_rows = None
+    if options.noise_floor is not None:
+        rerun = _finished(session, options.noise_floor)
+        # The rerun must ask the same questions the same way; only its batching may differ.
+        rerun_problems = comparability_problems(_run(before, suites), _run(rerun, suites))
+        if rerun.model_fingerprint != before.model_fingerprint:
+            rerun_problems.append("the noise-floor run evaluated another model than the base")
+        if _source(rerun) == _source(before):
+            rerun_problems.append(
+                "it shares the base's results (a cached copy); submit it with cache: false"
+            )
+        if rerun_problems:
+            raise Problem(
+                409,
+                "Noise-floor run not comparable",
+                f"noise_floor {rerun.id} is not a rerun of the base {before.id}: "
+                + "; ".join(rerun_problems),
+                differences=rerun_problems,
+            )
+        _, rerun_rows = load_pair(session, before, rerun, suites)
+        noise_rows = (rerun.id, rerun_rows)
+    return build(
+        _run(before, suites), _run(after, suites), before_rows, after_rows, options, noise_rows
+    )

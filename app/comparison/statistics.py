@@ -20,7 +20,10 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "holm_adjust",
     "mcnemar_exact",
+    "min_detectable_drop",
+    "noninferiority_floor",
     "noninferiority_pass",
     "paired_bootstrap_ci",
     "paired_counts",
@@ -185,3 +188,92 @@ def summarize(
         "learned": counts["learned"],
         "drop": drop,
     }
+
+
+def holm_adjust(p_values: Sequence[float]) -> list[float]:
+    """Holm step-down adjusted p-values, in the input order (family-wise error control).
+
+    The i-th smallest p is multiplied by ``m - i`` (i from 0), a running maximum keeps the
+    adjusted values monotone, and each is capped at 1. Valid under any dependence.
+    """
+    m = len(p_values)
+    order = sorted(range(m), key=lambda i: p_values[i])
+    adjusted = [0.0] * m
+    running = 0.0
+    for rank, index in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p_values[index]))
+        adjusted[index] = running
+    return adjusted
+
+
+def _z(p: float) -> float:
+    """The standard normal quantile (inverse CDF) by bisection on ``math.erf``: no scipy."""
+    low, high = -10.0, 10.0
+    for _ in range(100):
+        mid = (low + high) / 2.0
+        if 0.5 * (1.0 + math.erf(mid / math.sqrt(2.0))) < p:
+            low = mid
+        else:
+            high = mid
+    return (low + high) / 2.0
+
+
+def smallest_significant_count(alpha: float) -> int:
+    """Fewest forgotten items (none learned) whose exact McNemar p is below ``alpha``."""
+    k = 1
+    while mcnemar_exact(k, 0) >= alpha:
+        k += 1
+    return k
+
+
+def min_detectable_drop(
+    n: int, discordance: float, *, alpha: float = 0.05, power: float = 0.8
+) -> float | None:
+    """Smallest accuracy drop a paired test of ``n`` items detects at ``alpha`` with ``power``.
+
+    Connor's (1987) normal approximation for McNemar's test: a drop d is detectable when
+    ``sqrt(n)·d ≥ z(1-α/2)·sqrt(ψ) + z(power)·sqrt(ψ - d²)``, with ψ the share of discordant
+    pairs (the observed one, but never below d: a drop of d flips at least d·n items). The
+    exact test adds a floor: at least ``smallest_significant_count(alpha)`` items must flip.
+    None when no drop up to 1.0 is detectable (a tiny suite).
+    """
+    if n <= 0:
+        return None
+    floor = smallest_significant_count(alpha) / n
+    if floor > 1.0:
+        return None
+    z_alpha, z_power = _z(1.0 - alpha / 2.0), _z(power)
+
+    def detectable(d: float) -> bool:
+        psi = max(discordance, d)
+        return math.sqrt(n) * d >= z_alpha * math.sqrt(psi) + z_power * math.sqrt(
+            max(psi - d * d, 0.0)
+        )
+
+    if not detectable(1.0):
+        return None
+    low, high = 0.0, 1.0
+    for _ in range(60):
+        mid = (low + high) / 2.0
+        if detectable(mid):
+            high = mid
+        else:
+            low = mid
+    return max(high, floor)
+
+
+def noninferiority_floor(n: int, confidence: float = 0.95) -> float:
+    """The upper bound of the drop's CI when not one of ``n`` items was forgotten.
+
+    The exact (Clopper–Pearson) upper bound of a share seen 0 times in n, ``1 - (α/2)^(1/n)``:
+    no result at this n can show non-inferiority with a margin at or below it.
+    """
+    if n <= 0:
+        return 1.0
+    return 1.0 - ((1.0 - confidence) / 2.0) ** (1.0 / n)
+
+
+def churn(first: Sequence[bool], second: Sequence[bool]) -> int:
+    """Items whose outcome differs between two runs of the same model (the noise floor)."""
+    counts = paired_counts(first, second)
+    return counts["forgotten"] + counts["learned"]

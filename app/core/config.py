@@ -42,9 +42,19 @@ class Settings(BaseSettings):
     # A worker given SIGTERM finishes its current batch, releases the job and exits within this.
     shutdown_grace_seconds: float = 30.0
 
+    # Requests the API runs at once in its thread pool; its database pool is sized from this.
+    api_threads: int = Field(40, ge=1, le=1000)
+
     max_body_bytes: int = 8 * 1024 * 1024
     # A JSONL dataset named by path is read and checked at submission; this bounds that work.
     max_dataset_bytes: int = 256 * 1024 * 1024
+    # Cost decided before work: a model (its config or its weights) with more parameters than
+    # this is refused at submission and by the worker. 0: no budget.
+    max_model_params: int = 20_000_000_000
+    # Address-space cap (RLIMIT_AS) of each worker process, in bytes; 0: none. CPU workers:
+    # a runaway allocation fails the job instead of the host. CUDA reserves far more address
+    # space than it uses, so for GPU workers cap memory with the container instead.
+    worker_max_memory_bytes: int = 0
 
     @field_validator("model_roots", "data_roots", "api_keys", mode="before")
     @classmethod
@@ -62,6 +72,15 @@ class Settings(BaseSettings):
     def resolved_model_roots(self) -> list[Path]:
         """Model roots with symlinks resolved, for containment checks."""
         return [root.expanduser().resolve() for root in self.model_roots]
+
+    @cached_property
+    def resolved_model_read_roots(self) -> list[Path]:
+        """Where models and adapters may be read from: the model roots and the artifacts dir.
+
+        Fine-tune outputs land in the artifacts dir, so a client can evaluate or gate them
+        where they are. Clients never name a path to write: outputs go where the server says.
+        """
+        return [*self.resolved_model_roots, self.artifacts_dir.expanduser().resolve()]
 
     @cached_property
     def resolved_data_roots(self) -> list[Path]:

@@ -60,12 +60,14 @@ def problem_response(
     return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
 
 
-_TAGS = ("qa", "checklist", "multiple_choice", "perplexity", "ref", "inline")
+# Suite kinds validate without a union tag (``app.suites.kinds.validate_suite``); only a suite
+# entry's "ref" / "inline" branch is left in a location.
+_TAGS = ("ref", "inline")
 
 
 def _clean_loc(loc: tuple[Any, ...] | list[Any]) -> list[Any]:
-    # Discriminated unions insert the tag ("qa", "checklist", …) into the location; drop it so
-    # the location reads like the JSON path the client sent.
+    # Discriminated unions insert the tag ("ref", "inline") into the location; drop it so the
+    # location reads like the JSON path the client sent.
     return [part for part in loc if part not in _TAGS]
 
 
@@ -79,7 +81,7 @@ def _short(value: str, limit: int = 60) -> str:
 def describe_loc(loc: tuple[Any, ...] | list[Any], body: Any = _UNSET) -> tuple[str, str | None]:
     """A location as the client would write it, and the id of the innermost item it passes.
 
-    ``("body", "checklist", "items", 3, "check")`` over the request body becomes
+    ``("body", "items", 3, "check")`` over the request body becomes
     ``("items[3] (id 'geo-004').check", "geo-004")``: the index alone does not tell a person
     which of 10,000 items to fix, the id does.
     """
@@ -160,8 +162,19 @@ def install(app: FastAPI) -> None:
         )
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         raw = list(exc.errors())
+        media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        json_sent = media == "application/json" or media.endswith("+json")
+        if not json_sent and any(list(err.get("loc", ()))[:1] == ["body"] for err in raw):
+            # FastAPI parses a body as JSON only when it says it is JSON; anything else reaches
+            # validation as raw bytes, and "should be a valid dictionary" hides the real cause.
+            got = f"content-type {media!r}" if media else "no content-type"
+            return problem_response(
+                415,
+                "Unsupported Media Type",
+                f"send the request body as JSON with 'content-type: application/json' (got {got})",
+            )
         body = exc.body if exc.body is not None else _UNSET
         errors = validation_errors(raw, body)
         first = _validation_detail(raw[0], body) if raw else "invalid request"
@@ -271,6 +284,9 @@ def document_problems(app: FastAPI, *, auth: bool) -> None:
                 responses.setdefault("default", _problem_response("Error (problem+json)"))
                 if "requestBody" in operation:
                     responses.setdefault("413", _problem_response("Request body too large"))
+                    responses.setdefault(
+                        "415", _problem_response("Body not sent as application/json")
+                    )
                 if auth and path != "/healthz":
                     responses.setdefault("401", _problem_response("Missing or invalid API key"))
                     responses.setdefault("403", _problem_response("API key lacks write scope"))

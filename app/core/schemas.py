@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_serializer
@@ -28,7 +28,7 @@ SuiteEntry = Annotated[
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class ModelRef(_Request):
@@ -43,6 +43,10 @@ class GenerationSettings(_Request):
     stop: list[Annotated[str, Field(min_length=1, max_length=100)]] = Field(
         default_factory=list, max_length=8
     )
+    # Rows decoded together (default: the engine's choice). It decides batch composition, not
+    # what is asked, so runs that differ only here stay comparable: the noise floor is a rerun
+    # of the base at another batch size.
+    batch_size: int | None = Field(None, ge=1, le=256)
 
 
 DEFAULT_SUITES = ("general-qa", "forgetting-checklist")
@@ -76,12 +80,20 @@ class SuiteRun(BaseModel):
     version: int
     kind: str
     content_hash: str
-    items: int
+    item_count: int
 
 
 def iso_utc(value: datetime | None) -> str | None:
-    """ISO 8601 in UTC with a Z, as every timestamp of the API is written."""
-    return None if value is None else value.isoformat(timespec="milliseconds") + "Z"
+    """ISO 8601 in UTC with a Z, as every timestamp of the API is written.
+
+    Stored timestamps are naive UTC; an aware one (parsed back from this very format, say) is
+    converted, so the result never carries two zone designators (``+00:00Z``).
+    """
+    if value is None:
+        return None
+    if value.tzinfo is not None:
+        value = value.astimezone(UTC).replace(tzinfo=None)
+    return value.isoformat(timespec="milliseconds") + "Z"
 
 
 class JobTimestamps(BaseModel):
@@ -134,7 +146,7 @@ class SuiteSummary(BaseModel):
     content_hash: str
     description: str | None
     source: str
-    items: int
+    item_count: int
     created_at: datetime
 
     @field_serializer("created_at")

@@ -1,4 +1,4 @@
-"""SQLAlchemy models. The schema itself is made only by the Alembic migrations in migrations/."""
+"""SQLAlchemy models. The schema itself is made only by the Alembic migrations (app/migrations)."""
 
 from __future__ import annotations
 

@@ -103,5 +103,7 @@ def answer_from(row: Evaluation, source: Evaluation) -> None:
     row.model_fingerprint = source.model_fingerprint
     total = source.progress.get("total", 0)
     row.progress = {"done": total, "total": total, "stage": "done (cached)"}
+    # Created, started and finished in the same instant: never "started" before "created".
+    row.created_at = now
     row.started_at = now
     row.finished_at = now

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import case, select
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
@@ -27,6 +27,10 @@ from app.evaluations import cache
 from app.jobs.queue import cancel as cancel_job
 from app.suites import versions
 
+# Items per suite are limited to 10,000, so suite index × this + position orders every item of
+# an evaluation and fits in one integer cursor.
+ORDINAL_STRIDE = 1_000_000
+
 
 def public(row: Evaluation) -> EvaluationPublic:
     """The API view of an evaluation row."""
@@ -39,7 +43,13 @@ def public(row: Evaluation) -> EvaluationPublic:
             path=row.model_path, adapter_path=row.adapter_path, fingerprint=row.model_fingerprint
         ),
         suites=[
-            SuiteRun(**{k: s[k] for k in ("name", "version", "kind", "content_hash", "items")})
+            SuiteRun(
+                name=s["name"],
+                version=s["version"],
+                kind=s["kind"],
+                content_hash=s["content_hash"],
+                item_count=s["items"],
+            )
             for s in row.suites
         ],
         prompt_format=row.prompt_format,
@@ -62,8 +72,13 @@ def get(*, session: Session, evaluation_id: str) -> Evaluation:
     return row
 
 
-def resolve_suites(*, session: Session, suites: list[Any]) -> list[dict[str, Any]]:
-    """Suite references and inline suites → the exact versions this run will use."""
+def resolve_suites(
+    *, session: Session, suites: list[Any], loc: tuple[str, ...] = ("body", "suites")
+) -> list[dict[str, Any]]:
+    """Suite references and inline suites → the exact versions this run will use.
+
+    ``loc``: where the list sits in the request, for the errors' JSON paths.
+    """
     snapshot: list[dict[str, Any]] = []
     for index, entry in enumerate(suites):
         if isinstance(entry, str):
@@ -74,10 +89,20 @@ def resolve_suites(*, session: Session, suites: list[Any]) -> list[dict[str, Any
                     422,
                     "Unknown suite",
                     exc.detail,
-                    errors=[{"loc": ["body", "suites", index], "msg": exc.detail}],
+                    errors=[{"loc": [*loc, index], "msg": exc.detail}],
                 ) from None
         else:
-            row, _ = versions.register(session, entry, source="inline")
+            try:
+                row, _ = versions.register(session, entry, source="inline")
+            except Problem as exc:
+                if exc.title != "Reserved suite name":
+                    raise
+                raise Problem(
+                    422,
+                    exc.title,
+                    exc.detail,
+                    errors=[{"loc": ["body", "suites", index, "name"], "msg": exc.detail}],
+                ) from None
         if any(s["name"] == row.name for s in snapshot):
             raise Problem(422, "Duplicate suite", f"suite {row.name!r} is listed twice")
         snapshot.append(
@@ -116,7 +141,8 @@ def create(
             422, "Unreadable model", f"cannot read {body.model.path!r}: {exc.strerror}"
         ) from None
     snapshot = resolve_suites(session=session, suites=list(body.suites))
-    generation = body.generation.model_dump()
+    # exclude_none: an unset batch_size leaves the stored settings (and cache keys) as before.
+    generation = body.generation.model_dump(exclude_none=True)
     # Resolve the worker's default now (chat iff the tokenizer has a template) so the key is exact.
     prompt_format = cache.effective_prompt_format(body.prompt_format, model_dir)
     key = cache.cache_key(
@@ -178,10 +204,21 @@ def list_items(
     limit: int = 100,
     cursor: str | None = None,
 ) -> Page[ItemPublic]:
-    """Per-item rows in suite order (a cached evaluation's items are its source's)."""
+    """Per-item rows in suite order: the evaluation's suites as listed, each in its items' order,
+    whatever order the worker wrote them in (a cached evaluation's items are its source's).
+
+    The cursor is the last row's ordinal, ``suite index × ORDINAL_STRIDE + position``.
+    """
     row = get(session=session, evaluation_id=evaluation_id)
     source = row.cached_from or row.id
-    query = select(EvaluationItem).where(EvaluationItem.evaluation_id == source)
+    suite_index = {s["name"]: n for n, s in enumerate(row.suites)}
+    ordinal = (
+        case(suite_index, value=EvaluationItem.suite, else_=len(suite_index)) * ORDINAL_STRIDE
+        + EvaluationItem.position
+        if suite_index
+        else EvaluationItem.position
+    )
+    query = select(EvaluationItem, ordinal).where(EvaluationItem.evaluation_id == source)
     if passed is not None:
         query = query.where(EvaluationItem.passed.is_(passed))
     if suite:
@@ -189,10 +226,11 @@ def list_items(
     if category:
         query = query.where(EvaluationItem.category == category)
     if cursor:
-        query = query.where(EvaluationItem.id > int(cursor))
-    rows = list(session.execute(query.order_by(EvaluationItem.id).limit(limit + 1)).scalars())
-    has_more = len(rows) > limit
-    rows = rows[:limit]
+        query = query.where(ordinal > int(cursor))
+    found = list(session.execute(query.order_by(ordinal, EvaluationItem.id).limit(limit + 1)))
+    has_more = len(found) > limit
+    found = found[:limit]
+    rows = [item for item, _ in found]
     data = [
         ItemPublic(
             item_id=r.item_id,
@@ -207,11 +245,15 @@ def list_items(
         )
         for r in rows
     ]
-    return Page(data=data, next_cursor=str(rows[-1].id) if has_more else None, has_more=has_more)
+    next_cursor = str(found[-1][1]) if has_more else None
+    return Page(data=data, next_cursor=next_cursor, has_more=has_more)
 
 
 def cancel(*, session: Session, evaluation_id: str) -> EvaluationPublic:
     """Cancel a queued or running evaluation (409 when already finished); commits."""
+    # Read, then write: take SQLite's write lock at BEGIN so concurrent cancels wait their turn
+    # (a deferred transaction that read before another committed fails "database is locked").
+    session.connection(execution_options={"immediate": True})
     row = get(session=session, evaluation_id=evaluation_id)
     if row.status in ("succeeded", "failed"):
         raise Problem(409, "Already finished", f"evaluation {evaluation_id} already {row.status}")

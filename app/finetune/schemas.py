@@ -91,7 +91,7 @@ ROLES = ("system", "user", "assistant")
 class _Request(BaseModel):
     # Unknown keys are errors everywhere: a typo ("learnig_rate") must not silently train
     # with the default.
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class Hyperparameters(_Request):

@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-from sqlalchemy import select, update
+from pathlib import Path
+
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
 from app.core.errors import Problem
-from app.core.modelcheck import resolve_model
+from app.core.modelcheck import resolve_model, weight_modules
 from app.core.pagination import newest_first, page
 from app.core.schemas import Page, Progress
-from app.core.tables import (
-    Evaluation,
-    FinetuneCheckpoint,
-    FinetuneEvent,
-    FinetuneJob,
-    new_id,
-    utcnow,
-)
+from app.core.tables import Evaluation, FinetuneCheckpoint, FinetuneEvent, FinetuneJob, new_id
 from app.evaluations import service as evaluations
 from app.finetune.schemas import (
     DOMAIN_DEFAULT_HOLDOUT,
@@ -130,6 +125,31 @@ def _domain_defaults(session: Session, spec: FinetuneEvaluationSpec, n_records: 
         )
 
 
+def _check_target_modules(model_dir: Path, targets: str | list[str]) -> None:
+    """Refuse LoRA ``target_modules`` that match no module of the model (422), as peft would,
+    but at submission: read from the weights' names, without loading anything."""
+    if isinstance(targets, str):  # "all-linear"
+        return
+    modules = weight_modules(model_dir)
+    if not modules:  # names unreadable here; peft will say so in the worker
+        return
+    missing = [t for t in targets if not any(m == t or m.endswith("." + t) for m in modules)]
+    if missing:
+        names = sorted(
+            {m.rsplit(".", 1)[-1] for m in modules if not m.rsplit(".", 1)[-1].isdigit()}
+        )
+        detail = (
+            f"target_modules {missing} match no module of this model; "
+            f"its modules are named {names} (or use 'all-linear')"
+        )
+        raise Problem(
+            422,
+            "Unknown target modules",
+            detail,
+            errors=[{"loc": ["body", "lora", "target_modules"], "msg": detail}],
+        )
+
+
 def create(
     *,
     session: Session,
@@ -145,7 +165,9 @@ def create(
             "'from_job' is set by POST /finetune-jobs/{id}/interpolations; leave it out",
             errors=[{"loc": ["body", "from_job"], "msg": "not accepted here"}],
         )
-    resolve_model(settings, body.base_model.path, None)
+    model_dir, _ = resolve_model(settings, body.base_model.path, None)
+    if body.lora is not None:
+        _check_target_modules(model_dir, body.lora.target_modules)
     if body.dataset.path is not None:
         n_records = len(load_path_records(settings, body.dataset.path))
     else:
@@ -154,7 +176,11 @@ def create(
         # Pin suite versions (inline suites are registered): before and after run the same ones.
         body.evaluation.suites = list(
             suite_refs(
-                evaluations.resolve_suites(session=session, suites=list(body.evaluation.suites))
+                evaluations.resolve_suites(
+                    session=session,
+                    suites=list(body.evaluation.suites),
+                    loc=("body", "evaluation", "suites"),
+                )
             )
         )
         _domain_defaults(session, body.evaluation, n_records)
@@ -194,18 +220,22 @@ def create(
 
 def cancel(*, session: Session, job_id: str) -> FinetuneJobPublic:
     """Cancel a queued or running job and its own evaluations (409 when finished); commits."""
+    # Read, then write: take SQLite's write lock at BEGIN so concurrent cancels wait their turn
+    # (a deferred transaction that read before another committed fails "database is locked").
+    session.connection(execution_options={"immediate": True})
     row = get(session=session, job_id=job_id)
     if row.status in ("succeeded", "failed"):
         raise Problem(409, "Already finished", f"fine-tune job {job_id} already {row.status}")
     was = row.status
     cancel_job(session, FinetuneJob, job_id)
     # Its before/after evaluations belong to it: they stop with it.
-    session.execute(
-        update(Evaluation)
-        .where(Evaluation.finetune_job_id == job_id, Evaluation.status.in_(("queued", "running")))
-        .values(status="cancelled", finished_at=utcnow())
-        .execution_options(synchronize_session=False)
-    )
+    owned = session.execute(
+        select(Evaluation.id).where(
+            Evaluation.finetune_job_id == job_id, Evaluation.status.in_(("queued", "running"))
+        )
+    ).scalars()
+    for evaluation_id in list(owned):
+        cancel_job(session, Evaluation, evaluation_id)
     if was != "cancelled":
         session.add(
             FinetuneEvent(

@@ -31,6 +31,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from forgetguard.client import Client, ProblemError
+from forgetguard.client import Unreachable as ClientUnreachable
+
 EXIT_PASS, EXIT_FAIL, EXIT_ERROR = 0, 1, 2
 DEFAULT_SERVER = "http://127.0.0.1:8000"
 FINISHED = ("succeeded", "failed", "cancelled")
@@ -44,8 +47,10 @@ RUN_ID_VARS = (
     "BUILDKITE_BUILD_ID",
 )
 RETRIES = 3
-RETRY_STATUSES = (502, 503, 504)
 MAX_FLIPS_SHOWN = 10
+# The noise-floor rerun decodes the base at this batch size (another composition than the
+# engine's default), or at the second one when the base already ran at the first.
+NOISE_FLOOR_BATCH_SIZES = (3, 5)
 # Scopes idempotency keys to this process when nothing else identifies the request's context.
 _PROCESS_NONCE = secrets.token_hex(8)
 
@@ -74,6 +79,9 @@ class GateOptions:
     max_nll_increase: float | None = None
     mode: str = "threshold"
     alpha: float = 0.05
+    category_rule: str = "point"
+    finetune_job: str | None = None
+    noise_floor: bool = False
     prompt_format: str | None = None
     max_new_tokens: int | None = None
     cache: bool = True
@@ -82,66 +90,44 @@ class GateOptions:
     junit: Path | None = None
     markdown: Path | None = None
     api_key: str | None = None
+    mlflow: str | None = None
 
 
 # --------------------------------------------------------------------------- HTTP
 
 
-def _detail(response: httpx.Response) -> str:
-    try:
-        body = response.json()
-    except ValueError:
-        return response.text[:200] or response.reason_phrase
-    if isinstance(body, dict):
-        return str(body.get("detail") or body.get("title") or body)
-    return str(body)[:200]
-
-
 class Api:
-    """A thin client: retries transport errors and 502/503/504, turns problems into GateError."""
+    """The gate's view of the server: the Python client, its refusals turned into GateError."""
 
     def __init__(
         self, client: httpx.Client, server: str, *, sleep: Callable[[float], None]
     ) -> None:
-        self.client = client
         self.server = server
-        self.sleep = sleep
+        self.fg = Client(server, http=client, retries=RETRIES, sleep=sleep)
 
-    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        """Send with retries; POSTs are safe to retry because they carry an Idempotency-Key."""
-        for attempt in range(RETRIES + 1):
-            try:
-                response = self.client.request(method, path, **kwargs)
-            except httpx.TransportError as exc:
-                if attempt == RETRIES:
-                    raise Unreachable(
-                        f"cannot reach the forgetguard server at {self.server}: "
-                        f"{exc.__class__.__name__}: {exc or 'no response'}"
-                    ) from None
-            else:
-                if response.status_code not in RETRY_STATUSES or attempt == RETRIES:
-                    return self._checked(response, method, path)
-            self.sleep(0.25 * 2**attempt)
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    def _checked(self, response: httpx.Response, method: str, path: str) -> httpx.Response:
-        if response.status_code in (401, 403):
-            raise GateError(
-                f"the server refused the request ({response.status_code}): {_detail(response)}; "
-                "set FORGETGUARD_API_KEY to a key with the right scope"
-            )
-        if response.status_code >= 400:
-            raise GateError(f"{method} {path} failed ({response.status_code}): {_detail(response)}")
-        return response
+    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        """Send with the client's retries (POSTs carry an Idempotency-Key); decoded JSON."""
+        try:
+            return self.fg.request(method, path, **kwargs)
+        except ClientUnreachable as exc:
+            raise Unreachable(str(exc)) from None
+        except ProblemError as exc:
+            # Only the auth layer's refusals (they carry WWW-Authenticate) are about the key; a
+            # 403 for a path outside the allowed roots is not, and says so in its own detail.
+            if exc.status == 401 or (exc.status == 403 and "www-authenticate" in exc.headers):
+                raise GateError(
+                    f"the server refused the request ({exc.status}): {exc.detail}; "
+                    "set FORGETGUARD_API_KEY to a key with the right scope"
+                ) from None
+            raise GateError(f"{method} {path} failed ({exc.status}): {exc.detail}") from None
 
     def get(self, path: str, **kwargs: Any) -> dict[str, Any]:
         """GET and decode JSON."""
-        return dict(self.request("GET", path, **kwargs).json())
+        return dict(self.request("GET", path, **kwargs))
 
     def post(self, path: str, body: Mapping[str, Any], key: str) -> dict[str, Any]:
         """POST JSON with an Idempotency-Key."""
-        response = self.request("POST", path, json=body, headers={"Idempotency-Key": key})
-        return dict(response.json())
+        return dict(self.request("POST", path, json=body, headers={"Idempotency-Key": key}))
 
 
 # --------------------------------------------------------------------------- inputs
@@ -299,11 +285,6 @@ def _p(value: float | None) -> str:
     return f"{value:.2e}" if 0 < value < 1e-3 else f"{value:.3f}"
 
 
-def category_limit(options: GateOptions) -> float:
-    """The drop above which a category is reported as failing."""
-    return options.max_category_drop if options.max_category_drop is not None else options.threshold
-
-
 def _flip_counts(comparison: Mapping[str, Any]) -> dict[str, dict[str, int]]:
     stats = comparison.get("statistics") or {}
     return {
@@ -344,7 +325,7 @@ def render_table(comparison: Mapping[str, Any], console: Console) -> None:
         title_justify="left",
     )
     table.add_column("category")
-    for name in ("before → after", "drop", "forgotten", "learned", "McNemar p"):
+    for name in ("before → after", "drop", "forgotten", "learned", "McNemar p", "Holm p"):
         table.add_column(name, justify="right")
     for cat, s in (stats.get("by_category") or {}).items():
         table.add_row(
@@ -354,6 +335,7 @@ def render_table(comparison: Mapping[str, Any], console: Console) -> None:
             str(s["forgotten"]),
             str(s["learned"]),
             _p(s["mcnemar_p_value"]),
+            _p(s.get("p_value_holm")),
         )
     if stats:
         overall = f"{stats['accuracy_before']:.3f} → {stats['accuracy_after']:.3f}"
@@ -364,13 +346,15 @@ def render_table(comparison: Mapping[str, Any], console: Console) -> None:
             str(stats["forgotten"]),
             str(stats["learned"]),
             f"[bold]{_p(stats['mcnemar_p_value'])}[/bold]",
+            "",
         )
     console.print(table)
     if stats:
         low, high = stats["drop_ci95"]
         console.print(
             f"{stats['confidence']:.0%} CI of the drop: [{low:+.3f}, {high:+.3f}] "
-            f"over {stats['n_pairs']} paired items"
+            f"over {stats['n_pairs']} paired items; minimum detectable drop "
+            f"{_num(stats.get('min_detectable_drop'))}"
         )
     checklist = comparison.get("checklist")
     if checklist:
@@ -388,95 +372,97 @@ def render_table(comparison: Mapping[str, Any], console: Console) -> None:
             )
     if comparison.get("note"):
         console.print(f"note: {comparison['note']}")
+    noise = comparison.get("noise_floor")
+    if noise:
+        console.print(
+            f"noise floor: {noise['churn']} of {noise['items']} items flip between two runs of "
+            f"the unchanged base ({noise['evaluation']})"
+        )
+    for warning in comparison.get("warnings") or []:
+        console.print(f"warning: {warning['message']}", markup=False)
+    for finding in _findings(comparison, gates=False):
+        console.print(f"reported, not gated: {finding['message']}", markup=False)
     colour = "green" if comparison["verdict"] == "pass" else "red"
     console.print(f"verdict: [bold {colour}]{comparison['verdict'].upper()}[/bold {colour}]")
     for reason in comparison["reasons"]:
-        console.print(f"  - {reason}")
+        console.print(f"  - {reason}", markup=False)
+
+
+def _findings(comparison: Mapping[str, Any], *, gates: bool) -> list[dict[str, Any]]:
+    return [f for f in comparison.get("findings") or [] if bool(f["gates"]) == gates]
+
+
+def _keyed(findings: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str], list[str]]:
+    keyed: dict[tuple[str, str], list[str]] = {}
+    for f in findings:
+        keyed.setdefault((f["rule"], f["subject"]), []).append(f["message"])
+    return keyed
 
 
 def junit_xml(comparison: Mapping[str, Any], options: GateOptions, elapsed: float) -> bytes:
-    """JUnit XML: one testcase per category and per checklist item, failures only on regressions."""
-    stats = comparison.get("statistics") or {}
-    cases: list[ET.Element] = []
+    """JUnit XML: one testcase per category, checklist item and drift suite.
 
-    def case(
-        classname: str,
-        name: str,
-        failure: str | None,
-        kind: str = "regression",
-        output: str | None = None,
-    ) -> None:
+    A ``<failure>`` is written exactly where the verdict failed (one per reason); what is
+    reported but does not gate goes to the testcase's ``<system-out>``, and warnings to the
+    suite's properties and ``<system-out>``, so CI shows red only under a red gate.
+    """
+    stats = comparison.get("statistics") or {}
+    failing = _keyed(_findings(comparison, gates=True))
+    reported = _keyed(_findings(comparison, gates=False))
+    cases: list[ET.Element] = []
+    placed: set[tuple[str, str]] = set()
+
+    def case(classname: str, name: str, key: tuple[str, str], kind: str, output: str) -> None:
+        placed.add(key)
         element = ET.Element("testcase", classname=classname, name=name, time="0")
-        if failure is not None:
-            ET.SubElement(element, "failure", message=failure, type=kind).text = failure
-        if output:
-            ET.SubElement(element, "system-out").text = output
+        if key in failing:
+            message = "; ".join(failing[key])
+            ET.SubElement(element, "failure", message=message, type=kind).text = message
+        lines = [output] + [f"reported, not gated: {m}" for m in reported.get(key, [])]
+        ET.SubElement(element, "system-out").text = "\n".join(lines)
         cases.append(element)
 
     if stats:
-        failing = [
-            r
-            for r in comparison["reasons"]
-            if r.startswith(("accuracy dropped", "non-inferiority"))
-        ]
         case(
             "forgetguard.accuracy",
             "overall",
-            "; ".join(failing) or None,
+            ("accuracy", "overall"),
             "forgetting",
             f"{stats['accuracy_before']:.3f} -> {stats['accuracy_after']:.3f}, "
-            f"p={_p(stats['mcnemar_p_value'])}, CI {stats['drop_ci95']}",
+            f"p={_p(stats['mcnemar_p_value'])}, CI {stats['drop_ci95']}, "
+            f"min detectable drop {_num(stats.get('min_detectable_drop'))}",
         )
-    limit = category_limit(options)
-    gating = options.max_category_drop is not None
     for cat, s in (stats.get("by_category") or {}).items():
-        failure = None
-        if s["drop"] > limit:
-            failure = (
-                f"category {cat!r} dropped {s['drop']:.3f} "
-                f"({s['accuracy_before']:.3f} -> {s['accuracy_after']:.3f}) > {limit}"
-                + ("" if gating else " (reported; set --max-category-drop to gate on it)")
-            )
         case(
             "forgetguard.category",
             cat,
-            failure,
+            ("category", cat),
             "category_drop",
-            f"{s['forgotten']} forgotten, {s['learned']} learned, p={_p(s['mcnemar_p_value'])}",
+            f"{s['accuracy_before']:.3f} -> {s['accuracy_after']:.3f}, {s['forgotten']} "
+            f"forgotten, {s['learned']} learned, p={_p(s['mcnemar_p_value'])}, "
+            f"Holm-adjusted p={_p(s.get('p_value_holm'))}",
         )
     for item in (comparison.get("checklist") or {}).get("items", []):
-        failure = None
-        if item["passed_before"] and not item["passed_after"]:
-            gate_note = (
-                "fails the gate"
-                if item["severity"] == "critical"
-                else "reported, does not fail the gate"
-            )
-            failure = (
-                f"check {item['test']!r} passed before and fails after "
-                f"(severity {item['severity']}: {gate_note})"
-            )
         before = "pass" if item["passed_before"] else "fail"
         after = "pass" if item["passed_after"] else "fail"
         case(
             f"forgetguard.checklist.{item['suite']}",
             item["test"],
-            failure,
+            ("checklist", f"{item['suite']}/{item['test']}"),
             f"checklist_{item['severity']}",
-            f"{before} -> {after}",
+            f"{before} -> {after} (severity {item['severity']})",
         )
     for name, d in ((comparison.get("drift") or {}).get("suites") or {}).items():
-        failure = None
-        limit_nll = options.max_nll_increase
-        if limit_nll is not None and d["relative_change"] > limit_nll:
-            failure = f"NLL/token rose {d['relative_change']:.1%} (> {limit_nll:.0%})"
         case(
             "forgetguard.drift",
             name,
-            failure,
+            ("drift", name),
             "drift",
             f"{d['nll_per_token_before']:.3f} -> {d['nll_per_token_after']:.3f}",
         )
+    for key in failing:  # a gating finding with no row above still fails
+        if key not in placed:
+            case(f"forgetguard.{key[0]}", key[1], key, key[0], "")
 
     failures = sum(1 for c in cases if c.find("failure") is not None)
     suites = ET.Element(
@@ -499,6 +485,7 @@ def junit_xml(comparison: Mapping[str, Any], options: GateOptions, elapsed: floa
         timestamp=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S"),
     )
     properties = ET.SubElement(suite, "properties")
+    noise = comparison.get("noise_floor") or {}
     for name, value in (
         ("before", comparison["before"]),
         ("after", comparison["after"]),
@@ -506,11 +493,22 @@ def junit_xml(comparison: Mapping[str, Any], options: GateOptions, elapsed: floa
         ("threshold", comparison["threshold"]),
         ("mode", comparison["mode"]),
         ("mcnemar_p_value", stats.get("mcnemar_p_value")),
+        ("min_detectable_drop", stats.get("min_detectable_drop")),
+        ("noise_floor_churn", noise.get("churn")),
     ):
         ET.SubElement(properties, "property", name=name, value=str(value))
+    warnings = [w["message"] for w in comparison.get("warnings") or []]
+    for message in warnings:
+        ET.SubElement(properties, "property", name="warning", value=message)
     suite.extend(cases)
+    if warnings:
+        ET.SubElement(suite, "system-out").text = "\n".join(warnings)
     ET.indent(suites)
     return bytes(ET.tostring(suites, encoding="utf-8", xml_declaration=True)) + b"\n"
+
+
+def _num(value: float | None) -> str:
+    return "none up to 1.0" if value is None else f"{value:.3f}"
 
 
 def _cell(value: Any, limit: int = 80) -> str:
@@ -535,21 +533,22 @@ def markdown_report(comparison: Mapping[str, Any]) -> str:
         lines += [f"> {comparison['note']}", ""]
     if stats:
         lines += [
-            "| category | before | after | drop | forgotten | learned | McNemar p |",
-            "|---|---:|---:|---:|---:|---:|---:|",
+            "| category | before | after | drop | forgotten | learned | McNemar p | Holm p |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         rows = list((stats.get("by_category") or {}).items()) + [("**overall**", stats)]
         for cat, s in rows:
             lines.append(
                 f"| {_cell(cat)} | {s['accuracy_before']:.3f} | {s['accuracy_after']:.3f} "
                 f"| {s['drop']:+.3f} | {s['forgotten']} | {s['learned']} "
-                f"| {_p(s['mcnemar_p_value'])} |"
+                f"| {_p(s['mcnemar_p_value'])} | {_p(s.get('p_value_holm'))} |"
             )
         low, high = stats["drop_ci95"]
         lines += [
             "",
             f"{stats['confidence']:.0%} paired-bootstrap CI of the drop: "
-            f"[{low:+.3f}, {high:+.3f}] over {stats['n_pairs']} items",
+            f"[{low:+.3f}, {high:+.3f}] over {stats['n_pairs']} items; minimum detectable "
+            f"drop {_num(stats.get('min_detectable_drop'))}",
             "",
         ]
     checklist = comparison.get("checklist")
@@ -558,8 +557,9 @@ def markdown_report(comparison: Mapping[str, Any]) -> str:
             f"**Checklist** {checklist['score_before']:.2f} → {checklist['score_after']:.2f}"
         )
         for fail in checklist["newly_failing"]:
+            gated = "fails the gate" if fail["severity"] == "critical" else "reported"
             lines.append(
-                f"- newly failing: {_cell(fail['test'])} ({fail['severity']}) — "
+                f"- newly failing ({gated}): {_cell(fail['test'])} ({fail['severity']}) — "
                 f"`{_cell(fail['response_after'], 60)}`"
             )
         lines.append("")
@@ -572,6 +572,22 @@ def markdown_report(comparison: Mapping[str, Any]) -> str:
         lines.append("")
     if comparison["reasons"]:
         lines += ["**Why it fails**", ""] + [f"- {_cell(r, 300)}" for r in comparison["reasons"]]
+        lines.append("")
+    reported = _findings(comparison, gates=False)
+    if reported:
+        lines += ["**Reported, not gated**", ""]
+        lines += [f"- {_cell(f['message'], 300)}" for f in reported]
+        lines.append("")
+    noise = comparison.get("noise_floor")
+    if noise:
+        lines += [
+            f"**Noise floor**: {noise['churn']} of {noise['items']} items flip between two runs "
+            f"of the unchanged base (evaluation `{noise['evaluation']}`)",
+            "",
+        ]
+    warnings = comparison.get("warnings") or []
+    if warnings:
+        lines += ["**Warnings**", ""] + [f"- ⚠️ {_cell(w['message'], 300)}" for w in warnings]
         lines.append("")
     forgotten = comparison["flips"]["forgotten"]
     if forgotten:
@@ -596,37 +612,147 @@ def markdown_report(comparison: Mapping[str, Any]) -> str:
 # --------------------------------------------------------------------------- the gate
 
 
+def _post_evaluation(api: Api, role: str, body: dict[str, Any], console: Console) -> str:
+    evaluation = api.post("/evaluations", body, idempotency_key(body))
+    how = (
+        "cached from " + evaluation["cached_from"]
+        if evaluation.get("cached_from")
+        else (evaluation["status"])
+    )
+    console.print(f"{role}: evaluation {evaluation['id']} ({how})")
+    return str(evaluation["id"])
+
+
+def _submit_models(
+    api: Api,
+    options: GateOptions,
+    console: Console,
+    base: str,
+    candidate: str,
+    adapter: str | None,
+) -> dict[str, str]:
+    sides = {
+        "before": evaluation_body(options, base, None, "gate: base"),
+        "after": evaluation_body(options, candidate, adapter, "gate: candidate"),
+    }
+    return {role: _post_evaluation(api, role, body, console) for role, body in sides.items()}
+
+
+def suite_names(options: GateOptions) -> list[str]:
+    """The ``--suite`` values that are names (``name@version`` counts as ``name``)."""
+    return [s.split("@")[0] for s in options.suites if not Path(s).expanduser().is_file()]
+
+
+def wait_for_job(
+    api: Api,
+    job_id: str,
+    *,
+    timeout: float,
+    poll_seconds: float,
+    console: Console,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> dict[str, Any]:
+    """Poll a fine-tune job until it finished; GateError if it failed or time ran out."""
+    deadline = clock() + timeout
+    shown = None
+    while True:
+        job = api.get(f"/finetune-jobs/{job_id}")
+        stage = (job.get("progress") or {}).get("stage", "")
+        line = f"fine-tune job {job_id}: {job['status']}" + (f" ({stage})" if stage else "")
+        if line != shown:
+            console.print(line)
+            shown = line
+        if job["status"] == "succeeded":
+            return job
+        if job["status"] in ("failed", "cancelled"):
+            reason = job.get("error") or "no reason given"
+            raise GateError(f"fine-tune job {job_id} {job['status']}: {reason}")
+        if clock() >= deadline:
+            raise GateError(f"timed out after {timeout:g} s waiting for fine-tune job {job_id}")
+        sleep(poll_seconds)
+
+
+def _from_finetune_job(api: Api, options: GateOptions, console: Console) -> dict[str, str]:
+    """The job's own before/after evaluations, or new ones when ``--suite`` asks for others."""
+    assert options.finetune_job is not None
+    job = wait_for_job(
+        api,
+        options.finetune_job,
+        timeout=options.timeout,
+        poll_seconds=options.poll_seconds,
+        console=console,
+    )
+    before, after = job.get("before_evaluation_id"), job.get("after_evaluation_id")
+    if before and after:
+        have = {s["name"] for s in api.get(f"/evaluations/{before}")["suites"]}
+        wanted = suite_names(options)
+        if len(wanted) == len(options.suites) and set(wanted) <= have:
+            console.print(f"gating the stored evaluations of {options.finetune_job}")
+            return {"before": before, "after": after}
+    output = job.get("output_path")
+    if not output:
+        raise GateError(f"fine-tune job {options.finetune_job} has no output to evaluate")
+    base = job["base_model"]["path"]
+    console.print(f"evaluating {options.finetune_job}'s output {output} on the requested suites")
+    if job.get("method") == "lora":
+        return _submit_models(api, options, console, base, base, output)
+    return _submit_models(api, options, console, base, output, None)
+
+
 def _submit(api: Api, options: GateOptions, console: Console) -> dict[str, str]:
+    given = [
+        name
+        for name, value in (
+            ("--before/--after", options.before or options.after),
+            (
+                "--base-model/--candidate/--adapter",
+                options.base_model or options.candidate or options.adapter,
+            ),
+            ("--finetune-job", options.finetune_job),
+        )
+        if value
+    ]
+    if len(given) > 1:
+        raise GateError(
+            f"give one of --before/--after, --base-model, --finetune-job; got {', '.join(given)}"
+        )
+    if options.finetune_job:
+        return _from_finetune_job(api, options, console)
     if options.before or options.after:
         if not (options.before and options.after):
             raise GateError("--before and --after go together")
-        if options.base_model or options.candidate or options.adapter:
-            raise GateError("give either --before/--after or --base-model/--candidate, not both")
         return {"before": options.before, "after": options.after}
     if not options.base_model:
         raise GateError(
-            "nothing to compare: give --before/--after ids, or --base-model with "
-            "--candidate and/or --adapter"
+            "nothing to compare: give --before/--after ids, --finetune-job ID, or --base-model "
+            "with --candidate and/or --adapter"
         )
     if not (options.candidate or options.adapter):
         raise GateError("--base-model needs --candidate PATH and/or --adapter PATH")
-    sides = {
-        "before": evaluation_body(options, options.base_model, None, "gate: base"),
-        "after": evaluation_body(
-            options, options.candidate or options.base_model, options.adapter, "gate: candidate"
-        ),
+    return _submit_models(
+        api,
+        options,
+        console,
+        options.base_model,
+        options.candidate or options.base_model,
+        options.adapter,
+    )
+
+
+def noise_floor_body(base: Mapping[str, Any]) -> dict[str, Any]:
+    """A rerun of the base evaluation with another batch composition, never from the cache."""
+    generation = dict(base.get("generation") or {})
+    first, second = NOISE_FLOOR_BATCH_SIZES
+    generation["batch_size"] = second if generation.get("batch_size") == first else first
+    return {
+        "model": {"path": base["model"]["path"], "adapter_path": base["model"]["adapter_path"]},
+        "suites": [f"{s['name']}@{s['version']}" for s in base["suites"]],
+        "prompt_format": base.get("prompt_format"),
+        "generation": generation,
+        "label": f"gate: noise floor of {base['id']}",
+        "cache": False,
     }
-    ids = {}
-    for role, body in sides.items():
-        evaluation = api.post("/evaluations", body, idempotency_key(body))
-        how = (
-            "cached from " + evaluation["cached_from"]
-            if evaluation.get("cached_from")
-            else (evaluation["status"])
-        )
-        console.print(f"{role}: evaluation {evaluation['id']} ({how})")
-        ids[role] = evaluation["id"]
-    return ids
 
 
 def _write_reports(comparison: Mapping[str, Any], options: GateOptions, elapsed: float) -> None:
@@ -643,6 +769,16 @@ def _write_reports(comparison: Mapping[str, Any], options: GateOptions, elapsed:
                 fh.write(markdown)
     except OSError as exc:
         raise GateError(f"cannot write a report: {exc}") from None
+
+
+def _log_to_mlflow(comparison: Mapping[str, Any], uri: str, console: Console) -> None:
+    from forgetguard.tracking import log_comparison
+
+    try:
+        run_id = log_comparison(uri, comparison, markdown_report(comparison))
+    except Exception as exc:  # the tracking server's own errors: any type, all exit 2
+        raise GateError(f"cannot log to MLflow at {uri}: {exc.__class__.__name__}: {exc}") from None
+    console.print(f"logged to MLflow at {uri}: run {run_id}", soft_wrap=True, markup=False)
 
 
 def error_junit_xml(message: str, elapsed: float) -> bytes:
@@ -704,6 +840,14 @@ def compare_params(options: GateOptions, ids: Mapping[str, str]) -> dict[str, An
         params["max_category_drop"] = options.max_category_drop
     if options.max_nll_increase is not None:
         params["max_nll_increase"] = options.max_nll_increase
+    if options.category_rule != "point":
+        params["category_rule"] = options.category_rule
+    names = suite_names(options)
+    # With ids given, --suite picks the suites to compare among those both runs have.
+    if names and (options.before or options.finetune_job):
+        params["suites"] = ",".join(names)
+    if ids.get("noise_floor"):
+        params["noise_floor"] = ids["noise_floor"]
     return params
 
 
@@ -741,9 +885,23 @@ def run_gate(
             console=err,
             sleep=sleep,
         )
+        if options.noise_floor:
+            base = api.get(f"/evaluations/{ids['before']}")
+            rerun = _post_evaluation(api, "noise floor", noise_floor_body(base), err)
+            wait_for_evaluations(
+                api,
+                {"noise floor": rerun},
+                timeout=options.timeout,
+                poll_seconds=options.poll_seconds,
+                console=err,
+                sleep=sleep,
+            )
+            ids = {**ids, "noise_floor": rerun}
         comparison = api.get("/compare", params=compare_params(options, ids))
         render_table(comparison, out)
         _write_reports(comparison, options, time.monotonic() - started)
+        if options.mlflow:
+            _log_to_mlflow(comparison, options.mlflow, err)
     except GateError as exc:
         _write_error_reports(str(exc), options, time.monotonic() - started)
         err.print(f"forgetguard gate: ERROR: {exc}", soft_wrap=True, markup=False)

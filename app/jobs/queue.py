@@ -277,7 +277,13 @@ def fail(engine: Engine, job: ClaimedJob, error: str, *, retryable: bool) -> str
         else:
             status = "failed"
             _guarded_update(
-                session, job, status=status, finished_at=now, lease_expires_at=None, error=error
+                session,
+                job,
+                status=status,
+                finished_at=now,
+                lease_expires_at=None,
+                error=error,
+                progress={**(row.progress or {}), "stage": "failed"},
             )
         return status
 
@@ -312,12 +318,24 @@ def abandon(engine: Engine, job: ClaimedJob) -> None:
 def cancel(session: Session, model: type[JobMixin], job_id: str) -> str | None:
     """Cancel a queued or running job; returns the resulting status (None if not found)."""
     now = db_now(session)
-    session.execute(
+    result = session.execute(
         update(model)
         .where(model.id == job_id, model.status.in_(("queued", "running")))  # type: ignore[attr-defined]
         .values(status="cancelled", finished_at=now, lease_expires_at=None)
         .execution_options(synchronize_session=False)
     )
+    if result.rowcount == 1:  # type: ignore[attr-defined]
+        # Once cancelled no worker can write the row again (writes check status), so the
+        # stage it shows is safe to set here: it must not keep saying "queued".
+        progress = session.execute(
+            select(model.progress).where(model.id == job_id)  # type: ignore[attr-defined]
+        ).scalar_one()
+        session.execute(
+            update(model)
+            .where(model.id == job_id)  # type: ignore[attr-defined]
+            .values(progress={**(progress or {}), "stage": "cancelled"})
+            .execution_options(synchronize_session=False)
+        )
     return session.execute(select(model.status).where(model.id == job_id)).scalar_one_or_none()  # type: ignore[attr-defined]
 
 

@@ -1,18 +1,47 @@
-"""Suite kinds: the schema of each kind's items and how item rows aggregate into results.
+"""Suite kinds: one registry entry per kind, which everything else asks.
 
-``KINDS`` is the registry: a kind is a pydantic suite model plus a pure ``aggregate`` function
-over its item rows (the worker side keeps the matching runner in ``workers.runners``).
+``KINDS`` maps a kind's name to its ``SuiteKind``: the pydantic schema of its suites, the
+request type its items need (a ``workers.engine.base.Backend`` method), the pure ``aggregate``
+over its item rows, its ``compare`` contribution to ``/compare``, and how the dashboard shows it.
+Adding a kind is one ``register_kind`` call here plus its scoring function on the worker side
+(``workers.evaluation.runners.register_scorer``); the app stays importable without torch.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from functools import cache
+from typing import Annotated, Any, Literal, Union, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    GetCoreSchemaHandler,
+    TypeAdapter,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import core_schema
 
+from app.comparison.contributions import (
+    CompareOptions,
+    Contribution,
+    Pairs,
+    compare_checklist,
+    compare_multiple_choice,
+    compare_perplexity,
+    compare_qa,
+)
+from app.core.formatting import number, percent
+from app.suites.aggregates import (
+    ItemRow,
+    aggregate_checklist,
+    aggregate_multiple_choice,
+    aggregate_perplexity,
+    aggregate_qa,
+)
 from app.suites.checks import validate_check
 
 DEFAULT_PROMPT_TEMPLATE = "Question: {question}\nAnswer:"
@@ -29,7 +58,7 @@ Severity = Literal["critical", "high", "medium", "low"]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class QAItem(_Strict):
@@ -76,7 +105,7 @@ class PerplexityItem(_Strict):
     category: Short = "general"
 
 
-class _SuiteBase(_Strict):
+class SuiteBase(_Strict):
     name: Name
     description: Annotated[str, Field(max_length=MAX_TEXT)] | None = None
 
@@ -99,7 +128,7 @@ def _template_has_question(template: str) -> str:
     return template
 
 
-class QASuite(_SuiteBase):
+class QASuite(SuiteBase):
     kind: Literal["qa"]
     prompt_template: Annotated[str, Field(max_length=2000)] = DEFAULT_PROMPT_TEMPLATE
     items: list[QAItem] = Field(min_length=1, max_length=MAX_ITEMS)
@@ -107,12 +136,12 @@ class QASuite(_SuiteBase):
     _check_template = field_validator("prompt_template")(_template_has_question)
 
 
-class ChecklistSuite(_SuiteBase):
+class ChecklistSuite(SuiteBase):
     kind: Literal["checklist"]
     items: list[ChecklistItem] = Field(min_length=1, max_length=MAX_ITEMS)
 
 
-class MultipleChoiceSuite(_SuiteBase):
+class MultipleChoiceSuite(SuiteBase):
     kind: Literal["multiple_choice"]
     prompt_template: Annotated[str, Field(max_length=2000)] = DEFAULT_PROMPT_TEMPLATE
     items: list[MultipleChoiceItem] = Field(min_length=1, max_length=MAX_ITEMS)
@@ -120,132 +149,195 @@ class MultipleChoiceSuite(_SuiteBase):
     _check_template = field_validator("prompt_template")(_template_has_question)
 
 
-class PerplexitySuite(_SuiteBase):
+class PerplexitySuite(SuiteBase):
     kind: Literal["perplexity"]
     items: list[PerplexityItem] = Field(min_length=1, max_length=MAX_ITEMS)
 
 
-SuiteDefinition = Annotated[
-    QASuite | ChecklistSuite | MultipleChoiceSuite | PerplexitySuite, Field(discriminator="kind")
-]
+RequestType = Literal["generate", "loglikelihood", "token_nll"]
+REQUEST_TYPES: tuple[RequestType, ...] = ("generate", "loglikelihood", "token_nll")
+Result = Mapping[str, Any]  # a kind's aggregate, as stored in an evaluation's results
 
 
-@dataclass(slots=True)
-class ItemRow:
-    """What aggregation needs from a stored item row."""
+@dataclass(frozen=True)
+class Card:
+    """One number on a dashboard card: a label, the value, a line under it (``bad``: in red)."""
 
-    item_id: str
-    passed: bool | None
-    score: float | None
-    category: str | None
-    severity: str | None
-    response: str | None
-    details: dict[str, Any] | None
+    label: str
+    value: str
+    detail: str = ""
+    bad: bool = False
 
 
-def _by_category(rows: Sequence[ItemRow]) -> dict[str, dict[str, Any]]:
-    by_cat: dict[str, dict[str, Any]] = {}
-    for row in rows:
-        entry = by_cat.setdefault(row.category or "general", {"correct": 0, "total": 0})
-        entry["correct"] += int(bool(row.passed))
-        entry["total"] += 1
-    for entry in by_cat.values():
-        entry["accuracy"] = entry["correct"] / entry["total"]
-    return by_cat
+@dataclass(frozen=True)
+class Display:
+    """How the dashboard shows a kind: its result on the evaluation pages, its comparison."""
 
-
-def aggregate_qa(rows: Sequence[ItemRow]) -> dict[str, Any]:
-    """The lesson's ``evaluate_general_qa`` result: correct, total, accuracy, by_category."""
-    correct = sum(int(bool(r.passed)) for r in rows)
-    total = len(rows)
-    return {
-        "kind": "qa",
-        "overall_accuracy": correct / total if total else 0.0,
-        "correct": correct,
-        "total": total,
-        "by_category": _by_category(rows),
-    }
-
-
-def aggregate_checklist(rows: Sequence[ItemRow]) -> dict[str, Any]:
-    """The lesson's ``run_forgetting_checklist`` result: passed, failed, score, failures."""
-    failures = [
-        {
-            "test": (r.details or {}).get("test", r.item_id),
-            "severity": r.severity,
-            "response": (r.response or "")[:200],
-        }
-        for r in rows
-        if not r.passed
-    ]
-    passed = len(rows) - len(failures)
-    return {
-        "kind": "checklist",
-        "passed": passed,
-        "failed": len(failures),
-        "score": passed / len(rows) if rows else 0.0,
-        "failures": failures,
-    }
-
-
-def aggregate_multiple_choice(rows: Sequence[ItemRow]) -> dict[str, Any]:
-    """lm-eval's ``acc`` (argmax log-likelihood) and ``acc_norm`` (per-character normalised)."""
-    total = len(rows)
-    correct = sum(int(bool(r.passed)) for r in rows)
-    correct_norm = sum(int(bool((r.details or {}).get("correct_norm"))) for r in rows)
-    return {
-        "kind": "multiple_choice",
-        "acc": correct / total if total else 0.0,
-        "acc_norm": correct_norm / total if total else 0.0,
-        "overall_accuracy": correct / total if total else 0.0,
-        "correct": correct,
-        "total": total,
-        "by_category": _by_category(rows),
-    }
-
-
-def aggregate_perplexity(rows: Sequence[ItemRow]) -> dict[str, Any]:
-    """Mean negative log-likelihood per token over all texts (token-weighted) and perplexity."""
-    nll = sum(float((r.details or {}).get("nll_sum", 0.0)) for r in rows)
-    tokens = sum(int((r.details or {}).get("tokens", 0)) for r in rows)
-    per_token = nll / tokens if tokens else 0.0
-    by_cat: dict[str, dict[str, float]] = {}
-    for r in rows:
-        entry = by_cat.setdefault(r.category or "general", {"nll_sum": 0.0, "tokens": 0})
-        entry["nll_sum"] += float((r.details or {}).get("nll_sum", 0.0))
-        entry["tokens"] += int((r.details or {}).get("tokens", 0))
-    return {
-        "kind": "perplexity",
-        "nll_per_token": per_token,
-        "perplexity": math.exp(per_token) if tokens else None,
-        "tokens": tokens,
-        "total": len(rows),
-        "by_category": {
-            cat: {
-                "nll_per_token": e["nll_sum"] / e["tokens"] if e["tokens"] else 0.0,
-                "tokens": int(e["tokens"]),
-            }
-            for cat, e in by_cat.items()
-        },
-    }
+    title: str  # what suites of this kind measure, in words
+    headline: Callable[[Result], str]  # the number on the evaluation's result card
+    detail: Callable[[Result], str]  # the line under it
+    short: Callable[[Result], str]  # the score in the evaluations list
+    category_chart: bool = False  # draw the result's ``by_category`` accuracy as bars
+    severity_table: bool = False  # list every item of the suite, most severe first
+    item_score: str | None = None  # label of an item's ``score`` in the items table
+    # Cards from the kind's part of the /compare body; None: the compare page has its own.
+    compare_cards: Callable[[Mapping[str, Any]], list[Card]] | None = None
 
 
 @dataclass(frozen=True)
 class SuiteKind:
+    """Everything the service knows about one suite kind; the worker keeps its scoring."""
+
     name: str
-    model: type[_SuiteBase]
+    model: type[SuiteBase]  # the suite schema; its ``kind`` field is ``Literal[name]``
+    request: RequestType  # which Backend method the worker calls for its items
     aggregate: Callable[[Sequence[ItemRow]], dict[str, Any]]
-    generates: bool  # True: greedy generation (max_new_tokens matters); False: log-likelihood
+    compare: Callable[[Pairs, CompareOptions], Contribution]
+    display: Display
+    compare_needs_text: bool = False  # the comparison reads every row's response and details
+
+    @property
+    def generates(self) -> bool:
+        """Greedy generation: ``max_new_tokens`` and ``stop`` change its scores."""
+        return self.request == "generate"
 
 
-KINDS: dict[str, SuiteKind] = {
-    "qa": SuiteKind("qa", QASuite, aggregate_qa, generates=True),
-    "checklist": SuiteKind("checklist", ChecklistSuite, aggregate_checklist, generates=True),
-    "multiple_choice": SuiteKind(
-        "multiple_choice", MultipleChoiceSuite, aggregate_multiple_choice, generates=False
-    ),
-    "perplexity": SuiteKind("perplexity", PerplexitySuite, aggregate_perplexity, generates=False),
-}
+KINDS: dict[str, SuiteKind] = {}
+
+
+def register_kind(kind: SuiteKind) -> SuiteKind:
+    """Add a suite kind: uploads, evaluations, comparisons and the dashboard all ask ``KINDS``."""
+    if kind.name in KINDS:
+        raise ValueError(f"suite kind {kind.name!r} is already registered")
+    if kind.request not in REQUEST_TYPES:
+        raise ValueError(f"request {kind.request!r} is not one of {', '.join(REQUEST_TYPES)}")
+    field = kind.model.model_fields.get("kind")
+    if field is None or get_args(field.annotation) != (kind.name,):
+        raise ValueError(f"{kind.model.__name__}.kind must be Literal[{kind.name!r}]")
+    KINDS[kind.name] = kind
+    return kind
+
+
+def unregister_kind(name: str) -> None:
+    """Remove a suite kind (tests that add a throwaway kind clean up with this)."""
+    KINDS.pop(name, None)
+
+
+def _discriminated(models: tuple[type[SuiteBase], ...]) -> Any:
+    """The registered kinds' suite models as one union, told apart by ``kind``."""
+    return Annotated[Union[models], Field(discriminator="kind")]  # noqa: UP007
+
+
+@cache
+def _union(models: tuple[type[SuiteBase], ...]) -> TypeAdapter[Any]:
+    # What refuses an unknown or missing kind with the errors clients always got.
+    return TypeAdapter(_discriminated(models))
+
+
+def validate_suite(value: Any) -> SuiteBase:
+    """A suite definition validated against the schema of the registered kind it names."""
+    if isinstance(value, SuiteBase) and type(value) in (k.model for k in KINDS.values()):
+        return value
+    name = value.get("kind") if isinstance(value, dict) else None
+    kind = KINDS.get(name) if isinstance(name, str) else None
+    if kind is None:  # not an object, no kind, or an unknown one: the union says which
+        _union(tuple(k.model for k in KINDS.values())).validate_python(value)
+        raise AssertionError("unreachable: the union refuses what no kind accepts")
+    return kind.model.model_validate(value)
+
+
+class _AnySuite:
+    """Pydantic hook: validate with ``validate_suite``; document the kinds registered now."""
+
+    @classmethod
+    def __get_pydantic_core_schema__(
+        cls, source: Any, handler: GetCoreSchemaHandler
+    ) -> core_schema.CoreSchema:
+        documented = _discriminated(tuple(k.model for k in KINDS.values()))
+        return core_schema.no_info_plain_validator_function(
+            validate_suite, json_schema_input_schema=handler.generate_schema(documented)
+        )
+
+
+# Request bodies take this: kinds registered after import are accepted too.
+SuiteDefinition = Annotated[SuiteBase, _AnySuite]
+
+
+def _accuracy_detail(result: Result) -> str:
+    return f"{result.get('correct')} of {result.get('total')} correct"
+
+
+def _checklist_short(result: Result) -> str:
+    passed = result.get("passed", 0)
+    return f"{passed}/{passed + result.get('failed', 0)}"
+
+
+register_kind(
+    SuiteKind(
+        "qa",
+        QASuite,
+        request="generate",
+        aggregate=aggregate_qa,
+        compare=compare_qa,
+        display=Display(
+            title="Question answering accuracy",
+            headline=lambda r: percent(r.get("overall_accuracy"), 1),
+            detail=_accuracy_detail,
+            short=lambda r: percent(r.get("overall_accuracy")),
+            category_chart=True,
+        ),
+    )
+)
+register_kind(
+    SuiteKind(
+        "checklist",
+        ChecklistSuite,
+        request="generate",
+        aggregate=aggregate_checklist,
+        compare=compare_checklist,
+        compare_needs_text=True,
+        display=Display(
+            title="Behavioural checklist",
+            headline=_checklist_short,
+            detail=lambda r: f"checks passed ({percent(r.get('score'))})",
+            short=_checklist_short,
+            severity_table=True,
+        ),
+    )
+)
+register_kind(
+    SuiteKind(
+        "multiple_choice",
+        MultipleChoiceSuite,
+        request="loglikelihood",
+        aggregate=aggregate_multiple_choice,
+        compare=compare_multiple_choice,
+        display=Display(
+            title="Multiple-choice accuracy",
+            headline=lambda r: percent(r.get("overall_accuracy"), 1),
+            detail=lambda r: f"{_accuracy_detail(r)} · acc_norm {percent(r.get('acc_norm'), 1)}",
+            short=lambda r: percent(r.get("overall_accuracy")),
+            category_chart=True,
+        ),
+    )
+)
+register_kind(
+    SuiteKind(
+        "perplexity",
+        PerplexitySuite,
+        request="token_nll",
+        aggregate=aggregate_perplexity,
+        compare=compare_perplexity,
+        compare_needs_text=True,
+        display=Display(
+            title="Negative log-likelihood per token",
+            headline=lambda r: number(r.get("nll_per_token"), 2),
+            detail=lambda r: f"NLL per token · perplexity {number(r.get('perplexity'), 1)}",
+            short=lambda r: f"NLL {number(r.get('nll_per_token'), 2)}",
+            item_score="NLL/token",
+        ),
+    )
+)
 
 
 def render_prompt(template: str, question: str) -> str:

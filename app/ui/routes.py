@@ -19,17 +19,20 @@ from fastapi.responses import HTMLResponse, Response
 from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.comparison import service as comparison
 from app.comparison.verdict import CompareOptions
 from app.core.errors import Problem
+from app.core.formatting import number, percent
 from app.core.pagination import newest_first, page
 from app.core.tables import JOB_STATUSES, Evaluation, EvaluationItem, FinetuneEvent, FinetuneJob
 from app.evaluations import service as evaluations
 from app.finetune import service as finetune
+from app.finetune.schemas import Hyperparameters, resolve_hyperparameters
+from app.suites.kinds import KINDS, Display
 from app.ui import views
 from app.web.deps import SessionDep
 
@@ -52,18 +55,6 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "same-origin",
     "Cache-Control": "no-store",
 }
-
-
-def _pct(value: float | None, digits: int = 0) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "n/a"
-    return f"{value:.{digits}%}"
-
-
-def _num(value: float | None, digits: int = 3) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "n/a"
-    return f"{value:.{digits}f}"
 
 
 def _pvalue(value: float | None) -> str:
@@ -100,7 +91,7 @@ def make_environment() -> Environment:
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    env.filters.update(pct=_pct, num=_num, pvalue=_pvalue, when=_when)
+    env.filters.update(pct=percent, num=number, pvalue=_pvalue, when=_when)
     env.globals.update(duration=_duration, LIVE=LIVE, REFRESH_SECONDS=REFRESH_SECONDS)
     return env
 
@@ -184,31 +175,49 @@ def _float_param(
     return value
 
 
+def _display(result: Any) -> Display | None:
+    """How the dashboard shows a stored result: its kind's display hints (None: unknown kind)."""
+    name = result.get("kind") if isinstance(result, dict) else None
+    kind = KINDS.get(name) if isinstance(name, str) else None
+    return kind.display if kind is not None else None
+
+
 def _headline_results(results: dict[str, Any] | None) -> list[tuple[str, str]]:
     """Short "suite: score" pairs for list rows."""
-    out = []
-    for name, res in (results or {}).items():
-        kind = res.get("kind") if isinstance(res, dict) else None
-        if kind in ("qa", "multiple_choice"):
-            out.append((name, _pct(res.get("overall_accuracy"))))
-        elif kind == "checklist":
-            out.append(
-                (name, f"{res.get('passed', 0)}/{res.get('passed', 0) + res.get('failed', 0)}")
-            )
-        elif kind == "perplexity":
-            out.append((name, f"NLL {_num(res.get('nll_per_token'), 2)}"))
-    return out
+    return [
+        (name, display.short(res))
+        for name, res in (results or {}).items()
+        if (display := _display(res)) is not None
+    ]
 
 
 @router.get("", response_class=HTMLResponse)
 @router.get("/", response_class=HTMLResponse)
 @router.get("/evaluations", response_class=HTMLResponse)
-def home(session: SessionDep, status: str | None = None, cursor: str | None = None) -> HTMLResponse:
-    """Evaluations, newest first, with live progress; recent fine-tune jobs; a compare picker."""
+def home(
+    session: SessionDep,
+    status: str | None = None,
+    cursor: str | None = None,
+    cached: str | None = None,
+) -> HTMLResponse:
+    """Evaluations, newest first, with live progress; recent fine-tune jobs; a compare picker.
+
+    Cache hits (copies of an earlier run's results) are hidden unless ``?cached=show``: a CI
+    gate re-evaluating its base on every push would otherwise bury the real runs.
+    """
     status = _status_filter(status)
+    show_cached = cached == "show"
     query = select(Evaluation)
     if status:
         query = query.where(Evaluation.status == status)
+    hidden = 0
+    if not show_cached:
+        hidden = session.execute(
+            query.where(Evaluation.cached_from.is_not(None))
+            .with_only_columns(func.count())
+            .order_by(None)
+        ).scalar_one()
+        query = query.where(Evaluation.cached_from.is_(None))
     rows = list(session.execute(newest_first(query, Evaluation, cursor, 50)).scalars())
     rows, next_cursor = page(rows, 50)
     jobs = list(
@@ -224,6 +233,29 @@ def home(session: SessionDep, status: str | None = None, cursor: str | None = No
         next_cursor=next_cursor,
         live=live,
         succeeded=_recent_succeeded(session),
+        show_cached=show_cached,
+        hidden_cached=hidden,
+    )
+
+
+@router.get("/finetune-jobs", response_class=HTMLResponse)
+def finetune_jobs_page(
+    session: SessionDep, status: str | None = None, cursor: str | None = None
+) -> HTMLResponse:
+    """Every fine-tune job, newest first, with live progress and verdicts."""
+    status = _status_filter(status)
+    query = select(FinetuneJob)
+    if status:
+        query = query.where(FinetuneJob.status == status)
+    jobs = list(session.execute(newest_first(query, FinetuneJob, cursor, 50)).scalars())
+    jobs, next_cursor = page(jobs, 50)
+    return render(
+        "finetune_jobs.html",
+        jobs=jobs,
+        status=status,
+        statuses=JOB_STATUSES,
+        next_cursor=next_cursor,
+        live=any(j.status in LIVE for j in jobs),
     )
 
 
@@ -249,20 +281,30 @@ def evaluation_page(
     """Per-category accuracy bars, checklist results with severities, a filterable item table."""
     evaluation = evaluations.get(session=session, evaluation_id=evaluation_id)
     source = _item_source(evaluation)
-    if passed not in (None, "", "pass", "fail"):
-        raise Problem(422, "Invalid filter", f"passed must be 'pass' or 'fail'; got {passed!r}")
+    # The API's vocabulary (?passed=false), so a filtered page's URL reads like the API call.
+    if passed not in (None, "", "true", "false"):
+        raise Problem(422, "Invalid filter", f"passed must be 'true' or 'false'; got {passed!r}")
     if cursor and not cursor.isdigit():
         raise Problem(422, "Invalid cursor", "cursor is not one this page produced")
 
     kinds = {s["name"]: s["kind"] for s in evaluation.suites}
+    displays = {name: KINDS[kind].display for name, kind in kinds.items() if kind in KINDS}
     results = evaluation.results or {}
-    charts = []
+    cards, charts = [], []
     for name, res in results.items():
-        if (
-            isinstance(res, dict)
-            and res.get("kind") in views.ACCURACY_KINDS
-            and res.get("by_category")
-        ):
+        display = _display(res)
+        if display is None:
+            continue
+        cards.append(
+            {
+                "suite": name,
+                "kind": res["kind"],
+                "title": display.title,
+                "value": display.headline(res),
+                "detail": display.detail(res),
+            }
+        )
+        if display.category_chart and res.get("by_category"):
             charts.append(
                 {
                     "suite": name,
@@ -272,7 +314,7 @@ def evaluation_page(
                     ),
                 }
             )
-    checklist_suites = [name for name, kind in kinds.items() if kind == "checklist"]
+    checklist_suites = [name for name, d in displays.items() if d.severity_table]
     checklist_rows: list[EvaluationItem] = []
     if checklist_suites:
         checklist_rows = views.sort_by_severity(
@@ -287,18 +329,18 @@ def evaluation_page(
         )
 
     I = EvaluationItem  # noqa: E741, N806
-    query = select(I).where(I.evaluation_id == source)
-    if passed:
-        query = query.where(I.passed.is_(passed == "pass"))
-    if suite:
-        query = query.where(I.suite == suite)
-    if category:
-        query = query.where(I.category == category)
-    if cursor:
-        query = query.where(I.id > int(cursor))
-    items = list(session.execute(query.order_by(I.id).limit(ITEMS_PER_PAGE + 1)).scalars())
-    next_cursor = str(items[ITEMS_PER_PAGE - 1].id) if len(items) > ITEMS_PER_PAGE else None
-    items = items[:ITEMS_PER_PAGE]
+    # The same rows, order and cursor as GET /evaluations/{id}/items (suite order).
+    item_page = evaluations.list_items(
+        session=session,
+        evaluation_id=evaluation.id,
+        passed=None if not passed else passed == "true",
+        suite=suite or None,
+        category=category or None,
+        limit=ITEMS_PER_PAGE,
+        cursor=cursor or None,
+    )
+    items = item_page.data
+    next_cursor = item_page.next_cursor
     categories = sorted(
         c
         for c in session.execute(
@@ -311,6 +353,8 @@ def evaluation_page(
         "evaluation.html",
         ev=evaluation,
         results=results,
+        cards=cards,
+        item_scores={name: d.item_score for name, d in displays.items() if d.item_score},
         charts=charts,
         checklist_rows=checklist_rows,
         items=items,
@@ -333,6 +377,8 @@ def compare_page(
     max_nll_increase: str | None = None,
     mode: str | None = None,
     flips: str | None = None,
+    category_rule: str | None = None,
+    suites: str | None = None,
 ) -> HTMLResponse:
     """Verdict banner, grouped before/after bars, statistics, changed answers, NLL drift."""
     if not before or not after:
@@ -351,6 +397,8 @@ def compare_page(
         max_category_drop=_float_param("max_category_drop", max_category_drop, None, 0.0, 1.0),
         max_nll_increase=_float_param("max_nll_increase", max_nll_increase, None, 0.0, 100.0),
         mode="noninferiority" if mode == "noninferiority" else "threshold",
+        category_rule="significant" if category_rule == "significant" else "point",
+        suites=comparison.parse_suite_names(suites),
     )
     body = comparison.compare(session=session, before_id=before, after_id=after, options=options)
     before_ev = evaluations.get(session=session, evaluation_id=before)
@@ -361,6 +409,13 @@ def compare_page(
     learned = views.sort_flips(body["flips"]["learned"], order)
     show_all = flips == "all"
     drift = views.drift_rows(body.get("drift"))
+    # Kinds whose comparison the template has no section for show theirs as cards.
+    kind_cards = [
+        card
+        for kind in KINDS.values()
+        if kind.display.compare_cards is not None
+        for card in kind.display.compare_cards(body)
+    ]
     for suite in drift:
         suite["texts_shown"] = _drift_texts(
             session, after_ev, suite["suite"], suite["largest_increases"]
@@ -382,6 +437,7 @@ def compare_page(
         flips_shown=FLIPS_SHOWN,
         drift=drift,
         drift_chart=views.drift_chart(drift),
+        kind_cards=kind_cards,
         options=options,
     )
 
@@ -445,7 +501,12 @@ def finetune_job_page(job_id: str, session: SessionDep) -> HTMLResponse:
         job=job,
         request_=request,
         method=request.get("method", "—"),
-        hyperparameters=request.get("hyperparameters") or {},
+        # The values the job trains with (preset + overrides), not only what was overridden.
+        hyperparameters=resolve_hyperparameters(
+            request.get("method", "lora"),
+            request.get("preset", "safe"),
+            Hyperparameters(**(request.get("hyperparameters") or {})),
+        ).model_dump(),
         options={k: request.get(k) for k in ("preset", "lora", "replay", "ewc") if request.get(k)},
         warnings=warnings,
         # A warning the job also logged as an event is listed once.

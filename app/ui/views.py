@@ -23,8 +23,6 @@ from app.ui.charts import (
     line_chart,
 )
 
-ACCURACY_KINDS = ("qa", "multiple_choice")
-
 
 def qa_by_category(
     results: dict[str, Any] | None, kinds: Sequence[str] = ("qa",)
@@ -75,6 +73,7 @@ def category_rows(
                 "forgotten": stats.get("forgotten"),
                 "learned": stats.get("learned"),
                 "p_value": stats.get("mcnemar_p_value"),
+                "p_value_holm": stats.get("p_value_holm"),
                 "fell": drop is not None and drop > threshold,
             }
         )

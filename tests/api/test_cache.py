@@ -37,7 +37,10 @@ RESULTS = {
 def post(client: Any, model: Path, **extra: Any) -> dict[str, Any]:
     body = {"model": {"path": str(model)}, "suites": [SUITE], **extra}
     response = client.post("/evaluations", json=body)
-    assert response.status_code == 202, response.text
+    # A cache hit is an existing, finished resource (200); new work is accepted (202).
+    hit = response.status_code == 200 and response.json()["cached_from"] is not None
+    queued = response.status_code == 202 and response.json()["status"] == "queued"
+    assert hit or queued, response.text
     return dict(response.json())
 
 
@@ -80,8 +83,17 @@ def test_a_repeated_evaluation_is_answered_from_the_cache(
     assert source["status"] == "queued" and source["cached_from"] is None
     assert source["model"]["fingerprint"].startswith("sha256:")
     succeed(client, source["id"])
-    hit = post(client, tiny_model_dir, label="again")
+    response = client.post(
+        "/evaluations",
+        json={"model": {"path": str(tiny_model_dir)}, "suites": [SUITE], "label": "again"},
+    )
+    assert response.status_code == 200 and response.headers["location"].endswith(
+        response.json()["id"]
+    )
+    hit = response.json()
     assert hit["status"] == "succeeded" and hit["cached_from"] == source["id"]
+    # Created, started and finished at once: never started before it was created.
+    assert hit["created_at"] == hit["started_at"] == hit["finished_at"]
     assert hit["id"] != source["id"] and hit["label"] == "again"
     assert hit["results"] == RESULTS
     assert hit["progress"]["done"] == hit["progress"]["total"] == 2

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
 from sqlalchemy import insert, update
 
 from app.core.tables import Evaluation, EvaluationItem, utcnow
@@ -183,3 +184,99 @@ def test_the_body_cache_stays_within_its_byte_budget() -> None:
     assert [cache.get(f"k{i}") is not None for i in range(10)] == [False] * 6 + [True] * 4
     cache.put("huge", bytes(1001))  # over a quarter of the budget: not kept, nothing evicted
     assert cache.get("huge") is None and cache.get("k9") is not None
+
+
+def _one_item_suite(name: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "kind": "qa",
+        "items": [{"id": "x1", "question": f"{name}?", "answers": ["yes"], "category": "extra"}],
+    }
+
+
+def _store_extra(client: Any, evaluation_id: str, suite: str, passed: bool) -> None:
+    with client.app.state.sessionmaker() as session, session.begin():
+        session.execute(
+            insert(EvaluationItem),
+            [
+                {
+                    "evaluation_id": evaluation_id,
+                    "suite": suite,
+                    "item_id": "x1",
+                    "position": 0,
+                    "prompt": f"{suite}?",
+                    "response": "yes" if passed else "no",
+                    "passed": passed,
+                    "score": float(passed),
+                    "category": "extra",
+                    "severity": None,
+                    "details": {"question": f"{suite}?", "answers": ["yes"]},
+                }
+            ],
+        )
+
+
+def test_suites_compares_a_four_suite_base_with_a_two_suite_candidate(
+    client: Any, tiny_model_dir: Path
+) -> None:
+    extras = [_one_item_suite(n) for n in ("extra-a", "extra-b", "extra-c")]
+    before = submit(client, tiny_model_dir, [QA_SUITE, *extras])
+    after = submit(client, tiny_model_dir, [QA_SUITE, extras[0]])
+    for run, passed in ((before, True), (after, False)):
+        _store_extra(client, run, "extra-a", passed)
+    _store_extra(client, before, "extra-b", True)
+    finish(client, before, ALL)
+    finish(client, after, ALL)
+
+    refused = client.get("/compare", params={"before": before, "after": after})
+    assert refused.status_code == 409
+    detail = refused.json()["detail"]
+    assert "suite 'extra-b' ran only in the before evaluation" in detail
+    assert "pass suites=facts-qa,extra-a to compare the suites both runs share" in detail
+
+    shared = client.get(
+        "/compare", params={"before": before, "after": after, "suites": "facts-qa,extra-a"}
+    )
+    assert shared.status_code == 200, shared.text
+    body = shared.json()
+    assert body["statistics"]["n_pairs"] == 31 and body["statistics"]["forgotten"] == 1
+    assert [f["item_id"] for f in body["flips"]["forgotten"]] == ["x1"]
+    assert set(body["statistics"]["by_category"]) == {"geo", "sci", "extra"}
+
+    only_qa = client.get(
+        "/compare", params={"before": before, "after": after, "suites": "facts-qa"}
+    )
+    assert only_qa.json()["statistics"]["n_pairs"] == 30
+
+    missing = client.get(
+        "/compare", params={"before": before, "after": after, "suites": "facts-qa,extra-b"}
+    )
+    assert missing.status_code == 409
+    assert "suite 'extra-b' is not in the after evaluation" in missing.json()["detail"]
+
+
+def test_per_category_results_carry_raw_and_holm_adjusted_p(
+    client: Any, tiny_model_dir: Path
+) -> None:
+    before, after = submit(client, tiny_model_dir), submit(client, tiny_model_dir)
+    finish(client, before, ALL)
+    # Every "geo" item (even numbers) is forgotten, "sci" keeps all but one.
+    finish(client, after, {q for q in ALL if int(q[1:]) % 2 == 1} - {"q01"})
+    body = client.get(
+        "/compare",
+        params={
+            "before": before,
+            "after": after,
+            "max_category_drop": 0.05,
+            "category_rule": "significant",
+        },
+    ).json()
+    geo, sci = body["statistics"]["by_category"]["geo"], body["statistics"]["by_category"]["sci"]
+    assert geo["p_value"] == geo["mcnemar_p_value"] and geo["p_value"] < 0.001
+    # Holm over two tests: the smaller p is doubled, the larger kept (it is already 1).
+    assert geo["p_value_holm"] == pytest.approx(2 * geo["p_value"])
+    assert sci["p_value"] == 1.0 and sci["p_value_holm"] == 1.0
+    # category_rule=significant: geo fails (significant), sci's 0.067 drop is only reported.
+    gating = {f["subject"] for f in body["findings"] if f["gates"] and f["rule"] == "category"}
+    reported = {f["subject"] for f in body["findings"] if not f["gates"]}
+    assert gating == {"geo"} and reported == {"sci"}

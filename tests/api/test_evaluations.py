@@ -53,7 +53,7 @@ def test_builtin_suites_by_name_and_version(client, tiny_model_dir) -> None:  # 
     assert response.status_code == 202, response.text
     suites = response.json()["suites"]
     assert [s["name"] for s in suites] == ["general-qa", "forgetting-checklist"]
-    assert suites[0]["items"] >= 200
+    assert suites[0]["item_count"] >= 200
 
 
 def test_model_outside_roots_is_403_and_queues_nothing(client, tmp_path) -> None:  # type: ignore[no-untyped-def]

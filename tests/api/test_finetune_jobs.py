@@ -180,12 +180,15 @@ def test_dataset_outside_the_data_roots_is_403(client, tiny_model_dir, tmp_path)
         assert "FORGETGUARD_DATA_ROOTS" in response.json()["detail"]
 
 
-def test_the_artifacts_dir_is_not_a_model_root_for_clients(
-    client, settings, tiny_model_dir
-) -> None:  # type: ignore[no-untyped-def]
+def test_the_artifacts_dir_is_readable_as_a_model_root(client, settings, tiny_model_dir) -> None:  # type: ignore[no-untyped-def]
+    # A job's output can be fine-tuned again or evaluated where it lies: the artifacts dir is
+    # a root for reading (the dir itself is no model: 422, not 403). Clients never name where
+    # anything is written: outputs go under the artifacts dir by job id.
     settings.artifacts_dir.mkdir(parents=True, exist_ok=True)
     response = client.post("/finetune-jobs", json=body(settings.artifacts_dir))
-    assert response.status_code == 403
+    assert response.status_code == 422 and "no config.json" in response.json()["detail"]
+    named = body(tiny_model_dir, output_path=str(settings.artifacts_dir / "mine"))
+    assert client.post("/finetune-jobs", json=named).status_code == 422
 
 
 def test_unknown_replay_suite_is_422(client, tiny_model_dir) -> None:  # type: ignore[no-untyped-def]
@@ -381,3 +384,40 @@ def test_checkpoints_of_an_unknown_job_are_404_and_a_guard_needs_a_cadence(
     assert job["guard"] == {"max_drop": 0.05, "action": "stop"}
     assert job["shipped_step"] is None
     assert client.get(f"/finetune-jobs/{job['id']}/checkpoints").json() == []
+
+
+def test_an_unknown_evaluation_suite_is_reported_where_it_was_written(
+    client, tiny_model_dir
+) -> None:  # type: ignore[no-untyped-def]
+    response = client.post(
+        "/finetune-jobs",
+        json={**body(tiny_model_dir), "evaluation": {"suites": ["general-qa", "genral-qa"]}},
+    )
+    assert response.status_code == 422
+    assert response.json()["errors"][0]["loc"] == ["body", "evaluation", "suites", 1]
+    assert "did you mean 'general-qa'?" in response.json()["detail"]
+
+
+def test_target_modules_matching_nothing_are_refused_with_the_models_names(
+    client, tiny_model_dir
+) -> None:  # type: ignore[no-untyped-def]
+    response = client.post(
+        "/finetune-jobs",
+        json=body(tiny_model_dir, method="lora", lora={"target_modules": ["q_proj", "query"]}),
+    )
+    assert response.status_code == 422, response.text
+    problem = response.json()
+    assert problem["errors"][0]["loc"] == ["body", "lora", "target_modules"]
+    assert "['query']" in problem["detail"] and "'v_proj'" in problem["detail"]
+    # Suffix names peft accepts ("self_attn.q_proj") and 'all-linear' pass.
+    for targets in (["self_attn.q_proj", "v_proj"], "all-linear"):
+        ok = client.post(
+            "/finetune-jobs", json=body(tiny_model_dir, lora={"target_modules": targets})
+        )
+        assert ok.status_code == 202, ok.text
+
+
+def test_the_default_method_is_stated_in_the_response(client, tiny_model_dir) -> None:  # type: ignore[no-untyped-def]
+    job = client.post("/finetune-jobs", json=body(tiny_model_dir)).json()
+    assert job["method"] == "lora" and job["lora"]["target_modules"] == ["q_proj", "v_proj"]
+    assert job["hyperparameters"]["learning_rate"] == 2e-4  # the safe preset's LoRA rate

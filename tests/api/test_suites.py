@@ -92,3 +92,31 @@ def test_builtin_names_are_reserved(client) -> None:  # type: ignore[no-untyped-
 def test_unknown_suite_is_404(client) -> None:  # type: ignore[no-untyped-def]
     assert client.get("/suites/nope").status_code == 404
     assert client.get("/suites/general-qa?version=999").status_code == 404
+
+
+def test_a_misspelt_suite_gets_a_suggestion(client) -> None:  # type: ignore[no-untyped-def]
+    response = client.get("/suites/general-q")
+    assert response.status_code == 404
+    assert "did you mean 'general-qa'?" in response.json()["detail"]
+
+
+def test_suite_counts_are_item_count_and_items_stay_lists(client) -> None:  # type: ignore[no-untyped-def]
+    suite = client.get("/suites/general-qa").json()
+    assert "items" not in suite
+    assert suite["item_count"] == len(suite["definition"]["items"]) >= 200
+    listed = client.get("/suites").json()["data"]
+    assert all(isinstance(s["item_count"], int) and "items" not in s for s in listed)
+
+
+def test_a_body_without_json_content_type_says_so(client) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    # What `curl -d` sends when -H 'content-type: application/json' is forgotten.
+    response = client.post(
+        "/suites",
+        content=json.dumps(CUSTOM),
+        headers={"content-type": "application/x-www-form-urlencoded"},
+    )
+    assert response.status_code == 415
+    assert "content-type: application/json" in response.json()["detail"]
+    assert "x-www-form-urlencoded" in response.json()["detail"]

@@ -179,7 +179,13 @@ def test_noninferiority_fails_a_small_drop_measured_on_too_few_items() -> None:
     assert threshold_mode["verdict"] == "pass"
     assert noninferiority["statistics"]["drop_ci95"][1] >= 0.1
     assert noninferiority["verdict"] == "fail"
-    assert noninferiority["reasons"][0].startswith("non-inferiority not shown")
+    # 20 items cannot show non-inferiority at a 0.1 margin at all: even with nothing forgotten
+    # the exact upper bound of the drop is 0.168; the verdict and a warning both say so.
+    assert noninferiority["reasons"][0].startswith("non-inferiority cannot be shown at n = 20")
+    assert any(
+        w["code"] == "underpowered" and w["scope"] == "noninferiority"
+        for w in noninferiority["warnings"]
+    )
 
 
 def test_noninferiority_passes_when_many_items_pin_the_drop_below_the_margin() -> None:
@@ -203,7 +209,8 @@ def test_max_category_drop_fails_one_collapsed_category_the_overall_drop_hides()
     assert lenient["category_drops"] == {"geography": 0.0, "science": 0.5}
     assert strict["verdict"] == "fail"
     assert strict["reasons"] == [
-        "category 'science' dropped 0.500 (1.000 → 0.500), more than max_category_drop 0.2"
+        "category 'science' dropped 0.500 (1.000 → 0.500), more than max_category_drop 0.2; "
+        "not significant after Holm adjustment (p = 0.5, adjusted 1 ≥ 0.05)"
     ]
     by_cat = strict["statistics"]["by_category"]
     assert by_cat["science"]["forgotten"] == 2 and by_cat["geography"]["forgotten"] == 0
@@ -311,6 +318,118 @@ def test_prompt_format_generation_and_missing_suites_are_each_named() -> None:
     )
     assert comparability_problems(snapshot(), after) == [
         "suite 'my-qa' ran only in the before evaluation",
+        "pass suites=general-qa to compare the suites both runs share",
         "prompt_format differs: 'chat' before, 'plain' after",
         "generation settings differ: max_new_tokens 50 before, 20 after",
     ]
+
+
+def test_a_five_item_suite_is_underpowered_and_a_250_item_one_is_not() -> None:
+    # One flipped answer out of 5: the gate's threshold cannot be told from noise at this n.
+    small = build(
+        RUN_A, RUN_B, qa_rows([True] * 5), qa_rows([False] + [True] * 4), CompareOptions()
+    )
+    assert small["verdict"] == "fail" and small["statistics"]["mcnemar_p_value"] == 1.0
+    [warning] = [w for w in small["warnings"] if w["code"] == "underpowered"]
+    assert warning["message"].startswith(
+        "underpowered: n = 5 cannot distinguish a 0.10 drop from noise"
+    )
+    # Even 5 of 5 forgotten gives exact p = 0.0625: no drop is detectable at n = 5.
+    assert warning["min_detectable_drop"] is None
+    assert small["statistics"]["min_detectable_drop"] is None
+
+    large = build(
+        RUN_A,
+        RUN_B,
+        qa_rows([True] * 200 + [False] * 50),
+        qa_rows([False] * 5 + [True] * 195 + [False] * 50),
+        CompareOptions(),
+    )
+    mdd = large["statistics"]["min_detectable_drop"]
+    assert mdd is not None and 0.02 < mdd < 0.10
+    assert large["warnings"] == []
+
+    forty = build(
+        RUN_A, RUN_B, qa_rows([True] * 40), qa_rows([False] * 2 + [True] * 38), CompareOptions()
+    )
+    [warning] = forty["warnings"]
+    mdd = forty["statistics"]["min_detectable_drop"]
+    assert mdd is not None and mdd > 0.10
+    assert (
+        f"the minimum detectable drop at α = 0.05 with 80% power is {mdd:.3f}"
+        in (warning["message"])
+    )
+
+
+def test_noninferiority_is_shown_on_enough_items_and_refused_on_too_few() -> None:
+    before = qa_rows([True] * 300)
+    after = qa_rows([False] + [True] * 299)
+    body = build(RUN_A, RUN_B, before, after, CompareOptions(mode="noninferiority"))
+    assert body["verdict"] == "pass" and body["statistics"]["noninferiority_floor"] < 0.1
+    wide = build(
+        RUN_A,
+        RUN_B,
+        before,
+        qa_rows([False] * 25 + [True] * 275),
+        CompareOptions(mode="noninferiority"),
+    )
+    assert wide["reasons"][-1].startswith("non-inferiority not shown: the 95% CI of the drop")
+    tiny = build(
+        RUN_A,
+        RUN_B,
+        qa_rows([True] * 5),
+        qa_rows([True] * 5),
+        CompareOptions(mode="noninferiority"),
+    )
+    assert tiny["verdict"] == "fail"
+    assert any(
+        w["scope"] == "noninferiority" and "cannot pass at n = 5" in w["message"]
+        for w in tiny["warnings"]
+    )
+
+
+def test_category_rule_significant_gates_only_on_holm_adjusted_significance() -> None:
+    before = qa_rows([True] * 30, category="geography") + [
+        qa(f"s{i}", True, category="science") for i in range(30)
+    ]
+    after = qa_rows([False] * 12 + [True] * 18, category="geography") + [
+        qa(f"s{i}", i >= 3, category="science") for i in range(30)
+    ]
+    point = build(
+        RUN_A, RUN_B, before, after, CompareOptions(threshold=0.5, max_category_drop=0.05)
+    )
+    significant = build(
+        RUN_A,
+        RUN_B,
+        before,
+        after,
+        CompareOptions(threshold=0.5, max_category_drop=0.05, category_rule="significant"),
+    )
+    by_cat = point["statistics"]["by_category"]
+    assert by_cat["geography"]["significant"] and not by_cat["science"]["significant"]
+    assert by_cat["science"]["p_value_holm"] >= by_cat["science"]["p_value"]
+    assert [r.split(" dropped")[0] for r in point["reasons"]] == [
+        "category 'geography'",
+        "category 'science'",
+    ]
+    assert "not significant after Holm adjustment" in point["reasons"][1]
+    assert [r.split(" dropped")[0] for r in significant["reasons"]] == ["category 'geography'"]
+    [reported] = [f for f in significant["findings"] if not f["gates"]]
+    assert reported["subject"] == "science" and "category_rule=significant" in reported["message"]
+
+
+def test_forgotten_items_within_the_noise_floor_are_flagged() -> None:
+    base = qa_rows([True] * 50)
+    rerun = qa_rows([False, False, False] + [True] * 47)
+    after = qa_rows([False, True, False] + [True] * 47)
+    body = build(RUN_A, RUN_B, base, after, CompareOptions(), noise_rows=("ev_rerun", rerun))
+    assert body["noise_floor"]["churn"] == 3 and body["noise_floor"]["evaluation"] == "ev_rerun"
+    assert any(w["code"] == "within_noise_floor" for w in body["warnings"])
+    quiet = build(RUN_A, RUN_B, base, after, CompareOptions(), noise_rows=("ev_rerun", base))
+    assert quiet["noise_floor"]["churn"] == 0
+    assert not any(w["code"] == "within_noise_floor" for w in quiet["warnings"])
+
+
+def test_batch_size_alone_does_not_make_runs_incomparable() -> None:
+    rerun = snapshot(generation={"max_new_tokens": 50, "stop": [], "batch_size": 3})
+    assert comparability_problems(snapshot(), rerun) == []

@@ -17,7 +17,6 @@ from collections import defaultdict
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -27,7 +26,7 @@ from app.core.config import Settings
 from app.core.database import make_engine, session_factory
 from app.core.tables import FINISHED, Claim, Evaluation, EvaluationItem, Worker
 from app.main import create_app
-from tests.conftest import REPO, settings_env
+from tests.conftest import REPO, qa_suite, settings_env
 
 pytestmark = pytest.mark.slow
 
@@ -38,23 +37,6 @@ MIN_KILLS = 2
 KILLS = 4  # at most; then the survivors and replacements finish the queue undisturbed
 KILL_GAP = (0.3, 1.5)  # seconds between kills, drawn at random; a kill needs a mid-job victim
 DEADLINE = 300.0  # the whole run, kills included; generous for a loaded 2-core machine
-
-
-def qa_suite(name: str, size: int) -> dict[str, Any]:
-    """An inline qa suite of ``size`` arithmetic questions."""
-    return {
-        "name": name,
-        "kind": "qa",
-        "items": [
-            {
-                "id": f"{name}-{i:03d}",
-                "question": f"What is {i} times three?",
-                "answers": [str(3 * i)],
-                "category": ("small", "large")[i >= size // 2],
-            }
-            for i in range(size)
-        ],
-    }
 
 
 SUITES = [qa_suite("chaos-a", 16), qa_suite("chaos-b", 12), qa_suite("chaos-c", 8)]

@@ -130,6 +130,7 @@ def test_failure_retries_with_backoff_then_fails_with_last_error(engine) -> None
     with session_factory(engine)() as s:
         row = s.get(Evaluation, job_id)
         assert row.status == "failed" and row.error == "boom 2"
+        assert row.progress["stage"] == "failed"  # not the "queued" it was created with
 
 
 def test_release_puts_job_back_without_counting_the_attempt(engine) -> None:  # type: ignore[no-untyped-def]

@@ -124,7 +124,7 @@ def test_script_in_a_model_response_does_not_run(live: Live, page: Any) -> None:
 
 
 def test_script_in_a_response_does_not_run_on_the_evaluation_page(live: Live, page: Any) -> None:
-    page.goto(f"{live.base}/ui/evaluations/{live.pair.after}?passed=fail&category=geography")
+    page.goto(f"{live.base}/ui/evaluations/{live.pair.after}?passed=false&category=geography")
     page.wait_for_load_state("load")
     assert page.evaluate("typeof window.__pwned") == "undefined"
     assert page.get_by_text("<script>window.__pwned = 1;", exact=False).count() >= 1
@@ -155,3 +155,29 @@ def test_running_evaluation_progress_updates_without_a_reload(live: Live, page: 
         assert page.evaluate("window.__sameDocument") is True  # swapped in place, no reload
     finally:
         routes.ENV.globals["REFRESH_SECONDS"] = original
+
+
+def test_api_docs_render_with_the_network_cut_off(live: Live) -> None:
+    """/docs draws Swagger UI from the app's own files: every other host is unreachable."""
+    context = live.browser.new_context()
+    outside: list[str] = []
+
+    def only_the_app(route: Any) -> None:
+        if route.request.url.startswith(live.base):
+            route.continue_()
+        else:
+            outside.append(route.request.url)
+            route.abort("internetdisconnected")
+
+    context.route("**/*", only_the_app)
+    page = context.new_page()
+    try:
+        page.goto(f"{live.base}/docs")
+        page.wait_for_selector(".swagger-ui .information-container .title", timeout=20_000)
+        assert "forgetguard" in page.inner_text(".swagger-ui .information-container .title")
+        page.wait_for_selector(".opblock-summary-path", timeout=20_000)
+        paths = page.locator(".opblock-summary-path").all_inner_texts()
+        assert any("/evaluations" in p for p in paths) and any("/finetune-jobs" in p for p in paths)
+        assert outside == []
+    finally:
+        context.close()

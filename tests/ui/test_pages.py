@@ -71,13 +71,13 @@ def test_evaluation_page_shows_category_bars_checklist_and_items(
 
 
 def test_item_table_filters_by_result_and_category(client: TestClient, collapsed: Pair) -> None:
-    html = _html(client.get(f"/ui/evaluations/{collapsed.after}?passed=fail&category=geography"))
+    html = _html(client.get(f"/ui/evaluations/{collapsed.after}?passed=false&category=geography"))
     table = html.split('<table class="data items">', 1)[1].split("</table>", 1)[0]
     rows = re.findall(r"<tr class=\"([^\"]*)\">", table)
     assert rows and all(r == "row-fail" for r in rows)
     assert "✓ pass" not in table
     assert table.count("<td>geography") == len(rows)
-    passing = _html(client.get(f"/ui/evaluations/{collapsed.before}?passed=pass&suite=general-qa"))
+    passing = _html(client.get(f"/ui/evaluations/{collapsed.before}?passed=true&suite=general-qa"))
     table = passing.split('<table class="data items">', 1)[1].split("</table>", 1)[0]
     assert "✗ fail" not in table and "✓ pass" in table
     assert client.get(f"/ui/evaluations/{collapsed.after}?passed=maybe").status_code == 422
@@ -123,7 +123,7 @@ def test_compare_page_escapes_model_output(client: TestClient, collapsed: Pair) 
 
 
 def test_evaluation_page_escapes_model_output(client: TestClient, collapsed: Pair) -> None:
-    html = _html(client.get(f"/ui/evaluations/{collapsed.after}?passed=fail&category=geography"))
+    html = _html(client.get(f"/ui/evaluations/{collapsed.after}?passed=false&category=geography"))
     assert "<script>window.__pwned" not in html and "&lt;script&gt;window.__pwned" in html
 
 
@@ -268,3 +268,49 @@ def test_finetune_job_page_draws_the_forgetting_curve_beside_the_learning_curve(
         other = seed_finetune_job(session, collapsed.before, collapsed.after)
         session.commit()
     assert 'id="forgetting"' not in _html(client.get(f"/ui/finetune-jobs/{other}"))
+
+
+def test_finetune_jobs_list_page_and_breadcrumb(client: TestClient, collapsed: Pair) -> None:
+    assert collapsed.job is not None
+    html = _html(client.get("/ui/finetune-jobs"))
+    assert f'href="/ui/finetune-jobs/{collapsed.job}"' in html and "drug-qa full lr 1e-3" in html
+    assert 'href="/ui/finetune-jobs?status=failed"' in html
+    assert "drug-qa full lr 1e-3" not in _html(client.get("/ui/finetune-jobs?status=failed"))
+    job_page = _html(client.get(f"/ui/finetune-jobs/{collapsed.job}"))
+    assert '<a href="/ui/finetune-jobs">Fine-tune jobs</a>' in job_page
+    assert 'href="/ui/finetune-jobs"' in _html(client.get("/ui"))
+
+
+def test_hyperparameters_table_shows_resolved_values(client: TestClient, collapsed: Pair) -> None:
+    html = _html(client.get(f"/ui/finetune-jobs/{collapsed.job}"))
+    # Not overridden by the request: the risky preset's value, not None.
+    assert re.search(r'gradient_accumulation_steps</th><td class="mono">1<', html), html
+    assert '<td class="mono">None</td>' not in html
+    assert "no limit (epochs decide)" in html  # max_steps unset: said in words
+
+
+def test_cached_copies_are_hidden_from_the_list_until_asked_for(
+    client: TestClient, db: Callable[[], Session], collapsed: Pair
+) -> None:
+    with db() as session:
+        copy = add_evaluation(
+            session,
+            label="gate re-run",
+            status="succeeded",
+            cached_from=collapsed.before,
+            progress={"done": 1, "total": 1, "stage": "done (cached)"},
+        )
+    html = _html(client.get("/ui"))
+    assert f'href="/ui/evaluations/{copy}"' not in html
+    assert "1 cached copy of earlier runs hidden" in html
+    shown = _html(client.get("/ui?cached=show"))
+    assert f'href="/ui/evaluations/{copy}"' in shown
+    assert f'cached copy of <a class="mono" href="/ui/evaluations/{collapsed.before}"' in shown
+
+
+def test_dashboard_links_the_offline_api_docs(client: TestClient) -> None:
+    html = _html(client.get("/ui"))
+    assert 'href="/docs"' in html
+    docs = _html(client.get("/docs"))
+    assert "cdn" not in docs.lower() and "/docs-assets/swagger-ui-bundle.js" in docs
+    assert client.get("/docs-assets/swagger-ui-bundle.js").status_code == 200

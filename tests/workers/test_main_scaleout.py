@@ -25,29 +25,12 @@ from app.core.config import Settings
 from app.core.database import make_engine, session_factory
 from app.core.tables import Claim, Evaluation
 from app.main import create_app
-from tests.conftest import REPO, start_worker, wait_for
+from tests.conftest import REPO, qa_suite, run_checked, start_worker, wait_for
 
 DOCKER = REPO / "docker"
 # Everything that only a worker may import (the API image carries none of it).
 WORKER_ONLY = ("torch", "transformers", "peft", "accelerate", "safetensors", "tokenizers", "gguf")
 STARTUP_TIMEOUT = 180.0  # two workers importing torch on a busy 2-core machine
-
-
-def qa_suite(name: str, size: int) -> dict[str, Any]:
-    """An inline qa suite of ``size`` arithmetic questions."""
-    return {
-        "name": name,
-        "kind": "qa",
-        "items": [
-            {
-                "id": f"{name}-{i:03d}",
-                "question": f"What is {i} minus one?",
-                "answers": [str(i - 1)],
-                "category": "arithmetic",
-            }
-            for i in range(size)
-        ],
-    }
 
 
 # --------------------------------------------------------------------------- many workers
@@ -214,7 +197,8 @@ STUB_WORKER = """
 import json, os, sys, types
 stub = types.ModuleType("workers.main")
 def main(settings, **options):
-    print(json.dumps({"CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"),
+    names = ("CUDA_VISIBLE_DEVICES", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "OMP_WAIT_POLICY")
+    print(json.dumps({**{n: os.environ.get(n) for n in names},
                       "torch_imported": "torch" in sys.modules, **options}))
     return 0
 stub.main = main
@@ -226,21 +210,19 @@ cli()
 
 
 def test_worker_device_pins_one_gpu_before_torch_is_imported() -> None:
-    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
-    out = subprocess.run(
-        [sys.executable, "-c", STUB_WORKER, "--device", "cuda:3", "--kinds", "evaluation"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    ).stdout
+    settings = ("CUDA_VISIBLE_DEVICES", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "OMP_WAIT_POLICY")
+    env = {k: v for k, v in os.environ.items() if k not in settings}
+    out = run_checked(
+        sys.executable, "-c", STUB_WORKER, "--device", "cuda:3", "--kinds", "evaluation", env=env
+    )
     seen = json.loads(out.strip().splitlines()[-1])
     # The process sees only GPU 3, as its cuda:0, and torch had not been imported yet.
     assert seen["CUDA_VISIBLE_DEVICES"] == "3" and seen["device"] == "cuda:0"
     assert seen["torch_imported"] is False
     assert seen["kinds"] == ["evaluation"]
+    # The command made the process offline and its idle threads passive, before torch loads.
+    assert seen["HF_HUB_OFFLINE"] == seen["TRANSFORMERS_OFFLINE"] == "1"
+    assert seen["OMP_WAIT_POLICY"] == "PASSIVE"
 
 
 def test_serve_starts_one_fresh_worker_process_per_gpu(monkeypatch: pytest.MonkeyPatch) -> None:

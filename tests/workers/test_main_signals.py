@@ -20,7 +20,7 @@ from app.core.config import Settings
 from app.core.database import make_engine, session_factory
 from app.core.tables import Claim, Evaluation, EvaluationItem, Worker
 from app.main import create_app
-from tests.conftest import REPO, settings_env, wait_for
+from tests.conftest import REPO, qa_suite, settings_env, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -43,23 +43,6 @@ from app.cli import main
 sys.argv = ["forgetguard", "worker", "--device", "cpu", "--kinds", "evaluation"]
 main()
 """
-
-
-def qa_suite(name: str, size: int) -> dict[str, Any]:
-    """An inline qa suite of ``size`` arithmetic questions."""
-    return {
-        "name": name,
-        "kind": "qa",
-        "items": [
-            {
-                "id": f"{name}-{i:03d}",
-                "question": f"What is {i} plus {i}?",
-                "answers": [str(2 * i)],
-                "category": ("even", "odd")[i % 2],
-            }
-            for i in range(size)
-        ],
-    }
 
 
 def spawn(

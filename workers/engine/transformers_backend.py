@@ -217,6 +217,25 @@ def _supports_logits_to_keep(model: torch.nn.Module) -> bool:
     return _LOGITS_TO_KEEP[cls]
 
 
+_CACHE_ARGUMENT: dict[type, str] = {}
+
+
+def _cache_argument(model: torch.nn.Module) -> str:
+    """The forward argument (and output field) that carries the KV cache.
+
+    transformers 5.x renamed ``past_key_values`` to ``cache`` and warns on the old name; older
+    releases know only the old one. Read from the model that does the work: a peft wrapper's
+    own ``forward`` passes keyword arguments through to it.
+    """
+    cls = type(model)
+    if cls not in _CACHE_ARGUMENT:
+        unwrap = getattr(model, "get_base_model", None)
+        base: Any = unwrap() if callable(unwrap) else model
+        params = inspect.signature(base.forward).parameters
+        _CACHE_ARGUMENT[cls] = "cache" if "cache" in params else "past_key_values"
+    return _CACHE_ARGUMENT[cls]
+
+
 def _forward(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -240,15 +259,16 @@ def _forward(
         "use_cache": use_cache,
         "return_dict": True,
     }
+    cache_argument = _cache_argument(model)
     if past_key_values is not None:
-        kwargs["past_key_values"] = past_key_values
+        kwargs[cache_argument] = past_key_values
     if last_only and _supports_logits_to_keep(model):
         kwargs["logits_to_keep"] = 1
     out = model(**kwargs)
     logits = out.logits
     if last_only:
         logits = logits[:, -1:, :]
-    return logits, (out.past_key_values if use_cache else None)
+    return logits, (getattr(out, cache_argument) if use_cache else None)
 
 
 def _is_oom(exc: BaseException) -> bool:

@@ -16,7 +16,7 @@ from app.suites.kinds import KINDS, ItemRow
 from workers.context import JobContext
 from workers.engine.loading import ModelCache
 from workers.engine.transformers_backend import TransformersBackend
-from workers.evaluation.runners import RUNNERS, RunSettings
+from workers.evaluation.runners import RunSettings, run_items
 
 log = logging.getLogger("forgetguard.worker")
 
@@ -101,7 +101,9 @@ def run_evaluation(
         cache_key=key,
     )
 
-    backend = TransformersBackend(loaded.model, loaded.tokenizer)
+    backend = TransformersBackend(
+        loaded.model, loaded.tokenizer, batch_size=evaluation.generation.get("batch_size") or "auto"
+    )
     settings = RunSettings(
         prompt_format=prompt_format,
         max_new_tokens=int(evaluation.generation.get("max_new_tokens", 50)),
@@ -151,7 +153,7 @@ def run_evaluation(
             if on_progress:
                 on_progress(progress["done"], total)
 
-        RUNNERS[suite["kind"]](backend, definition, pending, settings, emit)
+        run_items(suite["kind"], backend, definition, pending, settings, emit)
 
     with ctx.sessionmaker() as session:
         evaluation = session.get(Evaluation, evaluation_id)

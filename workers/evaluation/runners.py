@@ -1,8 +1,11 @@
-"""Suite-kind runners: turn a suite's pending items into scored item rows.
+"""Turn a suite's pending items into scored item rows: one scorer per kind, one driver per request.
 
-``RUNNERS`` mirrors ``app.suites.kinds.KINDS``: one function per kind. A runner gets the
-loaded model, the suite definition, the items still to do, and ``emit(rows)``, which persists
-a batch of finished rows (and raises if the job was cancelled or the lease lost).
+``SCORERS`` holds the worker half of each suite kind (``app.suites.kinds.KINDS`` holds the
+rest): how an item is put to the model and how the result is scored. The kind's ``request``
+type ("generate", "loglikelihood", "token_nll") picks the driver, which makes the matching
+``Backend`` call. A driver gets the loaded model, the suite definition, the items still to do,
+and ``emit(rows)``, which persists a batch of finished rows (and raises if the job was
+cancelled or the lease lost).
 """
 
 from __future__ import annotations
@@ -11,13 +14,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from app.suites.checks import run_check
-from app.suites.kinds import DEFAULT_PROMPT_TEMPLATE, render_prompt
+from app.suites.checks import failed_rule
+from app.suites.kinds import DEFAULT_PROMPT_TEMPLATE, KINDS, RequestType, render_prompt
 from workers.engine.base import Backend, Prompt
 
 Emit = Callable[[list[dict[str, Any]]], None]
-Score = Callable[[dict[str, Any], str], dict[str, Any]]  # (item, response) -> row fields
+Item = dict[str, Any]
 FLUSH_EVERY = 8  # rows per database write while generating: resumable, not chatty
+CHUNK = 32  # items per log-likelihood pass between database writes
 
 
 @dataclass(frozen=True)
@@ -27,13 +31,7 @@ class RunSettings:
     stop: tuple[str, ...]
 
 
-# (backend, suite, pending (position, item) pairs, settings, emit)
-Runner = Callable[
-    [Backend, dict[str, Any], Sequence[tuple[int, dict[str, Any]]], RunSettings, Emit], None
-]
-
-
-def _message_text(item: dict[str, Any], suite: dict[str, Any], fmt: str) -> str:
+def message_text(item: Item, suite: dict[str, Any], fmt: str) -> str:
     """What the model is asked: the suite template in plain format, the bare question in chat."""
     question = item.get("question", item.get("prompt", ""))
     if "prompt" in item:  # checklist items carry their prompt verbatim
@@ -59,15 +57,37 @@ class _Buffer:
             self.emit(rows)
 
 
-def _generate_rows(
+@dataclass(frozen=True)
+class Scorer:
+    """The worker half of a suite kind: how an item is put to the model, how it is scored.
+
+    ``score(item, result)`` returns the row's fields (``passed``, ``score``, ``category``,
+    ``severity``, ``details``; ``response`` to override the driver's). ``result`` is what the
+    kind's request type returns for the item: the stripped generated text (generate), one
+    ``(loglik, is_greedy)`` per continuation (loglikelihood), ``(nll_sum, tokens)`` (token_nll).
+    """
+
+    score: Callable[[Item, Any], dict[str, Any]]
+    # The text the model is asked (generate, loglikelihood) or reads raw (token_nll).
+    text: Callable[[Item, dict[str, Any], str], str] = message_text
+    # loglikelihood: the continuations whose likelihood is measured after each item's text.
+    continuations: Callable[[Item], Sequence[str]] | None = None
+
+
+Pending = Sequence[tuple[int, Item]]  # (position in the suite, item) still to do
+Driver = Callable[[Backend, dict[str, Any], Pending, RunSettings, Emit, Scorer], None]
+
+
+def _generate(
     backend: Backend,
     suite: dict[str, Any],
-    items: Sequence[tuple[int, dict[str, Any]]],
+    items: Pending,
     settings: RunSettings,
     emit: Emit,
-    score: Score,
+    scorer: Scorer,
 ) -> None:
-    texts = [_message_text(item, suite, settings.prompt_format) for _, item in items]
+    """Greedy answers, scored as each finishes; rows written every ``FLUSH_EVERY``."""
+    texts = [scorer.text(item, suite, settings.prompt_format) for _, item in items]
     chat = settings.prompt_format == "chat"
     prompts = [Prompt(t, chat) for t in texts]
     buffer = _Buffer(emit)
@@ -82,7 +102,7 @@ def _generate_rows(
                 "position": position,
                 "prompt": texts[index],
                 "response": response,
-                **score(item, response),
+                **scorer.score(item, response),
             }
         )
 
@@ -92,23 +112,111 @@ def _generate_rows(
     buffer.flush()
 
 
-def _generative(score: Score) -> Runner:
-    """A runner that answers every item greedily and scores the answer with ``score``."""
+def _loglikelihood(
+    backend: Backend,
+    suite: dict[str, Any],
+    items: Pending,
+    settings: RunSettings,
+    emit: Emit,
+    scorer: Scorer,
+) -> None:
+    """log p(continuation | text) for each item's continuations, ``CHUNK`` items a pass."""
+    if scorer.continuations is None:
+        raise ValueError("a loglikelihood kind's scorer must say its continuations")
+    fmt = settings.prompt_format
+    for start in range(0, len(items), CHUNK):
+        chunk = items[start : start + CHUNK]
+        requests: list[tuple[Prompt, str]] = []
+        texts, counts = [], []
+        for _, item in chunk:
+            text = scorer.text(item, suite, fmt)
+            texts.append(text)
+            context = Prompt(text, fmt == "chat")
+            continuations = scorer.continuations(item)
+            counts.append(len(continuations))
+            for continuation in continuations:
+                # lm-eval's target delimiter: a space after "Answer:"; none after a chat turn start.
+                requests.append((context, continuation if fmt == "chat" else f" {continuation}"))
+        results = backend.loglikelihood(requests)
+        rows, offset = [], 0
+        for (position, item), text, n in zip(chunk, texts, counts, strict=True):
+            rows.append(
+                {
+                    "item_id": item["id"],
+                    "position": position,
+                    "prompt": text,
+                    "response": None,
+                    **scorer.score(item, results[offset : offset + n]),
+                }
+            )
+            offset += n
+        emit(rows)
 
-    def run(
-        backend: Backend,
-        suite: dict[str, Any],
-        items: Sequence[tuple[int, dict[str, Any]]],
-        settings: RunSettings,
-        emit: Emit,
-    ) -> None:
-        _generate_rows(backend, suite, items, settings, emit, score)
 
-    run.__doc__ = score.__doc__
-    return run
+def _token_nll(
+    backend: Backend,
+    suite: dict[str, Any],
+    items: Pending,
+    settings: RunSettings,
+    emit: Emit,
+    scorer: Scorer,
+) -> None:
+    """Negative log-likelihood of each item's raw text (no prompt format), ``CHUNK`` a pass."""
+    for start in range(0, len(items), CHUNK):
+        chunk = items[start : start + CHUNK]
+        texts = [scorer.text(item, suite, settings.prompt_format) for _, item in chunk]
+        results = backend.token_nll(texts)
+        emit(
+            [
+                {
+                    "item_id": item["id"],
+                    "position": position,
+                    "prompt": text,
+                    "response": None,
+                    **scorer.score(item, result),
+                }
+                for (position, item), text, result in zip(chunk, texts, results, strict=True)
+            ]
+        )
 
 
-def _score_qa(item: dict[str, Any], response: str) -> dict[str, Any]:
+# One driver per Backend method: the kind's request type picks it, never the kind's name.
+DRIVERS: dict[RequestType, Driver] = {
+    "generate": _generate,
+    "loglikelihood": _loglikelihood,
+    "token_nll": _token_nll,
+}
+SCORERS: dict[str, Scorer] = {}
+
+
+def register_scorer(kind: str, scorer: Scorer) -> Scorer:
+    """Register the worker half of suite kind ``kind`` (its entry is in ``KINDS``)."""
+    if kind in SCORERS:
+        raise ValueError(f"suite kind {kind!r} already has a scorer")
+    SCORERS[kind] = scorer
+    return scorer
+
+
+def unregister_scorer(kind: str) -> None:
+    """Remove a kind's scorer (tests that add a throwaway kind clean up with this)."""
+    SCORERS.pop(kind, None)
+
+
+def run_items(
+    kind: str,
+    backend: Backend,
+    suite: dict[str, Any],
+    items: Pending,
+    settings: RunSettings,
+    emit: Emit,
+) -> None:
+    """Score ``items`` of a suite of ``kind``: its request type's driver with its scorer."""
+    if kind not in KINDS or kind not in SCORERS:
+        raise ValueError(f"suite kind {kind!r} is not registered on this worker")
+    DRIVERS[KINDS[kind].request](backend, suite, items, settings, emit, SCORERS[kind])
+
+
+def _score_qa(item: Item, response: str) -> dict[str, Any]:
     """Greedy answers; correct when any accepted answer is a case-insensitive substring."""
     answer = response.lower()
     correct = any(a.lower() in answer for a in item["answers"])
@@ -121,112 +229,63 @@ def _score_qa(item: dict[str, Any], response: str) -> dict[str, Any]:
     }
 
 
-def _score_checklist(item: dict[str, Any], response: str) -> dict[str, Any]:
+def _score_checklist(item: Item, response: str) -> dict[str, Any]:
     """Greedy responses checked by the declarative check of each item."""
-    passed = run_check(item["check"], response)
+    rule = failed_rule(item["check"], response)
+    passed = rule is None
+    details: dict[str, Any] = {"test": item["test"]}
+    if rule is not None:
+        details["failed_rule"] = rule  # which rule to read the response against
     return {
         "passed": passed,
         "score": float(passed),
         "category": item.get("category"),
         "severity": item.get("severity"),
-        "details": {"test": item["test"]},
+        "details": details,
     }
 
 
-run_qa = _generative(_score_qa)
-run_checklist = _generative(_score_checklist)
+def _score_multiple_choice(item: Item, results: Sequence[tuple[float, bool]]) -> dict[str, Any]:
+    """lm-eval: argmax of log p(choice | prompt) (acc) and per byte of choice (acc_norm)."""
+    choices = item["choices"]
+    n = len(choices)
+    logliks = [r[0] for r in results]
+    pred = max(range(n), key=lambda i: logliks[i])
+    normed = [ll / max(1, len(c.encode())) for ll, c in zip(logliks, choices, strict=True)]
+    pred_norm = max(range(n), key=lambda i: normed[i])
+    return {
+        "response": choices[pred],
+        "passed": pred == item["gold"],
+        "score": logliks[item["gold"]],
+        "category": item.get("category"),
+        "severity": None,
+        "details": {
+            "question": item["question"],
+            "choices": choices,
+            "gold": item["gold"],
+            "logliks": logliks,
+            "pred": pred,
+            "pred_norm": pred_norm,
+            "correct_norm": pred_norm == item["gold"],
+        },
+    }
 
 
-CHUNK = 32  # items per log-likelihood pass between database writes
+def _score_perplexity(item: Item, result: tuple[float, int]) -> dict[str, Any]:
+    """Negative log-likelihood per token of the text; nothing passes or fails."""
+    nll, tokens = result
+    return {
+        "passed": None,
+        "score": nll / tokens if tokens else None,
+        "category": item.get("category"),
+        "severity": None,
+        "details": {"nll_sum": nll, "tokens": tokens},
+    }
 
 
-def run_multiple_choice(
-    backend: Backend,
-    suite: dict[str, Any],
-    items: Sequence[tuple[int, dict[str, Any]]],
-    settings: RunSettings,
-    emit: Emit,
-) -> None:
-    """lm-eval scoring: argmax of log p(choice | prompt) (acc) and per byte of choice (acc_norm)."""
-    fmt = settings.prompt_format
-    for start in range(0, len(items), CHUNK):
-        chunk = items[start : start + CHUNK]
-        requests: list[tuple[Prompt, str]] = []
-        texts = []
-        for _, item in chunk:
-            text = _message_text(item, suite, fmt)
-            texts.append(text)
-            context = Prompt(text, fmt == "chat")
-            for choice in item["choices"]:
-                # lm-eval's target delimiter: a space after "Answer:"; none after a chat turn start.
-                requests.append((context, choice if fmt == "chat" else f" {choice}"))
-        results = backend.loglikelihood(requests)
-        rows, offset = [], 0
-        for (position, item), text in zip(chunk, texts, strict=True):
-            n = len(item["choices"])
-            logliks = [r[0] for r in results[offset : offset + n]]
-            offset += n
-            pred = max(range(n), key=lambda i: logliks[i])
-            normed = [
-                ll / max(1, len(c.encode())) for ll, c in zip(logliks, item["choices"], strict=True)
-            ]
-            pred_norm = max(range(n), key=lambda i: normed[i])
-            rows.append(
-                {
-                    "item_id": item["id"],
-                    "position": position,
-                    "prompt": text,
-                    "response": item["choices"][pred],
-                    "passed": pred == item["gold"],
-                    "score": logliks[item["gold"]],
-                    "category": item.get("category"),
-                    "severity": None,
-                    "details": {
-                        "question": item["question"],
-                        "choices": item["choices"],
-                        "gold": item["gold"],
-                        "logliks": logliks,
-                        "pred": pred,
-                        "pred_norm": pred_norm,
-                        "correct_norm": pred_norm == item["gold"],
-                    },
-                }
-            )
-        emit(rows)
-
-
-def run_perplexity(
-    backend: Backend,
-    suite: dict[str, Any],
-    items: Sequence[tuple[int, dict[str, Any]]],
-    settings: RunSettings,
-    emit: Emit,
-) -> None:
-    """Negative log-likelihood per token of each text (no prompt format: raw text)."""
-    for start in range(0, len(items), CHUNK):
-        chunk = items[start : start + CHUNK]
-        results = backend.token_nll([item["text"] for _, item in chunk])
-        emit(
-            [
-                {
-                    "item_id": item["id"],
-                    "position": position,
-                    "prompt": item["text"],
-                    "response": None,
-                    "passed": None,
-                    "score": nll / tokens if tokens else None,
-                    "category": item.get("category"),
-                    "severity": None,
-                    "details": {"nll_sum": nll, "tokens": tokens},
-                }
-                for (position, item), (nll, tokens) in zip(chunk, results, strict=True)
-            ]
-        )
-
-
-RUNNERS: dict[str, Runner] = {
-    "qa": run_qa,
-    "checklist": run_checklist,
-    "multiple_choice": run_multiple_choice,
-    "perplexity": run_perplexity,
-}
+register_scorer("qa", Scorer(_score_qa))
+register_scorer("checklist", Scorer(_score_checklist))
+register_scorer(
+    "multiple_choice", Scorer(_score_multiple_choice, continuations=lambda item: item["choices"])
+)
+register_scorer("perplexity", Scorer(_score_perplexity, text=lambda item, suite, fmt: item["text"]))

@@ -5,24 +5,16 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
-from tests.conftest import REPO
+from tests.conftest import REPO, run_checked
 from workers.demo.run import DemoRow, DemoSizes, demo_runs, demo_suites, drug_examples, format_table
 from workers.demo.toy import forgetting_ratio, report, shared_weight
 
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    # Scalar-sized ops: extra threads only add contention on a shared 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny tensors: one torch thread (the conftest fixture).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_the_shared_weight_is_pulled_from_task_a_to_task_b() -> None:
@@ -125,12 +117,5 @@ def test_demo_command_prints_the_table(tiny_model_dir: Path, tmp_path: Path) -> 
         line.rstrip(" |").split("|")[-1].strip() in ("pass", "fail", "(base)") for line in lines[2:]
     )
     assert (tmp_path / "t.md").read_text().strip() == "\n".join(lines)
-    toy = subprocess.run(
-        [sys.executable, "-m", "app.cli", "demo", "--toy"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert toy.returncode == 0 and "Forgetting ratio" in toy.stdout
+    toy = run_checked(sys.executable, "-m", "app.cli", "demo", "--toy", env=env)
+    assert "Forgetting ratio" in toy

@@ -465,3 +465,23 @@ def test_tiny_model_is_deterministic(tmp_path: Path) -> None:
     b = build_tiny_model(tmp_path / "b", seed=3)
     for name in ("model.safetensors", "tokenizer.json", "config.json"):
         assert (a / name).read_bytes() == (b / name).read_bytes()
+
+
+def test_engine_calls_raise_no_deprecation_warnings(tiny: tuple[Any, Any]) -> None:
+    """Evaluations log nothing about deprecated transformers APIs (the KV cache argument's
+    name changed in transformers 5: the engine passes the one the model's forward takes)."""
+    import warnings
+
+    model, tokenizer = tiny
+    prompts = _prompts(tokenizer)[:8]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        engine.generate(model, tokenizer, prompts, max_new_tokens=6, batch_size=3)
+        engine.loglikelihood(model, tokenizer, [(prompts[0], prompts[1][:3])])
+    deprecations = [
+        str(w.message)
+        for w in caught
+        if issubclass(w.category, FutureWarning | DeprecationWarning)
+        or "deprecated" in str(w.message).lower()
+    ]
+    assert deprecations == []

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,13 +42,8 @@ RECORDS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    # A 2-layer, 64-wide model: more threads only add contention on a shared 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny tensors: one torch thread (the conftest fixture).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _request(model_dir: Path, method: str = "lora", **hp: Any) -> FinetuneJobCreate:

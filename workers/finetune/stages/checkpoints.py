@@ -28,7 +28,7 @@ from app.core.tables import Evaluation, FinetuneCheckpoint
 from app.finetune.schemas import evaluation_steps
 from app.jobs.queue import renew
 from workers.engine.transformers_backend import TransformersBackend
-from workers.evaluation.runners import RUNNERS, RunSettings
+from workers.evaluation.runners import RunSettings, run_items
 from workers.finetune.data import encode_records, pad_id
 from workers.finetune.domain import completion_nll
 from workers.finetune.ewc import trainable_named_parameters
@@ -151,7 +151,7 @@ class CheckpointEvaluator:
                 into.extend(rows)
 
             items = list(enumerate(definition["items"]))
-            RUNNERS[definition["kind"]](backend, definition, items, self.settings, emit)
+            run_items(definition["kind"], backend, definition, items, self.settings, emit)
             for r in sorted(collected, key=lambda r: r["position"]):
                 out.append(
                     Row(

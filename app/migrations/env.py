@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from alembic import context
 
+from app.core.config import get_settings
 from app.core.database import make_engine
 from app.core.tables import Base
 
@@ -11,9 +12,16 @@ config = context.config
 target_metadata = Base.metadata
 
 
+def _url() -> str:
+    """The URL ``forgetguard db upgrade`` passes; else (plain ``alembic``) the settings' one."""
+    section = config.config_ini_section
+    url = config.file_config.get(section, "sqlalchemy.url", fallback=None)
+    return url or get_settings().database_url
+
+
 def run_migrations_offline() -> None:
     context.configure(
-        url=config.get_main_option("sqlalchemy.url"),
+        url=_url(),
         target_metadata=target_metadata,
         literal_binds=True,
         render_as_batch=True,
@@ -23,9 +31,7 @@ def run_migrations_offline() -> None:
 
 
 def run_migrations_online() -> None:
-    url = config.get_main_option("sqlalchemy.url")
-    assert url is not None
-    engine = make_engine(url)
+    engine = make_engine(_url())
     with engine.connect() as connection:
         context.configure(
             connection=connection,
