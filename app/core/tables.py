@@ -173,6 +173,24 @@ class FinetuneEvent(Base):
     data: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
 
 
+class FinetuneCheckpoint(Base):
+    """One evaluation of a fine-tune job's weights at an optimizer step (step 0: the base)."""
+
+    __tablename__ = "finetune_checkpoints"
+    __table_args__ = (UniqueConstraint("job_id", "step", name="uq_finetune_checkpoints_step"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(
+        String(40), ForeignKey("finetune_jobs.id", ondelete="CASCADE")
+    )
+    step: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    general: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    domain: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    drift: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    verdict: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+
+
 class Claim(Base):
     """Append-only log of every lease taken: evidence that no job had two live leases."""
 

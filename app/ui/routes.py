@@ -30,6 +30,7 @@ from app.core.formatting import number, percent
 from app.core.pagination import newest_first, page
 from app.core.tables import Evaluation, EvaluationItem, FinetuneEvent, FinetuneJob
 from app.evaluations import service as evaluations
+from app.finetune import service as finetune
 from app.finetune.schemas import Hyperparameters, resolve_hyperparameters
 from app.jobs.status import LIVE, JobStatus
 from app.suites.kinds import KINDS, Display
@@ -490,8 +491,14 @@ def finetune_job_page(job_id: str, session: SessionDep) -> HTMLResponse:
     )
     request = job.request or {}
     warnings = [views.warning_text(w) for w in (job.warnings or [])]
+    checkpoints = finetune.checkpoints(session=session, job_id=job_id)
+    forgetting, learning = views.checkpoint_curves(checkpoints)
     return render(
         "finetune_job.html",
+        checkpoints=checkpoints,
+        forgetting_chart=views.forgetting_chart(forgetting) if checkpoints else None,
+        learning_chart=views.learning_chart(learning) if checkpoints else None,
+        shipped=(job.metrics or {}).get("shipped"),
         job=job,
         request_=request,
         method=request.get("method", "—"),
