@@ -54,7 +54,7 @@ test: install-dev
 
 lint: install-dev
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check app workers tests benchmarks
+	$(BIN)/ruff format --check app workers forgetguard tests benchmarks
 
 typecheck: install-dev
 	$(BIN)/mypy

@@ -162,6 +162,10 @@ def worker(
     )
 
 
+# Set by `serve` for the workers it starts: the pid they must not outlive.
+PARENT_PID_ENV = "FORGETGUARD_PARENT_PID"
+
+
 class _Supervisor:
     """Keeps N worker subprocesses running beside the API; stops them on exit."""
 
@@ -188,7 +192,10 @@ class _Supervisor:
             "--worker-id",
             f"{os.uname().nodename}-w{index}-{os.getpid()}",
         ]
-        return subprocess.Popen(cmd)
+        # The worker watches this process and stops when it dies, however it dies (SIGKILL
+        # included), so a restarted serve never runs beside an orphaned worker.
+        env = {**os.environ, PARENT_PID_ENV: str(os.getpid())}
+        return subprocess.Popen(cmd, env=env)
 
     def start(self) -> None:
         for i in range(self.count):

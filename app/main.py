@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import codecs
 import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import anyio
 import numpy as np
+from anyio import to_thread
 from fastapi import FastAPI
 from sqlalchemy import text
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -17,6 +20,7 @@ from app.api import metrics as metrics_api
 from app.core import errors
 from app.core.config import Settings, get_settings
 from app.core.database import make_engine, session_factory
+from app.core.storable import Unstorable, check_json_body, check_url
 from app.suites import versions
 from app.ui import routes as ui
 from app.web import auth, docs
@@ -30,6 +34,8 @@ class SchemaNotReady(RuntimeError):
 # Deeper JSON than this is refused before it is parsed: nothing this API takes nests past a
 # dozen levels (checks' combinators included), and deep nesting breaks parsers and serialisers.
 JSON_MAX_DEPTH = 64
+# Bodies larger than this are checked for unstorable values in a worker thread, off the loop.
+_CHECK_INLINE_BYTES = 256 * 1024
 
 
 class BodyRefused(StarletteHTTPException):
@@ -103,10 +109,15 @@ def _is_json(content_type: bytes | None) -> bool:
 
 
 class BodyLimit:
-    """Refuse request bodies over ``limit`` bytes (413) and JSON nested too deeply (422).
+    """Refuse what no route should see, before any route runs, for every route.
 
-    Works for a declared ``Content-Length`` (refused before reading) and for chunked bodies
-    (refused as soon as the running total passes the limit), for every route.
+    - bodies over ``limit`` bytes (413): a declared ``Content-Length`` is refused before
+      reading, a chunked body as soon as the running total passes the limit;
+    - JSON bodies that are not UTF-8 (400): ``json.loads`` would also accept UTF-16 and UTF-32,
+      and then the nesting guard (which reads bytes) and the parser would see different text;
+    - JSON nested too deeply (422);
+    - values the database cannot store (422, see ``app.core.storable``): NUL, lone
+      surrogates, Infinity/NaN, anywhere in a JSON body, the path or a query parameter.
     """
 
     def __init__(self, app: ASGIApp, limit: int, max_depth: int = JSON_MAX_DEPTH) -> None:
@@ -127,24 +138,52 @@ class BodyLimit:
         if declared.isdigit() and int(declared) > self.limit:
             await self._refuse(self._too_large(), scope, receive, send)
             return
-        nesting = JsonNesting(self.max_depth) if _is_json(_header(scope, b"content-type")) else None
+        try:
+            check_url(scope.get("path", ""), scope.get("query_string", b""))
+        except Unstorable as exc:
+            await self._refuse(_unstorable(exc), scope, receive, send)
+            return
+        is_json = _is_json(_header(scope, b"content-type"))
+        nesting = JsonNesting(self.max_depth) if is_json else None
+        utf8 = codecs.getincrementaldecoder("utf-8")("strict") if is_json else None
+        chunks: list[bytes] = []
         seen = 0
         started = False
 
         async def limited() -> Message:
             nonlocal seen
             message = await receive()
-            if message["type"] == "http.request":
-                body = message.get("body", b"")
-                seen += len(body)
-                if seen > self.limit:
-                    raise self._too_large()
-                if nesting is not None and nesting.feed(body):
-                    raise BodyRefused(
-                        422,
-                        "JSON nested too deeply",
-                        f"request JSON may nest at most {self.max_depth} levels deep",
-                    )
+            if message["type"] != "http.request":
+                return message
+            body = message.get("body", b"")
+            seen += len(body)
+            if seen > self.limit:
+                raise self._too_large()
+            if utf8 is None or nesting is None:
+                return message
+            try:
+                utf8.decode(body, final=not message.get("more_body", False))
+            except UnicodeDecodeError:
+                raise _not_utf8() from None
+            if b"\x00" in body:  # never valid JSON; the tell of UTF-16 and UTF-32
+                raise _not_utf8()
+            if nesting.feed(body):
+                raise BodyRefused(
+                    422,
+                    "JSON nested too deeply",
+                    f"request JSON may nest at most {self.max_depth} levels deep",
+                )
+            chunks.append(body)
+            if not message.get("more_body", False):
+                whole = b"".join(chunks)
+                chunks.clear()
+                try:
+                    if len(whole) > _CHECK_INLINE_BYTES:
+                        await to_thread.run_sync(check_json_body, whole)
+                    else:
+                        check_json_body(whole)
+                except Unstorable as exc:
+                    raise _unstorable(exc) from None
             return message
 
         async def tracking(message: Message) -> None:
@@ -165,13 +204,30 @@ class BodyLimit:
         await response(scope, receive, send)
 
 
+def _not_utf8() -> BodyRefused:
+    return BodyRefused(
+        400,
+        "Body is not UTF-8",
+        "JSON request bodies must be UTF-8 encoded (RFC 8259); UTF-16 and UTF-32 are refused",
+    )
+
+
+def _unstorable(exc: Unstorable) -> BodyRefused:
+    return BodyRefused(422, "Value cannot be stored", str(exc))
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The API: routers, problem+json errors, database, built-in suites registered at start."""
     settings = settings or get_settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine = make_engine(settings.database_url)
+        # The thread pool that runs sync routes; and database slots, one per request that may
+        # hold a connection (app.web.deps.get_session), fewer than the pool's connections:
+        # under load a request waits for a slot, holding nothing, never for a connection.
+        to_thread.current_default_thread_limiter().total_tokens = settings.api_threads
+        app.state.database_slots = anyio.Semaphore(settings.api_threads)
+        engine = make_engine(settings.database_url, pool_size=settings.api_threads, max_overflow=4)
         with engine.connect() as conn:
             try:
                 conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one()

@@ -52,3 +52,35 @@ def test_refuses_public_bind_without_keys(settings) -> None:  # type: ignore[no-
         timeout=60,
     )
     assert proc.returncode == 2 and "refusing to bind 0.0.0.0 without API keys" in proc.stderr
+
+
+@pytest.mark.one_db
+@pytest.mark.slow
+def test_sigkill_of_serve_leaves_no_worker_and_a_restart_runs_one(settings, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """SIGKILL gives serve no chance to stop its workers: they notice on their own and exit."""
+    server, http = start_serve(settings, "--workers", "1", "--device", "cpu")
+    try:
+        workers = wait_for(
+            lambda: http.get("/workers").json()["data"], 90, what="the local worker to register"
+        )
+        worker_pid = workers[0]["pid"]
+    finally:
+        server.kill()
+        server.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and _alive(worker_pid):
+        time.sleep(0.2)
+    assert not _alive(worker_pid), "the worker outlived its killed serve"
+    # A restarted serve runs exactly one worker (the orphan deregistered on its way out).
+    server, http = start_serve(settings, "--workers", "1", "--device", "cpu")
+    try:
+        live = wait_for(
+            lambda: http.get("/workers").json()["data"], 90, what="the new worker to register"
+        )
+        time.sleep(2)
+        live = http.get("/workers").json()["data"]
+        assert [w["pid"] for w in live if w["status"] != "offline"] != [worker_pid]
+        assert len([w for w in live if _alive(w["pid"])]) == 1
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=90)

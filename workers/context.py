@@ -10,9 +10,8 @@ from sqlalchemy import Engine, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.core.config import Settings
-from app.core.database import immediate_session
 from app.core.tables import Evaluation, FinetuneJob
-from app.jobs.queue import JOB_MODELS, ClaimedJob, LeaseLost, renew
+from app.jobs.queue import JOB_MODELS, ClaimedJob, LeaseLost, guarded_write, set_job
 
 
 class Interrupted(Exception):
@@ -47,7 +46,7 @@ class JobContext:
     def set_stage(self, stage: str, *, done: int | None = None, total: int | None = None) -> None:
         """Record the current stage in the job's progress (and renew the lease)."""
         model = JOB_MODELS[self.job.kind]
-        with immediate_session(self.engine) as session, session.begin():
+        with guarded_write(self.engine, self.job, self.settings.lease_seconds) as session:
             row = cast("Evaluation | FinetuneJob | None", session.get(model, self.job.id))
             progress = dict(row.progress) if row is not None else {}
             progress["stage"] = stage
@@ -55,12 +54,11 @@ class JobContext:
                 progress["done"] = done
             if total is not None:
                 progress["total"] = total
-            renew(session, self.job, self.settings.lease_seconds, progress=progress)
+            set_job(session, self.job, progress=progress)
 
     def update_job(self, evaluation_id: str, **values: Any) -> None:
         """Set fields on an evaluation this job runs, under the job's lease."""
-        with immediate_session(self.engine) as session, session.begin():
-            renew(session, self.job, self.settings.lease_seconds)
+        with guarded_write(self.engine, self.job, self.settings.lease_seconds) as session:
             session.execute(
                 update(Evaluation).where(Evaluation.id == evaluation_id).values(**values)
             )

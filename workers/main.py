@@ -8,16 +8,21 @@ signal thread and the process exits 0 anyway.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
+import re
+import resource
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy.exc import DBAPIError
+import regex
+from sqlalchemy.exc import DBAPIError, OperationalError
 
 from app.core.config import Settings
 from app.core.database import make_engine, session_factory
@@ -43,6 +48,9 @@ from workers.engine.loading import ModelCache
 from workers.evaluation.run import run_evaluation
 
 log = logging.getLogger("forgetguard.worker")
+
+# Set by `forgetguard serve` for the workers it starts (app.cli.PARENT_PID_ENV).
+PARENT_PID_ENV = "FORGETGUARD_PARENT_PID"
 
 # A forced exit waits at most this long for the database to take the job back.
 FORCE_EXIT_DATABASE_SECONDS = 10.0
@@ -80,6 +88,29 @@ def engine_description(backend: str, settings: Settings, device: Any) -> tuple[s
 
     dtype = str(compute.select_dtype(device)).removeprefix("torch.")
     return str(device), dtype, f"transformers {transformers.__version__}"
+
+
+# Errors that retrying cannot cure: the job fails at once instead of using up its attempts.
+# (Model loading turns unreadable weights or a bad tokenizer into UserError itself.)
+PERMANENT_ERRORS: tuple[type[BaseException], ...] = (UserError, Problem, re.error, regex.error)
+# How often a worker started by `forgetguard serve` checks that serve is still alive.
+PARENT_POLL_SECONDS = 1.0
+_PR_SET_PDEATHSIG = 1
+
+
+def cap_memory(limit_bytes: int) -> None:
+    """Cap this process's address space (``FORGETGUARD_WORKER_MAX_MEMORY_BYTES``; 0: none).
+
+    An allocation past the cap raises MemoryError in the job, which then fails, instead of the
+    host swapping or the kernel's OOM killer picking a victim.
+    """
+    if limit_bytes <= 0:
+        return
+    _soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    if hard != resource.RLIM_INFINITY:
+        limit_bytes = min(limit_bytes, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (limit_bytes, hard))
+    log.info("worker address space capped at %d bytes", limit_bytes)
 
 
 def _job_runners() -> dict[str, JobRunner]:
@@ -291,11 +322,23 @@ class Worker:
                 abandon(self.engine, job)
             except Exception:  # the next claim marks the worker busy or idle again anyway
                 log.exception("%s %s: could not record the stop", job.kind, job.id)
-        except (UserError, Problem) as exc:
+        except PERMANENT_ERRORS as exc:
             detail = exc.detail if isinstance(exc, Problem) else str(exc)
-            status = fail(self.engine, job, detail, retryable=False)
+            if isinstance(exc, (re.error, regex.error)):
+                detail = f"a regular expression in a check cannot be compiled: {exc}"
+            status = fail(self.engine, job, detail[:2000], retryable=False)
             log.warning("%s %s: %s: %s", job.kind, job.id, status, detail)
             self._record_failure(job, status, detail)
+        except OperationalError as exc:
+            # The database went away (a restart, a failover): not the job's fault, so it goes
+            # back to the queue without costing an attempt, once the database answers again.
+            log.warning(
+                "%s %s: database error (%s); releasing it once the database is back",
+                job.kind,
+                job.id,
+                type(exc.orig or exc).__name__,
+            )
+            self._release_when_possible(job)
         except Exception as exc:  # the job failed; the worker lives on
             log.exception("%s %s: error", job.kind, job.id)
             message = f"{type(exc).__name__}: {exc}"
@@ -306,6 +349,43 @@ class Worker:
             self.current = None
             beating.set()
             beat.join(timeout=5)
+
+    def _release_when_possible(self, job: ClaimedJob) -> None:
+        """Give ``job`` back (attempt refunded), retrying while the database is unreachable."""
+        delay = self.settings.poll_seconds
+        deadline = time.monotonic() + max(self.settings.lease_seconds, 1.0)
+        while True:
+            try:
+                release(self.engine, job)
+                return
+            except DBAPIError:
+                if time.monotonic() > deadline or self.stop.is_set():
+                    log.warning("%s %s: could not release; its lease will expire", job.kind, job.id)
+                    return
+                self.stop.wait(delay)
+                delay = min(MAX_DATABASE_RETRY_SECONDS, delay * 2)
+
+    def watch_parent(self, parent_pid: int) -> None:
+        """Stop (gracefully, as on SIGTERM) when ``parent_pid`` dies, however it dies.
+
+        Linux delivers SIGTERM on the parent's death (``PR_SET_PDEATHSIG``); a thread also
+        polls the parent pid, which covers other systems and a parent that died before this ran.
+        """
+        if sys.platform.startswith("linux"):
+            try:
+                libc = ctypes.CDLL(None, use_errno=True)
+                libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+            except (OSError, AttributeError):  # pragma: no cover - the poll below still runs
+                log.warning("worker %s: prctl unavailable; polling the parent", self.worker_id)
+
+        def poll() -> None:
+            while os.getppid() == parent_pid:
+                time.sleep(PARENT_POLL_SECONDS)
+            log.warning("worker %s: its serve process (%d) is gone", self.worker_id, parent_pid)
+            if not self.stop.is_set():  # PR_SET_PDEATHSIG may have started the stop already
+                self.on_signal(signal.SIGTERM)
+
+        threading.Thread(target=poll, name="parent-watch", daemon=True).start()
 
     def _record_failure(self, job: ClaimedJob, status: str, error: str) -> None:
         """A fine-tune job's event log says why an attempt failed, like it says everything else."""
@@ -349,8 +429,12 @@ def main(
 ) -> int:
     """Entry point of ``forgetguard worker``, which applied the process settings first
     (:func:`workers.engine.process.configure_process`)."""
+    cap_memory(settings.worker_max_memory_bytes)
     worker = Worker(
         settings, device=device, kinds=kinds, worker_id=worker_id, once=once, backend=backend
     )
     worker.install_signal_handlers()
+    parent = os.environ.get(PARENT_PID_ENV, "")
+    if parent.isdigit():
+        worker.watch_parent(int(parent))
     return worker.run()

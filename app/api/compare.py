@@ -73,7 +73,8 @@ async def compare(
     key = json.dumps([before, after, *astuple(options)])
     data = cache.get(key)
     if data is None:
-        data = await run_in_threadpool(
-            _compare_json, request.app.state.sessionmaker, cache, key, before, after, options
-        )
+        async with request.app.state.database_slots:  # see app.web.deps.get_session
+            data = await run_in_threadpool(
+                _compare_json, request.app.state.sessionmaker, cache, key, before, after, options
+            )
     return Response(data, media_type="application/json")

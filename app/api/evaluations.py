@@ -7,10 +7,10 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
-from app.core.pagination import Cursor, Limit, StatusFilter
+from app.core.pagination import Cursor, Limit, SeqCursor, StatusFilter
 from app.core.schemas import EvaluationCreate, EvaluationPublic, ItemPublic, Page
-from app.core.tables import FINISHED
 from app.evaluations import service
+from app.jobs.status import FINISHED
 from app.web.deps import SessionDep, SettingsDep
 from app.web.idempotency import REPLAY_HEADER, IdempotencyDep
 from app.web.response_cache import FinishedCache
@@ -76,9 +76,10 @@ async def get_evaluation(evaluation_id: str, request: Request) -> Response:
     finished: FinishedCache = request.app.state.finished_evaluations
     body = finished.get(evaluation_id)
     if body is None:
-        body = await run_in_threadpool(
-            _load_public, request.app.state.sessionmaker, finished, evaluation_id
-        )
+        async with request.app.state.database_slots:  # see app.web.deps.get_session
+            body = await run_in_threadpool(
+                _load_public, request.app.state.sessionmaker, finished, evaluation_id
+            )
     return Response(body, media_type="application/json")
 
 
@@ -99,7 +100,7 @@ def list_items(
     suite: Annotated[str | None, Query(max_length=100)] = None,
     category: Annotated[str | None, Query(max_length=100)] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
-    cursor: Annotated[str | None, Query(max_length=40, pattern="^[0-9]+$")] = None,
+    cursor: SeqCursor = None,
 ) -> Page[ItemPublic]:
     """Per-item prompt, response and score; filter ``passed=false`` to see what went wrong."""
     return service.list_items(

@@ -6,10 +6,16 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
 
-from app.core.pagination import Cursor, Limit, StatusFilter
+from app.core.pagination import Cursor, Limit, SeqCursor, StatusFilter
 from app.core.schemas import Page
 from app.finetune import service
-from app.finetune.schemas import FinetuneEventPublic, FinetuneJobCreate, FinetuneJobPublic
+from app.finetune.schemas import (
+    FinetuneCheckpointPublic,
+    FinetuneEventPublic,
+    FinetuneJobCreate,
+    FinetuneJobPublic,
+    InterpolationSpec,
+)
 from app.web.deps import SessionDep, SettingsDep
 from app.web.idempotency import REPLAY_HEADER, IdempotencyDep
 
@@ -57,13 +63,42 @@ def list_events(
     job_id: str,
     session: SessionDep,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
-    cursor: Annotated[str | None, Query(max_length=40, pattern="^[0-9]+$")] = None,
+    cursor: SeqCursor = None,
     level: Annotated[str | None, Query(pattern="^(debug|info|warning|error)$")] = None,
 ) -> Page[FinetuneEventPublic]:
     """Oldest first: stages, steps (loss, learning rate, epoch), checkpoints, warnings."""
     return service.list_events(
         session=session, job_id=job_id, limit=limit, cursor=cursor, level=level
     )
+
+
+@router.get("/{job_id}/checkpoints", response_model=list[FinetuneCheckpointPublic])
+def list_checkpoints(job_id: str, session: SessionDep) -> list[FinetuneCheckpointPublic]:
+    """Evaluations during training, by step (0: the base): the forgetting and learning curves."""
+    return service.checkpoints(session=session, job_id=job_id)
+
+
+@router.post("/{job_id}/interpolations", status_code=202, response_model=FinetuneJobPublic)
+def post_interpolation(
+    job_id: str,
+    body: InterpolationSpec,
+    session: SessionDep,
+    settings: SettingsDep,
+    response: Response,
+    idem: IdempotencyDep,
+) -> FinetuneJobPublic:
+    """Sweep α between the base and this job's fine-tune (no training): a new job, 202."""
+    new_id, created = idem.create_once(
+        session,
+        lambda: (
+            service.interpolate(session=session, settings=settings, job_id=job_id, body=body).id
+        ),
+    )
+    if not created:
+        response.status_code = 200
+        response.headers[REPLAY_HEADER] = "true"
+    response.headers["Location"] = f"/finetune-jobs/{new_id}"
+    return service.public(service.get(session=session, job_id=new_id))
 
 
 @router.post("/{job_id}/cancel", response_model=FinetuneJobPublic)

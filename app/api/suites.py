@@ -85,19 +85,12 @@ def create_suite(
     idem: IdempotencyDep,
 ) -> SuitePublic:
     """Upload a suite: same content → the same version (200), new content → version + 1 (201)."""
-    existing = session.execute(
-        select(Suite.source).where(Suite.name == suite.name).limit(1)
-    ).scalar_one_or_none()
-    if existing == "builtin":
-        raise Problem(
-            409,
-            "Reserved suite name",
-            f"{suite.name!r} is a built-in suite; upload yours under another name",
-        )
+    # 409 here (the name exists as a resource); inline suites get 422 from the same rule.
+    versions.refuse_reserved(session, suite.name, status=409)
     outcome: dict[str, bool] = {}
 
     def create() -> str:
-        row, outcome["created"] = versions.register(session, suite)
+        row, outcome["created"] = versions.register(session, suite, reserved_status=409)
         session.flush()
         return str(row.id)
 

@@ -20,6 +20,7 @@ from app.comparison.verdict import (
 from app.core.errors import Problem
 from app.core.tables import Evaluation, EvaluationItem
 from app.evaluations import service as evaluations
+from app.jobs.status import JobStatus
 from app.suites.kinds import KINDS
 
 
@@ -136,7 +137,7 @@ def parse_suite_names(raw: str | None) -> tuple[str, ...] | None:
 
 def _finished(session: Session, evaluation_id: str) -> Evaluation:
     row = evaluations.get(session=session, evaluation_id=evaluation_id)
-    if row.status != "succeeded":
+    if row.status != JobStatus.SUCCEEDED:
         raise Problem(
             409,
             "Evaluation not finished",

@@ -61,9 +61,19 @@ class Settings(BaseSettings):
     # A worker given SIGTERM finishes its current batch, releases the job and exits within this.
     shutdown_grace_seconds: float = 30.0
 
+    # Requests the API runs at once in its thread pool; its database pool is sized from this.
+    api_threads: int = Field(40, ge=1, le=1000)
+
     max_body_bytes: int = 8 * 1024 * 1024
     # A JSONL dataset named by path is read and checked at submission; this bounds that work.
     max_dataset_bytes: int = 256 * 1024 * 1024
+    # Cost decided before work: a model (its config or its weights) with more parameters than
+    # this is refused at submission and by the worker. 0: no budget.
+    max_model_params: int = 20_000_000_000
+    # Address-space cap (RLIMIT_AS) of each worker process, in bytes; 0: none. CPU workers:
+    # a runaway allocation fails the job instead of the host. CUDA reserves far more address
+    # space than it uses, so for GPU workers cap memory with the container instead.
+    worker_max_memory_bytes: int = 0
 
     @field_validator("model_roots", "data_roots", "api_keys", "endpoints", mode="before")
     @classmethod

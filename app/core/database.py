@@ -42,22 +42,41 @@ def _prepare_sqlite(engine: Engine) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
 
-def make_engine(url: str) -> Engine:
-    """Create an engine; for SQLite, the file's directory is created on first use."""
+def make_engine(url: str, *, pool_size: int = 10, max_overflow: int = 20) -> Engine:
+    """Create an engine; for SQLite, the file's directory is created on first use.
+
+    ``pool_size`` connections are kept and ``max_overflow`` more may open under load. The API
+    admits fewer requests to the database at once than that (``app.web.deps.get_session``),
+    so a request never waits for a connection (``QueuePool limit reached`` under load).
+    """
     parsed = make_url(url)
+    pool = {"pool_size": pool_size, "max_overflow": max_overflow, "pool_timeout": 60}
     if parsed.get_backend_name() == "sqlite":
         database = parsed.database
         if database and database != ":memory:":
             Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+            engine = create_engine(
+                url, connect_args={"timeout": 30, "check_same_thread": False}, **pool
+            )
+        else:
+            engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
         _prepare_sqlite(engine)
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    return create_engine(url, pool_pre_ping=True, **pool)
 
 
-def session_factory(engine: Engine) -> sessionmaker[Session]:
-    """A sessionmaker whose objects stay readable after commit."""
-    return sessionmaker(engine, expire_on_commit=False)
+def session_factory(engine: Engine, *, immediate: bool = False) -> sessionmaker[Session]:
+    """A sessionmaker whose objects stay readable after commit.
+
+    ``immediate``: its transactions take SQLite's write lock at BEGIN (see ``_prepare_sqlite``;
+    PostgreSQL ignores it). For sessions that read and then write: a deferred SQLite
+    transaction that read before another connection committed cannot write any more, and
+    fails with ``database is locked`` at once, whatever the busy timeout. Taking the lock at
+    BEGIN makes concurrent writers wait their turn instead. Connections are still acquired
+    lazily, at the session's first statement.
+    """
+    bind = engine.execution_options(immediate=True) if immediate else engine
+    return sessionmaker(bind, expire_on_commit=False)
 
 
 @contextmanager

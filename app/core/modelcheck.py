@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
+import struct
 from pathlib import Path
+from typing import Any
 
 from app.core.config import Settings
 from app.core.errors import Problem
@@ -135,6 +138,114 @@ def check_adapter_dir(directory: Path, shown: str) -> None:
         raise _unreadable("adapter", shown, exc) from None
 
 
+# A safetensors header is JSON describing the tensors; real ones are a few MiB at most.
+MAX_SAFETENSORS_HEADER_BYTES = 100 * 1024 * 1024
+# A config may describe this many times more parameters than its weights hold (plus slack for
+# buffers the estimate does not know) before it is refused: the loader would allocate the
+# difference, and a config with a thousand layers over a few megabytes of weights asks for
+# gigabytes of memory.
+PARAM_MISMATCH_FACTOR = 2.0
+PARAM_MISMATCH_SLACK = 1_000_000
+
+
+def safetensors_params(directory: Path, shown: str) -> int:
+    """Parameters stored in the directory's ``*.safetensors`` files, from their headers only."""
+    total = 0
+    for path in sorted(directory.glob("*.safetensors")):
+        try:
+            with path.open("rb") as handle:
+                head = handle.read(8)
+                (length,) = struct.unpack("<Q", head) if len(head) == 8 else (-1,)
+                if not 0 < length <= MAX_SAFETENSORS_HEADER_BYTES:
+                    raise ValueError("bad header length")
+                header = json.loads(handle.read(length))
+            for name, tensor in header.items():
+                if name == "__metadata__":
+                    continue
+                shape = tensor["shape"]
+                if not all(isinstance(d, int) and d >= 0 for d in shape):
+                    raise ValueError("bad shape")
+                total += math.prod(shape)
+        except OSError as exc:
+            raise Problem(
+                422, "Unreadable weights", f"{shown}/{path.name} cannot be read: {exc.strerror}"
+            ) from None
+        except (ValueError, KeyError, TypeError, struct.error, RecursionError):
+            raise Problem(
+                422,
+                "Unreadable weights",
+                f"{shown}/{path.name} is not a valid safetensors file (its header cannot be read)",
+            ) from None
+    return total
+
+
+def _int(config: dict[str, Any], *names: str) -> int | None:
+    for name in names:
+        value = config.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return value
+    return None
+
+
+def config_params(config: dict[str, Any]) -> int | None:
+    """The parameter count a decoder config describes (embeddings, attention, MLP), or None.
+
+    An estimate from ``num_hidden_layers``, ``hidden_size``, ``vocab_size`` and
+    ``intermediate_size`` (and the attention heads): what the loader allocates before it reads
+    a single weight. None when the config does not name these (an architecture we cannot size).
+    """
+    text = config.get("text_config")
+    if isinstance(text, dict) and _int(config, "num_hidden_layers", "n_layer") is None:
+        config = text
+    layers = _int(config, "num_hidden_layers", "n_layer", "num_layers")
+    hidden = _int(config, "hidden_size", "n_embd", "d_model")
+    vocab = _int(config, "vocab_size")
+    if layers is None or hidden is None or vocab is None:
+        return None
+    gated = "gpt2" not in str(config.get("model_type", ""))
+    intermediate = _int(config, "intermediate_size", "n_inner") or 4 * hidden
+    heads = _int(config, "num_attention_heads", "n_head") or 1
+    kv_heads = _int(config, "num_key_value_heads") or heads
+    head_dim = _int(config, "head_dim") or max(hidden // max(heads, 1), 1)
+    experts = _int(config, "num_local_experts", "num_experts") or 1
+    attention = 2 * hidden * heads * head_dim + 2 * hidden * kv_heads * head_dim
+    mlp = (3 if gated else 2) * hidden * intermediate * max(experts, 1)
+    embeddings = vocab * hidden * (1 if config.get("tie_word_embeddings", True) else 2)
+    return layers * (attention + mlp) + embeddings
+
+
+def check_model_size(directory: Path, shown: str, *, max_params: int) -> None:
+    """Decide the cost before the work: refuse a config that outgrows its weights or the budget.
+
+    ``max_params`` is ``FORGETGUARD_MAX_MODEL_PARAMS`` (0: no budget).
+    """
+    try:
+        raw = (directory / "config.json").read_text(encoding="utf-8")
+        config = json.loads(raw)
+    except (OSError, ValueError, RecursionError):
+        return  # _refuse_auto_map already refused an unreadable config
+    if not isinstance(config, dict):
+        raise Problem(422, "Unreadable model config", f"{shown}/config.json is not a JSON object")
+    stored = safetensors_params(directory, shown)
+    described = config_params(config)
+    if described is not None and described > PARAM_MISMATCH_FACTOR * stored + PARAM_MISMATCH_SLACK:
+        raise Problem(
+            422,
+            "Config does not match weights",
+            f"model {shown}: config.json describes about {described:,} parameters (layers, "
+            f"hidden size, vocabulary, intermediate size) but its weights hold {stored:,}; "
+            "loading it would allocate what the weights do not have. Fix config.json.",
+        )
+    largest = max(stored, described or 0)
+    if max_params and largest > max_params:
+        raise Problem(
+            422,
+            "Model too large",
+            f"model {shown} has about {largest:,} parameters; this service loads at most "
+            f"{max_params:,} (set FORGETGUARD_MAX_MODEL_PARAMS)",
+        )
+
+
 def resolve_model(
     settings: Settings, model_path: str, adapter_path: str | None
 ) -> tuple[Path, Path | None]:
@@ -147,6 +258,7 @@ def resolve_model(
     roots = settings.resolved_model_read_roots
     model_dir = resolve_under(model_path, roots, what="model", env_var="FORGETGUARD_MODEL_ROOTS")
     check_model_dir(model_dir, model_path)
+    check_model_size(model_dir, model_path, max_params=settings.max_model_params)
     adapter_dir = None
     if adapter_path is not None:
         adapter_dir = resolve_under(

@@ -7,13 +7,28 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import Query
+from pydantic import AfterValidator
 from sqlalchemy import Select, and_, or_
 
 from app.core.errors import Problem
+from app.core.storable import text_problem
 
 # Query parameters shared by the newest-first listings.
 Limit = Annotated[int, Query(ge=1, le=500)]
 Cursor = Annotated[str | None, Query(max_length=200)]
+
+
+def _fits_64_bits(value: str | None) -> str | None:
+    # Row ids are 64-bit integers in both databases; a longer cursor would overflow the query.
+    if value is not None and int(value) > 2**63 - 1:
+        raise ValueError("cursor is not one this API returned (beyond a 64-bit row id)")
+    return value
+
+
+# The cursor of an oldest-first listing keyed by a row id (items, events).
+SeqCursor = Annotated[
+    str | None, Query(max_length=19, pattern="^[0-9]+$"), AfterValidator(_fits_64_bits)
+]
 StatusFilter = Annotated[str | None, Query(pattern="^(queued|running|succeeded|failed|cancelled)$")]
 
 
@@ -26,6 +41,8 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
     try:
         padded = cursor + "=" * (-len(cursor) % 4)
         stamp, row_id = base64.urlsafe_b64decode(padded).decode().split("|", 1)
+        if text_problem(row_id) or len(row_id) > 100:
+            raise ValueError(row_id)
         return datetime.fromisoformat(stamp), row_id
     except (ValueError, UnicodeDecodeError):
         raise Problem(422, "Invalid cursor", "cursor is not one this API returned") from None

@@ -45,29 +45,66 @@ def _shown(raw: str, limit: int = 200) -> str:
     return repr(raw if len(raw) <= limit else raw[:limit] + "…")
 
 
-def _refuse_escaping_links(directory: Path, roots: list[Path], *, what: str, shown: str) -> None:
-    """Refuse a directory holding a link (``model.safetensors -> /secret``) that leaves the roots.
+# The walk over a model directory is bounded: nothing a loader reads spans more than this.
+MAX_WALK_ENTRIES = 10_000
+MAX_WALK_DEPTH = 16
 
-    The directory itself is inside a root, but loading reads the files in it, and a symlinked
-    file would be followed wherever it points.
+
+def _refuse_escaping_links(directory: Path, roots: list[Path], *, what: str, shown: str) -> None:
+    """Refuse a directory any of whose files, at any depth, is a link leading out of the roots.
+
+    The directory itself is inside a root, but loading reads the files in it and in its
+    subfolders (tokenizer files, a chat template under ``additional_chat_templates/``, an
+    adapter's weights), and a symlinked file is followed wherever it points. This is the one
+    containment walk: the API runs it at submission and the worker again right before loading.
+    Links that stay inside the roots are followed (and walked in turn); a refusal names the
+    entry as the client sees it inside its directory, never where the link leads.
     """
     try:
         if not directory.is_dir():
             return
-        entries = list(directory.iterdir())
     except OSError:
         raise Problem(422, "Invalid path", f"{what} path {shown} cannot be read") from None
-    for entry in entries:
+    seen: set[Path] = {directory}
+    pending: list[tuple[Path, str, int]] = [(directory, "", 0)]
+    count = 0
+    while pending:
+        folder, prefix, depth = pending.pop()
         try:
-            if not entry.is_symlink():
-                continue
-            target = entry.resolve()
-        except (OSError, RuntimeError):
-            target = None
-        if target is None or not is_under(target, roots):
+            entries = sorted(folder.iterdir())
+        except OSError:
             raise Problem(
-                403,
-                "Path outside the allowed roots",
-                f"{what} path {shown} holds {entry.name!r}, a link that leads outside the "
-                "allowed roots (or nowhere); copy the file into the directory instead",
-            )
+                422, "Invalid path", f"{what} path {shown} has a folder that cannot be read"
+            ) from None
+        for entry in entries:
+            count += 1
+            if count > MAX_WALK_ENTRIES:
+                raise Problem(
+                    422,
+                    "Directory too large",
+                    f"{what} path {shown} holds more than {MAX_WALK_ENTRIES} files; a model "
+                    "directory holds its config, tokenizer and weights only",
+                )
+            name = prefix + entry.name
+            try:
+                link = entry.is_symlink()
+                target = entry.resolve(strict=True) if link else entry
+                is_dir = target.is_dir()
+            except (OSError, RuntimeError):
+                link, target, is_dir = True, None, False
+            if link and (target is None or not is_under(target, roots)):
+                raise Problem(
+                    403,
+                    "Path outside the allowed roots",
+                    f"{what} path {shown} holds {name!r}, a link that leads outside the "
+                    "allowed roots (or nowhere); copy the file into the directory instead",
+                )
+            if is_dir and target is not None and target not in seen:
+                if depth + 1 > MAX_WALK_DEPTH:
+                    raise Problem(
+                        422,
+                        "Directory too deep",
+                        f"{what} path {shown} nests folders more than {MAX_WALK_DEPTH} deep",
+                    )
+                seen.add(target)
+                pending.append((target, name + "/", depth + 1))

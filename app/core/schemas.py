@@ -36,7 +36,7 @@ SuiteEntry = Annotated[
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 # Which engine computes an evaluation. "transformers": the worker's own batched engine;

@@ -20,8 +20,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
-FINISHED = ("succeeded", "failed", "cancelled")
+from app.jobs.status import JobStatus
 
 
 def utcnow() -> datetime:
@@ -41,7 +40,7 @@ class Base(DeclarativeBase):
 class JobMixin:
     """Lifecycle and lease fields shared by every queued job kind."""
 
-    status: Mapped[str] = mapped_column(String(16), default="queued")
+    status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED)
     progress: Mapped[dict[str, Any]] = mapped_column(
         JSON, default=lambda: {"done": 0, "total": 0, "stage": "queued"}
     )
@@ -181,6 +180,24 @@ class FinetuneEvent(Base):
     level: Mapped[str] = mapped_column(String(16), default="info")
     message: Mapped[str] = mapped_column(Text)
     data: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+
+
+class FinetuneCheckpoint(Base):
+    """One evaluation of a fine-tune job's weights at an optimizer step (step 0: the base)."""
+
+    __tablename__ = "finetune_checkpoints"
+    __table_args__ = (UniqueConstraint("job_id", "step", name="uq_finetune_checkpoints_step"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(
+        String(40), ForeignKey("finetune_jobs.id", ondelete="CASCADE")
+    )
+    step: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    general: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    domain: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    drift: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    verdict: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
 
 
 class Claim(Base):

@@ -20,7 +20,8 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.core.tables import Evaluation, utcnow
+from app.core.tables import Evaluation
+from app.jobs.status import JobStatus
 
 # Where transformers looks for a chat template, besides tokenizer_config.json's "chat_template".
 CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
@@ -91,25 +92,9 @@ def find_source(session: Session, key: str) -> Evaluation | None:
         select(Evaluation)
         .where(
             Evaluation.cache_key == key,
-            Evaluation.status == "succeeded",
+            Evaluation.status == JobStatus.SUCCEEDED,
             Evaluation.cached_from.is_(None),
         )
         .order_by(Evaluation.finished_at.desc(), Evaluation.id)
         .limit(1)
     ).scalar_one_or_none()
-
-
-def answer_from(row: Evaluation, source: Evaluation) -> None:
-    """Make a new, unsaved evaluation a finished copy of ``source`` (items stay at the source)."""
-    now = utcnow()
-    row.status = "succeeded"
-    row.cached_from = source.id
-    row.results = source.results
-    row.model_fingerprint = source.model_fingerprint
-    row.engine = source.engine
-    total = source.progress.get("total", 0)
-    row.progress = {"done": total, "total": total, "stage": "done (cached)"}
-    # Created, started and finished in the same instant: never "started" before "created".
-    row.created_at = now
-    row.started_at = now
-    row.finished_at = now

@@ -25,7 +25,10 @@ from app.core.schemas import (
 )
 from app.core.tables import Evaluation, EvaluationItem, new_id
 from app.evaluations import cache
+from app.jobs import lifecycle
+from app.jobs.queue import begin_write
 from app.jobs.queue import cancel as cancel_job
+from app.jobs.status import JobStatus
 from app.suites import versions
 
 # Items per suite are limited to 10,000, so suite index × this + position orders every item of
@@ -98,7 +101,17 @@ def resolve_suites(
                     errors=[{"loc": [*loc, index], "msg": exc.detail}],
                 ) from None
         else:
-            row, _ = versions.register(session, entry, source="inline")
+            try:
+                row, _ = versions.register(session, entry, source="inline")
+            except Problem as exc:
+                if exc.title != "Reserved suite name":
+                    raise
+                raise Problem(
+                    422,
+                    exc.title,
+                    exc.detail,
+                    errors=[{"loc": ["body", "suites", index, "name"], "msg": exc.detail}],
+                ) from None
         if any(s["name"] == row.name for s in snapshot):
             raise Problem(422, "Duplicate suite", f"suite {row.name!r} is listed twice")
         snapshot.append(
@@ -167,14 +180,12 @@ def create(
         suites=snapshot,
         cache_key=key,
         use_cache=body.cache,
-        status="queued",
         progress={"done": 0, "total": sum(s["items"] for s in snapshot), "stage": "queued"},
         max_attempts=settings.max_attempts,
         finetune_job_id=finetune_job_id,
     )
-    if body.cache and (source := cache.find_source(session, key)) is not None:
-        cache.answer_from(row, source)
-    session.add(row)
+    source = cache.find_source(session, key) if body.cache else None
+    lifecycle.submit(session, row, cached=source)
     return row
 
 
@@ -235,12 +246,11 @@ def _create_served(
         suites=snapshot,
         cache_key=None,
         use_cache=body.cache,
-        status="queued",
         progress={"done": 0, "total": sum(s["items"] for s in snapshot), "stage": "queued"},
         max_attempts=settings.max_attempts,
         finetune_job_id=finetune_job_id,
     )
-    session.add(row)
+    lifecycle.submit(session, row, cached=None)
     return row
 
 
@@ -322,8 +332,9 @@ def list_items(
 
 def cancel(*, session: Session, evaluation_id: str) -> EvaluationPublic:
     """Cancel a queued or running evaluation (409 when already finished); commits."""
+    begin_write(session)
     row = get(session=session, evaluation_id=evaluation_id)
-    if row.status in ("succeeded", "failed"):
+    if row.status in (JobStatus.SUCCEEDED, JobStatus.FAILED):
         raise Problem(409, "Already finished", f"evaluation {evaluation_id} already {row.status}")
     cancel_job(session, Evaluation, evaluation_id)
     session.commit()

@@ -10,6 +10,7 @@ warmup_ratio=0.0)`` gets.
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -90,7 +91,7 @@ ROLES = ("system", "user", "assistant")
 class _Request(BaseModel):
     # Unknown keys are errors everywhere: a typo ("learnig_rate") must not silently train
     # with the default.
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class Hyperparameters(_Request):
@@ -414,6 +415,52 @@ class LoraSpec(_Request):
         return self
 
 
+# A dataset this large gets a held-out domain split by default (``evaluation.domain``).
+DOMAIN_DEFAULT_MIN_RECORDS = 20
+DOMAIN_DEFAULT_HOLDOUT = 0.2
+
+
+class DomainEvaluationSpec(_Request):
+    """What the job learned: a held-out split of its own dataset and/or the user's domain suites.
+
+    ``holdout`` sets aside that fraction of the dataset (seeded, never trained on) and scores
+    NLL per token on its completions, as training does. ``suites`` are the user's own domain
+    suites (accuracy for ``qa`` and ``multiple_choice``). ``min_gain`` is how much counts as
+    learning: a relative fall of the held-out NLL per token, or an accuracy gain, of at least
+    that much.
+    """
+
+    holdout: Annotated[float, Field(gt=0.0, lt=1.0)] | None = None
+    seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = 42
+    suites: list[SuiteRef | SuiteDefinition] = Field(default_factory=list, max_length=20)
+    min_gain: Annotated[float, Field(ge=0.0, le=1.0)] = 0.05
+
+    @model_validator(mode="after")
+    def _something(self) -> DomainEvaluationSpec:
+        if self.holdout is None and not self.suites:
+            raise ValueError("give 'holdout' (a fraction of the dataset), 'suites', or both")
+        return self
+
+
+def holdout_count(n_records: int, fraction: float) -> int:
+    """How many of ``n_records`` a held-out ``fraction`` sets aside (at least one)."""
+    return max(1, round(n_records * fraction))
+
+
+def holdout_split(
+    records: Sequence[dict[str, Any]], fraction: float, seed: int
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """``(train, held_out)``: a seeded shuffle of the indexes; each keeps the dataset's order."""
+    k = holdout_count(len(records), fraction)
+    indexes = list(range(len(records)))
+    random.Random(seed).shuffle(indexes)
+    held = set(indexes[:k])
+    return (
+        [r for i, r in enumerate(records) if i not in held],
+        [r for i, r in enumerate(records) if i in held],
+    )
+
+
 class FinetuneEvaluationSpec(_Request):
     """What the job evaluates before and after training, and how the comparison decides."""
 
@@ -432,6 +479,51 @@ class FinetuneEvaluationSpec(_Request):
     mode: Literal["threshold", "noninferiority"] = "threshold"
     # Reuse a finished evaluation of the same base model, suites and settings as "before".
     cache: bool = True
+    # What the job learned. Default: a 20 % held-out split when the dataset has at least 20
+    # records (set at submission); ``false`` turns it off.
+    domain: DomainEvaluationSpec | Literal[False] | None = None
+    # Evaluate the weights during training (general suites, domain split, verdict against the
+    # base) every N optimizer steps, or at N evenly spaced steps; the last step is always one.
+    every_steps: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
+    checkpoints: Annotated[int, Field(ge=1, le=100)] | None = None
+
+    @model_validator(mode="after")
+    def _one_cadence(self) -> FinetuneEvaluationSpec:
+        if self.every_steps is not None and self.checkpoints is not None:
+            raise ValueError("give 'every_steps' or 'checkpoints', not both")
+        return self
+
+
+class GuardSpec(_Request):
+    """Which checkpoint to ship when training forgets.
+
+    A checkpoint passes when the verdict against the base passes and the general accuracy
+    dropped by at most ``max_drop``. ``stop`` ends training at the first checkpoint that does
+    not pass; ``keep_best`` trains to the end. Both ship the final weights when they pass,
+    else the passing checkpoint with the largest domain gain.
+    """
+
+    max_drop: Annotated[float, Field(ge=0.0, le=1.0)] = 0.05
+    action: Literal["stop", "keep_best"] = "keep_best"
+
+
+class InterpolationSpec(_Request):
+    """WiSE-FT: evaluate weights between the base (α 0) and the fine-tune (α 1); ship one.
+
+    LoRA: the adapter's update scaled by α. Full: ``(1 − α)·base + α·tuned``. ``largest``
+    picks the largest α that passes the gate; ``best_domain`` the passing α with the largest
+    domain gain.
+    """
+
+    alphas: list[Annotated[float, Field(gt=0.0, le=1.0)]] = Field(
+        default_factory=lambda: [0.25, 0.5, 0.75, 1.0], min_length=1, max_length=20
+    )
+    pick: Literal["largest", "best_domain"] = "largest"
+
+    @model_validator(mode="after")
+    def _distinct(self) -> InterpolationSpec:
+        self.alphas = sorted(set(self.alphas))
+        return self
 
 
 class FinetuneJobCreate(_Request):
@@ -446,6 +538,10 @@ class FinetuneJobCreate(_Request):
     replay: ReplaySpec | None = None
     ewc: EWCSpec | None = None
     evaluation: FinetuneEvaluationSpec | None = Field(default_factory=FinetuneEvaluationSpec)
+    guard: GuardSpec | None = None
+    interpolation: InterpolationSpec | None = None
+    # Set by POST /finetune-jobs/{id}/interpolations: reuse that job's training, only sweep.
+    from_job: Annotated[str, Field(max_length=40, pattern=r"^ft_[0-9a-f]+$")] | None = None
     label: Annotated[str, Field(max_length=200)] | None = None
 
     @model_validator(mode="after")
@@ -456,6 +552,16 @@ class FinetuneJobCreate(_Request):
             )
         if self.method == "lora" and self.lora is None:
             self.lora = LoraSpec()
+        if self.guard is not None and (
+            self.evaluation is None
+            or (self.evaluation.every_steps is None and self.evaluation.checkpoints is None)
+        ):
+            raise ValueError(
+                "'guard' chooses among checkpoint evaluations: set evaluation.every_steps "
+                "or evaluation.checkpoints"
+            )
+        if self.interpolation is not None and self.evaluation is None:
+            raise ValueError("'interpolation' chooses by evaluation: it needs 'evaluation'")
         return self
 
     def resolved(self) -> ResolvedHyperparameters:
@@ -499,8 +605,42 @@ class FinetuneJobPublic(JobTimestamps):
     warnings: list[str]
     trainable_parameters: dict[str, Any] | None
     metrics: dict[str, Any] | None
+    guard: dict[str, Any] | None = None
+    # Which optimizer step's weights the output holds (None: no guard, the final step), and why.
+    shipped_step: int | None = None
+    shipped_reason: str | None = None
+    interpolation: dict[str, Any] | None = None
+    chosen_alpha: float | None = None
     attempts: int
     error: str | None
+
+
+class FinetuneCheckpointPublic(BaseModel):
+    """One evaluated step: general and domain figures, drift, the verdict against the base."""
+
+    step: int
+    general: dict[str, Any] | None
+    domain: dict[str, Any] | None
+    drift: dict[str, Any] | None
+    verdict: dict[str, Any] | None
+    created_at: datetime
+
+    @field_serializer("created_at")
+    def _z(self, value: datetime) -> str | None:
+        return iso_utc(value)
+
+
+def evaluation_steps(
+    total_steps: int, every_steps: int | None, checkpoints: int | None
+) -> list[int]:
+    """The optimizer steps evaluated during training; the last step is always among them."""
+    if every_steps is not None:
+        steps = set(range(every_steps, total_steps + 1, every_steps))
+    elif checkpoints is not None:
+        steps = {max(1, round(total_steps * (i + 1) / checkpoints)) for i in range(checkpoints)}
+    else:
+        return []
+    return sorted(steps | {total_steps})
 
 
 class FinetuneEventPublic(BaseModel):

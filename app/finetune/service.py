@@ -12,20 +12,30 @@ from app.core.errors import Problem
 from app.core.modelcheck import resolve_model, weight_modules
 from app.core.pagination import newest_first, page
 from app.core.schemas import Page, Progress
-from app.core.tables import Evaluation, FinetuneEvent, FinetuneJob, new_id
+from app.core.tables import FinetuneCheckpoint, FinetuneEvent, FinetuneJob, new_id
 from app.evaluations import service as evaluations
 from app.finetune.schemas import (
+    DOMAIN_DEFAULT_HOLDOUT,
+    DOMAIN_DEFAULT_MIN_RECORDS,
+    DomainEvaluationSpec,
+    FinetuneCheckpointPublic,
+    FinetuneEvaluationSpec,
     FinetuneEventPublic,
     FinetuneJobCreate,
     FinetuneJobPublic,
     GeneralData,
     Hyperparameters,
+    InterpolationSpec,
+    holdout_count,
     load_path_records,
     resolve_hyperparameters,
     suite_refs,
     summarize_source,
 )
+from app.jobs import lifecycle
+from app.jobs.queue import begin_write
 from app.jobs.queue import cancel as cancel_job
+from app.jobs.status import JobStatus
 from app.suites import versions
 
 
@@ -55,6 +65,11 @@ def public(row: FinetuneJob) -> FinetuneJobPublic:
         warnings=list(row.warnings or []),
         trainable_parameters=row.trainable_parameters,
         metrics=row.metrics,
+        guard=request.get("guard"),
+        shipped_step=(row.metrics or {}).get("shipped", {}).get("step"),
+        shipped_reason=(row.metrics or {}).get("shipped", {}).get("reason"),
+        interpolation=request.get("interpolation"),
+        chosen_alpha=(row.metrics or {}).get("interpolation", {}).get("chosen_alpha"),
         attempts=row.attempts,
         error=row.error,
         created_at=row.created_at,
@@ -92,6 +107,27 @@ def _pin_general_source(
         spec.source = f"{row.name}@{row.version}"
 
 
+def _domain_defaults(session: Session, spec: FinetuneEvaluationSpec, n_records: int) -> None:
+    """Hold out part of a large enough dataset by default; check the split; pin domain suites."""
+    if spec.domain is None and n_records >= DOMAIN_DEFAULT_MIN_RECORDS:
+        spec.domain = DomainEvaluationSpec(holdout=DOMAIN_DEFAULT_HOLDOUT)
+    domain = spec.domain
+    if not domain:
+        return
+    if domain.holdout is not None and n_records - holdout_count(n_records, domain.holdout) < 1:
+        raise Problem(
+            422,
+            "Nothing left to train on",
+            f"evaluation.domain.holdout {domain.holdout:g} of {n_records} records leaves no "
+            "record to train on; lower the fraction or add records",
+            errors=[{"loc": ["body", "evaluation", "domain", "holdout"], "msg": "too large"}],
+        )
+    if domain.suites:
+        domain.suites = list(
+            suite_refs(evaluations.resolve_suites(session=session, suites=list(domain.suites)))
+        )
+
+
 def _check_target_modules(model_dir: Path, targets: str | list[str]) -> None:
     """Refuse LoRA ``target_modules`` that match no module of the model (422), as peft would,
     but at submission: read from the weights' names, without loading anything."""
@@ -117,8 +153,21 @@ def _check_target_modules(model_dir: Path, targets: str | list[str]) -> None:
         )
 
 
-def create(*, session: Session, settings: Settings, body: FinetuneJobCreate) -> FinetuneJob:
+def create(
+    *,
+    session: Session,
+    settings: Settings,
+    body: FinetuneJobCreate,
+    allow_from_job: bool = False,
+) -> FinetuneJob:
     """Validate all that can be checked without a model; queue the job (caller commits)."""
+    if body.from_job is not None and not allow_from_job:
+        raise Problem(
+            422,
+            "Use the interpolations route",
+            "'from_job' is set by POST /finetune-jobs/{id}/interpolations; leave it out",
+            errors=[{"loc": ["body", "from_job"], "msg": "not accepted here"}],
+        )
     model_dir, _ = resolve_model(settings, body.base_model.path, None)
     if body.lora is not None:
         _check_target_modules(model_dir, body.lora.target_modules)
@@ -137,6 +186,7 @@ def create(*, session: Session, settings: Settings, body: FinetuneJobCreate) -> 
                 )
             )
         )
+        _domain_defaults(session, body.evaluation, n_records)
     _pin_general_source(session, settings, body.replay, "replay")
     _pin_general_source(session, settings, body.ewc, "ewc")
     warnings = body.warnings(n_records)
@@ -147,12 +197,11 @@ def create(*, session: Session, settings: Settings, body: FinetuneJobCreate) -> 
         base_model_path=body.base_model.path,
         backend=body.evaluation.backend if body.evaluation is not None else "transformers",
         request=body.model_dump(mode="json"),
-        status="queued",
         progress={"done": 0, "total": 0, "stage": "queued"},
         max_attempts=settings.max_attempts,
         warnings=warnings,
     )
-    session.add(row)
+    lifecycle.submit(session, row)
     session.flush()
     session.add(
         FinetuneEvent(
@@ -174,20 +223,13 @@ def create(*, session: Session, settings: Settings, body: FinetuneJobCreate) -> 
 
 def cancel(*, session: Session, job_id: str) -> FinetuneJobPublic:
     """Cancel a queued or running job and its own evaluations (409 when finished); commits."""
+    begin_write(session)
     row = get(session=session, job_id=job_id)
-    if row.status in ("succeeded", "failed"):
+    if row.status in (JobStatus.SUCCEEDED, JobStatus.FAILED):
         raise Problem(409, "Already finished", f"fine-tune job {job_id} already {row.status}")
     was = row.status
-    cancel_job(session, FinetuneJob, job_id)
-    # Its before/after evaluations belong to it: they stop with it.
-    owned = session.execute(
-        select(Evaluation.id).where(
-            Evaluation.finetune_job_id == job_id, Evaluation.status.in_(("queued", "running"))
-        )
-    ).scalars()
-    for evaluation_id in list(owned):
-        cancel_job(session, Evaluation, evaluation_id)
-    if was != "cancelled":
+    cancel_job(session, FinetuneJob, job_id)  # its before/after evaluations stop with it
+    if was != JobStatus.CANCELLED:
         session.add(
             FinetuneEvent(
                 job_id=job_id,
@@ -240,3 +282,59 @@ def list_events(
         for r in rows
     ]
     return Page(data=data, next_cursor=str(rows[-1].id) if has_more else None, has_more=has_more)
+
+
+def checkpoints(*, session: Session, job_id: str) -> list[FinetuneCheckpointPublic]:
+    """The job's checkpoint evaluations by step (step 0 is the base); 404 for no such job."""
+    get(session=session, job_id=job_id)
+    rows = session.scalars(
+        select(FinetuneCheckpoint)
+        .where(FinetuneCheckpoint.job_id == job_id)
+        .order_by(FinetuneCheckpoint.step)
+    )
+    return [
+        FinetuneCheckpointPublic(
+            step=r.step,
+            general=r.general,
+            domain=r.domain,
+            drift=r.drift,
+            verdict=r.verdict,
+            created_at=r.created_at,
+        )
+        for r in rows
+    ]
+
+
+def interpolate(
+    *, session: Session, settings: Settings, job_id: str, body: InterpolationSpec
+) -> FinetuneJob:
+    """Queue an interpolation sweep of a finished job's fine-tune (no training; caller commits)."""
+    parent = get(session=session, job_id=job_id)
+    if parent.status != "succeeded" or parent.output_path is None:
+        raise Problem(
+            409,
+            "Fine-tune not finished",
+            f"fine-tune job {job_id} is {parent.status}; interpolate a succeeded job",
+        )
+    request = dict(parent.request)
+    if request.get("evaluation") is None:
+        raise Problem(
+            409,
+            "Nothing to choose by",
+            f"fine-tune job {job_id} ran without evaluation; an interpolation is chosen by it",
+        )
+    source = parent.request.get("from_job") or parent.id
+    evaluation = {**request["evaluation"], "every_steps": None, "checkpoints": None}
+    request.update(
+        interpolation=body.model_dump(mode="json"),
+        from_job=source,
+        guard=None,
+        evaluation=evaluation,
+        label=f"{parent.label or parent.id}: interpolation"[:200],
+    )
+    return create(
+        session=session,
+        settings=settings,
+        body=FinetuneJobCreate.model_validate(request),
+        allow_from_job=True,
+    )

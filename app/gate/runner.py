@@ -31,12 +31,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from app.jobs.status import FINISHED, JobStatus
 from forgetguard.client import Client, ProblemError
 from forgetguard.client import Unreachable as ClientUnreachable
 
 EXIT_PASS, EXIT_FAIL, EXIT_ERROR = 0, 1, 2
 DEFAULT_SERVER = "http://127.0.0.1:8000"
-FINISHED = ("succeeded", "failed", "cancelled")
 # Environment variables that identify one CI pipeline run across retries of its steps.
 RUN_ID_VARS = (
     "FORGETGUARD_RUN_ID",
@@ -217,7 +217,7 @@ def idempotency_key(body: Mapping[str, Any], *, environ: Mapping[str, str] | Non
 def _describe(role: str, evaluation: Mapping[str, Any]) -> str:
     stage = (evaluation.get("progress") or {}).get("stage", "")
     status = evaluation["status"]
-    if status == "running" and stage:
+    if status == JobStatus.RUNNING and stage:
         status = f"running ({stage})"
     cached = " (cached)" if evaluation.get("cached_from") else ""
     return f"{role} {evaluation['id']}{cached}: {status}"
@@ -257,7 +257,7 @@ def wait_for_evaluations(
                 latest[role] = evaluation
                 prog = evaluation.get("progress") or {}
                 total = prog.get("total") or None
-                done = prog.get("done", 0) if evaluation["status"] != "succeeded" else total
+                done = prog.get("done", 0) if evaluation["status"] != JobStatus.SUCCEEDED else total
                 progress.update(
                     tasks[role],
                     description=_describe(role, evaluation),
@@ -265,15 +265,15 @@ def wait_for_evaluations(
                     total=total,
                 )
             for role, evaluation in latest.items():
-                if evaluation["status"] in ("failed", "cancelled"):
+                if evaluation["status"] in (JobStatus.FAILED, JobStatus.CANCELLED):
                     reason = evaluation.get("error") or "no reason given"
                     raise GateError(
                         f"{role} evaluation {evaluation['id']} {evaluation['status']}: {reason}"
                     )
-            if all(e["status"] == "succeeded" for e in latest.values()):
+            if all(e["status"] == JobStatus.SUCCEEDED for e in latest.values()):
                 return latest
             if clock() >= deadline:
-                pending = [e for e in latest.values() if e["status"] != "succeeded"]
+                pending = [e for e in latest.values() if e["status"] != JobStatus.SUCCEEDED]
                 shown = ", ".join(
                     f"{e['id']} {e['status']} {e['progress']['done']}/{e['progress']['total']}"
                     for e in pending
@@ -669,9 +669,9 @@ def wait_for_job(
         if line != shown:
             console.print(line)
             shown = line
-        if job["status"] == "succeeded":
+        if job["status"] == JobStatus.SUCCEEDED:
             return job
-        if job["status"] in ("failed", "cancelled"):
+        if job["status"] in (JobStatus.FAILED, JobStatus.CANCELLED):
             reason = job.get("error") or "no reason given"
             raise GateError(f"fine-tune job {job_id} {job['status']}: {reason}")
         if clock() >= deadline:

@@ -5,7 +5,8 @@ FOR UPDATE SKIP LOCKED) RETURNING``: PostgreSQL skips rows other workers hold; S
 the lock clause, and the claim runs inside ``BEGIN IMMEDIATE`` so only one writer is ever
 choosing. Every write a worker makes to its job is guarded by ``worker_id`` and
 ``status = 'running'``: a worker whose lease was taken over, or whose job was cancelled, finds
-zero rows updated and stops, so no job is ever run twice at once.
+zero rows updated and stops, so no job is ever run twice at once. Workers make those writes
+through :func:`guarded_write`: one transaction that renews the lease, then writes.
 
 Lease times come from one clock, the database's (:func:`db_now`): workers on many hosts
 compare leases written by each other, and a skewed host clock must not end a live lease early.
@@ -18,6 +19,8 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
@@ -27,6 +30,8 @@ from sqlalchemy.orm import Session
 
 from app.core.database import immediate_session
 from app.core.tables import Claim, Evaluation, FinetuneJob, JobMixin, Worker, utcnow
+from app.jobs.lifecycle import end_children
+from app.jobs.status import JobStatus, sources
 
 JOB_MODELS: dict[str, type[Evaluation] | type[FinetuneJob]] = {
     "evaluation": Evaluation,
@@ -76,32 +81,26 @@ def _expire_leases(session: Session, model: type[JobMixin], now: Any) -> None:
     A fine-tune job that fails this way takes its before/after evaluations with it: they are
     run inside the job (never claimable on their own) and would otherwise stay "running".
     """
-    expired = and_(model.status == "running", model.lease_expires_at < now)
+    expired = and_(model.status == JobStatus.RUNNING, model.lease_expires_at < now)
     last_try = and_(expired, model.attempts >= model.max_attempts)
     error = "lease expired: the worker stopped heartbeating on its last allowed attempt"
     if model is FinetuneJob:
         dying = list(session.execute(select(model.id).where(last_try)).scalars())
         if dying:
-            session.execute(
-                update(Evaluation)
-                .where(
-                    Evaluation.finetune_job_id.in_(dying),
-                    Evaluation.status.in_(("queued", "running")),
-                )
-                .values(status="failed", finished_at=now, error=f"fine-tune job failed: {error}")
-                .execution_options(synchronize_session=False)
+            end_children(
+                session, dying, JobStatus.FAILED, now=now, error=f"fine-tune job failed: {error}"
             )
     session.execute(
         update(model)
         .where(last_try)
-        .values(status="failed", finished_at=now, lease_expires_at=None, error=error)
+        .values(status=JobStatus.FAILED, finished_at=now, lease_expires_at=None, error=error)
         .execution_options(synchronize_session=False)
     )
     session.execute(
         update(model)
         .where(expired)
         .values(
-            status="queued",
+            status=JobStatus.QUEUED,
             worker_id=None,
             lease_expires_at=None,
             error="previous attempt's lease expired (worker stopped heartbeating)",
@@ -132,7 +131,7 @@ def claim(
             candidate = (
                 select(model.id)
                 .where(
-                    model.status == "queued",
+                    model.status == JobStatus.QUEUED,
                     or_(model.not_before.is_(None), model.not_before <= now),
                     model.backend.in_(backends),
                 )
@@ -143,9 +142,9 @@ def claim(
             )
             row = session.execute(
                 update(model)
-                .where(model.id == candidate, model.status == "queued")
+                .where(model.id == candidate, model.status == JobStatus.QUEUED)
                 .values(
-                    status="running",
+                    status=JobStatus.RUNNING,
                     worker_id=worker_id,
                     attempts=model.attempts + 1,
                     lease_expires_at=expires,
@@ -181,18 +180,33 @@ def claim(
     return None
 
 
+def _held(model: type[JobMixin], job: ClaimedJob) -> Any:
+    """The WHERE clause of every write a worker makes to its job: it still holds the lease."""
+    return and_(
+        model.id == job.id,  # type: ignore[attr-defined]
+        model.worker_id == job.worker_id,
+        model.status == JobStatus.RUNNING,
+    )
+
+
+def _no_status(values: dict[str, Any]) -> None:
+    if "status" in values:
+        raise ValueError("a job's status moves only by claim, succeed, fail, release or cancel")
+
+
 def renew(session: Session, job: ClaimedJob, lease_seconds: float, **values: Any) -> None:
     """Extend the lease (and set ``values``) inside the caller's transaction, or raise LeaseLost.
 
     Called at the start of every transaction that writes job results, so results are only
-    ever written by the lease holder.
+    ever written by the lease holder. Workers use it through :func:`guarded_write`.
     """
+    _no_status(values)
     model = JOB_MODELS[job.kind]
     now = db_now(session)
     expires = now + timedelta(seconds=lease_seconds)
     result = session.execute(
         update(model)
-        .where(model.id == job.id, model.worker_id == job.worker_id, model.status == "running")
+        .where(_held(model, job))
         .values(heartbeat_at=now, lease_expires_at=expires, **values)
         .execution_options(synchronize_session=False)
     )
@@ -208,10 +222,42 @@ def renew(session: Session, job: ClaimedJob, lease_seconds: float, **values: Any
     session.execute(update(Worker).where(Worker.id == job.worker_id).values(heartbeat_at=now))
 
 
+@contextmanager
+def guarded_write(
+    engine: Engine, job: ClaimedJob, lease_seconds: float, **job_values: Any
+) -> Iterator[Session]:
+    """One write transaction of the lease holder: renew the lease (setting ``job_values``),
+    yield the session for the rest of the writes, commit.
+
+    Raises LeaseLost before the body runs when the job is no longer this worker's (cancelled,
+    or its lease taken over), so nothing is written. The renewing UPDATE keeps the job's row
+    (PostgreSQL's row lock, SQLite's write lock from ``BEGIN IMMEDIATE``) until the commit: the
+    job cannot be cancelled or taken over between the check and the body's writes. An error in
+    the body rolls everything back, the renewal included.
+    """
+    with immediate_session(engine) as session, session.begin():
+        renew(session, job, lease_seconds, **job_values)
+        yield session
+
+
+def set_job(session: Session, job: ClaimedJob, **values: Any) -> None:
+    """Inside :func:`guarded_write`: set fields of the held job that depend on what was read."""
+    _no_status(values)
+    model = JOB_MODELS[job.kind]
+    result = session.execute(
+        update(model)
+        .where(_held(model, job))
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        raise LeaseLost(f"{job.kind} {job.id} is no longer held by {job.worker_id}")
+
+
 def heartbeat(engine: Engine, job: ClaimedJob, lease_seconds: float, **values: Any) -> None:
     """Renew the lease in a transaction of its own; raises LeaseLost."""
-    with immediate_session(engine) as session, session.begin():
-        renew(session, job, lease_seconds, **values)
+    with guarded_write(engine, job, lease_seconds, **values):
+        pass
 
 
 def _close_claim(session: Session, job: ClaimedJob, *, held: bool) -> None:
@@ -242,7 +288,7 @@ def _guarded_update(session: Session, job: ClaimedJob, **values: Any) -> bool:
     model = JOB_MODELS[job.kind]
     result = session.execute(
         update(model)
-        .where(model.id == job.id, model.worker_id == job.worker_id, model.status == "running")
+        .where(_held(model, job))
         .values(**values)
         .execution_options(synchronize_session=False)
     )
@@ -256,7 +302,7 @@ def succeed(session: Session, job: ClaimedJob, **values: Any) -> bool:
     return _guarded_update(
         session,
         job,
-        status="succeeded",
+        status=JobStatus.SUCCEEDED,
         finished_at=db_now(session),
         lease_expires_at=None,
         error=None,
@@ -270,11 +316,11 @@ def fail(engine: Engine, job: ClaimedJob, error: str, *, retryable: bool) -> str
     with immediate_session(engine) as session, session.begin():
         row = cast("Evaluation | FinetuneJob | None", session.get(model, job.id))
         now = db_now(session)
-        if row is None or row.status != "running" or row.worker_id != job.worker_id:
+        if row is None or row.status != JobStatus.RUNNING or row.worker_id != job.worker_id:
             _close_claim(session, job, held=False)
             return row.status if row is not None else "missing"
         if retryable and row.attempts < row.max_attempts:
-            status = "queued"
+            status = JobStatus.QUEUED
             _guarded_update(
                 session,
                 job,
@@ -285,7 +331,7 @@ def fail(engine: Engine, job: ClaimedJob, error: str, *, retryable: bool) -> str
                 not_before=now + timedelta(seconds=backoff_seconds(row.attempts)),
             )
         else:
-            status = "failed"
+            status = JobStatus.FAILED
             _guarded_update(
                 session,
                 job,
@@ -305,7 +351,7 @@ def release(engine: Engine, job: ClaimedJob) -> bool:
         return _guarded_update(
             session,
             job,
-            status="queued",
+            status=JobStatus.QUEUED,
             worker_id=None,
             lease_expires_at=None,
             attempts=model.attempts - 1,
@@ -321,17 +367,33 @@ def abandon(engine: Engine, job: ClaimedJob) -> None:
     model = JOB_MODELS[job.kind]
     with immediate_session(engine) as session, session.begin():
         row = cast("Evaluation | FinetuneJob | None", session.get(model, job.id))
-        held = row is not None and row.status == "cancelled" and row.worker_id == job.worker_id
+        held = (
+            row is not None and row.status == JobStatus.CANCELLED and row.worker_id == job.worker_id
+        )
         _close_claim(session, job, held=held)
 
 
+def begin_write(session: Session) -> None:
+    """Begin ``session``'s transaction holding SQLite's write lock (``BEGIN IMMEDIATE``).
+
+    For a request that reads a job, then changes it (cancel): under WAL, a deferred transaction
+    whose snapshot a worker's commit made stale cannot become a writer and fails at once with
+    "database is locked", whatever the busy timeout. A no-op on PostgreSQL, and once begun.
+    """
+    if not session.in_transaction():
+        session.connection(execution_options={"immediate": True})
+
+
 def cancel(session: Session, model: type[JobMixin], job_id: str) -> str | None:
-    """Cancel a queued or running job; returns the resulting status (None if not found)."""
+    """Cancel a queued or running job; returns the resulting status (None if not found).
+
+    A fine-tune job's own before/after evaluations stop with it.
+    """
     now = db_now(session)
     result = session.execute(
         update(model)
-        .where(model.id == job_id, model.status.in_(("queued", "running")))  # type: ignore[attr-defined]
-        .values(status="cancelled", finished_at=now, lease_expires_at=None)
+        .where(model.id == job_id, model.status.in_(sources(JobStatus.CANCELLED)))  # type: ignore[attr-defined]
+        .values(status=JobStatus.CANCELLED, finished_at=now, lease_expires_at=None)
         .execution_options(synchronize_session=False)
     )
     if result.rowcount == 1:  # type: ignore[attr-defined]
@@ -346,6 +408,15 @@ def cancel(session: Session, model: type[JobMixin], job_id: str) -> str | None:
             .values(progress={**(progress or {}), "stage": "cancelled"})
             .execution_options(synchronize_session=False)
         )
+    if model is FinetuneJob:  # its before/after evaluations belong to it: they stop with it
+        owned = session.execute(
+            select(Evaluation.id).where(
+                Evaluation.finetune_job_id == job_id,
+                Evaluation.status.in_(sources(JobStatus.CANCELLED)),
+            )
+        ).scalars()
+        for evaluation_id in list(owned):
+            cancel(session, Evaluation, evaluation_id)
     return session.execute(select(model.status).where(model.id == job_id)).scalar_one_or_none()  # type: ignore[attr-defined]
 
 

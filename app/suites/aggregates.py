@@ -6,7 +6,7 @@ Each suite kind's registry entry (``app.suites.kinds.KINDS``) names one of these
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +22,12 @@ class ItemRow:
     severity: str | None
     response: str | None
     details: dict[str, Any] | None
+
+    @classmethod
+    def of(cls, row: Any) -> ItemRow:
+        """From a stored row (attributes) or a row being written (a mapping)."""
+        get = row.__getitem__ if isinstance(row, Mapping) else row.__getattribute__
+        return cls(*(get(name) for name in cls.__slots__))
 
 
 def _by_category(rows: Sequence[ItemRow]) -> dict[str, dict[str, Any]]:

@@ -13,10 +13,9 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-try:  # the `regex` package (a transformers dependency, so always there in a worker) can time out
-    import regex as _timed_re
-except ImportError:  # pragma: no cover - the API process never runs checks
-    _timed_re = None
+# The `regex` package, not `re`: it can time out a search, and it is what the worker runs, so
+# the API validates patterns with the same engine (a pattern `re` accepts, `regex` may not).
+import regex as _timed_re
 
 CheckFn = Callable[[str, Any], bool]
 CHECKS: dict[str, CheckFn] = {}
@@ -45,12 +44,79 @@ def _count(value: Any) -> str | None:
     return None if ok else "value must be a non-negative integer"
 
 
+# Cost decided before work: `regex` unrolls counted repetitions when it compiles, so
+# `(a{1000}){1000}` asks for a million copies (gigabytes). Patterns are bounded in length and
+# in how many atoms their counted repetitions unroll to, before anything compiles them.
+MAX_PATTERN_CHARS = 1000
+MAX_UNROLLED_ATOMS = 10_000
+_COUNT = re.compile(r"\{(\d*)(?:,(\d*))?\}")
+
+
+def unrolled_size(pattern: str, limit: int = MAX_UNROLLED_ATOMS) -> int:
+    """Atoms ``pattern`` expands to once counted repetitions (``{m}``, ``{m,n}``) are unrolled.
+
+    Groups multiply what they hold; escapes and character classes are one atom. Stops counting
+    past ``limit`` (the answer is then just "more than the limit").
+    """
+    levels: list[list[int]] = [[0, 0]]  # per open group: [total, weight of the last atom]
+    i = 0
+    while i < len(pattern):
+        char = pattern[i]
+        level = levels[-1]
+        if char == "\\":
+            i += 2
+            level[0] += 1
+            level[1] = 1
+            continue
+        if char == "[":
+            j = i + 1
+            j += pattern.startswith("^", j)
+            j += pattern.startswith("]", j)
+            while j < len(pattern) and pattern[j] != "]":
+                j += 2 if pattern[j] == "\\" else 1
+            i = j + 1
+            level[0] += 1
+            level[1] = 1
+            continue
+        if char == "(":
+            levels.append([0, 0])
+            i += 1
+            continue
+        if char == ")" and len(levels) > 1:
+            inner = max(levels.pop()[0], 1)
+            levels[-1][0] += inner
+            levels[-1][1] = inner
+            i += 1
+        elif char == "{" and (count := _COUNT.match(pattern, i)) and any(count.groups()):
+            times = max(int(count.group(1) or 0), int(count.group(2) or 0))
+            level[0] += level[1] * (times - 1)
+            level[1] *= times
+            i = count.end()
+        else:
+            level[0] += 1 if char not in "*+?|" else 0
+            level[1] = 1
+            i += 1
+        if levels[-1][0] > limit:
+            return levels[-1][0]
+    while len(levels) > 1:  # an unclosed group: compiling will refuse it
+        inner = levels.pop()[0]
+        levels[-1][0] += inner
+    return levels[0][0]
+
+
 def _pattern(value: Any) -> str | None:
     if not isinstance(value, str):
         return "value must be a regular expression string"
+    if len(value) > MAX_PATTERN_CHARS:
+        return f"regular expression is longer than {MAX_PATTERN_CHARS} characters"
+    if unrolled_size(value) > MAX_UNROLLED_ATOMS:
+        return (
+            f"regular expression repeats too much: its counted repetitions ({{m,n}}) unroll to "
+            f"more than {MAX_UNROLLED_ATOMS} atoms; use * or + instead of large counts"
+        )
     try:
-        re.compile(value)
-    except re.error as exc:
+        _timed_re.compile(value)
+    except (_timed_re.error, RecursionError, OverflowError, ValueError) as exc:
         return f"invalid regular expression: {exc}"
     return None
 
@@ -90,8 +156,6 @@ REGEX_TIMEOUT_SECONDS = 1.0
 @register("regex", _pattern)
 def regex(response: str, value: str) -> bool:
     """``re.search`` anywhere in the response; False when it runs past the time limit."""
-    if _timed_re is None:
-        return re.search(value, response) is not None
     try:
         return _timed_re.search(value, response, timeout=REGEX_TIMEOUT_SECONDS) is not None
     except TimeoutError:

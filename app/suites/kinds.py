@@ -58,7 +58,7 @@ Severity = Literal["critical", "high", "medium", "low"]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class QAItem(_Strict):

@@ -28,11 +28,44 @@ def content_hash(definition: dict[str, Any]) -> str:
     return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def register(session: Session, suite: Any, *, source: str = "uploaded") -> tuple[Suite, bool]:
+def builtin_names() -> frozenset[str]:
+    """Names of the suites shipped with forgetguard; no client suite may take one."""
+    return frozenset(str(raw["name"]) for raw in builtin_definitions())
+
+
+def refuse_reserved(session: Session, name: str, *, status: int = 422) -> None:
+    """Refuse a client suite named like a built-in, which would become its newest version.
+
+    Every later reference to the name, the default suites and the gate would then run the
+    client's suite. The one rule for every way a suite arrives (``POST /suites``, inline in an
+    evaluation or a fine-tune job's evaluation); ``register`` applies it itself.
+    """
+    reserved = name in builtin_names() or (
+        session.execute(
+            select(Suite.id).where(Suite.name == name, Suite.source == "builtin").limit(1)
+        ).first()
+        is not None
+    )
+    if reserved:
+        raise Problem(
+            status,
+            "Reserved suite name",
+            f"{name!r} is a built-in suite's name; give your suite another name",
+            errors=[{"loc": ["body", "name"], "msg": f"{name!r} is reserved for a built-in suite"}],
+        )
+
+
+def register(
+    session: Session, suite: Any, *, source: str = "uploaded", reserved_status: int = 422
+) -> tuple[Suite, bool]:
     """Store ``suite`` (a validated suite model); same content returns the existing version.
 
-    Returns ``(row, created)``. Commits nothing: the caller owns the transaction.
+    A client suite (any ``source`` but ``"builtin"``) named like a built-in is refused with
+    ``reserved_status``. Returns ``(row, created)``. Commits nothing: the caller owns the
+    transaction.
     """
+    if source != "builtin":
+        refuse_reserved(session, suite.name, status=reserved_status)
     definition = suite.model_dump(mode="json")
     digest = content_hash(definition)
     for _ in range(3):  # a concurrent upload of the same name may take our version number

@@ -28,16 +28,18 @@ from app.comparison.verdict import CompareOptions
 from app.core.errors import Problem
 from app.core.formatting import number, percent
 from app.core.pagination import newest_first, page
-from app.core.tables import JOB_STATUSES, Evaluation, EvaluationItem, FinetuneEvent, FinetuneJob
+from app.core.tables import Evaluation, EvaluationItem, FinetuneEvent, FinetuneJob
 from app.evaluations import service as evaluations
+from app.finetune import service as finetune
 from app.finetune.schemas import Hyperparameters, resolve_hyperparameters
+from app.jobs.status import LIVE, JobStatus
 from app.suites.kinds import KINDS, Display
 from app.ui import views
 from app.web.deps import SessionDep
 
 HERE = Path(__file__).resolve().parent
 STATIC_DIR = HERE / "static"
-LIVE = ("queued", "running")
+STATUSES = tuple(s.value for s in JobStatus)
 REFRESH_SECONDS = 3
 ITEMS_PER_PAGE = 100
 FLIPS_SHOWN = 50
@@ -149,11 +151,11 @@ router = APIRouter(prefix="/ui", include_in_schema=False, route_class=HTMLErrorR
 def _status_filter(status: str | None) -> str | None:
     if status in (None, ""):
         return None
-    if status not in JOB_STATUSES:
+    if status not in STATUSES:
         raise Problem(
             422,
             "Invalid status filter",
-            f"status must be one of {', '.join(JOB_STATUSES)}; got {status!r}",
+            f"status must be one of {', '.join(STATUSES)}; got {status!r}",
         )
     return status
 
@@ -228,7 +230,7 @@ def home(
         evaluations=[{"row": r, "scores": _headline_results(r.results)} for r in rows],
         jobs=jobs,
         status=status,
-        statuses=JOB_STATUSES,
+        statuses=STATUSES,
         next_cursor=next_cursor,
         live=live,
         succeeded=_recent_succeeded(session),
@@ -252,14 +254,14 @@ def finetune_jobs_page(
         "finetune_jobs.html",
         jobs=jobs,
         status=status,
-        statuses=JOB_STATUSES,
+        statuses=STATUSES,
         next_cursor=next_cursor,
         live=any(j.status in LIVE for j in jobs),
     )
 
 
 def _recent_succeeded(session: Session, limit: int = 100) -> list[Evaluation]:
-    query = select(Evaluation).where(Evaluation.status == "succeeded")
+    query = select(Evaluation).where(Evaluation.status == JobStatus.SUCCEEDED)
     return list(session.execute(newest_first(query, Evaluation, None, limit)).scalars())[:limit]
 
 
@@ -489,8 +491,14 @@ def finetune_job_page(job_id: str, session: SessionDep) -> HTMLResponse:
     )
     request = job.request or {}
     warnings = [views.warning_text(w) for w in (job.warnings or [])]
+    checkpoints = finetune.checkpoints(session=session, job_id=job_id)
+    forgetting, learning = views.checkpoint_curves(checkpoints)
     return render(
         "finetune_job.html",
+        checkpoints=checkpoints,
+        forgetting_chart=views.forgetting_chart(forgetting) if checkpoints else None,
+        learning_chart=views.learning_chart(learning) if checkpoints else None,
+        shipped=(job.metrics or {}).get("shipped"),
         job=job,
         request_=request,
         method=request.get("method", "—"),

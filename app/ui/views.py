@@ -250,6 +250,60 @@ def lr_chart(curves: dict[str, list[tuple[float, float]]]) -> Markup:
     )
 
 
+def checkpoint_curves(
+    checkpoints: Sequence[Any],
+) -> tuple[list[LineSeries], list[LineSeries]]:
+    """(forgetting, learning) series from checkpoint evaluations: general accuracy and checklist
+    score per step; held-out domain NLL per token and domain accuracy per step."""
+    forgetting: dict[str, list[tuple[float, float]]] = {"general accuracy": [], "checklist": []}
+    learning: dict[str, list[tuple[float, float]]] = {
+        "held-out NLL/token": [],
+        "domain accuracy": [],
+    }
+    for c in checkpoints:
+        general, domain = c.general or {}, (c.domain or {}).get("after") or {}
+        for name, value in (
+            ("general accuracy", general.get("accuracy")),
+            ("checklist", general.get("checklist_score")),
+        ):
+            if (v := _finite(value)) is not None:
+                forgetting[name].append((float(c.step), v))
+        for name, value in (
+            ("held-out NLL/token", domain.get("nll_per_token")),
+            ("domain accuracy", domain.get("accuracy")),
+        ):
+            if (v := _finite(value)) is not None:
+                learning[name].append((float(c.step), v))
+    colors = {
+        "general accuracy": AFTER_COLOR,
+        "checklist": "#7c3aed",
+        "held-out NLL/token": "#c2410c",
+        "domain accuracy": "#047857",
+    }
+    return (
+        [LineSeries(k, v, colors[k]) for k, v in forgetting.items() if v],
+        [LineSeries(k, v, colors[k]) for k, v in learning.items() if v],
+    )
+
+
+def forgetting_chart(series: list[LineSeries]) -> Markup:
+    """General accuracy (and checklist score) at each evaluated step: the forgetting curve."""
+    return line_chart(
+        series,
+        title="General abilities over training steps",
+        x_label="step",
+        y_label="score",
+        y_from_zero=True,
+    )
+
+
+def learning_chart(series: list[LineSeries]) -> Markup:
+    """Held-out domain NLL per token (and domain accuracy) at each step: the learning curve."""
+    return line_chart(
+        series, title="Domain learning over training steps", x_label="step", y_label="value"
+    )
+
+
 def warning_text(warning: Any) -> str:
     """A fine-tune warning as one line, whether stored as a string or a ``{"message"}`` dict."""
     if isinstance(warning, dict):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -16,9 +16,22 @@ def get_settings(request: Request) -> Settings:
     return settings
 
 
-def get_session(request: Request) -> Iterator[Session]:
-    with request.app.state.sessionmaker() as session:
-        yield session
+async def get_session(request: Request) -> AsyncIterator[Session]:
+    """A session for the request, once one of the API's database slots is free.
+
+    Each request holding a session may hold one connection, and keeps it until its response
+    is serialised, which needs a thread of its own: with more such requests than connections,
+    every thread could wait for a connection held by a request that waits for a thread
+    (``QueuePool limit reached``, 500, under load). Slots are fewer than the pool's
+    connections, so that wait cannot happen; a request waits for a slot in the event loop,
+    holding neither a thread nor a connection. The session is closed here too, in the loop.
+    """
+    async with request.app.state.database_slots:
+        session: Session = request.app.state.sessionmaker()
+        try:
+            yield session
+        finally:
+            session.close()
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]

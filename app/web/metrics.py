@@ -27,8 +27,9 @@ from prometheus_client.utils import floatToGoString
 from sqlalchemy import ColumnElement, and_, case, func, select
 from sqlalchemy.orm import Session
 
-from app.core.tables import JOB_STATUSES, Claim, Evaluation, EvaluationItem, Worker
+from app.core.tables import Claim, Evaluation, EvaluationItem, Worker
 from app.jobs.queue import JOB_MODELS, db_now
+from app.jobs.status import JobStatus
 
 # Job durations run from seconds (a cached evaluation) to hours (a full fine-tune).
 DURATION_BUCKETS: tuple[float, ...] = (
@@ -141,10 +142,10 @@ class DatabaseCollector(Collector):
                     select(model.status, func.count()).group_by(model.status)
                 ).all()
             )
-            for status in JOB_STATUSES:
-                depth.add_metric([kind, status], float(counts.get(status, 0)))
+            for status in JobStatus:
+                depth.add_metric([kind, status.value], float(counts.get(status, 0)))
             first = self.session.execute(
-                select(func.min(model.created_at)).where(model.status == "queued")
+                select(func.min(model.created_at)).where(model.status == JobStatus.QUEUED)
             ).scalar_one()
             oldest.add_metric([kind], max(0.0, (now - first).total_seconds()) if first else 0.0)
         return (depth, oldest)
@@ -185,7 +186,7 @@ class DatabaseCollector(Collector):
                 func.coalesce(func.sum(items), 0),
                 func.coalesce(func.sum(seconds), 0.0),
             ).where(
-                Evaluation.status == "succeeded",
+                Evaluation.status == JobStatus.SUCCEEDED,
                 Evaluation.finished_at >= since,
                 Evaluation.started_at.is_not(None),
                 Evaluation.cached_from.is_(None),  # answered from the cache: nothing was computed
@@ -233,7 +234,7 @@ class DatabaseCollector(Collector):
             totals = dict.fromkeys(names, 0)
             rows = self.session.execute(
                 select(model.error, func.count())
-                .where(model.status == "failed")
+                .where(model.status == JobStatus.FAILED)
                 .group_by(model.error)
             )
             for error, count in rows:
@@ -263,7 +264,7 @@ class DatabaseCollector(Collector):
                                     and_(
                                         Claim.released_at.is_(None),
                                         Claim.lease_expires_at < now,
-                                        model.status != "cancelled",
+                                        model.status != JobStatus.CANCELLED,
                                     ),
                                     1,
                                 ),

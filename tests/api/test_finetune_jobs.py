@@ -300,6 +300,92 @@ def test_list_filters_by_status_and_paginates(client, tiny_model_dir) -> None:  
     assert [j["id"] for j in cancelled] == [ids[0]]
 
 
+def test_a_dataset_of_twenty_records_holds_out_a_fifth_by_default(client, tiny_model_dir) -> None:  # type: ignore[no-untyped-def]
+    twenty = [
+        {"prompt": f"What is drug {i}?", "completion": f"Drug {i} is a drug."} for i in range(20)
+    ]
+    job = client.post(
+        "/finetune-jobs", json=body(tiny_model_dir, dataset={"examples": twenty})
+    ).json()
+    assert job["evaluation"]["domain"] == {
+        "holdout": 0.2,
+        "seed": 42,
+        "suites": [],
+        "min_gain": 0.05,
+    }
+    small = client.post("/finetune-jobs", json=body(tiny_model_dir)).json()
+    assert small["evaluation"]["domain"] is None  # 3 records: nothing held out unless asked
+    off = client.post(
+        "/finetune-jobs",
+        json=body(
+            tiny_model_dir,
+            dataset={"examples": twenty},
+            evaluation={"suites": [QA_SUITE], "domain": False},
+        ),
+    ).json()
+    assert off["evaluation"]["domain"] is False
+
+
+def test_domain_holdout_that_leaves_nothing_to_train_is_422(client, tiny_model_dir) -> None:  # type: ignore[no-untyped-def]
+    response = client.post(
+        "/finetune-jobs",
+        json=body(
+            tiny_model_dir,
+            dataset={"examples": EXAMPLES[:1]},
+            evaluation={"suites": [QA_SUITE], "domain": {"holdout": 0.5}},
+        ),
+    )
+    assert response.status_code == 422, response.text
+    assert "no record to train on" in response.json()["detail"]
+    empty = client.post(
+        "/finetune-jobs",
+        json=body(tiny_model_dir, evaluation={"suites": [QA_SUITE], "domain": {"seed": 1}}),
+    )
+    assert empty.status_code == 422 and "holdout" in empty.text
+
+
+def test_domain_suites_are_pinned_like_the_general_ones(client, tiny_model_dir) -> None:  # type: ignore[no-untyped-def]
+    domain_suite = {**QA_SUITE, "name": "tiny-drug-qa"}
+    job = client.post(
+        "/finetune-jobs",
+        json=body(
+            tiny_model_dir,
+            evaluation={"suites": [QA_SUITE], "domain": {"suites": [domain_suite]}},
+        ),
+    ).json()
+    assert job["evaluation"]["domain"]["suites"] == ["tiny-drug-qa@1"]
+
+
+def test_checkpoints_of_an_unknown_job_are_404_and_a_guard_needs_a_cadence(
+    client, tiny_model_dir
+) -> None:  # type: ignore[no-untyped-def]
+    assert client.get("/finetune-jobs/ft_nope/checkpoints").status_code == 404
+    response = client.post(
+        "/finetune-jobs", json=body(tiny_model_dir, guard={"max_drop": 0.05, "action": "stop"})
+    )
+    assert response.status_code == 422 and "every_steps" in response.text
+    both = client.post(
+        "/finetune-jobs",
+        json=body(
+            tiny_model_dir, evaluation={"suites": [QA_SUITE], "every_steps": 2, "checkpoints": 3}
+        ),
+    )
+    assert both.status_code == 422
+    ok = client.post(
+        "/finetune-jobs",
+        json=body(
+            tiny_model_dir,
+            evaluation={"suites": [QA_SUITE], "checkpoints": 3},
+            guard={"action": "stop"},
+        ),
+    )
+    assert ok.status_code == 202, ok.text
+    job = ok.json()
+    assert job["guard"] == {"max_drop": 0.05, "action": "stop"}
+    assert job["shipped_step"] is None
+    assert client.get(f"/finetune-jobs/{job['id']}/checkpoints").json() == []
+
+
 def test_an_unknown_evaluation_suite_is_reported_where_it_was_written(
     client, tiny_model_dir
 ) -> None:  # type: ignore[no-untyped-def]

@@ -292,6 +292,203 @@ FINETUNE_CASES: dict[str, Callable[[Env], Request]] = {
 }
 CASES.update(FINETUNE_CASES)
 
+SECRET = "TOP-SECRET-CONTENT-42"
+
+
+def _nested_link_out(e: Env, folder: str, name: str) -> Path:
+    """A good model whose ``folder/name`` (a chat template, say) links to a file outside."""
+    model = model_in_root(e, f"nested-{folder.replace('/', '-')}")
+    secret = e.outside.parent / "secret.jinja"
+    secret.write_text(SECRET)
+    (model / folder).mkdir(parents=True, exist_ok=True)
+    (model / folder / name).symlink_to(secret)
+    return model
+
+
+def _folder_link_out(e: Env) -> Path:
+    """A model whose subfolder links to a directory outside the roots."""
+    model = model_in_root(e, "folder-link")
+    (model / "extra").mkdir()
+    (model / "extra" / "templates").symlink_to(e.outside, target_is_directory=True)
+    return model
+
+
+def _more_layers_than_weights(e: Env) -> Path:
+    model = model_in_root(e, "inflated")
+    config = json.loads((model / "config.json").read_text())
+    config["num_hidden_layers"] = 100_000
+    (model / "config.json").write_text(json.dumps(config))
+    return model
+
+
+def _checklist(check: dict[str, Any], name: str = "c") -> dict[str, Any]:
+    return {
+        "name": name,
+        "kind": "checklist",
+        "items": [{"id": "a", "test": "t", "prompt": "p", "check": check}],
+    }
+
+
+def _raw_finetune(e: Env, threshold: str) -> bytes:
+    body = json.dumps(finetune(e, evaluation={"suites": ["general-qa"], "threshold": 0.5}))
+    return body.replace('"threshold": 0.5', f'"threshold": {threshold}').encode()
+
+
+def _encoded(e: Env, encoding: str) -> bytes:
+    return json.dumps(evaluation(str(e.tiny))).encode(encoding)
+
+
+# Issue 16: built-in names are reserved everywhere, containment covers every file, cost is
+# decided before work, and nothing the database cannot store reaches it.
+ROUND_TWO: dict[str, Callable[[Env], Request]] = {
+    "inline-suite-named-like-a-builtin": lambda e: post(
+        "/evaluations",
+        422,
+        json={"model": {"path": str(e.tiny)}, "suites": [qa_suite(name="general-qa")]},
+    ),
+    "inline-checklist-named-like-the-default": lambda e: post(
+        "/evaluations",
+        422,
+        json={
+            "model": {"path": str(e.tiny)},
+            "suites": [_checklist({"type": "contains", "value": "x"}, "forgetting-checklist")],
+        },
+    ),
+    "finetune-inline-suite-named-like-a-builtin": lambda e: post(
+        "/finetune-jobs",
+        422,
+        json=finetune(e, evaluation={"suites": [qa_suite(name="general-qa")]}),
+    ),
+    "chat-template-in-a-subfolder-linking-out": lambda e: post(
+        "/evaluations",
+        403,
+        json=evaluation(str(_nested_link_out(e, "additional_chat_templates", "x.jinja"))),
+    ),
+    "deeply-nested-file-linking-out": lambda e: post(
+        "/evaluations", 403, json=evaluation(str(_nested_link_out(e, "a/b/c/d", "t.json")))
+    ),
+    "subfolder-linking-to-a-directory-out": lambda e: post(
+        "/evaluations", 403, json=evaluation(str(_folder_link_out(e)))
+    ),
+    "adapter-subfolder-linking-out": lambda e: post(
+        "/evaluations",
+        403,
+        json={
+            "model": {
+                "path": str(e.tiny),
+                "adapter_path": str(_nested_link_out(e, "sub", "adapter_model.safetensors")),
+            }
+        },
+    ),
+    "config-with-more-layers-than-its-weights": lambda e: post(
+        "/evaluations", 422, json=evaluation(str(_more_layers_than_weights(e)))
+    ),
+    "finetune-config-with-more-layers-than-its-weights": lambda e: post(
+        "/finetune-jobs",
+        422,
+        json=finetune(e, base_model={"path": str(_more_layers_than_weights(e))}),
+    ),
+    "regex-unrolling-to-a-million": lambda e: post(
+        "/suites", 422, json=_checklist({"type": "regex", "value": "(a{1000}){1000}"})
+    ),
+    "regex-huge-repetition-count": lambda e: post(
+        "/suites", 422, json=_checklist({"type": "regex", "value": "x{100000000}"})
+    ),
+    "regex-nested-in-a-combinator": lambda e: post(
+        "/suites",
+        422,
+        json=_checklist({"not": {"any": [{"type": "regex", "value": "((ab){200}){200}"}]}}),
+    ),
+    "regex-too-long": lambda e: post(
+        "/suites", 422, json=_checklist({"type": "regex", "value": "a" * 1001})
+    ),
+    "inline-regex-unrolling-to-a-million": lambda e: post(
+        "/evaluations",
+        422,
+        json={
+            "model": {"path": str(e.tiny)},
+            "suites": [_checklist({"type": "regex", "value": "(a{1000}){1000}"})],
+        },
+    ),
+    # what the database cannot store
+    "nul-in-label": lambda e: post(
+        "/evaluations", 422, json=evaluation(str(e.tiny), label="a\x00")
+    ),
+    "nul-in-suite-prompt": lambda e: post(
+        "/suites", 422, json=qa_suite(items=items(1, question="before\x00after"))
+    ),
+    "nul-in-check-value": lambda e: post(
+        "/suites", 422, json=_checklist({"type": "contains", "value": "\x00"})
+    ),
+    "nul-in-a-free-form-key": lambda e: post(
+        "/suites", 422, json=_checklist({"type": "contains", "value": "x", "\x00": 1})
+    ),
+    "nul-in-finetune-example": lambda e: post(
+        "/finetune-jobs", 422, json=finetune(e, dataset={"examples": [{"text": "a\x00b"}]})
+    ),
+    "nul-in-evaluation-id": lambda e: get("/evaluations/ev_%00x", 422),
+    "nul-in-cancel-id": lambda e: post("/evaluations/ev_%00x/cancel", 422),
+    "nul-in-finetune-id": lambda e: get("/finetune-jobs/ft%00/events", 422),
+    "nul-in-cursor": lambda e: get("/evaluations?cursor=abc%00", 422),
+    "nul-in-suites-cursor": lambda e: get("/suites?cursor=a%00", 422),
+    "nul-in-encoded-cursor": lambda e: get(
+        "/evaluations?cursor=MjAyNi0wMS0wMVQwMDowMDowMHxldl8AeA", 422
+    ),
+    "nul-in-model-path-filter": lambda e: get("/evaluations?model_path=m%00", 422),
+    "nul-in-item-filter": lambda e: get("/evaluations/ev_x/items?category=%00", 422),
+    "nul-in-compare-id": lambda e: get("/compare?before=a%00&after=b", 422),
+    "query-not-utf8": lambda e: get("/evaluations?model_path=%ff%fe", 422),
+    "infinity-in-a-float": lambda e: raw("/finetune-jobs", 422, _raw_finetune(e, "Infinity")),
+    "minus-infinity-in-a-float": lambda e: raw(
+        "/finetune-jobs", 422, _raw_finetune(e, "-Infinity")
+    ),
+    "nan-in-a-float": lambda e: raw("/finetune-jobs", 422, _raw_finetune(e, "NaN")),
+    "float-overflowing-to-infinity": lambda e: raw(
+        "/finetune-jobs", 422, _raw_finetune(e, "1e999")
+    ),
+    "infinity-in-a-free-form-check": lambda e: raw(
+        "/suites",
+        422,
+        json.dumps(_checklist({"type": "contains", "value": "x"})).replace(
+            '"x"', '"x", "w": Infinity'
+        ),
+    ),
+    "item-cursor-beyond-64-bits": lambda e: get(
+        "/evaluations/ev_x/items?cursor=9223372036854775808", 422
+    ),
+    "item-cursor-of-40-digits": lambda e: get("/evaluations/ev_x/items?cursor=" + "9" * 40, 422),
+    "event-cursor-beyond-64-bits": lambda e: get(
+        "/finetune-jobs/ft_x/events?cursor=18446744073709551616", 422
+    ),
+    "boolean-as-an-integer": lambda e: post(
+        "/evaluations", 422, json=evaluation(str(e.tiny), generation={"max_new_tokens": True})
+    ),
+    "integer-as-a-boolean": lambda e: post(
+        "/evaluations", 422, json=evaluation(str(e.tiny), cache=1)
+    ),
+    "boolean-as-a-hyperparameter": lambda e: post(
+        "/finetune-jobs", 422, json=finetune(e, hyperparameters={"seed": False})
+    ),
+    "lone-surrogate-in-a-check": lambda e: raw(
+        "/suites",
+        422,
+        json.dumps(_checklist({"type": "contains", "value": "x"})).replace('"x"', '"\\ud800"'),
+    ),
+    "lone-surrogate-in-a-label": lambda e: raw(
+        "/evaluations",
+        422,
+        json.dumps(evaluation(str(e.tiny), label="L")).replace('"L"', '"\\udfff"'),
+    ),
+    # bodies are UTF-8, so the nesting guard and the parser read the same text
+    "utf-16-body": lambda e: raw("/evaluations", 400, _encoded(e, "utf-16")),
+    "utf-16-le-body-without-bom": lambda e: raw("/evaluations", 400, _encoded(e, "utf-16-le")),
+    "utf-32-body": lambda e: raw("/evaluations", 400, _encoded(e, "utf-32")),
+    "utf-16-deep-nesting": lambda e: raw(
+        "/suites", 400, _nested(JSON_MAX_DEPTH * 4).encode("utf-16-be")
+    ),
+}
+CASES.update(ROUND_TWO)
+
 
 def assert_nothing_created(client: TestClient, settings: Settings) -> None:
     """No evaluation, item, job or claim rows; only the built-in suites; the API still healthy."""
@@ -323,6 +520,8 @@ def test_hostile_request_is_refused_and_leaves_no_trace(
     assert "Traceback" not in response.text
     if str(env.outside) not in repr(kwargs):
         assert str(env.outside) not in response.text  # where a link leads is never revealed
+        assert str(env.outside.parent) not in response.text
+    assert SECRET not in response.text  # nor what a linked file holds
     assert_nothing_created(api, settings)
 
 

@@ -90,10 +90,11 @@ def test_mcnemar_tiny_p_values_keep_relative_precision() -> None:
 
 
 def test_mcnemar_large_n_is_fast() -> None:
-    start = time.perf_counter()
+    # CPU time, not wall time: other processes on a busy CI machine must not fail this.
+    start = time.process_time()
     for b, c in [(50300, 49700), (49990, 50010), (30000, 70000)]:
         mcnemar_exact(b, c)
-    assert time.perf_counter() - start < 1.0
+    assert time.process_time() - start < 2.0
 
 
 def test_mcnemar_rejects_negative_counts() -> None:

@@ -217,6 +217,74 @@ def test_worker_rechecks_the_model_right_before_loading(
         assert row.attempts == 1  # a refusal is final: retrying will not make it loadable
 
 
+# --- cost decided before work: parameters from the config and the weights (issue 16) ----------
+
+
+def _with_config(tiny_model_dir: Path, dest: Path, **changes: Any) -> Path:
+    model = model_copy(tiny_model_dir, dest)
+    config = json.loads((model / "config.json").read_text())
+    config.update(changes)
+    (model / "config.json").write_text(json.dumps(config))
+    return model
+
+
+def test_parameters_are_counted_from_headers_and_config(tiny_model_dir: Path) -> None:
+    from app.core.modelcheck import config_params, safetensors_params
+
+    stored = safetensors_params(tiny_model_dir, "tiny")
+    described = config_params(json.loads((tiny_model_dir / "config.json").read_text()))
+    assert stored > 0 and described is not None
+    assert abs(described - stored) / stored < 0.05
+
+
+def test_a_config_with_more_layers_than_its_weights_is_refused(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    from app.core.modelcheck import check_model_size
+
+    model = _with_config(tiny_model_dir, tmp_path / "m", num_hidden_layers=50_000)
+    with pytest.raises(Problem) as caught:
+        check_model_size(model, "m", max_params=0)
+    assert caught.value.status == 422 and "weights hold" in caught.value.detail
+
+
+def test_the_parameter_budget_is_enforced(
+    settings: Settings, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    from app.core.modelcheck import resolve_model
+
+    small = settings.model_copy(update={"max_model_params": 1000})
+    with pytest.raises(Problem) as caught:
+        resolve_model(small, str(tiny_model_dir), None)
+    assert caught.value.status == 422 and "FORGETGUARD_MAX_MODEL_PARAMS" in caught.value.detail
+    resolve_model(settings, str(tiny_model_dir), None)  # the default budget takes it
+
+
+def test_a_safetensors_header_that_lies_is_refused(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from app.core.modelcheck import safetensors_params
+
+    model = model_copy(tiny_model_dir, tmp_path / "m")
+    (model / "model.safetensors").write_bytes((2**40).to_bytes(8, "little") + b"{}")
+    with pytest.raises(Problem) as caught:
+        safetensors_params(model, "m")
+    assert caught.value.status == 422
+
+
+def test_a_worker_memory_cap_turns_a_runaway_allocation_into_memory_error() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "from workers.main import cap_memory\n"
+        "cap_memory(2 * 1024**3)\n"
+        "try:\n    bytearray(4 * 1024**3)\nexcept MemoryError:\n    print('refused')\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120
+    )
+    assert out.stdout.strip() == "refused", out.stderr[-500:]
+
+
 def test_fine_tune_outputs_in_the_artifacts_dir_are_readable_as_models(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:

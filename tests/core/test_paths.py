@@ -110,3 +110,38 @@ def test_an_unreadable_directory_is_422(root: Path) -> None:
         assert refused(locked, root).status == 422
     finally:
         locked.chmod(0o755)
+
+
+# --- the containment walk covers every file at any depth (issue 16) ----------------------------
+
+
+def test_a_link_out_in_a_nested_subfolder_is_403_and_its_target_unnamed(root: Path) -> None:
+    nested = root / "good" / "additional_chat_templates" / "deeper"
+    nested.mkdir(parents=True)
+    (nested / "tool.jinja").symlink_to(root.parent / "secret" / "weights.safetensors")
+    problem = refused(root / "good", root)
+    assert problem.status == 403
+    assert "'additional_chat_templates/deeper/tool.jinja'" in problem.detail
+    assert "secret" not in problem.detail and "not yours" not in problem.detail
+
+
+def test_a_subfolder_linking_inside_is_walked_too(root: Path) -> None:
+    """A link that stays inside is followed, and what it leads to is checked in turn."""
+    shared = root / "shared"
+    shared.mkdir()
+    (shared / "template.jinja").symlink_to(root.parent / "secret" / "weights.safetensors")
+    (root / "good" / "templates").symlink_to(shared, target_is_directory=True)
+    problem = refused(root / "good", root)
+    assert problem.status == 403 and "'templates/template.jinja'" in problem.detail
+
+
+def test_folder_loops_inside_a_model_dir_end(root: Path) -> None:
+    (root / "good" / "sub").mkdir()
+    (root / "good" / "sub" / "up").symlink_to(root / "good", target_is_directory=True)
+    assert resolve(root / "good", root) == root / "good"
+
+
+def test_a_dangling_nested_link_is_refused(root: Path) -> None:
+    (root / "good" / "sub").mkdir()
+    (root / "good" / "sub" / "gone").symlink_to(root / "nowhere")
+    assert refused(root / "good", root).status == 403

@@ -273,3 +273,26 @@ def test_the_worker_rereads_a_dataset_with_the_same_limits(tmp_path: Path) -> No
     with pytest.raises(Problem) as info:
         read_jsonl(path, shown="deep.jsonl", max_bytes=1 << 20)
     assert info.value.status == 422 and str(tmp_path) not in info.value.detail
+
+
+def test_holdout_split_is_seeded_disjoint_and_keeps_order() -> None:
+    from app.finetune.schemas import holdout_count, holdout_split
+
+    records = [{"text": f"record {i}"} for i in range(30)]
+    train, held = holdout_split(records, 0.2, 42)
+    assert len(held) == holdout_count(30, 0.2) == 6 and len(train) == 24
+    assert {r["text"] for r in train}.isdisjoint(r["text"] for r in held)
+    assert train == [r for r in records if r in train]  # the dataset's order
+    assert holdout_split(records, 0.2, 42) == (train, held)  # seeded
+    assert holdout_split(records, 0.2, 7)[1] != held
+    assert holdout_count(3, 0.01) == 1  # at least one record
+
+
+def test_evaluation_steps_always_end_at_the_last_step() -> None:
+    from app.finetune.schemas import evaluation_steps
+
+    assert evaluation_steps(12, 4, None) == [4, 8, 12]
+    assert evaluation_steps(10, 4, None) == [4, 8, 10]
+    assert evaluation_steps(10, None, 3) == [3, 7, 10]
+    assert evaluation_steps(2, None, 5) == [1, 2]
+    assert evaluation_steps(10, None, None) == []

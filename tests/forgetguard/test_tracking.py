@@ -27,8 +27,9 @@ def _runs(uri: str) -> list[Any]:
 
 
 def test_a_failing_gate_run_is_logged_with_its_drop_and_report(
-    client: Any, tiny_model_dir: Path, tmp_path: Path
+    client: Any, tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.chdir(tmp_path)  # a SQLite store keeps its artifacts in ./mlruns
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     before, after = submit(client, tiny_model_dir), submit(client, tiny_model_dir)
     finish(client, before)
@@ -52,8 +53,9 @@ def test_a_failing_gate_run_is_logged_with_its_drop_and_report(
 
 
 def test_an_unusable_tracking_uri_is_a_gate_error_not_a_traceback(
-    client: Any, tiny_model_dir: Path, tmp_path: Path
+    client: Any, tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.chdir(tmp_path)
     before = submit(client, tiny_model_dir)
     finish(client, before)
     code, _out, err = gate(client, tmp_path, before=before, after=before, mlflow="nope://x")

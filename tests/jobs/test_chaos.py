@@ -24,7 +24,8 @@ from sqlalchemy import Engine, select
 
 from app.core.config import Settings
 from app.core.database import make_engine, session_factory
-from app.core.tables import FINISHED, Claim, Evaluation, EvaluationItem, Worker
+from app.core.tables import Claim, Evaluation, EvaluationItem, Worker
+from app.jobs.status import FINISHED
 from app.main import create_app
 from tests.conftest import REPO, qa_suite, settings_env
 

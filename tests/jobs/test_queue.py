@@ -11,17 +11,20 @@ from sqlalchemy import select, update
 
 from app.core.config import Settings
 from app.core.database import immediate_session, make_engine, session_factory
-from app.core.tables import Claim, Evaluation, FinetuneJob, Worker, new_id, utcnow
+from app.core.tables import Claim, Evaluation, EvaluationItem, FinetuneJob, Worker, new_id, utcnow
 from app.jobs.queue import (
     LeaseLost,
     abandon,
+    begin_write,
     cancel,
     claim,
     fail,
+    guarded_write,
     heartbeat,
     register_worker,
     release,
     renew,
+    set_job,
     succeed,
 )
 
@@ -221,3 +224,128 @@ def test_a_taken_over_claim_is_not_closed_by_the_late_worker(engine) -> None:  #
         claims = {c.worker_id: c for c in s.execute(select(Claim)).scalars()}
         assert claims["slow"].released_at is None  # its claim ended when its lease ran out
         assert claims["fast"].released_at is None  # still held
+
+
+def _item(job_id: str, item_id: str = "q1") -> EvaluationItem:
+    return EvaluationItem(
+        evaluation_id=job_id, suite="s", item_id=item_id, position=0, prompt="p", passed=True
+    )
+
+
+def _snapshot(engine, job_id: str) -> tuple:  # type: ignore[no-untyped-def]
+    """What a guarded write may change: the job's fields, its claim's lease, its items."""
+    with session_factory(engine)() as s:
+        row = s.get(Evaluation, job_id)
+        claims = [c.lease_expires_at for c in s.execute(select(Claim)).scalars()]
+        items = s.execute(select(EvaluationItem.item_id)).scalars().all()
+        return (row.status, row.progress, row.lease_expires_at, row.heartbeat_at, claims, items)
+
+
+def test_guarded_write_renews_the_lease_and_commits_the_body(engine) -> None:  # type: ignore[no-untyped-def]
+    (job_id,) = _queue(engine)
+    job = claim(engine, worker_id="w", kinds=("evaluation",), lease_seconds=5)
+    progress = {"done": 1, "total": 2, "stage": "s"}
+    with guarded_write(engine, job, 60, progress=progress) as s:
+        s.add(_item(job_id))
+    status, stored, expires, _, (claim_expires,), items = _snapshot(engine, job_id)
+    assert status == "running" and stored == progress and items == ["q1"]
+    assert expires > utcnow() + timedelta(seconds=30) and claim_expires == expires
+
+
+def _cancel(engine, job) -> None:  # type: ignore[no-untyped-def]
+    with session_factory(engine)() as s:
+        cancel(s, Evaluation, job.id)
+        s.commit()
+
+
+def _take_over(engine, job) -> None:  # type: ignore[no-untyped-def]
+    with session_factory(engine)() as s:
+        s.execute(update(Evaluation).values(lease_expires_at=utcnow() - timedelta(seconds=1)))
+        s.commit()
+    assert claim(engine, worker_id="other", kinds=("evaluation",), lease_seconds=60) is not None
+
+
+@pytest.mark.parametrize("lose", [_cancel, _take_over], ids=["cancelled", "taken-over"])
+def test_guarded_write_writes_nothing_once_the_lease_is_lost(engine, lose) -> None:  # type: ignore[no-untyped-def]
+    (job_id,) = _queue(engine)
+    job = claim(engine, worker_id="w", kinds=("evaluation",), lease_seconds=60)
+    lose(engine, job)
+    before = _snapshot(engine, job_id)
+    ran = []
+    with pytest.raises(LeaseLost), guarded_write(engine, job, 60, progress={"done": 9}) as s:
+        ran.append(True)
+        s.add(_item(job_id))
+    assert ran == [] and _snapshot(engine, job_id) == before
+
+
+def test_an_error_in_a_guarded_write_rolls_back_the_renewal_too(engine) -> None:  # type: ignore[no-untyped-def]
+    (job_id,) = _queue(engine)
+    job = claim(engine, worker_id="w", kinds=("evaluation",), lease_seconds=5)
+    before = _snapshot(engine, job_id)
+    with pytest.raises(RuntimeError), guarded_write(engine, job, 60, progress={"done": 9}) as s:
+        s.add(_item(job_id))
+        s.flush()
+        raise RuntimeError("the body failed")
+    assert _snapshot(engine, job_id) == before
+
+
+def test_a_cancel_waits_for_a_guarded_write_in_progress(engine) -> None:  # type: ignore[no-untyped-def]
+    """Between the lease check and the commit nobody can take or cancel the job."""
+    (job_id,) = _queue(engine)
+    job = claim(engine, worker_id="w", kinds=("evaluation",), lease_seconds=60)
+    cancelled = threading.Event()
+
+    def cancel_now() -> None:
+        _cancel(engine, job)
+        cancelled.set()
+
+    with guarded_write(engine, job, 60) as s:
+        canceller = threading.Thread(target=cancel_now)
+        canceller.start()
+        time.sleep(0.5)
+        assert not cancelled.is_set()  # blocked on the job's row (or SQLite's write lock)
+        set_job(s, job, progress={"done": 7, "total": 9, "stage": "written"})
+        s.add(_item(job_id))
+    canceller.join(timeout=30)
+    status, progress, *_, items = _snapshot(engine, job_id)
+    assert cancelled.is_set() and status == "cancelled"
+    # The body's writes landed first; the cancel that followed set only its stage.
+    assert progress == {"done": 7, "total": 9, "stage": "cancelled"} and items == ["q1"]
+
+
+def test_status_is_not_a_field_a_guarded_write_sets(engine) -> None:  # type: ignore[no-untyped-def]
+    (job_id,) = _queue(engine)
+    job = claim(engine, worker_id="w", kinds=("evaluation",), lease_seconds=60)
+    with pytest.raises(ValueError, match="status"):
+        with guarded_write(engine, job, 60, status="succeeded"):
+            pass
+    with pytest.raises(ValueError, match="status"), guarded_write(engine, job, 60) as s:
+        set_job(s, job, status="succeeded")
+    assert _snapshot(engine, job_id)[0] == "running"
+
+
+def test_a_cancel_that_reads_first_is_not_refused_by_a_worker_s_commit(engine) -> None:  # type: ignore[no-untyped-def]
+    """Without the write lock up front, SQLite refuses the cancel: its snapshot went stale."""
+    (job_id,) = _queue(engine)
+    job = claim(engine, worker_id="w", kinds=("evaluation",), lease_seconds=60)
+    outcome: list[str] = []
+
+    def worker_writes() -> None:
+        try:
+            heartbeat(engine, job, 60)
+            outcome.append("renewed")
+        except LeaseLost:
+            outcome.append("lost")
+
+    with session_factory(engine)() as s:
+        begin_write(s)
+        assert s.get(Evaluation, job_id).status == "running"
+        beat = threading.Thread(target=worker_writes)
+        beat.start()
+        beat.join(0.5)  # the worker writes meanwhile (on SQLite it waits for this transaction)
+        assert cancel(s, Evaluation, job_id) == "cancelled"
+        s.commit()
+    beat.join(timeout=30)
+    assert outcome in (["renewed"], ["lost"])
+    with session_factory(engine)() as s:
+        assert s.get(Evaluation, job_id).status == "cancelled"

@@ -168,20 +168,7 @@ def _evaluation(
     results = {}
     for name, suite in suites.items():
         mine = [r for r in rows if r["suite"] == name]
-        results[name] = KINDS[suite.kind].aggregate(
-            [
-                ItemRow(
-                    item_id=r["item_id"],
-                    passed=r["passed"],
-                    score=r["score"],
-                    category=r["category"],
-                    severity=r["severity"],
-                    response=r["response"],
-                    details=r["details"],
-                )
-                for r in mine
-            ]
-        )
+        results[name] = KINDS[suite.kind].aggregate([ItemRow.of(r) for r in mine])
     created = utcnow() - timedelta(minutes=minutes_ago)
     evaluation = Evaluation(
         id=new_id("ev"),

@@ -235,6 +235,41 @@ def test_pages_need_a_read_key_when_keys_are_configured(settings: Any, collapsed
         assert response.status_code == 200 and "✗ FAIL" in response.text
 
 
+def test_finetune_job_page_draws_the_forgetting_curve_beside_the_learning_curve(
+    client: TestClient, db: Callable[[], Session], collapsed: Pair
+) -> None:
+    from app.core.tables import FinetuneCheckpoint
+
+    with db() as session:
+        job_id = seed_finetune_job(session, collapsed.before, collapsed.after)
+        job = session.get(FinetuneJob, job_id)
+        assert job is not None
+        job.metrics = {"shipped": {"step": 20, "reason": "the final step 60 fails the guard"}}
+        for step, accuracy, nll in ((0, 0.8, 3.1), (20, 0.75, 2.2), (40, 0.4, 1.5), (60, 0.1, 1.2)):
+            session.add(
+                FinetuneCheckpoint(
+                    job_id=job_id,
+                    step=step,
+                    general={"accuracy": accuracy, "checklist_score": accuracy},
+                    domain={"after": {"nll_per_token": nll, "accuracy": None}},
+                    verdict={"verdict": "pass" if accuracy > 0.7 else "fail"},
+                )
+            )
+        session.commit()
+    html = _html(client.get(f"/ui/finetune-jobs/{job_id}"))
+    assert 'id="forgetting"' in html and 'id="learning"' in html
+    assert "<title>General abilities over training steps</title>" in html
+    assert "<title>Domain learning over training steps</title>" in html
+    # loss, learning rate, general accuracy, checklist, held-out NLL: one polyline each
+    assert html.count("<polyline") == 5
+    assert "held-out NLL/token: 4 points, first 3.1, last 1.2" in html
+    assert "Shipped step 20" in html and "the final step 60 fails the guard" in html
+    with db() as session:
+        other = seed_finetune_job(session, collapsed.before, collapsed.after)
+        session.commit()
+    assert 'id="forgetting"' not in _html(client.get(f"/ui/finetune-jobs/{other}"))
+
+
 def test_finetune_jobs_list_page_and_breadcrumb(client: TestClient, collapsed: Pair) -> None:
     assert collapsed.job is not None
     html = _html(client.get("/ui/finetune-jobs"))

@@ -229,10 +229,12 @@ def test_serve_starts_one_fresh_worker_process_per_gpu(monkeypatch: pytest.Monke
     from app import cli
 
     started: list[list[str]] = []
+    envs: list[dict[str, str]] = []
 
     class FakePopen:
-        def __init__(self, cmd: list[str]) -> None:
+        def __init__(self, cmd: list[str], env: dict[str, str]) -> None:
             started.append(cmd)
+            envs.append(env)
 
         def poll(self) -> int | None:
             return None
@@ -245,6 +247,8 @@ def test_serve_starts_one_fresh_worker_process_per_gpu(monkeypatch: pytest.Monke
     assert all(cmd[:4] == [sys.executable, "-m", "app.cli", "worker"] for cmd in started)
     devices = [cmd[cmd.index("--device") + 1] for cmd in started]
     assert devices == ["cuda:0", "cuda:1", "cuda:2"]
+    # Each worker knows its supervisor, so it stops when serve dies (even by SIGKILL).
+    assert all(env["FORGETGUARD_PARENT_PID"] == str(os.getpid()) for env in envs)
 
 
 # --------------------------------------------------------------------------- docker/

@@ -17,9 +17,29 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from app.core.config import Settings
 from app.core.fingerprint import fingerprint
 from app.core.modelcheck import resolve_model
+from workers.context import UserError
 from workers.engine.transformers_backend import select_dtype
 
 log = logging.getLogger("forgetguard.worker")
+
+
+# What a broken model directory raises while loading (unreadable or truncated weights, a bad
+# tokenizer file, a config transformers cannot use): retrying cannot fix any of them. Memory
+# errors (MemoryError, CUDA out of memory, a RuntimeError) are not here: another try, on
+# another worker, may have the memory.
+_LOAD_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError, KeyError, TypeError)
+try:
+    from safetensors import SafetensorError
+
+    _LOAD_ERRORS += (SafetensorError,)
+except ImportError:  # pragma: no cover
+    pass
+
+
+def _unloadable(what: str, directory: Path, exc: BaseException) -> UserError:
+    # The message may quote the resolved directory; show the file names only.
+    message = str(exc).replace(str(directory), "<dir>")[:500]
+    return UserError(f"the {what} cannot be loaded ({type(exc).__name__}: {message})")
 
 
 @dataclass
@@ -34,9 +54,12 @@ class LoadedModel:
 
 def load_tokenizer(model_dir: Path) -> Any:
     """The model's tokenizer, local files only, with a pad token for batching."""
-    tokenizer = AutoTokenizer.from_pretrained(
-        model_dir, trust_remote_code=False, local_files_only=True
-    )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            model_dir, trust_remote_code=False, local_files_only=True
+        )
+    except _LOAD_ERRORS as exc:
+        raise _unloadable("tokenizer", model_dir, exc) from exc
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -44,13 +67,16 @@ def load_tokenizer(model_dir: Path) -> Any:
 
 def load_model(model_dir: Path, device: torch.device, *, dtype: torch.dtype | None = None) -> Any:
     """A causal LM from safetensors only, on ``device``, in eval mode."""
-    model: Any = AutoModelForCausalLM.from_pretrained(
-        model_dir,
-        dtype=dtype or select_dtype(device),
-        use_safetensors=True,
-        trust_remote_code=False,
-        local_files_only=True,
-    )
+    try:
+        model: Any = AutoModelForCausalLM.from_pretrained(
+            model_dir,
+            dtype=dtype or select_dtype(device),
+            use_safetensors=True,
+            trust_remote_code=False,
+            local_files_only=True,
+        )
+    except _LOAD_ERRORS as exc:
+        raise _unloadable("model", model_dir, exc) from exc
     return model.to(device).eval()
 
 
@@ -58,7 +84,10 @@ def attach_adapter(model: Any, adapter_dir: Path) -> Any:
     """Apply a peft adapter; its config is read as data (its base model name is ignored)."""
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(model, adapter_dir, is_trainable=False).eval()
+    try:
+        return PeftModel.from_pretrained(model, adapter_dir, is_trainable=False).eval()
+    except _LOAD_ERRORS as exc:
+        raise _unloadable("adapter", adapter_dir, exc) from exc
 
 
 class ModelCache:

@@ -38,17 +38,6 @@ def evaluate_suites(
         run_items(definition["kind"], backend, definition, items, settings, rows.extend)
         rows.sort(key=lambda r: r["position"])
         results[definition["name"]] = KINDS[definition["kind"]].aggregate(
-            [
-                ItemRow(
-                    item_id=r["item_id"],
-                    passed=r["passed"],
-                    score=r["score"],
-                    category=r["category"],
-                    severity=r["severity"],
-                    response=r["response"],
-                    details=r["details"],
-                )
-                for r in rows
-            ]
+            [ItemRow.of(r) for r in rows]
         )
     return results

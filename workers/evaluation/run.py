@@ -10,12 +10,11 @@ from typing import Any
 from sqlalchemy import insert, select, update
 
 from app.core.config import normalise_endpoint
-from app.core.database import immediate_session
 from app.core.fingerprint import fingerprint
 from app.core.modelcheck import resolve_model
 from app.core.tables import Evaluation, EvaluationItem, Suite
 from app.evaluations.cache import cache_key
-from app.jobs.queue import renew, succeed
+from app.jobs.queue import guarded_write, succeed
 from app.suites.kinds import KINDS, ItemRow
 from workers.context import JobContext
 from workers.engine.base import Backend, UnsupportedRequest
@@ -49,20 +48,7 @@ def aggregate(ctx: JobContext, evaluation: Evaluation) -> dict[str, Any]:
                 )
                 .order_by(EvaluationItem.position)
             ).scalars()
-            results[suite["name"]] = KINDS[suite["kind"]].aggregate(
-                [
-                    ItemRow(
-                        item_id=r.item_id,
-                        passed=r.passed,
-                        score=r.score,
-                        category=r.category,
-                        severity=r.severity,
-                        response=r.response,
-                        details=r.details,
-                    )
-                    for r in rows
-                ]
-            )
+            results[suite["name"]] = KINDS[suite["kind"]].aggregate([ItemRow.of(r) for r in rows])
     return results
 
 
@@ -108,7 +94,7 @@ def _open_vllm(ctx: JobContext, models: ModelCache, evaluation: Evaluation) -> O
         raise ctx.user_error(
             f"backend 'vllm' is not installed on this worker ({exc}); see README: vLLM"
         ) from None
-    settings = ctx.settings
+    settings = models.settings  # a fine-tune job's also allow its artifacts directory
     model_dir, adapter_dir = resolve_model(settings, evaluation.model_path, evaluation.adapter_path)
     full = fingerprint(model_dir, adapter_dir, cache_dir=settings.cache_dir)
     base = fingerprint(model_dir, None, cache_dir=settings.cache_dir)
@@ -252,18 +238,13 @@ def run_evaluation(
         def emit(rows: list[dict[str, Any]], suite_name: str = suite["name"]) -> None:
             ctx.check_stop()
             progress["done"] += len(rows)
-            with immediate_session(ctx.engine) as session, session.begin():
-                # The lease check and the rows are one transaction: only the holder writes.
-                now = {"done": progress["done"], "total": total, "stage": suite_name}
-                if evaluation_id == ctx.job.id:
-                    renew(session, ctx.job, ctx.settings.lease_seconds, progress=now)
-                else:  # an evaluation run inside a fine-tune job: the job holds the lease
-                    renew(session, ctx.job, ctx.settings.lease_seconds)
-                    session.execute(
-                        update(Evaluation)
-                        .where(Evaluation.id == evaluation_id)
-                        .values(progress=now)
-                    )
+            now = {"done": progress["done"], "total": total, "stage": suite_name}
+            # The lease check and the rows are one transaction: only the holder writes. The
+            # evaluation is the claimed job, or one run inside the fine-tune job holding it.
+            with guarded_write(ctx.engine, ctx.job, ctx.settings.lease_seconds) as session:
+                session.execute(
+                    update(Evaluation).where(Evaluation.id == evaluation_id).values(progress=now)
+                )
                 session.execute(
                     insert(EvaluationItem),
                     [{"evaluation_id": evaluation_id, "suite": suite_name, **row} for row in rows],
@@ -281,7 +262,7 @@ def run_evaluation(
         assert evaluation is not None
     results = aggregate(ctx, evaluation)
     if evaluation_id == ctx.job.id:
-        with immediate_session(ctx.engine) as session, session.begin():
+        with guarded_write(ctx.engine, ctx.job, ctx.settings.lease_seconds) as session:
             succeed(
                 session,
                 ctx.job,

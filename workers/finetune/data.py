@@ -202,3 +202,8 @@ def read_records(path: Path) -> list[dict[str, Any]]:
     """Records this service wrote itself (a training-data snapshot, a cache file)."""
     with path.open(encoding="utf-8") as fh:
         return [json.loads(line) for line in fh if line.strip()]
+
+
+def pad_id(tokenizer: Any) -> int:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return int(pad if pad is not None else 0)

@@ -12,16 +12,14 @@ import torch
 from app.finetune.schemas import FinetuneJobCreate, Hyperparameters, resolve_hyperparameters
 from workers.context import Interrupted
 from workers.engine.loading import load_model, load_tokenizer
+from workers.finetune.artifacts import base_checksum, parameter_counts, save_output
 from workers.finetune.data import collate, encode_records
 from workers.finetune.ewc import sequence_loss
-from workers.finetune.job import (
+from workers.finetune.training import (
     Trainer,
     assert_base_frozen,
-    base_checksum,
-    parameter_counts,
     plan_steps,
     prepare_model,
-    save_output,
     thin,
 )
 

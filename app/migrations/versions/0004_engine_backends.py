@@ -5,8 +5,8 @@ evaluations gain ``endpoint`` (a served model's base URL) and ``engine`` (backen
 dtype and engine version, recorded by the worker); workers gain ``backend``, ``dtype`` and
 ``engine_version``, and room for several devices in ``device``.
 
-Revision ID: 0003_engines
-Revises: 0002
+Revision ID: 0004
+Revises: 0003
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0003_engines"
-down_revision = "0002"
+revision = "0004"
+down_revision = "0003"
 branch_labels = None
 depends_on = None
 

@@ -1,0 +1,92 @@
+"""Status writes that are not a worker's own lease: submission, the cache, child evaluations.
+
+A fine-tune job runs its before/after evaluations inside itself, under its own lease: they are
+never visible as queued (a worker would claim them as jobs of their own), they succeed when the
+job has run them, and they end with the job when it fails or is cancelled. The lease-holding
+worker's own writes (claim, succeed, fail, release) and cancellation are in ``queue``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import update
+from sqlalchemy.orm import Session
+
+from app.core.tables import Evaluation, FinetuneJob, utcnow
+from app.jobs.status import JobStatus, sources
+
+
+def submit(
+    session: Session, row: Evaluation | FinetuneJob, *, cached: Evaluation | None = None
+) -> None:
+    """Add a new job to the queue, or, given ``cached``, as its finished copy (no run needed).
+
+    ``cached`` is a succeeded evaluation with the same cache key; the copy's items stay with it.
+    """
+    if cached is None:
+        row.status = JobStatus.QUEUED
+    else:
+        assert isinstance(row, Evaluation), "only evaluations are answered from the cache"
+        now = utcnow()
+        row.status = JobStatus.SUCCEEDED
+        row.cached_from = cached.id
+        row.results = cached.results
+        row.model_fingerprint = cached.model_fingerprint
+        row.engine = cached.engine
+        total = cached.progress.get("total", 0)
+        row.progress = {"done": total, "total": total, "stage": "done (cached)"}
+        # Created, started and finished in the same instant: never "started" before "created".
+        row.created_at = now
+        row.started_at = now
+        row.finished_at = now
+    session.add(row)
+
+
+def start_child(row: Evaluation) -> None:
+    """A fine-tune job's new evaluation starts at once (unless the cache already answered it)."""
+    if row.status == JobStatus.QUEUED:
+        row.status = JobStatus.RUNNING
+        row.started_at = utcnow()
+
+
+def succeed_child(
+    session: Session, evaluation_id: str, *, results: dict[str, Any], progress: dict[str, Any]
+) -> bool:
+    """Record a child evaluation's results; False when it is no longer running (cancelled)."""
+    finished = session.execute(
+        update(Evaluation)
+        .where(Evaluation.id == evaluation_id, Evaluation.status == JobStatus.RUNNING)
+        .values(
+            status=JobStatus.SUCCEEDED, results=results, finished_at=utcnow(), progress=progress
+        )
+        .execution_options(synchronize_session=False)
+    ).rowcount  # type: ignore[attr-defined]
+    return bool(finished == 1)
+
+
+def end_children(
+    session: Session,
+    finetune_job_ids: Sequence[str],
+    status: JobStatus,
+    *,
+    now: datetime,
+    error: str | None = None,
+) -> None:
+    """The unfinished evaluations of these fine-tune jobs end with them: failed or cancelled."""
+    if status not in (JobStatus.FAILED, JobStatus.CANCELLED):
+        raise ValueError(f"child evaluations end failed or cancelled, not {status}")
+    values: dict[str, Any] = {"status": status, "finished_at": now}
+    if error is not None:
+        values["error"] = error
+    session.execute(
+        update(Evaluation)
+        .where(
+            Evaluation.finetune_job_id.in_(list(finetune_job_ids)),
+            Evaluation.status.in_(sources(status)),
+        )
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )

@@ -1,0 +1,85 @@
+"""What a fine-tune job leaves in its directory: the layout, the saved output, checksums.
+
+A job directory holds the training-data snapshot (``train.jsonl`` + ``train.json``), the
+held-out domain split (``heldout.jsonl``, never trained on) and its NLL before and after, the
+checkpoints of an unfinished training, the finished training's outcome (``training.json``)
+and the output: ``adapter/`` for LoRA, ``model/`` for a full fine-tune.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from app.finetune.schemas import FinetuneJobCreate
+
+CHECKPOINTS = "checkpoints"
+TRAIN_SNAPSHOT = "train.jsonl"
+TRAIN_SNAPSHOT_META = "train.json"
+TRAINING_DONE = "training.json"
+# The domain dataset split for evaluation.domain.holdout: trained on, and never trained on.
+DOMAIN_TRAIN = "domain-train.jsonl"
+HELD_OUT = "heldout.jsonl"
+
+
+@dataclass
+class TrainingOutcome:
+    output_path: str
+    trainable_parameters: dict[str, Any]
+    metrics: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)
+
+
+def parameter_counts(model: torch.nn.Module) -> dict[str, Any]:
+    """``{"trainable", "total", "fraction"}`` (shared weights counted once)."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"trainable": trainable, "total": total, "fraction": trainable / total if total else 0.0}
+
+
+def base_checksum(model: torch.nn.Module) -> str:
+    """``sha256:…`` over the names and bytes of every non-LoRA parameter."""
+    digest = hashlib.sha256()
+    for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
+        if "lora_" in name:
+            continue
+        digest.update(name.encode())
+        data = param.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+        digest.update(data.numpy().tobytes())
+    return "sha256:" + digest.hexdigest()
+
+
+def save_output(
+    model: Any, tokenizer: Any, request: FinetuneJobCreate, base_dir: Path, out: Path
+) -> None:
+    """An adapter (``adapter_model.safetensors`` + ``adapter_config.json``) or a full model dir."""
+    tmp = out.with_name(f".tmp-{out.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if request.method == "lora":
+        model.save_pretrained(tmp, safe_serialization=True)
+    else:
+        model.config.use_cache = True
+        base_dtype = _config_dtype(base_dir)
+        if base_dtype is not None and base_dtype != next(model.parameters()).dtype:
+            model.to(base_dtype)  # fp32 master weights back to the base's storage dtype
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+
+
+def _config_dtype(model_dir: Path) -> torch.dtype | None:
+    try:
+        config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    name = config.get("dtype") or config.get("torch_dtype")
+    value = getattr(torch, str(name), None) if name else None
+    return value if isinstance(value, torch.dtype) else None

@@ -1,0 +1,7 @@
+"""The stages a fine-tune job runs, in order: evaluation, data, Fisher, training.
+
+Each stage is a function of the running job (:class:`workers.finetune.job.FinetuneRun`), whose
+``event``/``warn``/``stage`` record progress under the job's lease; the mechanics they use
+(training loop, encoding, replay mixing, EWC math, artifacts) live one level up and know
+nothing of jobs.
+"""

@@ -1,0 +1,336 @@
+"""Checkpoint evaluations during training, and the guard that picks what to ship.
+
+At each evaluated step (``evaluation.every_steps`` / ``evaluation.checkpoints``; the last step
+always) the weights in memory are evaluated on the job's general suites, the held-out domain
+split and the domain suites, and compared with the base's before-evaluation (the same
+verdict rules as the final comparison). Each result is one ``finetune_checkpoints`` row: a
+resumed attempt skips every step that has its row. Step 0 is the base.
+
+The guard (``guard``) ships the final weights when they pass, else the passing checkpoint
+with the largest domain gain, whose trainable weights are kept in ``best/`` as training
+goes; ``stop`` ends training at the first checkpoint that does not pass.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from typing import TYPE_CHECKING, Any
+
+import torch
+from sqlalchemy import select
+
+from app.comparison.domain import domain_block, nll_summary, outcome
+from app.comparison.service import load_pair
+from app.comparison.verdict import CompareOptions, Row, build
+from app.core.tables import Evaluation, FinetuneCheckpoint
+from app.finetune.schemas import evaluation_steps
+from app.jobs.queue import guarded_write
+from workers.engine.transformers_backend import TransformersBackend
+from workers.evaluation.runners import RunSettings, run_items
+from workers.finetune.data import encode_records, pad_id
+from workers.finetune.domain import completion_nll
+from workers.finetune.ewc import trainable_named_parameters
+from workers.finetune.stages.domain import domain_records, domain_spec
+from workers.finetune.training import GuardStop, autocast_for
+
+if TYPE_CHECKING:
+    from workers.finetune.job import FinetuneRun
+
+BEST = "best"
+
+
+def _gain(domain: dict[str, Any] | None) -> float:
+    """How much a checkpoint learned, for ranking: relative NLL fall, else accuracy gain."""
+    gain = (domain or {}).get("gain") or {}
+    for key in ("relative_nll", "accuracy"):
+        if gain.get(key) is not None:
+            return float(gain[key])
+    return 0.0
+
+
+class CheckpointEvaluator:
+    """Called by the trainer at each evaluated step with the model as it is in memory."""
+
+    def __init__(
+        self,
+        run: FinetuneRun,
+        model: Any,
+        tokenizer: Any,
+        fmt: str,
+        eval_definitions: list[dict[str, Any]],
+        total_steps: int,
+    ) -> None:
+        spec = run.request.evaluation
+        assert spec is not None
+        self.run, self.model, self.tokenizer, self.fmt = run, model, tokenizer, fmt
+        self.definitions = eval_definitions
+        self.steps = evaluation_steps(total_steps, spec.every_steps, spec.checkpoints)
+        self.total_steps = total_steps
+        self.guard = run.request.guard
+        self.options = CompareOptions(
+            threshold=spec.threshold,
+            max_category_drop=spec.max_category_drop,
+            max_nll_increase=spec.max_nll_increase,
+            mode=spec.mode,
+        )
+        job = run._job()
+        assert job.before_evaluation_id is not None
+        with run.ctx.sessionmaker() as session:
+            before = session.get(Evaluation, job.before_evaluation_id)
+            assert before is not None
+            self.before_run = {"id": before.id, "source": before.cached_from or before.id}
+            self.before_rows, _ = load_pair(session, before, before)
+            generation = dict(before.generation)
+            self.settings = RunSettings(
+                prompt_format=before.prompt_format or fmt,
+                max_new_tokens=int(generation.get("max_new_tokens", 50)),
+                stop=tuple(generation.get("stop", ())),
+            )
+            self.domain_suites: list[dict[str, Any]] = []
+            self.domain_before_rows: list[Row] = []
+            domain = domain_spec(run)
+            if domain is not None and domain.suites:
+                label = f"{run.request.label or run.job_id}: domain before"
+                row = session.scalars(
+                    select(Evaluation).where(
+                        Evaluation.finetune_job_id == run.job_id, Evaluation.label == label
+                    )
+                ).first()
+                if row is not None and row.status == "succeeded":
+                    self.domain_suites = [
+                        {"name": s["name"], "kind": s["kind"], **self._definition(session, s)}
+                        for s in row.suites
+                    ]
+                    self.domain_before_rows, _ = load_pair(session, row, row)
+        self.held_out: list[Any] = []
+        self.held_before: dict[str, Any] | None = None
+        path = run.job_dir / "domain-before.json"
+        if path.is_file():
+            self.held_before = json.loads(path.read_text(encoding="utf-8"))
+            _, held = domain_records(run)
+            self.held_out, _ = encode_records(tokenizer, held, fmt, run.hp.max_seq_length)
+
+    @staticmethod
+    def _definition(session: Any, snapshot: dict[str, Any]) -> dict[str, Any]:
+        from app.core.tables import Suite
+
+        suite = session.get(Suite, snapshot["id"])
+        return dict(suite.definition) if suite is not None else {"items": []}
+
+    # -- rows
+
+    def _stored(self) -> dict[int, FinetuneCheckpoint]:
+        with self.run.ctx.sessionmaker() as session:
+            rows = session.scalars(
+                select(FinetuneCheckpoint).where(FinetuneCheckpoint.job_id == self.run.job_id)
+            )
+            return {r.step: r for r in rows}
+
+    def _store(self, step: int, figures: dict[str, Any]) -> None:
+        run = self.run
+        with guarded_write(run.ctx.engine, run.ctx.job, run.settings.lease_seconds) as session:
+            exists = session.scalars(
+                select(FinetuneCheckpoint.id).where(
+                    FinetuneCheckpoint.job_id == self.run.job_id, FinetuneCheckpoint.step == step
+                )
+            ).first()
+            if exists is None:
+                session.add(FinetuneCheckpoint(job_id=self.run.job_id, step=step, **figures))
+
+    # -- evaluation
+
+    def _rows(self, backend: TransformersBackend, suites: list[dict[str, Any]]) -> list[Row]:
+        out: list[Row] = []
+        for definition in suites:
+            collected: list[dict[str, Any]] = []
+
+            def emit(rows: list[dict[str, Any]], into: list[dict[str, Any]] = collected) -> None:
+                self.run.ctx.check_stop()
+                into.extend(rows)
+
+            items = list(enumerate(definition["items"]))
+            run_items(definition["kind"], backend, definition, items, self.settings, emit)
+            for r in sorted(collected, key=lambda r: r["position"]):
+                out.append(
+                    Row(
+                        r["item_id"],
+                        r["passed"],
+                        r["score"],
+                        r["category"],
+                        r["severity"],
+                        r["response"],
+                        r["details"],
+                        definition["name"],
+                        definition["kind"],
+                        r["prompt"],
+                    )
+                )
+        return out
+
+    def _figures(
+        self, body: dict[str, Any], rows: list[Row], held: dict[str, Any] | None, domain_body: Any
+    ) -> dict[str, Any]:
+        general: dict[str, Any] = {
+            "accuracy": body.get("overall_accuracy_after"),
+            "accuracy_drop": body.get("accuracy_drop"),
+        }
+        if body.get("checklist"):
+            general["checklist_score"] = body["checklist"].get("score_after")
+        drift = body.get("drift") or {}
+        if drift.get("suites"):
+            general["nll_per_token"] = {
+                name: suite["nll_per_token_after"] for name, suite in drift["suites"].items()
+            }
+        domain = None
+        spec = domain_spec(self.run)
+        if spec is not None and (held is not None or domain_body is not None):
+            pair = (self.held_before, held) if held is not None and self.held_before else None
+            domain = domain_block(held_out=pair, suites=domain_body, min_gain=spec.min_gain)
+            domain.pop("held_out", None)
+            domain.pop("suites", None)
+        passed = body["verdict"] == "pass"
+        verdict: dict[str, Any] = {"verdict": body["verdict"], "reasons": body["reasons"]}
+        if domain is not None:
+            verdict["outcome"] = outcome(learned=domain["learned"], passed=passed)
+        if self.guard is not None:
+            drop = body.get("accuracy_drop") or 0.0
+            verdict["guard"] = "pass" if passed and drop <= self.guard.max_drop else "fail"
+        return {
+            "general": general,
+            "domain": domain,
+            "drift": body.get("drift"),
+            "verdict": verdict,
+        }
+
+    def base(self) -> None:
+        """Step 0: the base itself (from the before-evaluation; nothing is run)."""
+        if 0 in self._stored():
+            return
+        body = build(
+            self.before_run, self.before_run, self.before_rows, self.before_rows, self.options
+        )
+        suites = None
+        if self.domain_before_rows:
+            run = {"id": "domain-before"}
+            suites = build(
+                run, run, self.domain_before_rows, self.domain_before_rows, CompareOptions()
+            )
+        self._store(0, self._figures(body, self.before_rows, self.held_before, suites))
+
+    def __call__(self, step: int) -> None:
+        stored = self._stored()
+        if step not in stored:
+            self.run.stage(
+                f"checkpoint evaluation at step {step}", done=step, total=self.total_steps
+            )
+            figures = self._evaluate(step)
+            self._keep_if_best(step, figures)
+            self._store(step, figures)
+            self.run.event(
+                f"checkpoint evaluation at step {step}: general accuracy "
+                f"{figures['general']['accuracy']}, verdict {figures['verdict']['verdict']}",
+                data={"step": step, **figures},
+            )
+            verdict = figures["verdict"]
+        else:
+            verdict = stored[step].verdict or {}
+        if (
+            self.guard is not None
+            and self.guard.action == "stop"
+            and verdict.get("guard") == "fail"
+            and step < self.total_steps
+        ):
+            raise GuardStop(step)
+
+    def _evaluate(self, step: int) -> dict[str, Any]:
+        model = self.model
+        was_training, use_cache = model.training, model.config.use_cache
+        model.eval()
+        model.config.use_cache = True
+        try:
+            backend = TransformersBackend(model, self.tokenizer)
+            rows = self._rows(backend, self.definitions)
+            after = {"id": f"step-{step}"}
+            body = build(self.before_run, after, self.before_rows, rows, self.options)
+            held = None
+            if self.held_out:
+                device = next(model.parameters()).device
+                held = nll_summary(
+                    completion_nll(
+                        model,
+                        self.held_out,
+                        pad_id(self.tokenizer),
+                        autocast=autocast_for(device),
+                    )
+                )
+            domain_body = None
+            if self.domain_suites:
+                domain_rows = self._rows(backend, self.domain_suites)
+                run = {"id": "domain-before"}
+                domain_body = build(
+                    run, {"id": "domain"}, self.domain_before_rows, domain_rows, CompareOptions()
+                )
+        finally:
+            model.config.use_cache = use_cache
+            model.train(was_training)
+        return self._figures(body, rows, held, domain_body)
+
+    # -- the guard
+
+    def _best_meta(self) -> dict[str, Any] | None:
+        path = self.run.job_dir / BEST / "meta.json"
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+    def _keep_if_best(self, step: int, figures: dict[str, Any]) -> None:
+        """Keep this step's trainable weights when it passes the guard with the best gain yet."""
+        if self.guard is None or figures["verdict"].get("guard") != "pass":
+            return
+        gain = _gain(figures["domain"])
+        best = self._best_meta()
+        if best is not None and best["gain"] >= gain:
+            return
+        from safetensors.torch import save_file
+
+        tmp = self.run.job_dir / f".tmp-{BEST}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file(
+            {n: p.detach().cpu().contiguous() for n, p in trainable_named_parameters(self.model)},
+            str(tmp / "trainable.safetensors"),
+        )
+        (tmp / "meta.json").write_text(json.dumps({"step": step, "gain": gain}), encoding="utf-8")
+        shutil.rmtree(self.run.job_dir / BEST, ignore_errors=True)
+        tmp.rename(self.run.job_dir / BEST)
+
+    def ship(self, final_step: int, stopped: bool) -> dict[str, Any]:
+        """Which weights to save (loading the best checkpoint's into the model); and why."""
+        assert self.guard is not None
+        final = self._stored().get(final_step)
+        final_guard = (final.verdict or {}).get("guard") if final is not None else None
+        if final_guard == "pass" and not stopped:
+            return {"step": final_step, "reason": "the final step passes the guard"}
+        why_final = (
+            f"training stopped at step {final_step}, the first checkpoint that fails the guard"
+            if stopped
+            else f"the final step {final_step} fails the guard"
+        )
+        best = self._best_meta()
+        if best is None:
+            return {
+                "step": final_step,
+                "reason": f"{why_final}, and no checkpoint passed it: shipped the final weights",
+                "passed": False,
+            }
+        from safetensors.torch import load_file
+
+        weights = load_file(str(self.run.job_dir / BEST / "trainable.safetensors"))
+        params = dict(trainable_named_parameters(self.model))
+        with torch.no_grad():
+            for name, tensor in weights.items():
+                params[name].copy_(tensor.to(params[name].device, params[name].dtype))
+        return {
+            "step": int(best["step"]),
+            "reason": f"{why_final}; shipped step {best['step']}, the checkpoint with the "
+            "largest domain gain among those that pass the guard",
+        }

@@ -1,0 +1,199 @@
+"""The before and after evaluations of a fine-tune job and their comparison."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import select
+
+from app.comparison import service as comparison
+from app.comparison.verdict import CompareOptions
+from app.core.config import Settings
+from app.core.fingerprint import fingerprint
+from app.core.schemas import EvaluationCreate, ModelRef
+from app.core.tables import Evaluation, FinetuneEvent
+from app.evaluations import service as evaluations
+from app.jobs import lifecycle
+from app.jobs.queue import guarded_write, set_job
+from app.jobs.status import JobStatus
+from app.suites import versions
+from workers.context import JobContext, UserError
+from workers.engine.loading import ModelCache, resolve_model
+from workers.evaluation.run import run_evaluation
+
+if TYPE_CHECKING:
+    from workers.finetune.job import FinetuneRun
+
+
+@dataclass
+class StageContext(JobContext):
+    """A JobContext whose stage names carry a prefix ("before evaluation: general-qa")."""
+
+    prefix: str = ""
+
+    def set_stage(self, stage: str, *, done: int | None = None, total: int | None = None) -> None:
+        super().set_stage(f"{self.prefix}: {stage}", done=done, total=total)
+
+
+def prefixed(ctx: JobContext, prefix: str) -> JobContext:
+    return StageContext(**{f.name: getattr(ctx, f.name) for f in fields(JobContext)}, prefix=prefix)
+
+
+def job_settings(settings: Settings) -> Settings:
+    """Settings for evaluations a job creates: the artifacts dir is an allowed model root.
+
+    Only the worker uses these: clients still cannot name paths under the artifacts dir, and
+    a job only ever points its own after-evaluation at its own output.
+    """
+    roots = [*settings.model_roots, settings.artifacts_dir]
+    return type(settings)(**{**settings.model_dump(), "model_roots": roots})
+
+
+def evaluation_definitions(run: FinetuneRun) -> list[dict[str, Any]]:
+    spec = run.request.evaluation
+    if spec is None:
+        return []
+    with run.ctx.sessionmaker() as session:
+        out = []
+        for ref in spec.suites:
+            assert isinstance(ref, str), "suites are pinned to name@version at submission"
+            out.append(versions.resolve(session, ref).definition)
+        return out
+
+
+def evaluate(
+    run: FinetuneRun,
+    which: str,
+    model_path: str,
+    adapter_path: str | None,
+    *,
+    suites: list[str] | None = None,
+) -> str:
+    """Create (or find) one of the job's evaluations, run it to the end; returns its id.
+
+    ``before`` and ``after`` run the general suites and are the job's own columns; any other
+    ``which`` (e.g. ``domain before``) runs ``suites`` and is found again by its label.
+    """
+    column = f"{which}_evaluation_id" if which in ("before", "after") else None
+    spec = run.request.evaluation
+    assert spec is not None
+    label = f"{run.request.label or run.job_id}: {which}"
+    evaluation_id: str | None = (
+        getattr(run._job(), column) if column is not None else _child(run, label)
+    )
+    settings = job_settings(run.settings)
+    from_base = adapter_path is None and which.endswith("before")
+    if evaluation_id is None:
+        # Fingerprint before the write transaction: hashing weights takes seconds, and
+        # SQLite's write lock must not be held meanwhile (the hash is cached on disk).
+        model_dir, adapter_dir = resolve_model(settings, model_path, adapter_path)
+        fingerprint(model_dir, adapter_dir, cache_dir=settings.cache_dir)
+        body = EvaluationCreate(
+            model=ModelRef(path=model_path, adapter_path=adapter_path, backend=spec.backend),
+            suites=list(spec.suites) if suites is None else list(suites),
+            prompt_format=spec.prompt_format,
+            generation=spec.generation,
+            label=label,
+            cache=spec.cache if from_base else False,
+        )
+        with guarded_write(run.ctx.engine, run.ctx.job, run.settings.lease_seconds) as session:
+            row = evaluations.create(
+                session=session, settings=settings, body=body, finetune_job_id=run.job_id
+            )
+            # Never visible as queued: a worker would claim it as a job of its own.
+            lifecycle.start_child(row)
+            session.flush()
+            evaluation_id = row.id
+            cached = row.cached_from
+            if column is not None:
+                set_job(session, run.ctx.job, **{column: evaluation_id})
+            session.add(
+                FinetuneEvent(
+                    job_id=run.job_id,
+                    level="info",
+                    message=f"{which} evaluation {evaluation_id}"
+                    + (f" answered from cache ({cached})" if cached else ""),
+                    data={
+                        "evaluation_id": evaluation_id,
+                        "which": which,
+                        "cached_from": cached,
+                    },
+                )
+            )
+    with run.ctx.sessionmaker() as session:
+        current = session.get(Evaluation, evaluation_id)
+        assert current is not None
+        status, snapshot = current.status, current.suites
+    if status == JobStatus.SUCCEEDED:
+        return evaluation_id
+    if status != JobStatus.RUNNING:
+        raise UserError(
+            f"the {which} evaluation {evaluation_id} is {status}; nothing to compare without it"
+        )
+    run.stage(f"{which} evaluation", data={"evaluation_id": evaluation_id})
+    models = run.models if from_base else ModelCache(settings, run.device)
+    # One vLLM engine per worker: the after-evaluation's adapter is served on the base's.
+    models.engines = run.models.engines
+    results = run_evaluation(
+        prefixed(run.ctx, f"{which} evaluation"), models, evaluation_id=evaluation_id
+    )
+    with guarded_write(run.ctx.engine, run.ctx.job, run.settings.lease_seconds) as session:
+        total = sum(s["items"] for s in snapshot)
+        finished = lifecycle.succeed_child(
+            session,
+            evaluation_id,
+            results=results,
+            progress={"done": total, "total": total, "stage": "done"},
+        )
+    if not finished:
+        raise UserError(
+            f"the {which} evaluation {evaluation_id} was cancelled; nothing to compare to"
+        )
+    run.event(
+        f"{which} evaluation finished",
+        data={"evaluation_id": evaluation_id, "results": headline(results)},
+    )
+    return evaluation_id
+
+
+def _child(run: FinetuneRun, label: str) -> str | None:
+    """The job's own evaluation with this label (the newest), if an earlier attempt made it."""
+    with run.ctx.sessionmaker() as session:
+        return session.scalars(
+            select(Evaluation.id)
+            .where(Evaluation.finetune_job_id == run.job_id, Evaluation.label == label)
+            .order_by(Evaluation.created_at.desc())
+            .limit(1)
+        ).first()
+
+
+def compare(run: FinetuneRun, before_id: str, after_id: str) -> dict[str, Any]:
+    """The comparison of the before and after evaluations under the job's gate options."""
+    run.stage("comparing")
+    spec = run.request.evaluation
+    assert spec is not None
+    options = CompareOptions(
+        threshold=spec.threshold,
+        max_category_drop=spec.max_category_drop,
+        max_nll_increase=spec.max_nll_increase,
+        mode=spec.mode,
+    )
+    with run.ctx.sessionmaker() as session:
+        return comparison.compare(
+            session=session, before_id=before_id, after_id=after_id, options=options
+        )
+
+
+def headline(results: dict[str, Any]) -> dict[str, Any]:
+    """The numbers of an evaluation worth an event: accuracy, checklist score, NLL/token."""
+    out: dict[str, Any] = {}
+    for name, result in results.items():
+        kind = result.get("kind")
+        if kind in ("qa", "multiple_choice"):
+            out[name] = {"overall_accuracy": result.get("overall_accuracy")}
+        elif kind == "checklist":
+            out[name] = {"score": result.get("score")}
+        elif kind == "perplexity":
+            out[name] = {k: v for k, v in result.items() if "nll" in k}
+    return out

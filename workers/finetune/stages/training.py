@@ -1,0 +1,212 @@
+"""The training stage: data, model, EWC, the training loop, the saved output."""
+
+from __future__ import annotations
+
+import gc
+import json
+import shutil
+from dataclasses import asdict
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from app.finetune.schemas import ResolvedHyperparameters
+from workers.context import UserError
+from workers.finetune.artifacts import (
+    CHECKPOINTS,
+    TRAINING_DONE,
+    TrainingOutcome,
+    base_checksum,
+    parameter_counts,
+    save_output,
+)
+from workers.finetune.data import encode_records, pad_id
+from workers.finetune.stages.checkpoints import CheckpointEvaluator
+from workers.finetune.stages.data import training_records
+from workers.finetune.stages.fisher import ewc_regularizer
+from workers.finetune.training import StepLog, Trainer, assert_base_frozen, prepare_model, thin
+
+if TYPE_CHECKING:
+    from workers.finetune.job import FinetuneRun
+
+
+def run_training(
+    run: FinetuneRun,
+    base_dir: Path,
+    tokenizer: Any,
+    base_fp: str,
+    fmt: str,
+    eval_definitions: list[dict[str, Any]],
+    hp: ResolvedHyperparameters,
+) -> TrainingOutcome:
+    """Prepare data and model, train with checkpoints, save the artifact; record the outcome."""
+    request = run.request
+    try:
+        records, meta = training_records(run, tokenizer, base_fp, fmt, eval_definitions)
+        examples, stats = encode_records(tokenizer, records, fmt, hp.max_seq_length)
+    except ValueError as exc:
+        raise UserError(f"training data: {exc}") from None
+    if stats.truncated:
+        run.warn(
+            f"{stats.truncated} of {stats.records} training examples are longer than "
+            f"max_seq_length {hp.max_seq_length} tokens and were truncated"
+        )
+    if stats.dropped:
+        run.warn(
+            f"{stats.dropped} training examples had nothing left to train on after truncation "
+            "and were left out"
+        )
+    if not examples:
+        raise UserError("no training example has tokens to train on")
+
+    run.models.clear()  # the evaluation copy of the base model is not needed while training
+    model = prepare_model(base_dir, run.device, request, hp.seed)
+    counts = parameter_counts(model)
+    checksum_before = base_checksum(model) if request.method == "lora" else None
+    ewc = (
+        ewc_regularizer(run, model, tokenizer, base_fp, fmt, eval_definitions)
+        if request.ewc is not None
+        else None
+    )
+
+    trainer = Trainer(
+        model,
+        examples,
+        hp,
+        pad_id=pad_id(tokenizer),
+        checkpoint_dir=run.job_dir / CHECKPOINTS,
+        ewc=ewc,
+        on_step=partial(_on_step, run),
+        check_stop=run.ctx.check_stop,
+        on_checkpoint=partial(_on_checkpoint, run),
+        state={"base_checksum": checksum_before},
+    )
+    plan = trainer.plan
+    evaluator = None
+    spec = request.evaluation
+    if spec is not None and (spec.every_steps is not None or spec.checkpoints is not None):
+        evaluator = CheckpointEvaluator(
+            run, model, tokenizer, fmt, eval_definitions, plan.total_steps
+        )
+        trainer.evaluate_steps = frozenset(evaluator.steps)
+        trainer.on_evaluate = evaluator
+        evaluator.base()
+    resumed = trainer.restore()
+    if resumed is not None:
+        run.event(
+            f"resumed from the checkpoint at step {resumed} of {plan.total_steps}",
+            data={"step": resumed, "total_steps": plan.total_steps},
+        )
+        checksum_before = trainer.state.get("base_checksum", checksum_before)
+    run.stage(
+        "training",
+        done=trainer.global_step,
+        total=plan.total_steps,
+        data={"plan": asdict(plan), "trainable_parameters": counts},
+    )
+    run.event("trainable parameters", data=counts, trainable_parameters=counts)
+    trainer.train()
+
+    base_weights = None
+    if request.method == "lora":
+        assert_base_frozen(model)
+        checksum_after = base_checksum(model)
+        base_weights = {
+            "checksum_before": checksum_before,
+            "checksum_after": checksum_after,
+            "unchanged": checksum_before == checksum_after,
+        }
+        if checksum_before != checksum_after:
+            raise RuntimeError(
+                f"LoRA training changed the frozen base: {checksum_before} → {checksum_after}"
+            )
+    run.stage("saving", done=plan.total_steps, total=plan.total_steps)
+    out = run.job_dir / ("adapter" if request.method == "lora" else "model")
+    save_output(model, tokenizer, request, base_dir, out)
+    final_out = out
+    shipped = None
+    if evaluator is not None and request.guard is not None:
+        # The final weights stay in ``out`` (an interpolation starts from them); a shipped
+        # earlier checkpoint is exported beside them and becomes the job's output.
+        shipped = evaluator.ship(trainer.global_step, stopped=trainer.stopped_at is not None)
+        run.event(f"shipping step {shipped['step']}: {shipped['reason']}", data=shipped)
+        if shipped["step"] != trainer.global_step:
+            out = run.job_dir / f"shipped-step-{shipped['step']}"
+            save_output(model, tokenizer, request, base_dir, out)
+    metrics: dict[str, Any] = {
+        "global_step": trainer.global_step,
+        "total_steps": plan.total_steps,
+        "steps_per_epoch": plan.steps_per_epoch,
+        "warmup_steps": plan.warmup_steps,
+        "num_train_epochs": hp.num_train_epochs,
+        "examples": {
+            "domain": meta["domain"],
+            "replay": meta["replay"],
+            "held_out": meta.get("held_out", 0),
+            "trained": len(examples),
+            "truncated": stats.truncated,
+            "dropped": stats.dropped,
+        },
+        "final_loss": trainer.loss_curve[-1]["loss"] if trainer.loss_curve else None,
+        "loss_curve": thin(trainer.loss_curve),
+        "train_seconds": round(trainer.train_seconds, 2),
+        "resumed_from_steps": trainer.resumed_from,
+        "hyperparameters": hp.model_dump(),
+        "prompt_format": fmt,
+        "device": str(run.device),
+    }
+    if base_weights is not None:
+        metrics["base_weights"] = base_weights
+    if evaluator is not None:
+        metrics["evaluation_steps"] = evaluator.steps
+    if trainer.stopped_at is not None:
+        metrics["stopped_at_step"] = trainer.stopped_at
+    if shipped is not None:
+        metrics["shipped"] = shipped
+        metrics["final_output_path"] = str(final_out)
+    if ewc is not None:
+        metrics["ewc"] = {
+            "importance": ewc.importance,
+            "final_penalty": trainer.last_ewc_penalty,
+        }
+    outcome = TrainingOutcome(output_path=str(out), trainable_parameters=counts, metrics=metrics)
+    del trainer, model, ewc
+    gc.collect()
+    if run.device.type == "cuda":
+        torch.cuda.empty_cache()
+    (run.job_dir / TRAINING_DONE).write_text(json.dumps(asdict(outcome)), encoding="utf-8")
+    shutil.rmtree(run.job_dir / CHECKPOINTS, ignore_errors=True)
+    run.event(
+        "saved",
+        data={"output_path": str(out)},
+        output_path=str(out),
+        checkpoint_path=None,
+        trainable_parameters=counts,
+        metrics=metrics,
+    )
+    return outcome
+
+
+def _on_step(run: FinetuneRun, entry: StepLog) -> None:
+    # The lease renewal and the step's record are one transaction: a cancelled job's
+    # renewal fails (LeaseLost) and training stops after at most this one step.
+    data = {k: v for k, v in asdict(entry).items() if v is not None}
+    message = (
+        f"step {entry.step}/{entry.total_steps}: loss {entry.loss:.4f}, "
+        f"lr {entry.learning_rate:.3g}"
+    )
+    run.event(
+        message,
+        data=data,
+        progress={"done": entry.step, "total": entry.total_steps, "stage": "training"},
+    )
+
+
+def _on_checkpoint(run: FinetuneRun, step: int, path: Path) -> None:
+    run.event(
+        f"checkpoint at step {step}",
+        data={"step": step, "path": str(path)},
+        checkpoint_path=str(path),
+    )

@@ -1,0 +1,424 @@
+"""The training loop: step plan, AdamW + scheduler, autocast, RNG state, exact resume.
+
+The loop is our own (AdamW + ``transformers.get_scheduler``) rather than the HF ``Trainer``,
+because every optimizer step must renew the job's lease in the same transaction that records
+the step (so a cancelled job stops within one step and a worker that lost its lease writes
+nothing), add the EWC penalty, and checkpoint everything needed to resume: trainable weights,
+optimizer, scheduler, RNG state and step, written atomically.
+
+Resumption is exact: the data order of epoch ``e`` is a permutation seeded by ``seed + e``,
+and the RNG state (dropout) is restored, so a job killed at any point and resumed from its
+last checkpoint ends at the same step with the same weights as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from app.finetune.schemas import FinetuneJobCreate, ResolvedHyperparameters
+from workers.context import Interrupted, UserError
+from workers.engine import transformers_backend as engine
+from workers.engine.loading import load_model
+from workers.finetune.data import Example, collate
+from workers.finetune.ewc import EWCRegularizer, sequence_loss, trainable_named_parameters
+
+LOSS_CURVE_POINTS = 200
+
+
+# --------------------------------------------------------------------------- the step plan
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """How many optimizer steps the job takes (HF ``Trainer`` arithmetic)."""
+
+    examples: int
+    batch_size: int
+    accumulation: int
+    micro_batches_per_epoch: int
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+
+
+def plan_steps(n_examples: int, hp: ResolvedHyperparameters) -> StepPlan:
+    """Micro-batches per epoch, optimizer steps (the last one of an epoch may accumulate fewer)."""
+    micro = math.ceil(n_examples / hp.per_device_train_batch_size)
+    per_epoch = math.ceil(micro / hp.gradient_accumulation_steps)
+    total = hp.max_steps or max(1, math.ceil(hp.num_train_epochs * per_epoch))
+    return StepPlan(
+        examples=n_examples,
+        batch_size=hp.per_device_train_batch_size,
+        accumulation=hp.gradient_accumulation_steps,
+        micro_batches_per_epoch=micro,
+        steps_per_epoch=per_epoch,
+        total_steps=total,
+        warmup_steps=math.ceil(hp.warmup_ratio * total),  # TrainingArguments.get_warmup_steps
+    )
+
+
+def thin(curve: Sequence[dict[str, Any]], points: int = LOSS_CURVE_POINTS) -> list[dict[str, Any]]:
+    """At most ``points`` evenly spaced entries, always keeping the first and the last."""
+    if len(curve) <= points:
+        return list(curve)
+    picks = sorted({round(i * (len(curve) - 1) / (points - 1)) for i in range(points)})
+    return [curve[i] for i in picks]
+
+
+# --------------------------------------------------------------------------- the trainer
+
+
+@dataclass
+class StepLog:
+    step: int
+    total_steps: int
+    epoch: float
+    loss: float
+    learning_rate: float
+    grad_norm: float | None
+    ewc_penalty: float | None
+    tokens: int
+    seconds: float
+
+
+def autocast_for(device: torch.device) -> AbstractContextManager[Any]:
+    """bf16 autocast on CUDA when supported (fp32 master weights); nothing on CPU."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class GuardStop(Exception):  # noqa: N818 (a signal, not an error)
+    """Raised by an evaluation callback: end training at this step (``guard.action=stop``)."""
+
+
+def _never() -> None:
+    return None
+
+
+def _adamw(groups: list[dict[str, Any]], lr: float) -> torch.optim.AdamW:
+    """AdamW with TrainingArguments' betas and eps; the fused kernel where it exists.
+
+    The fused step is about ten times faster on CPU for a 135M model (0.25 s against 2.4 s),
+    which is most of a full fine-tuning step there.
+    """
+    try:
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=True)
+    except (RuntimeError, ValueError):  # a device or dtype without the fused kernel
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8)
+
+
+class Trainer:
+    """AdamW + scheduler over tokenized examples, with EWC, checkpoints and exact resume."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        examples: Sequence[Example],
+        hp: ResolvedHyperparameters,
+        *,
+        pad_id: int,
+        checkpoint_dir: Path,
+        ewc: EWCRegularizer | None = None,
+        on_step: Callable[[StepLog], None] | None = None,
+        check_stop: Callable[[], None] = _never,
+        on_checkpoint: Callable[[int, Path], None] | None = None,
+        state: dict[str, Any] | None = None,
+        evaluate_steps: Sequence[int] = (),
+        on_evaluate: Callable[[int], None] | None = None,
+    ) -> None:
+        from transformers import get_scheduler
+
+        self.model = model
+        self.examples = list(examples)
+        self.hp = hp
+        self.pad_id = pad_id
+        self.checkpoint_dir = checkpoint_dir
+        self.ewc = ewc
+        self.on_step = on_step
+        self.check_stop = check_stop
+        self.on_checkpoint = on_checkpoint
+        self.evaluate_steps = frozenset(evaluate_steps)
+        self.on_evaluate = on_evaluate
+        self.stopped_at: int | None = None
+        self.device = next(model.parameters()).device
+        self.autocast = autocast_for(self.device)
+        self.plan = plan_steps(len(self.examples), hp)
+        self.params = trainable_named_parameters(model)
+        # As the HF Trainer does: no weight decay on biases and normalization weights.
+        decay = [p for n, p in self.params if not ("bias" in n or "norm" in n.lower())]
+        no_decay = [p for n, p in self.params if "bias" in n or "norm" in n.lower()]
+        groups = [
+            {"params": decay, "weight_decay": hp.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        self.optimizer = _adamw([g for g in groups if g["params"]], hp.learning_rate)
+        self.scheduler = get_scheduler(
+            hp.lr_scheduler_type,
+            self.optimizer,
+            num_warmup_steps=self.plan.warmup_steps,
+            num_training_steps=self.plan.total_steps,
+        )
+        self.global_step = 0
+        self.checkpointed_step = -1
+        self.loss_curve: list[dict[str, Any]] = []
+        self.train_seconds = 0.0
+        self.resumed_from: list[int] = []
+        self.last_ewc_penalty: float | None = None
+        # Anything the caller wants carried in every checkpoint (e.g. the base checksum).
+        self.state = dict(state or {})
+        self._rng = _rng_state(self.device)
+        self._orders: dict[int, list[int]] = {}
+
+    # -- data order
+
+    def epoch_order(self, epoch: int) -> list[int]:
+        """The shuffled example order of ``epoch``: a function of the seed and epoch only."""
+        if epoch not in self._orders:
+            generator = torch.Generator().manual_seed(self.hp.seed + epoch)
+            self._orders = {epoch: torch.randperm(len(self.examples), generator=generator).tolist()}
+        return self._orders[epoch]
+
+    def step_batches(self, step: int) -> list[list[int]]:
+        """Example indexes of each micro-batch that optimizer step ``step`` accumulates."""
+        epoch, k = divmod(step, self.plan.steps_per_epoch)
+        order = self.epoch_order(epoch)
+        first = k * self.plan.accumulation
+        last = min(first + self.plan.accumulation, self.plan.micro_batches_per_epoch)
+        bs = self.plan.batch_size
+        return [order[m * bs : (m + 1) * bs] for m in range(first, last)]
+
+    # -- checkpoints
+
+    def _checkpoints(self) -> list[Path]:
+        if not self.checkpoint_dir.is_dir():
+            return []
+        return sorted(p for p in self.checkpoint_dir.glob("step-*") if (p / "state.json").is_file())
+
+    def save_checkpoint(self) -> Path:
+        """Write weights, optimizer, scheduler, RNG and step to ``step-N`` (atomically)."""
+        from safetensors.torch import save_file
+
+        step = self.global_step
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.checkpoint_dir / f".tmp-step-{step:08d}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        save_file(
+            {n: p.detach().cpu().contiguous() for n, p in self.params},
+            str(tmp / "trainable.safetensors"),
+        )
+        torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(self._rng, tmp / "rng.pt")
+        state = {
+            "global_step": step,
+            "total_steps": self.plan.total_steps,
+            "examples": len(self.examples),
+            "loss_curve": self.loss_curve,
+            "train_seconds": self.train_seconds,
+            "resumed_from": self.resumed_from,
+            "state": self.state,
+        }
+        (tmp / "state.json").write_text(json.dumps(state), encoding="utf-8")
+        final = self.checkpoint_dir / f"step-{step:08d}"
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        for older in self._checkpoints():
+            if older != final:
+                shutil.rmtree(older, ignore_errors=True)
+        self.checkpointed_step = step
+        if self.on_checkpoint is not None:
+            self.on_checkpoint(step, final)
+        return final
+
+    def restore(self) -> int | None:
+        """Load the latest checkpoint, if any; returns its step."""
+        from safetensors.torch import load_file
+
+        checkpoints = self._checkpoints()
+        if not checkpoints:
+            return None
+        path = checkpoints[-1]
+        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+        if state["examples"] != len(self.examples) or state["total_steps"] != self.plan.total_steps:
+            raise RuntimeError(
+                f"checkpoint {path.name} was made for other training data; not resuming from it"
+            )
+        weights = load_file(str(path / "trainable.safetensors"))
+        params = dict(self.params)
+        if set(weights) != set(params):
+            raise RuntimeError(
+                f"checkpoint {path.name} holds other parameters than this model trains"
+            )
+        with torch.no_grad():
+            for name, tensor in weights.items():
+                params[name].copy_(tensor.to(params[name].device, params[name].dtype))
+        self.optimizer.load_state_dict(
+            torch.load(path / "optimizer.pt", map_location=self.device, weights_only=True)
+        )
+        self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+        self._rng = torch.load(path / "rng.pt", weights_only=True)
+        _set_rng_state(self._rng, self.device)
+        self.global_step = self.checkpointed_step = int(state["global_step"])
+        self.loss_curve = list(state["loss_curve"])
+        self.train_seconds = float(state["train_seconds"])
+        self.resumed_from = [*state["resumed_from"], self.global_step]
+        self.state = dict(state["state"])
+        return self.global_step
+
+    # -- the loop
+
+    def train(self) -> None:
+        """Train to ``plan.total_steps``; on ``Interrupted``, checkpoint the last finished step."""
+        try:
+            if self.global_step in self.evaluate_steps:  # resumed at an evaluated step
+                self._evaluate()
+            for step in range(self.global_step, self.plan.total_steps):
+                self._step(step)
+        except GuardStop:
+            self.stopped_at = self.global_step
+        except Interrupted:
+            if self.global_step > max(self.checkpointed_step, 0):
+                self.save_checkpoint()
+            raise
+
+    def _step(self, step: int) -> None:
+        started = time.monotonic()
+        self.model.train()
+        batches = [
+            collate([self.examples[i] for i in idx], self.pad_id) for idx in self.step_batches(step)
+        ]
+        # Token-mean over the whole accumulated step (not a mean of micro-batch means), so a
+        # short last micro-batch does not weigh as much as a full one.
+        tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+        loss_sum = 0.0
+        for batch in batches:
+            self.check_stop()  # SIGTERM or a lost lease: stop between micro-batches
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            loss, _ = sequence_loss(self.model, batch, self.autocast)
+            (loss / max(tokens, 1)).backward()
+            loss_sum += float(loss.detach())
+        penalty = self.ewc.add_gradient(self.model) if self.ewc is not None else None
+        grad_norm = None
+        if self.hp.max_grad_norm > 0:
+            grad_norm = float(
+                torch.nn.utils.clip_grad_norm_([p for _, p in self.params], self.hp.max_grad_norm)
+            )
+        lr = float(self.scheduler.get_last_lr()[0])
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.global_step = step + 1
+        self._rng = _rng_state(self.device)
+        seconds = time.monotonic() - started
+        self.train_seconds += seconds
+        loss_value = loss_sum / max(tokens, 1)
+        self.last_ewc_penalty = penalty
+        entry = StepLog(
+            step=self.global_step,
+            total_steps=self.plan.total_steps,
+            epoch=round(self.global_step / self.plan.steps_per_epoch, 4),
+            loss=loss_value,
+            learning_rate=lr,
+            grad_norm=grad_norm,
+            ewc_penalty=penalty,
+            tokens=tokens,
+            seconds=round(seconds, 4),
+        )
+        point = {
+            "step": entry.step,
+            "loss": round(loss_value, 6),
+            "learning_rate": lr,
+            "epoch": entry.epoch,
+        }
+        if penalty is not None:
+            point["ewc_penalty"] = penalty
+        self.loss_curve.append(point)
+        if self.on_step is not None:
+            self.on_step(entry)
+        every = self.hp.checkpoint_every_steps
+        if self.global_step % every == 0 and self.global_step < self.plan.total_steps:
+            self.save_checkpoint()
+        if self.global_step in self.evaluate_steps:
+            self._evaluate()
+
+    def _evaluate(self) -> None:
+        """Evaluate the weights of this step, checkpointed first so a killed worker resumes
+        here and does not train the step again before evaluating it."""
+        if self.on_evaluate is None:
+            return
+        if self.global_step < self.plan.total_steps and self.checkpointed_step != self.global_step:
+            self.save_checkpoint()
+        self.on_evaluate(self.global_step)
+
+
+# --------------------------------------------------------------------------- model preparation
+
+
+def prepare_model(
+    base_dir: Path, device: torch.device, request: FinetuneJobCreate, seed: int
+) -> Any:
+    """The base model ready to train: fp32 for full fine-tuning; LoRA adapters on a frozen base."""
+    dtype = (
+        torch.float32
+        if request.method == "full" or device.type != "cuda"
+        else engine.select_dtype(device)
+    )
+    model = load_model(base_dir, device, dtype=dtype)
+    model.config.use_cache = False  # no KV cache while training
+    torch.manual_seed(seed)  # LoRA's initialization, dropout
+    if request.method == "full":
+        for param in model.parameters():
+            param.requires_grad_(True)
+        return model
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    spec = request.lora
+    assert spec is not None
+    config = LoraConfig(
+        task_type=TaskType.CAUSAL_LM,
+        r=spec.r,
+        lora_alpha=spec.lora_alpha,  # type: ignore[arg-type]
+        target_modules=spec.target_modules,
+        lora_dropout=spec.lora_dropout,
+        use_rslora=spec.use_rslora,
+        bias="none",
+    )
+    try:
+        model = get_peft_model(model, config)
+    except ValueError as exc:  # e.g. target modules that the model does not have
+        raise UserError(f"LoRA configuration does not fit this model: {exc}") from None
+    assert_base_frozen(model)
+    return model
+
+
+def assert_base_frozen(model: torch.nn.Module) -> None:
+    """The lesson's check: every non-LoRA parameter has ``requires_grad=False``."""
+    for name, param in model.named_parameters():
+        if "lora_" not in name and param.requires_grad:
+            raise RuntimeError(f"base weight {name} should be frozen but is trainable")
