@@ -31,8 +31,10 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+from workers.engine.process import configure_process  # noqa: E402
+
+configure_process()  # as a worker does: offline, passive OpenMP threads, vLLM in-process
 
 TEMPLATE = "Question: {question}\nAnswer:"
 DEFAULT_VARIANTS = "transformers:float32,vllm:float32,vllm:bfloat16,transformers:bfloat16"

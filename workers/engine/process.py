@@ -17,6 +17,10 @@ OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 # on a shared CPU (measured: tiny-model training 40x slower on 2 cores); sleeping costs
 # nothing when the process is alone.
 THREADS = {"OMP_WAIT_POLICY": "PASSIVE"}
+# vLLM, read when it is imported: forgetguard's logging stays in charge, and the engine core
+# runs in this process, so a worker stopped by a signal (or os._exit after its grace period)
+# leaves no engine process behind. Harmless where vLLM is never imported.
+VLLM = {"VLLM_CONFIGURE_LOGGING": "0", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 
 
 def configure_process(
@@ -29,7 +33,7 @@ def configure_process(
     GPU as ``cuda:0``, which is returned; any other device comes back unchanged.
     """
     env = os.environ if environ is None else environ
-    for name, value in {**OFFLINE, **THREADS}.items():
+    for name, value in {**OFFLINE, **THREADS, **VLLM}.items():
         env.setdefault(name, value)
     if device.startswith("cuda:"):
         env["CUDA_VISIBLE_DEVICES"] = device.split(":", 1)[1]

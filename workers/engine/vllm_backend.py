@@ -16,25 +16,20 @@ from __future__ import annotations
 import gc
 import json
 import logging
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+# configure_process (workers/engine/process.py) has set VLLM_ENABLE_V1_MULTIPROCESSING=0 and
+# VLLM_CONFIGURE_LOGGING=0 by now: the entry points call it before anything is imported.
+import vllm
+from vllm import LLM, SamplingParams
+from vllm.inputs import TokensPrompt
+from vllm.lora.request import LoRARequest
+
 from workers.engine.base import Backend, EngineInfo, Prompt
 from workers.engine.transformers_backend import encode_prompt
-
-os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
-# The engine core runs in this process: a worker stopped by a signal (or os._exit after its
-# grace period) leaves no engine process behind, and nothing is spawned from a module that
-# is being imported.
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-
-import vllm  # noqa: E402
-from vllm import LLM, SamplingParams  # noqa: E402
-from vllm.inputs import TokensPrompt  # noqa: E402
-from vllm.lora.request import LoRARequest  # noqa: E402
 
 log = logging.getLogger("forgetguard.worker")
 
