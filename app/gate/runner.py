@@ -77,6 +77,7 @@ class GateOptions:
     threshold: float = 0.10
     max_category_drop: float | None = None
     max_nll_increase: float | None = None
+    max_kl: float | None = None
     mode: str = "threshold"
     alpha: float = 0.05
     category_rule: str = "point"
@@ -840,6 +841,8 @@ def compare_params(options: GateOptions, ids: Mapping[str, str]) -> dict[str, An
         params["max_category_drop"] = options.max_category_drop
     if options.max_nll_increase is not None:
         params["max_nll_increase"] = options.max_nll_increase
+    if options.max_kl is not None:
+        params["max_kl"] = options.max_kl
     if options.category_rule != "point":
         params["category_rule"] = options.category_rule
     names = suite_names(options)

@@ -1115,7 +1115,9 @@ def token_topk(
     """
     if k < 1:
         raise ValueError("k must be at least 1")
-    return _token_pass(model, tokenizer, texts_ids, batch_size=batch_size, max_length=max_length, k=k)
+    return _token_pass(
+        model, tokenizer, texts_ids, batch_size=batch_size, max_length=max_length, k=k
+    )
 
 
 def _token_pass(

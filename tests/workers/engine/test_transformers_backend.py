@@ -411,7 +411,9 @@ def test_token_topk_matches_full_distribution_across_windows(tiny: tuple[Any, An
     short = long[:30]
     k = 5
     for bs in (1, "auto"):
-        got = engine.token_topk(model, tokenizer, [long, short, [7]], k, batch_size=bs, max_length=40)
+        got = engine.token_topk(
+            model, tokenizer, [long, short, [7]], k, batch_size=bs, max_length=40
+        )
         nll = engine.token_nll(model, tokenizer, [long, short, [7]], max_length=40)
         assert [g.tokens for g in got] == [n for _, n in nll]
         assert [g.nll_sum for g in got] == pytest.approx([s for s, _ in nll], rel=1e-6)

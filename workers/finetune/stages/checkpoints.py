@@ -72,6 +72,7 @@ class CheckpointEvaluator:
             threshold=spec.threshold,
             max_category_drop=spec.max_category_drop,
             max_nll_increase=spec.max_nll_increase,
+            max_kl=spec.max_kl,
             mode=spec.mode,
         )
         job = run._job()
