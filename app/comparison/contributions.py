@@ -443,7 +443,7 @@ def compare_perplexity(pairs: Pairs, options: CompareOptions) -> Contribution:
             if suite["kl_per_token"] is None:
                 found.append(
                     finding(
-                        "kl",
+                        "drift",
                         name,
                         f"max_kl is set but KL to base on {name!r} is unavailable "
                         f"({suite['kl_note']}); reported, does not fail the gate",
@@ -453,7 +453,7 @@ def compare_perplexity(pairs: Pairs, options: CompareOptions) -> Contribution:
             elif suite["kl_per_token"] > options.max_kl:
                 found.append(
                     finding(
-                        "kl",
+                        "drift",
                         name,
                         f"KL(base ‖ candidate) on {name!r} is {suite['kl_per_token']:.4f} "
                         f"nats/token, more than max_kl {options.max_kl}",

@@ -319,7 +319,7 @@ def test_runs_without_stored_top_k_compare_with_kl_omitted() -> None:
     assert drift["kl_per_token"] is None and "no top-k" in drift["kl_note"]
     assert drift["suites"]["general-text"]["nll_per_token_after"] == pytest.approx(3.1)
     assert body["verdict"] == "pass"  # KL unavailable is reported, not a failure
-    assert any(f["rule"] == "kl" and not f["gates"] for f in body["findings"])
+    assert any(f["rule"] == "drift" and not f["gates"] for f in body["findings"])
 
 
 def test_no_perplexity_suite_means_no_drift() -> None:
