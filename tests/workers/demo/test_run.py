@@ -125,6 +125,13 @@ def test_demo_command_prints_the_table(tiny_model_dir: Path, tmp_path: Path) -> 
     assert all(
         line.rstrip(" |").split("|")[-1].strip() in ("pass", "fail", "(base)") for line in lines[2:]
     )
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
+    domain, kl = header.index("drug NLL/token (held out)"), header.index("KL to base")
+    # Held-out drug NLL for every row (the base's from before training); KL for every
+    # fine-tune that shipped its own weights (the interpolated row may come from its sweep).
+    assert all(float(row[domain]) > 0 for row in cells)
+    assert all(row[kl] != "–" and float(row[kl]) >= 0 for row in cells[1:6])
     assert (tmp_path / "t.md").read_text().strip() == "\n".join(lines)
     toy = run_checked(sys.executable, "-m", "app.cli", "demo", "--toy", env=env)
     assert "Forgetting ratio" in toy
