@@ -129,8 +129,20 @@ def worker(
     ] = "evaluation,finetune",
     worker_id: Annotated[str | None, typer.Option(help="Defaults to host-pid.")] = None,
     once: Annotated[bool, typer.Option(help="Exit when the queue is empty.")] = False,
+    backend: Annotated[
+        str,
+        typer.Option(
+            help="Engine: transformers, vllm (needs vLLM installed) or openai (served models "
+            "only). Every worker also evaluates served models.",
+            envvar="FORGETGUARD_WORKER_BACKEND",
+        ),
+    ] = "transformers",
 ) -> None:
     """Run a worker: claims queued jobs and runs them on one device."""
+    backend = backend or "transformers"  # an empty FORGETGUARD_WORKER_BACKEND
+    if backend not in ("transformers", "vllm", "openai"):
+        typer.echo(f"unknown backend {backend!r}: choose transformers, vllm or openai", err=True)
+        raise typer.Exit(2)
     from workers.engine.process import configure_process
 
     device = configure_process(device)  # before torch loads: it reads these settings once
@@ -139,7 +151,14 @@ def worker(
 
     kind_list = tuple(k.strip() for k in kinds.split(",") if k.strip())
     raise typer.Exit(
-        worker_main(get_settings(), device=device, kinds=kind_list, worker_id=worker_id, once=once)
+        worker_main(
+            get_settings(),
+            device=device,
+            kinds=kind_list,
+            worker_id=worker_id,
+            once=once,
+            backend=backend,
+        )
     )
 
 
@@ -150,8 +169,10 @@ PARENT_PID_ENV = "FORGETGUARD_PARENT_PID"
 class _Supervisor:
     """Keeps N worker subprocesses running beside the API; stops them on exit."""
 
-    def __init__(self, count: int, device: str, grace: float) -> None:
-        self.count, self.device, self.grace = count, device, grace
+    def __init__(
+        self, count: int, device: str, grace: float, backend: str = "transformers"
+    ) -> None:
+        self.count, self.device, self.grace, self.backend = count, device, grace, backend
         self.procs: list[subprocess.Popen[bytes] | None] = [None] * count
         self.stopping = threading.Event()
 
@@ -166,6 +187,8 @@ class _Supervisor:
             "worker",
             "--device",
             device,
+            "--backend",
+            self.backend,
             "--worker-id",
             f"{os.uname().nodename}-w{index}-{os.getpid()}",
         ]
@@ -215,8 +238,14 @@ def serve(
     insecure: Annotated[
         bool, typer.Option(help="Allow a non-loopback bind without API keys.")
     ] = False,
+    backend: Annotated[
+        str, typer.Option(help="Engine of the local workers: transformers, vllm or openai.")
+    ] = "transformers",
 ) -> None:
     """Migrate the database, start the API and N local workers; Ctrl-C stops all of them."""
+    if backend not in ("transformers", "vllm", "openai"):
+        typer.echo(f"unknown backend {backend!r}: choose transformers, vllm or openai", err=True)
+        raise typer.Exit(2)
     import uvicorn
 
     from app.core.database import upgrade
@@ -252,7 +281,7 @@ def serve(
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    supervisor = _Supervisor(workers, device, settings.shutdown_grace_seconds)
+    supervisor = _Supervisor(workers, device, settings.shutdown_grace_seconds, backend)
     supervisor.start()
     try:
         server.run()
@@ -511,6 +540,10 @@ def gate(
         typer.Option(help="Default: chat when the tokenizer has a chat template, else plain."),
     ] = None,
     max_new_tokens: Annotated[int | None, typer.Option(help="Generation length.")] = None,
+    backend: Annotated[
+        str | None,
+        typer.Option(help="Engine of both evaluations: transformers or vllm (server default)."),
+    ] = None,
     cache: Annotated[
         bool, typer.Option(help="Reuse finished evaluations of identical inputs.")
     ] = True,
@@ -550,6 +583,7 @@ def gate(
         noise_floor=noise_floor,
         prompt_format=prompt_format.value if prompt_format else None,
         max_new_tokens=max_new_tokens,
+        backend=backend,
         cache=cache,
         timeout=timeout,
         junit=junit,

@@ -4,6 +4,12 @@
 #
 #   docker build -f docker/worker.Dockerfile -t forgetguard-worker .
 #
+# The vLLM variant (`forgetguard worker --backend vllm`) adds the CUDA `vllm` package, with
+# the torch it pins, and starts workers on that backend:
+#
+#   docker build -f docker/worker.Dockerfile --build-arg VLLM_VERSION=0.32.0 \
+#       -t forgetguard-worker:vllm .
+#
 # Ubuntu 24.04 brings Python 3.12 (the project needs >= 3.11; 22.04 ships 3.10). The torch
 # wheels carry their own CUDA libraries; the base image provides a matching runtime and the
 # driver hooks the NVIDIA container toolkit expects. Override the build args to follow
@@ -13,6 +19,9 @@ FROM ${CUDA_IMAGE}
 
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
+# Empty: the transformers engine only. A version (e.g. 0.32.0): also vLLM, and the default
+# backend of the image's workers becomes vllm.
+ARG VLLM_VERSION=
 
 ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -40,12 +49,22 @@ RUN apt-get update \
 RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}" \
     && python -c "import torch; assert torch.version.cuda, 'a CPU-only torch was installed'"
 
+# vLLM next, when asked for: it pins transformers and fastapi below what forgetguard would
+# otherwise take, so the project is then installed held to vLLM's versions.
+RUN if [ -n "${VLLM_VERSION}" ]; then \
+        pip install "vllm==${VLLM_VERSION}" \
+        && pip freeze | grep -iE '^(torch|transformers|tokenizers|fastapi|starlette|pydantic)==' \
+            > /opt/vllm-pins.txt \
+        && python -c "import vllm, torch; assert torch.version.cuda"; \
+    else : > /opt/vllm-pins.txt; fi
+
 WORKDIR /opt/forgetguard
 COPY pyproject.toml README.md ./
 COPY app ./app
 COPY workers ./workers
-RUN pip install -e ".[worker,postgres]" \
+RUN pip install -c /opt/vllm-pins.txt -e ".[worker,postgres]" \
     && python -c "import torch; assert torch.version.cuda and torch.__version__.startswith('${TORCH_VERSION}')"
+ENV FORGETGUARD_WORKER_BACKEND=${VLLM_VERSION:+vllm}
 
 USER forgetguard
 # Exec form: the worker is the process that gets SIGTERM (finish the batch, release, exit 0).

@@ -58,6 +58,38 @@ FORCE_EXIT_DATABASE_SECONDS = 10.0
 MAX_DATABASE_RETRY_SECONDS = 30.0
 
 JobRunner = Callable[[JobContext, ModelCache], Any]
+WORKER_BACKENDS = ("transformers", "vllm", "openai")
+
+
+def claimable_backends(backend: str) -> tuple[str, ...]:
+    """The job backends a worker of ``backend`` takes: its own, and served models.
+
+    Evaluating a served model is only HTTP, so every worker can do it; a local-weights job
+    waits for a worker of its own backend.
+    """
+    return (backend,) if backend == "openai" else (backend, "openai")
+
+
+def engine_description(backend: str, settings: Settings, device: Any) -> tuple[str, str, str]:
+    """``(devices, dtype, engine version)`` a worker announces in ``GET /workers``."""
+    if backend == "vllm":
+        from workers.engine import vllm_backend
+
+        vllm_settings = vllm_backend.VLLMSettings(
+            tensor_parallel_size=settings.vllm_tensor_parallel_size,
+            data_parallel_size=settings.vllm_data_parallel_size,
+        )
+        return (
+            vllm_backend.device_description(vllm_settings),
+            settings.vllm_dtype,
+            vllm_backend.engine_version(),
+        )
+    import transformers
+
+    dtype = str(compute.select_dtype(device)).removeprefix("torch.")
+    return str(device), dtype, f"transformers {transformers.__version__}"
+
+
 # Errors that retrying cannot cure: the job fails at once instead of using up its attempts.
 # (Model loading turns unreadable weights or a bad tokenizer into UserError itself.)
 PERMANENT_ERRORS: tuple[type[BaseException], ...] = (UserError, Problem, re.error, regex.error)
@@ -102,8 +134,13 @@ class Worker:
         kinds: tuple[str, ...] = ("evaluation", "finetune"),
         worker_id: str | None = None,
         once: bool = False,
+        backend: str = "transformers",
     ) -> None:
+        if backend not in WORKER_BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose one of {WORKER_BACKENDS}")
         self.settings = settings
+        self.backend = backend
+        self.backends = claimable_backends(backend)
         self.engine = make_engine(settings.database_url)
         self.sessionmaker = session_factory(self.engine)
         self.device = compute.select_device(device)
@@ -195,10 +232,16 @@ class Worker:
     def run(self) -> int:
         """The claim loop; returns the process exit code."""
         threads = compute.configure_threads()
+        # A served-model worker runs no fine-tuning: the weights are not here.
+        kinds = self.kinds if self.backend != "openai" else ("evaluation",)
+        self.kinds = tuple(k for k in kinds if k in self.kinds)
+        devices, dtype, version = engine_description(self.backend, self.settings, self.device)
         log.info(
-            "worker %s on %s (%d threads), kinds %s",
+            "worker %s: backend %s (%s) on %s (%d threads), kinds %s",
             self.worker_id,
-            self.device,
+            self.backend,
+            version,
+            devices,
             threads,
             ",".join(self.kinds),
         )
@@ -206,7 +249,13 @@ class Worker:
             versions.sync_builtins(session)
             session.commit()
         register_worker(
-            self.engine, worker_id=self.worker_id, device=str(self.device), kinds=self.kinds
+            self.engine,
+            worker_id=self.worker_id,
+            device=devices,
+            kinds=self.kinds,
+            backend=self.backend,
+            dtype=dtype,
+            engine_version=version,
         )
         last_beat = 0.0
         retry = self.settings.poll_seconds
@@ -218,6 +267,7 @@ class Worker:
                         worker_id=self.worker_id,
                         kinds=self.kinds,
                         lease_seconds=self.settings.lease_seconds,
+                        backends=self.backends,
                     )
                     beat_due = time.monotonic() - last_beat > self.settings.heartbeat_seconds
                     if job is None and beat_due:
@@ -243,6 +293,8 @@ class Worker:
         finally:
             deregister_worker(self.engine, self.worker_id)
             self.engine.dispose()
+            for kept in self.models.engines.values():  # a started vLLM engine and its process
+                kept.close()
         return 0
 
     def run_job(self, job: ClaimedJob) -> None:
@@ -367,12 +419,20 @@ class Worker:
 
 
 def main(
-    settings: Settings, *, device: str, kinds: tuple[str, ...], worker_id: str | None, once: bool
+    settings: Settings,
+    *,
+    device: str,
+    kinds: tuple[str, ...],
+    worker_id: str | None,
+    once: bool,
+    backend: str = "transformers",
 ) -> int:
     """Entry point of ``forgetguard worker``, which applied the process settings first
     (:func:`workers.engine.process.configure_process`)."""
     cap_memory(settings.worker_max_memory_bytes)
-    worker = Worker(settings, device=device, kinds=kinds, worker_id=worker_id, once=once)
+    worker = Worker(
+        settings, device=device, kinds=kinds, worker_id=worker_id, once=once, backend=backend
+    )
     worker.install_signal_handlers()
     parent = os.environ.get(PARENT_PID_ENV, "")
     if parent.isdigit():

@@ -47,6 +47,7 @@ async def compare(
     category_rule: Literal["point", "significant"] = "point",
     suites: Annotated[str | None, Query(max_length=2000)] = None,
     noise_floor: Annotated[str | None, Query(min_length=1, max_length=40)] = None,
+    allow_backend_mismatch: bool = False,
 ) -> Response:
     """The lesson's ``compare_forgetting`` keys, then checklist, flips, statistics, drift, verdict.
 
@@ -56,6 +57,8 @@ async def compare(
     ``category_rule=significant`` fails a category only when its Holm-adjusted p is below
     ``alpha``. ``suites=a,b`` compares only those suites (both runs must have them);
     ``noise_floor=ID`` reports the churn between the base and ID, a rerun of it.
+    Runs on different engines (backend, dtype, engine version) are a 409 unless
+    ``allow_backend_mismatch=true``, which turns the difference into a warning.
     """
     options = CompareOptions(
         threshold=threshold,
@@ -67,6 +70,7 @@ async def compare(
         category_rule=category_rule,
         suites=service.parse_suite_names(suites),
         noise_floor=noise_floor,
+        allow_backend_mismatch=allow_backend_mismatch,
     )
     cache: FinishedCache = request.app.state.comparisons
     key = json.dumps([before, after, *astuple(options)])

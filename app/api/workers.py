@@ -29,6 +29,9 @@ def list_workers(session: SessionDep, settings: SettingsDep) -> Page[WorkerPubli
             pid=w.pid,
             device=w.device,
             kinds=list(w.kinds),
+            backend=w.backend,
+            dtype=w.dtype,
+            engine_version=w.engine_version,
             status=w.status,
             current_job={"kind": w.current_job_kind or "", "id": w.current_job_id}
             if w.current_job_id

@@ -42,6 +42,9 @@ class CompareOptions:
     # Id of a second evaluation of the base with another batch composition: its churn is the
     # noise floor the forgotten count is read against.
     noise_floor: str | None = None
+    # Compare runs made on different engines (backend, dtype, engine version) anyway; the
+    # difference is then a warning in the body instead of a 409.
+    allow_backend_mismatch: bool = False
 
 
 @dataclass(slots=True)

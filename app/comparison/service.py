@@ -8,7 +8,15 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.comparison.verdict import CompareOptions, Row, build, comparability_problems
+from app.comparison.verdict import (
+    ADAPTER_NO_EFFECT,
+    CompareOptions,
+    Row,
+    adapter_changed_nothing,
+    build,
+    comparability_problems,
+    engine_differences,
+)
 from app.core.errors import Problem
 from app.core.tables import Evaluation, EvaluationItem
 from app.evaluations import service as evaluations
@@ -23,6 +31,7 @@ def _run(row: Evaluation, suites: tuple[str, ...] | None = None) -> dict[str, An
         "suites": row.suites if suites is None else [s for s in row.suites if s["name"] in suites],
         "prompt_format": row.prompt_format,
         "generation": row.generation,
+        "engine": {"backend": row.backend, **(row.engine or {})},
     }
 
 
@@ -151,6 +160,13 @@ def compare(
     after = _finished(session, after_id)
     suites = options.suites
     problems = comparability_problems(_run(before), _run(after), suites)
+    engines = engine_differences(_run(before), _run(after))
+    if engines and not options.allow_backend_mismatch:
+        problems += [
+            f"{d} (different engines compute different numbers; pass "
+            "allow_backend_mismatch=true to compare anyway)"
+            for d in engines
+        ]
     if problems:
         raise Problem(409, "Evaluations not comparable", "; ".join(problems), differences=problems)
     before_rows, after_rows = load_pair(session, before, after, suites)
@@ -175,6 +191,41 @@ def compare(
             )
         _, rerun_rows = load_pair(session, before, rerun, suites)
         noise_rows = (rerun.id, rerun_rows)
-    return build(
+    body = build(
         _run(before, suites), _run(after, suites), before_rows, after_rows, options, noise_rows
     )
+    warnings: list[str] = [
+        f"compared across engines: {d}; part of any difference may be the engine's" for d in engines
+    ]
+    if _is_adapter_of(before, after) and adapter_changed_nothing(
+        _outputs(session, before, suites), _outputs(session, after, suites)
+    ):
+        warnings.append(ADAPTER_NO_EFFECT)
+    if warnings:
+        body.setdefault("warnings", []).extend(warnings)
+    return body
+
+
+def _is_adapter_of(base: Evaluation, candidate: Evaluation) -> bool:
+    """The candidate is the base model plus an adapter, the base run has none."""
+    return (
+        candidate.adapter_path is not None
+        and base.adapter_path is None
+        and base.model_path == candidate.model_path
+        and base.id != candidate.id
+    )
+
+
+def _outputs(
+    session: Session, run: Evaluation, suites: tuple[str, ...] | None
+) -> list[tuple[str, str, str | None, float | None]]:
+    """Every item's ``(suite, item_id, response, score)`` (of ``suites`` only, when given)."""
+    query = select(
+        EvaluationItem.suite,
+        EvaluationItem.item_id,
+        EvaluationItem.response,
+        EvaluationItem.score,
+    ).where(EvaluationItem.evaluation_id == _source(run))
+    if suites is not None:
+        query = query.where(EvaluationItem.suite.in_(suites))
+    return [(r[0], r[1], r[2], r[3]) for r in session.connection().execute(query)]

@@ -99,6 +99,57 @@ def comparability_problems(
     return problems
 
 
+ENGINE_FIELDS = (("backend", "backend"), ("dtype", "dtype"), ("version", "engine version"))
+
+
+def engine_differences(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    """How the engines of two runs differ (empty: the same), e.g. ``backend differs: …``.
+
+    Runs carry ``engine``: ``{"backend", "dtype", "version"}`` as the worker recorded it, or
+    only ``backend`` for runs recorded before engines were (their dtype and version are
+    unknown, and unknown is not taken for a difference).
+    """
+    b_engine = before.get("engine") or {}
+    a_engine = after.get("engine") or {}
+    problems = []
+    for key, label in ENGINE_FIELDS:
+        b_value, a_value = b_engine.get(key), a_engine.get(key)
+        if b_value is None or a_value is None or b_value == a_value:
+            continue
+        problems.append(f"{label} differs: {b_value!r} before, {a_value!r} after")
+    return problems
+
+
+ADAPTER_NO_EFFECT = (
+    "the adapter changed nothing — was it applied? every answer and log-probability of the "
+    "candidate equals the base model's"
+)
+
+
+def adapter_changed_nothing(
+    before: Sequence[tuple[str, str, str | None, float | None]],
+    after: Sequence[tuple[str, str, str | None, float | None]],
+) -> bool:
+    """Whether every item's answer and score (log-likelihood / NLL) is the same in both runs.
+
+    Rows are ``(suite, item_id, response, score)``. A LoRA adapter that trained at all moves
+    some logit, so identical outputs on every item mean it was most likely not applied (a
+    data-parallel serving bug once dropped adapters silently, lm-eval issue 2432).
+    """
+    if not before or len(before) != len(after):
+        return False
+    after_by_key = {(s, i): (r, sc) for s, i, r, sc in after}
+    for suite, item_id, response, score in before:
+        other = after_by_key.get((suite, item_id))
+        if other is None or other[0] != response:
+            return False
+        if (score is None) != (other[1] is None):
+            return False
+        if score is not None and other[1] is not None and score != other[1]:
+            return False
+    return True
+
+
 def _paired(before: Sequence[Row], after: Sequence[Row]) -> list[tuple[Row, Row]]:
     # Comparable runs share suite contents, so their rows usually line up one to one already.
     if len(before) == len(after) and all(

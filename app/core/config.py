@@ -20,6 +20,11 @@ def _split_list(value: object) -> object:
     return value
 
 
+def normalise_endpoint(url: str) -> str:
+    """A base URL as compared with the allow-list: trimmed, no trailing slash."""
+    return url.strip().rstrip("/")
+
+
 class Settings(BaseSettings):
     """Everything an operator can set; see the configuration table in README.md."""
 
@@ -34,6 +39,20 @@ class Settings(BaseSettings):
     artifacts_dir: Path = Path("var/artifacts")
     cache_dir: Path = Path("var/cache")
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # OpenAI-compatible servers that evaluations may name (base URLs, e.g. http://host:8000/v1).
+    # Clients never get to make the workers call an arbitrary URL (no SSRF).
+    endpoints: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Seconds a worker waits for one request to a served model.
+    endpoint_timeout_seconds: float = 300.0
+
+    # vLLM backend (workers started with --backend vllm). dtype "auto": float32 on CPU (as
+    # the transformers engine; answers then equal its answers), vLLM's choice on GPUs.
+    vllm_tensor_parallel_size: int = 1
+    vllm_data_parallel_size: int = 1
+    vllm_gpu_memory_utilization: float = 0.9
+    vllm_dtype: str = "auto"
+    vllm_max_model_len: int | None = None
+    vllm_max_lora_rank: int = 64
 
     lease_seconds: float = 60.0
     heartbeat_seconds: float = 10.0
@@ -56,7 +75,7 @@ class Settings(BaseSettings):
     # space than it uses, so for GPU workers cap memory with the container instead.
     worker_max_memory_bytes: int = 0
 
-    @field_validator("model_roots", "data_roots", "api_keys", mode="before")
+    @field_validator("model_roots", "data_roots", "api_keys", "endpoints", mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:
         return _split_list(value)
@@ -67,6 +86,11 @@ class Settings(BaseSettings):
         # A key without a valid scope is a startup error, not a key that silently never matches.
         parse_api_keys(value)
         return value
+
+    @field_validator("endpoints")
+    @classmethod
+    def _normalised_endpoints(cls, value: list[str]) -> list[str]:
+        return [normalise_endpoint(v) for v in value]
 
     @cached_property
     def resolved_model_roots(self) -> list[Path]:

@@ -5,7 +5,15 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_serializer
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    field_serializer,
+    model_validator,
+)
 
 from app.suites.kinds import SuiteDefinition
 
@@ -31,9 +39,45 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+# Which engine computes an evaluation. "transformers": the worker's own batched engine;
+# "vllm": an in-process vLLM engine in the worker; "openai": a model already served by an
+# OpenAI-compatible server on an allow-listed endpoint (FORGETGUARD_ENDPOINTS).
+BackendName = Literal["transformers", "vllm", "openai"]
+LOCAL_BACKENDS: tuple[str, ...] = ("transformers", "vllm")
+EndpointStr = Annotated[str, Field(min_length=1, max_length=2048)]
+ServedModelName = Annotated[str, Field(min_length=1, max_length=256)]
+
+
 class ModelRef(_Request):
-    path: PathStr
+    """A local model directory (+ adapter), or a model served at an allow-listed endpoint."""
+
+    backend: BackendName = "transformers"
+    path: PathStr | None = None
     adapter_path: PathStr | None = None
+    endpoint: EndpointStr | None = None
+    model: ServedModelName | None = None
+
+    @model_validator(mode="after")
+    def _fields_fit_backend(self) -> ModelRef:
+        if self.backend == "openai":
+            if self.endpoint is None or self.model is None:
+                raise ValueError(
+                    'backend "openai" needs "endpoint" (the server\'s base URL, e.g. '
+                    'http://host:8000/v1) and "model" (the name the server serves)'
+                )
+            if self.path is not None or self.adapter_path is not None:
+                raise ValueError(
+                    'backend "openai" evaluates the served model: "path" and "adapter_path" '
+                    'do not apply (serve the adapter on the server and name it in "model")'
+                )
+        else:
+            if self.path is None:
+                raise ValueError(f'backend "{self.backend}" needs "path" (a local model directory)')
+            if self.endpoint is not None or self.model is not None:
+                raise ValueError(
+                    '"endpoint" and "model" are only for backend "openai" (a served model)'
+                )
+        return self
 
 
 class GenerationSettings(_Request):
@@ -69,10 +113,26 @@ class Progress(BaseModel):
     stage: str
 
 
+class EnginePublic(BaseModel):
+    """What computed an evaluation: recorded by the worker, compared by ``/compare``."""
+
+    backend: str
+    device: str | None = None
+    dtype: str | None = None
+    version: str | None = None
+    # False for a served model: its fingerprint comes from what the server reports and a
+    # probe of fixed prompts, because the weights are not here to hash.
+    weights_hashed: bool = True
+    fingerprint_basis: str | None = None
+
+
 class ModelPublic(BaseModel):
     path: str
     adapter_path: str | None
     fingerprint: str | None
+    backend: str = "transformers"
+    endpoint: str | None = None
+    engine: EnginePublic | None = None
 
 
 class SuiteRun(BaseModel):
@@ -169,6 +229,9 @@ class WorkerPublic(BaseModel):
     pid: int
     device: str
     kinds: list[str]
+    backend: str
+    dtype: str | None
+    engine_version: str | None
     status: str
     current_job: dict[str, str] | None
     started_at: datetime

@@ -101,6 +101,13 @@ class Evaluation(JobMixin, Base):
     use_cache: Mapped[bool] = mapped_column(Boolean, default=True)
     cached_from: Mapped[str | None] = mapped_column(String(40), default=None)
     finetune_job_id: Mapped[str | None] = mapped_column(String(40), default=None)
+    # Which engine runs it (only workers of that backend claim it); for "openai" the served
+    # model's name is ``model_path`` and its server is ``endpoint``.
+    backend: Mapped[str] = mapped_column(String(16), default="transformers")
+    endpoint: Mapped[str | None] = mapped_column(Text, default=None)
+    # What the worker ran it on: {"backend", "device", "dtype", "version", "weights_hashed",
+    # "fingerprint_basis"}; /compare refuses pairs whose backend or dtype differ.
+    engine: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
 
 
 class EvaluationItem(Base):
@@ -157,6 +164,8 @@ class FinetuneJob(JobMixin, Base):
     warnings: Mapped[list[Any]] = mapped_column(JSON, default=list)
     trainable_parameters: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    # The backend its evaluations run on: only a worker of that backend claims the job.
+    backend: Mapped[str] = mapped_column(String(16), default="transformers")
 
 
 class FinetuneEvent(Base):
@@ -213,8 +222,11 @@ class Worker(Base):
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     host: Mapped[str] = mapped_column(String(255))
     pid: Mapped[int] = mapped_column(Integer)
-    device: Mapped[str] = mapped_column(String(32))
+    device: Mapped[str] = mapped_column(String(255))
     kinds: Mapped[list[Any]] = mapped_column(JSON)
+    backend: Mapped[str] = mapped_column(String(16), default="transformers")
+    dtype: Mapped[str | None] = mapped_column(String(32), default=None)
+    engine_version: Mapped[str | None] = mapped_column(String(100), default=None)
     status: Mapped[str] = mapped_column(String(16), default="idle")
     current_job_id: Mapped[str | None] = mapped_column(String(40), default=None)
     current_job_kind: Mapped[str | None] = mapped_column(String(16), default=None)

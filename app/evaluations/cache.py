@@ -65,18 +65,23 @@ def cache_key(
     suites: Sequence[Mapping[str, Any]],
     prompt_format: str,
     generation: Mapping[str, Any],
+    backend: str = "transformers",
 ) -> str:
     """``sha256:…`` of everything that determines an evaluation's results.
 
     ``suites`` is an evaluation's suite snapshot; only names and content hashes count (the
-    order they were listed in does not change any result).
+    order they were listed in does not change any result). Another engine computes other
+    numbers, so ``backend`` counts too (left out for the default, so keys stored before
+    backends existed still match).
     """
-    content = {
+    content: dict[str, Any] = {
         "fingerprint": fingerprint,
         "suites": sorted([s["name"], s["content_hash"]] for s in suites),
         "prompt_format": prompt_format,
         "generation": dict(generation),
     }
+    if backend != "transformers":
+        content["backend"] = backend
     canonical = json.dumps(content, sort_keys=True, separators=(",", ":"))
     return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
 

@@ -8,12 +8,13 @@ from typing import Any
 from sqlalchemy import case, select
 from sqlalchemy.orm import Session
 
-from app.core.config import Settings
+from app.core.config import Settings, normalise_endpoint
 from app.core.errors import Problem
 from app.core.fingerprint import fingerprint
 from app.core.modelcheck import resolve_model
 from app.core.pagination import newest_first, page
 from app.core.schemas import (
+    EnginePublic,
     EvaluationCreate,
     EvaluationPublic,
     ItemPublic,
@@ -43,7 +44,12 @@ def public(row: Evaluation) -> EvaluationPublic:
         label=row.label,
         progress=Progress(**row.progress),
         model=ModelPublic(
-            path=row.model_path, adapter_path=row.adapter_path, fingerprint=row.model_fingerprint
+            path=row.model_path,
+            adapter_path=row.adapter_path,
+            fingerprint=row.model_fingerprint,
+            backend=row.backend,
+            endpoint=row.endpoint,
+            engine=EnginePublic(**row.engine) if row.engine else None,
         ),
         suites=[
             SuiteRun(
@@ -131,9 +137,16 @@ def create(
     """Validate and queue an evaluation (caller commits).
 
     With ``body.cache`` (the default), an evaluation that already succeeded on the same model
-    fingerprint, suite contents, prompt format and generation settings answers at once: the
-    row is created ``succeeded`` with ``cached_from`` set and its results copied.
+    fingerprint, backend, suite contents, prompt format and generation settings answers at
+    once: the row is created ``succeeded`` with ``cached_from`` set and its results copied.
+    A served model (backend ``openai``) is fingerprinted by the worker, which asks the server,
+    so it is never answered from the cache at submission.
     """
+    if body.model.backend == "openai":
+        return _create_served(
+            session=session, settings=settings, body=body, finetune_job_id=finetune_job_id
+        )
+    assert body.model.path is not None  # the schema requires it for local backends
     model_dir, adapter_dir = resolve_model(settings, body.model.path, body.model.adapter_path)
     # Hash before touching the database: a first hash of large weights takes seconds, and
     # SQLite refuses a write from a transaction whose snapshot went stale meanwhile.
@@ -153,12 +166,14 @@ def create(
         suites=snapshot,
         prompt_format=prompt_format,
         generation=generation,
+        backend=body.model.backend,
     )
     row = Evaluation(
         id=new_id("ev"),
         label=body.label,
         model_path=body.model.path,
         adapter_path=body.model.adapter_path,
+        backend=body.model.backend,
         model_fingerprint=model_fingerprint,
         prompt_format=prompt_format,
         generation=generation,
@@ -171,6 +186,71 @@ def create(
     )
     source = cache.find_source(session, key) if body.cache else None
     lifecycle.submit(session, row, cached=source)
+    return row
+
+
+def allowed_endpoint(settings: Settings, endpoint: str) -> str:
+    """The endpoint as listed in ``FORGETGUARD_ENDPOINTS``, or a 403 problem (no SSRF)."""
+    wanted = normalise_endpoint(endpoint)
+    if wanted not in settings.endpoints:
+        raise Problem(
+            403,
+            "Endpoint not allowed",
+            f"endpoint {endpoint!r} is not on this server's allow-list; an operator must add "
+            "it to FORGETGUARD_ENDPOINTS (comma-separated base URLs) before evaluations may "
+            "use it",
+        )
+    return wanted
+
+
+# Suite kinds whose scores need log-probabilities of given text, which an OpenAI-compatible
+# server only returns for plain completions (``echo`` + ``logprobs``), never for chat.
+_LOGPROB_KINDS = ("multiple_choice",)
+
+
+def _create_served(
+    *,
+    session: Session,
+    settings: Settings,
+    body: EvaluationCreate,
+    finetune_job_id: str | None,
+) -> Evaluation:
+    """Queue an evaluation of a model served at an allow-listed OpenAI-compatible endpoint."""
+    assert body.model.endpoint is not None and body.model.model is not None
+    endpoint = allowed_endpoint(settings, body.model.endpoint)
+    snapshot = resolve_suites(session=session, suites=list(body.suites))
+    # No tokenizer here to look for a chat template: a served model is asked in chat format
+    # unless the client says plain (servers apply their own template to chat requests).
+    prompt_format = body.prompt_format or "chat"
+    if prompt_format == "chat":
+        for suite in snapshot:
+            if suite["kind"] in _LOGPROB_KINDS:
+                raise Problem(
+                    422,
+                    "Suite needs log-probabilities",
+                    f"suite {suite['name']!r} (kind {suite['kind']}) is scored from "
+                    "log-probabilities, which an OpenAI-compatible server returns only for "
+                    'plain completions; use "prompt_format": "plain" for this suite',
+                    errors=[{"loc": ["body", "prompt_format"], "msg": "chat"}],
+                )
+    row = Evaluation(
+        id=new_id("ev"),
+        label=body.label,
+        model_path=body.model.model,
+        adapter_path=None,
+        backend="openai",
+        endpoint=endpoint,
+        model_fingerprint=None,
+        prompt_format=prompt_format,
+        generation=body.generation.model_dump(),
+        suites=snapshot,
+        cache_key=None,
+        use_cache=body.cache,
+        progress={"done": 0, "total": sum(s["items"] for s in snapshot), "stage": "queued"},
+        max_attempts=settings.max_attempts,
+        finetune_job_id=finetune_job_id,
+    )
+    lifecycle.submit(session, row, cached=None)
     return row
 
 

@@ -471,6 +471,8 @@ class FinetuneEvaluationSpec(_Request):
     )
     prompt_format: PromptFormat | None = None
     generation: GenerationSettings = Field(default_factory=GenerationSettings)
+    # The engine both evaluations run on (a served endpoint cannot evaluate the new weights).
+    backend: Literal["transformers", "vllm"] = "transformers"
     threshold: Annotated[float, Field(ge=0.0, le=1.0)] = 0.10
     max_category_drop: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
     max_nll_increase: Annotated[float, Field(ge=0.0, le=100.0)] | None = None

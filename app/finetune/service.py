@@ -195,6 +195,7 @@ def create(
         id=new_id("ft"),
         label=body.label,
         base_model_path=body.base_model.path,
+        backend=body.evaluation.backend if body.evaluation is not None else "transformers",
         request=body.model_dump(mode="json"),
         progress={"done": 0, "total": 0, "stage": "queued"},
         max_attempts=settings.max_attempts,

@@ -85,6 +85,8 @@ class GateOptions:
     noise_floor: bool = False
     prompt_format: str | None = None
     max_new_tokens: int | None = None
+    # Engine of both evaluations ("transformers" or "vllm"); None: the server's default.
+    backend: str | None = None
     cache: bool = True
     timeout: float = 3600.0
     poll_seconds: float = 1.0
@@ -155,7 +157,11 @@ def evaluation_body(
 ) -> dict[str, Any]:
     """The POST /evaluations body for one side of the comparison."""
     body: dict[str, Any] = {
-        "model": {"path": model, "adapter_path": adapter},
+        "model": {
+            "path": model,
+            "adapter_path": adapter,
+            **({"backend": options.backend} if options.backend else {}),
+        },
         "label": label,
         "cache": options.cache,
     }

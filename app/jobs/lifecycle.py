@@ -35,6 +35,7 @@ def submit(
         row.cached_from = cached.id
         row.results = cached.results
         row.model_fingerprint = cached.model_fingerprint
+        row.engine = cached.engine
         total = cached.progress.get("total", 0)
         row.progress = {"done": total, "total": total, "stage": "done (cached)"}
         # Created, started and finished in the same instant: never "started" before "created".

@@ -110,9 +110,18 @@ def _expire_leases(session: Session, model: type[JobMixin], now: Any) -> None:
 
 
 def claim(
-    engine: Engine, *, worker_id: str, kinds: tuple[str, ...], lease_seconds: float
+    engine: Engine,
+    *,
+    worker_id: str,
+    kinds: tuple[str, ...],
+    lease_seconds: float,
+    backends: tuple[str, ...] = ("transformers", "openai"),
 ) -> ClaimedJob | None:
-    """Atomically take the oldest claimable job of the given kinds, or return None."""
+    """Atomically take the oldest claimable job of the given kinds, or return None.
+
+    Only jobs whose ``backend`` is one of ``backends`` (the engines this worker runs) are
+    taken: a vLLM job waits for a vLLM worker instead of running on another engine.
+    """
     with immediate_session(engine) as session, session.begin():
         now = db_now(session)
         expires = now + timedelta(seconds=lease_seconds)
@@ -124,6 +133,7 @@ def claim(
                 .where(
                     model.status == JobStatus.QUEUED,
                     or_(model.not_before.is_(None), model.not_before <= now),
+                    model.backend.in_(backends),
                 )
                 .order_by(model.created_at, model.id)
                 .limit(1)
@@ -410,8 +420,17 @@ def cancel(session: Session, model: type[JobMixin], job_id: str) -> str | None:
     return session.execute(select(model.status).where(model.id == job_id)).scalar_one_or_none()  # type: ignore[attr-defined]
 
 
-def register_worker(engine: Engine, *, worker_id: str, device: str, kinds: tuple[str, ...]) -> None:
-    """Announce a live worker (shown by ``GET /workers``)."""
+def register_worker(
+    engine: Engine,
+    *,
+    worker_id: str,
+    device: str,
+    kinds: tuple[str, ...],
+    backend: str = "transformers",
+    dtype: str | None = None,
+    engine_version: str | None = None,
+) -> None:
+    """Announce a live worker and its engine (shown by ``GET /workers``)."""
     with immediate_session(engine) as session, session.begin():
         now = db_now(session)
         # Rows of workers killed without deregistering (SIGKILL, lost hosts) go after a day.
@@ -424,6 +443,9 @@ def register_worker(engine: Engine, *, worker_id: str, device: str, kinds: tuple
                 pid=os.getpid(),
                 device=device,
                 kinds=list(kinds),
+                backend=backend,
+                dtype=dtype,
+                engine_version=engine_version,
                 started_at=now,
                 heartbeat_at=now,
             )

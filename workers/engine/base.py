@@ -83,3 +83,10 @@ class Backend(ABC):
         then carry no top-k and comparisons omit KL.
         """
         raise NotImplementedError(f"backend {self.name!r} does not report top-k log-probabilities")
+
+
+class UnsupportedRequest(Exception):
+    """The backend cannot answer this request type (a server without prompt log-probabilities).
+
+    The evaluation fails with this message, naming the suite: retrying will not help.
+    """

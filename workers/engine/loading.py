@@ -91,12 +91,18 @@ def attach_adapter(model: Any, adapter_dir: Path) -> Any:
 
 
 class ModelCache:
-    """Keeps the most recently used model, so consecutive jobs on one model load it once."""
+    """Keeps the most recently used model, so consecutive jobs on one model load it once.
+
+    ``engines`` holds what other backends keep across jobs (a started vLLM engine, under
+    its backend's name); anything there with a ``close()`` is closed by :meth:`clear` on a
+    GPU, where training needs the memory.
+    """
 
     def __init__(self, settings: Settings, device: torch.device) -> None:
         self.settings = settings
         self.device = device
         self._current: LoadedModel | None = None
+        self.engines: dict[str, Any] = {}
 
     def get(self, model_path: str, adapter_path: str | None) -> LoadedModel:
         """Load (or reuse) the model named by a job, after checking it again."""
@@ -122,4 +128,8 @@ class ModelCache:
         """Drop the cached model (before training, or when switching models)."""
         self._current = None
         if self.device.type == "cuda":
+            for engine in self.engines.values():
+                close = getattr(engine, "close", None)
+                if close is not None:
+                    close()
             torch.cuda.empty_cache()

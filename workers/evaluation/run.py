@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from sqlalchemy import insert, select, update
 
+from app.core.config import normalise_endpoint
+from app.core.fingerprint import fingerprint
+from app.core.modelcheck import resolve_model
 from app.core.tables import Evaluation, EvaluationItem, Suite
 from app.evaluations.cache import cache_key
 from app.jobs.queue import guarded_write, succeed
 from app.suites.kinds import KINDS, ItemRow
 from workers.context import JobContext
-from workers.engine.loading import ModelCache
+from workers.engine.base import Backend, UnsupportedRequest
+from workers.engine.loading import ModelCache, load_tokenizer
 from workers.engine.transformers_backend import TransformersBackend
 from workers.evaluation.runners import RunSettings, run_items
 
@@ -47,6 +52,117 @@ def aggregate(ctx: JobContext, evaluation: Evaluation) -> dict[str, Any]:
     return results
 
 
+@dataclass
+class OpenedModel:
+    """A backend ready to answer one evaluation, and what the evaluation records about it."""
+
+    backend: Backend
+    fingerprint: str
+    has_chat_template: bool
+    # Beyond EngineInfo: whether the weights were hashed, and what the fingerprint covers.
+    weights_hashed: bool = True
+    fingerprint_basis: str = "config, tokenizer files and the sha256 of every weight file"
+
+    def engine(self) -> dict[str, Any]:
+        return {
+            **asdict(self.backend.info()),
+            "weights_hashed": self.weights_hashed,
+            "fingerprint_basis": self.fingerprint_basis,
+        }
+
+
+Opener = Callable[[JobContext, ModelCache, Evaluation], OpenedModel]
+
+
+def _open_transformers(ctx: JobContext, models: ModelCache, evaluation: Evaluation) -> OpenedModel:
+    loaded = models.get(evaluation.model_path, evaluation.adapter_path)
+    return OpenedModel(
+        backend=TransformersBackend(
+            loaded.model,
+            loaded.tokenizer,
+            batch_size=evaluation.generation.get("batch_size") or "auto",
+        ),
+        fingerprint=loaded.fingerprint,
+        has_chat_template=bool(getattr(loaded.tokenizer, "chat_template", None)),
+    )
+
+
+def _open_vllm(ctx: JobContext, models: ModelCache, evaluation: Evaluation) -> OpenedModel:
+    try:
+        from workers.engine import vllm_backend
+    except ImportError as exc:
+        raise ctx.user_error(
+            f"backend 'vllm' is not installed on this worker ({exc}); see README: vLLM"
+        ) from None
+    settings = models.settings  # a fine-tune job's also allow its artifacts directory
+    model_dir, adapter_dir = resolve_model(settings, evaluation.model_path, evaluation.adapter_path)
+    full = fingerprint(model_dir, adapter_dir, cache_dir=settings.cache_dir)
+    base = fingerprint(model_dir, None, cache_dir=settings.cache_dir)
+    engines = models.engines.get("vllm")
+    if engines is None:
+        engines = models.engines["vllm"] = vllm_backend.EngineCache(
+            vllm_backend.VLLMSettings(
+                tensor_parallel_size=settings.vllm_tensor_parallel_size,
+                data_parallel_size=settings.vllm_data_parallel_size,
+                gpu_memory_utilization=settings.vllm_gpu_memory_utilization,
+                dtype=settings.vllm_dtype,
+                max_model_len=settings.vllm_max_model_len,
+                max_lora_rank=settings.vllm_max_lora_rank,
+            )
+        )
+    engine = engines.get(model_dir, base, lambda: load_tokenizer(model_dir))
+    try:
+        backend = vllm_backend.VLLMBackend(engine, adapter_dir)
+    except vllm_backend.AdapterNotServable as exc:
+        raise ctx.user_error(str(exc)) from None
+    return OpenedModel(
+        backend=backend,
+        fingerprint=full,
+        has_chat_template=bool(getattr(engine.tokenizer, "chat_template", None)),
+    )
+
+
+def _open_openai(ctx: JobContext, models: ModelCache, evaluation: Evaluation) -> OpenedModel:
+    from workers.engine.openai_backend import (
+        FINGERPRINT_BASIS,
+        EndpointError,
+        OpenAIBackend,
+        served_fingerprint,
+    )
+
+    endpoint = normalise_endpoint(evaluation.endpoint or "")
+    # Checked again here: this worker's allow-list is what lets it make the request.
+    if endpoint not in ctx.settings.endpoints:
+        raise ctx.user_error(
+            f"endpoint {endpoint!r} is not in this worker's FORGETGUARD_ENDPOINTS; "
+            "the operator must allow it on the workers too"
+        )
+    backend = OpenAIBackend(
+        endpoint, evaluation.model_path, timeout=ctx.settings.endpoint_timeout_seconds
+    )
+    try:
+        fp, _ = served_fingerprint(backend, chat=evaluation.prompt_format == "chat")
+    except EndpointError as exc:
+        backend.close()
+        raise ctx.user_error(str(exc)) from None
+    return OpenedModel(
+        backend=backend,
+        fingerprint=fp,
+        # The server applies its own template to chat requests.
+        has_chat_template=True,
+        weights_hashed=False,
+        fingerprint_basis=FINGERPRINT_BASIS,
+    )
+
+
+# Backend name -> how a worker opens it; vLLM and the HTTP client are imported only when used.
+BACKENDS: dict[str, Opener] = {
+    "transformers": _open_transformers,
+    "vllm": _open_vllm,
+    "openai": _open_openai,
+}
+
+
 def run_evaluation(
     ctx: JobContext,
     models: ModelCache,
@@ -65,8 +181,11 @@ def run_evaluation(
         }
 
     ctx.set_stage("loading model")
-    loaded = models.get(evaluation.model_path, evaluation.adapter_path)
-    has_template = bool(getattr(loaded.tokenizer, "chat_template", None))
+    opener = BACKENDS.get(evaluation.backend)
+    if opener is None:
+        raise ctx.user_error(f"unknown backend {evaluation.backend!r}; known: {sorted(BACKENDS)}")
+    opened = opener(ctx, models, evaluation)
+    has_template = opened.has_chat_template
     prompt_format = evaluation.prompt_format or ("chat" if has_template else "plain")
     if prompt_format == "chat" and not has_template:
         raise ctx.user_error(
@@ -75,21 +194,20 @@ def run_evaluation(
     # The cache key is set from what was actually loaded, so even a run queued with
     # "cache": false (or a model changed since submission) becomes an exact cache source.
     key = cache_key(
-        fingerprint=loaded.fingerprint,
+        fingerprint=opened.fingerprint,
         suites=evaluation.suites,
         prompt_format=prompt_format,
         generation=evaluation.generation,
+        backend=evaluation.backend,
     )
     ctx.update_job(
         evaluation_id,
-        model_fingerprint=loaded.fingerprint,
+        model_fingerprint=opened.fingerprint,
         prompt_format=prompt_format,
         cache_key=key,
+        engine=opened.engine(),
     )
-
-    backend = TransformersBackend(
-        loaded.model, loaded.tokenizer, batch_size=evaluation.generation.get("batch_size") or "auto"
-    )
+    backend = opened.backend
     settings = RunSettings(
         prompt_format=prompt_format,
         max_new_tokens=int(evaluation.generation.get("max_new_tokens", 50)),
@@ -134,7 +252,10 @@ def run_evaluation(
             if on_progress:
                 on_progress(progress["done"], total)
 
-        run_items(suite["kind"], backend, definition, pending, settings, emit)
+        try:
+            run_items(suite["kind"], backend, definition, pending, settings, emit)
+        except UnsupportedRequest as exc:
+            raise ctx.user_error(f"suite {suite['name']!r} (kind {suite['kind']}): {exc}") from None
 
     with ctx.sessionmaker() as session:
         evaluation = session.get(Evaluation, evaluation_id)

@@ -90,7 +90,7 @@ def evaluate(
         model_dir, adapter_dir = resolve_model(settings, model_path, adapter_path)
         fingerprint(model_dir, adapter_dir, cache_dir=settings.cache_dir)
         body = EvaluationCreate(
-            model=ModelRef(path=model_path, adapter_path=adapter_path),
+            model=ModelRef(path=model_path, adapter_path=adapter_path, backend=spec.backend),
             suites=list(spec.suites) if suites is None else list(suites),
             prompt_format=spec.prompt_format,
             generation=spec.generation,
@@ -133,6 +133,8 @@ def evaluate(
         )
     run.stage(f"{which} evaluation", data={"evaluation_id": evaluation_id})
     models = run.models if from_base else ModelCache(settings, run.device)
+    # One vLLM engine per worker: the after-evaluation's adapter is served on the base's.
+    models.engines = run.models.engines
     results = run_evaluation(
         prefixed(run.ctx, f"{which} evaluation"), models, evaluation_id=evaluation_id
     )
