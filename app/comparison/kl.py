@@ -13,8 +13,9 @@ distributions are gone; what is computed is the KL between the two distributions
 - Coarsening never increases KL (data-processing inequality), so with every base id found in
   the candidate's top-k the figure is a lower bound on the true per-token KL. A missing id's
   own term is understated by ``p · log(q_bound / q_true) ≥ 0``, unbounded when the candidate
-  gives it almost nothing, so ``missing_fraction`` (how much of the base's top-k mass fell
-  outside the candidate's top-k) says how far to trust the figure: near 0 it is a lower bound.
+  gives it almost nothing, so ``kl_missing_fraction`` (the base's probability mass per position
+  that fell outside the candidate's top-k) says how far to trust the figure: near 0 it is a
+  lower bound.
 - Identical stored values give exactly 0: every term is ``p · (log p − log p)``.
 """
 
@@ -91,8 +92,9 @@ def suite_kl(
             which = "before" if b_top is None else "after"
             return {
                 "kl_per_token": None,
-                "kl_note": f"the {which} run stored no top-k next tokens (an older evaluation, "
-                "or a backend without full distributions): KL to base omitted",
+                "kl_note": f"the {which} run stored no top-k next tokens (an evaluation from "
+                "before they were recorded, e.g. reused from the cache: rerun it with "
+                '"cache": false; or a backend without full distributions): KL to base omitted',
             }
         one = text_kl(b_top, a_top)
         if one is None:
