@@ -202,7 +202,8 @@ def _sweep_row(name: str, job: FinetuneJob) -> DemoRow | None:
     """The interpolated row from the job's sweep when the gate made it ship another α.
 
     The sweep evaluated α exactly as a checkpoint is evaluated (general accuracy, checklist,
-    NLL, held-out NLL, verdict); what it does not keep (accuracy per category, KL) stays empty.
+    NLL, KL to base, held-out NLL, verdict); what it does not keep (accuracy per category)
+    stays empty.
     """
     sweep = (job.metrics or {}).get("interpolation") or {}
     if sweep.get("chosen_alpha") == INTERPOLATION_ALPHA:
@@ -225,6 +226,7 @@ def _sweep_row(name: str, job: FinetuneJob) -> DemoRow | None:
         verdict=verdict.get("verdict"),
         reasons=list(verdict.get("reasons") or []),
         domain_nll=((figures.get("domain") or {}).get("after") or {}).get("nll_per_token"),
+        kl_per_token=general.get("kl_per_token"),
     )
 
 
