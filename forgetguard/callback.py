@@ -49,6 +49,12 @@ def builtin_suite(name: str) -> dict[str, Any]:
         raise ValueError(f"no built-in suite named {name!r}") from None
 
 
+def _tokenizer(processing_class: Any, hook_kwargs: Mapping[str, Any]) -> Any:
+    """The tokenizer a Trainer hook was given: ``processing_class``, or ``tokenizer`` (older
+    transformers)."""
+    return processing_class or hook_kwargs.get("tokenizer")
+
+
 class ForgetGuardCallback(TrainerCallback):
     """Evaluate during training, keep the forgetting curve, stop when the guard trips."""
 
@@ -162,6 +168,10 @@ class ForgetGuardCallback(TrainerCallback):
                 point["nll_per_token"] = result["nll_per_token"]
         return point
 
+    def _record_here(self, step: int, model: Any, tokenizer: Any, control: TrainerControl) -> None:
+        """Evaluate the model being trained in this process at ``step`` and record it."""
+        self._record(step, self._evaluate_here(model, tokenizer), control)
+
     def _record(self, step: int, results: Mapping[str, Any], control: TrainerControl) -> None:
         general = self._general(results)
         base = self.curve[0]["general"] if self.curve else general
@@ -198,8 +208,9 @@ class ForgetGuardCallback(TrainerCallback):
             self._base_eval = self._submit(str(self.base_model), None, "callback: base")
             self._record(state.global_step, self._base_eval.results or {}, control)
         else:
-            tokenizer = processing_class or kwargs.get("tokenizer")
-            self._record(state.global_step, self._evaluate_here(model, tokenizer), control)
+            self._record_here(
+                state.global_step, model, _tokenizer(processing_class, kwargs), control
+            )
 
     def on_step_end(
         self,
@@ -214,8 +225,9 @@ class ForgetGuardCallback(TrainerCallback):
         if self.client is not None or self.every_steps is None:
             return
         if state.global_step % self.every_steps == 0:
-            tokenizer = processing_class or kwargs.get("tokenizer")
-            self._record(state.global_step, self._evaluate_here(model, tokenizer), control)
+            self._record_here(
+                state.global_step, model, _tokenizer(processing_class, kwargs), control
+            )
 
     def on_save(
         self,
@@ -232,5 +244,4 @@ class ForgetGuardCallback(TrainerCallback):
             checkpoint = Path(str(args.output_dir)) / f"checkpoint-{step}"
             self._record(step, self._evaluate_on_server(checkpoint), control)
         elif self.every_steps is None:
-            tokenizer = processing_class or kwargs.get("tokenizer")
-            self._record(step, self._evaluate_here(model, tokenizer), control)
+            self._record_here(step, model, _tokenizer(processing_class, kwargs), control)

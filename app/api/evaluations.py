@@ -12,7 +12,7 @@ from app.core.schemas import EvaluationCreate, EvaluationPublic, ItemPublic, Pag
 from app.evaluations import service
 from app.jobs.status import FINISHED
 from app.web.deps import SessionDep, SettingsDep
-from app.web.idempotency import REPLAY_HEADER, IdempotencyDep
+from app.web.idempotency import IdempotencyDep, answer
 from app.web.response_cache import FinishedCache
 
 router = APIRouter(prefix="/evaluations", tags=["evaluations"])
@@ -45,11 +45,9 @@ def post_evaluation(
     evaluation_id, created = idem.create_once(
         session, lambda: service.create(session=session, settings=settings, body=body).id
     )
-    if not created:
-        response.headers[REPLAY_HEADER] = "true"
-    response.headers["Location"] = f"/evaluations/{evaluation_id}"
+    answer(response, created=created, location=f"/evaluations/{evaluation_id}")
     evaluation = service.public(service.get(session=session, evaluation_id=evaluation_id))
-    if not created or evaluation.cached_from is not None:
+    if evaluation.cached_from is not None:
         response.status_code = 200
     return evaluation
 

@@ -17,7 +17,7 @@ from app.finetune.schemas import (
     InterpolationSpec,
 )
 from app.web.deps import SessionDep, SettingsDep
-from app.web.idempotency import REPLAY_HEADER, IdempotencyDep
+from app.web.idempotency import IdempotencyDep, answer
 
 router = APIRouter(prefix="/finetune-jobs", tags=["finetune-jobs"])
 
@@ -34,10 +34,7 @@ def post_finetune_job(
     job_id, created = idem.create_once(
         session, lambda: service.create(session=session, settings=settings, body=body).id
     )
-    if not created:
-        response.status_code = 200
-        response.headers[REPLAY_HEADER] = "true"
-    response.headers["Location"] = f"/finetune-jobs/{job_id}"
+    answer(response, created=created, location=f"/finetune-jobs/{job_id}")
     return service.public(service.get(session=session, job_id=job_id))
 
 
@@ -94,10 +91,7 @@ def post_interpolation(
             service.interpolate(session=session, settings=settings, job_id=job_id, body=body).id
         ),
     )
-    if not created:
-        response.status_code = 200
-        response.headers[REPLAY_HEADER] = "true"
-    response.headers["Location"] = f"/finetune-jobs/{new_id}"
+    answer(response, created=created, location=f"/finetune-jobs/{new_id}")
     return service.public(service.get(session=session, job_id=new_id))
 
 

@@ -14,7 +14,7 @@ from app.core.tables import Suite
 from app.suites import versions
 from app.suites.kinds import SuiteDefinition
 from app.web.deps import SessionDep, SettingsDep
-from app.web.idempotency import REPLAY_HEADER, IdempotencyDep
+from app.web.idempotency import IdempotencyDep, answer
 
 router = APIRouter(prefix="/suites", tags=["suites"])
 
@@ -109,7 +109,5 @@ def _replay(session: Session, response: Response, suite_id: str) -> SuitePublic:
     row = session.get(Suite, int(suite_id))
     if row is None:
         raise Problem(404, "Suite not found", f"suite {suite_id} no longer exists")
-    response.status_code = 200
-    response.headers[REPLAY_HEADER] = "true"
-    response.headers["Location"] = f"/suites/{row.name}?version={row.version}"
+    answer(response, created=False, location=f"/suites/{row.name}?version={row.version}")
     return detail(row)

@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import base64
+from collections.abc import Callable
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Query
 from pydantic import AfterValidator
 from sqlalchemy import Select, and_, or_
+from sqlalchemy.orm import Session
 
 from app.core.errors import Problem
+from app.core.schemas import Page
 from app.core.storable import text_problem
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 # Query parameters shared by the newest-first listings.
 Limit = Annotated[int, Query(ge=1, le=500)]
@@ -64,3 +70,34 @@ def page(rows: list[Any], limit: int) -> tuple[list[Any], str | None]:
         rows = rows[:limit]
         return rows, encode_cursor(rows[-1].created_at, rows[-1].id)
     return rows, None
+
+
+def newest_page(
+    session: Session,
+    query: Select[Any],
+    model: Any,
+    cursor: str | None,
+    limit: int,
+    public: Callable[[Any], T],
+) -> Page[T]:
+    """One newest-first page of ``query``'s ``model`` rows, each as ``public(row)``."""
+    rows = list(session.execute(newest_first(query, model, cursor, limit)).scalars())
+    rows, next_cursor = page(rows, limit)
+    return Page(
+        data=[public(r) for r in rows], next_cursor=next_cursor, has_more=next_cursor is not None
+    )
+
+
+def ascending_after(
+    query: Select[Any], key: Any, cursor: str | None, limit: int, *then: Any
+) -> Select[Any]:
+    """Order by the integer ``key`` ascending (ties by ``then``), continue after ``cursor`` (the
+    last page's last ``key``), fetch one extra row; :func:`trim` then says whether there is more."""
+    if cursor:
+        query = query.where(key > int(cursor))
+    return query.order_by(key, *then).limit(limit + 1)
+
+
+def trim(rows: list[R], limit: int) -> tuple[list[R], bool]:
+    """Drop the extra row; whether there was one."""
+    return rows[:limit], len(rows) > limit

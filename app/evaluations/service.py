@@ -12,7 +12,7 @@ from app.core.config import Settings, normalise_endpoint
 from app.core.errors import Problem
 from app.core.fingerprint import fingerprint
 from app.core.modelcheck import resolve_model
-from app.core.pagination import newest_first, page
+from app.core.pagination import ascending_after, newest_page, trim
 from app.core.schemas import (
     EnginePublic,
     EvaluationCreate,
@@ -268,11 +268,7 @@ def list_page(
         query = query.where(Evaluation.status == status)
     if model_path:
         query = query.where(Evaluation.model_path == model_path)
-    rows = list(session.execute(newest_first(query, Evaluation, cursor, limit)).scalars())
-    rows, next_cursor = page(rows, limit)
-    return Page(
-        data=[public(r) for r in rows], next_cursor=next_cursor, has_more=next_cursor is not None
-    )
+    return newest_page(session, query, Evaluation, cursor, limit, public)
 
 
 def list_items(
@@ -306,11 +302,8 @@ def list_items(
         query = query.where(EvaluationItem.suite == suite)
     if category:
         query = query.where(EvaluationItem.category == category)
-    if cursor:
-        query = query.where(ordinal > int(cursor))
-    found = list(session.execute(query.order_by(ordinal, EvaluationItem.id).limit(limit + 1)))
-    has_more = len(found) > limit
-    found = found[:limit]
+    query = ascending_after(query, ordinal, cursor, limit, EvaluationItem.id)
+    found, has_more = trim(list(session.execute(query)), limit)
     rows = [item for item, _ in found]
     data = [
         ItemPublic(

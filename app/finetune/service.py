@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 from app.core.config import Settings
 from app.core.errors import Problem
 from app.core.modelcheck import resolve_model, weight_modules
-from app.core.pagination import newest_first, page
+from app.core.pagination import ascending_after, newest_page, trim
 from app.core.schemas import Page, Progress
 from app.core.tables import FinetuneCheckpoint, FinetuneEvent, FinetuneJob, new_id
 from app.evaluations import service as evaluations
@@ -250,11 +250,7 @@ def list_page(
     query = select(FinetuneJob)
     if status:
         query = query.where(FinetuneJob.status == status)
-    rows = list(session.execute(newest_first(query, FinetuneJob, cursor, limit)).scalars())
-    rows, next_cursor = page(rows, limit)
-    return Page(
-        data=[public(r) for r in rows], next_cursor=next_cursor, has_more=next_cursor is not None
-    )
+    return newest_page(session, query, FinetuneJob, cursor, limit, public)
 
 
 def list_events(
@@ -270,11 +266,8 @@ def list_events(
     query = select(FinetuneEvent).where(FinetuneEvent.job_id == job_id)
     if level:
         query = query.where(FinetuneEvent.level == level)
-    if cursor:
-        query = query.where(FinetuneEvent.id > int(cursor))
-    rows = list(session.execute(query.order_by(FinetuneEvent.id).limit(limit + 1)).scalars())
-    has_more = len(rows) > limit
-    rows = rows[:limit]
+    query = ascending_after(query, FinetuneEvent.id, cursor, limit)
+    rows, has_more = trim(list(session.execute(query).scalars()), limit)
     data = [
         FinetuneEventPublic(
             id=str(r.id), created_at=r.created_at, level=r.level, message=r.message, data=r.data

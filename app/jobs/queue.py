@@ -243,14 +243,7 @@ def guarded_write(
 def set_job(session: Session, job: ClaimedJob, **values: Any) -> None:
     """Inside :func:`guarded_write`: set fields of the held job that depend on what was read."""
     _no_status(values)
-    model = JOB_MODELS[job.kind]
-    result = session.execute(
-        update(model)
-        .where(_held(model, job))
-        .values(**values)
-        .execution_options(synchronize_session=False)
-    )
-    if result.rowcount != 1:  # type: ignore[attr-defined]
+    if not _update_held(session, job, **values):
         raise LeaseLost(f"{job.kind} {job.id} is no longer held by {job.worker_id}")
 
 
@@ -284,7 +277,8 @@ def _close_claim(session: Session, job: ClaimedJob, *, held: bool) -> None:
     )
 
 
-def _guarded_update(session: Session, job: ClaimedJob, **values: Any) -> bool:
+def _update_held(session: Session, job: ClaimedJob, **values: Any) -> bool:
+    """Set ``values`` on the job row only while this worker still holds it; whether it did."""
     model = JOB_MODELS[job.kind]
     result = session.execute(
         update(model)
@@ -292,7 +286,11 @@ def _guarded_update(session: Session, job: ClaimedJob, **values: Any) -> bool:
         .values(**values)
         .execution_options(synchronize_session=False)
     )
-    held = bool(result.rowcount == 1)  # type: ignore[attr-defined]
+    return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+
+def _guarded_update(session: Session, job: ClaimedJob, **values: Any) -> bool:
+    held = _update_held(session, job, **values)
     _close_claim(session, job, held=held)
     return held
 

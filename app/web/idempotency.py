@@ -10,15 +10,13 @@ Use in a route (the resource and its key are committed in one transaction)::
                    response: Response) -> ThingPublic:
         thing_id, created = idem.create_once(
             session, lambda: service.create(session=session, body=body).id)
-        if not created:                      # a replay: the original resource, 200
-            response.status_code = 200
-            response.headers[REPLAY_HEADER] = "true"
-        response.headers["Location"] = f"/things/{thing_id}"
+        answer(response, created=created, location=f"/things/{thing_id}")
         return service.public(service.get(session=session, thing_id=thing_id))
 
 ``create`` only adds rows to the session (it must not commit) and returns the new resource's
 id; ``create_once`` commits, and may call it again after rolling back when SQLite refused a
 write because another connection committed first. Without a header it simply creates.
+``answer`` sets the Location header and, for a replay, 200 with ``Idempotent-Replayed: true``.
 Lower level: ``find(session, key=, path=, body_hash=)`` and ``remember(...)``.
 """
 
@@ -30,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Header, Request, Response
 from pydantic import BaseModel
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, OperationalError
@@ -43,6 +41,15 @@ HEADER = "Idempotency-Key"
 MAX_KEY_LENGTH = 255
 CREATE_ATTEMPTS = 3
 REPLAY_HEADER = "Idempotent-Replayed"
+
+
+def answer(response: Response, *, created: bool, location: str) -> None:
+    """Headers of a POST answered through ``create_once``: ``Location``, and for a replay (not
+    ``created``: the original resource) status 200 with the replay header."""
+    if not created:
+        response.status_code = 200
+        response.headers[REPLAY_HEADER] = "true"
+    response.headers["Location"] = location
 
 
 def body_hash(body: bytes | str | BaseModel | Any) -> str:

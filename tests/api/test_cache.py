@@ -9,11 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import insert, update
+from sqlalchemy import update
 
-from app.core.tables import Evaluation, EvaluationItem, utcnow
+from app.core.tables import Evaluation
 from app.evaluations.cache import effective_prompt_format, has_chat_template
 from tests.conftest import start_worker
+from tests.stored import qa_row, store_finished
 
 SUITE = {
     "name": "cache-qa",
@@ -47,33 +48,25 @@ def post(client: Any, model: Path, **extra: Any) -> dict[str, Any]:
 def succeed(client: Any, evaluation_id: str, status: str = "succeeded") -> None:
     """What a worker leaves behind: item rows, results, status."""
     rows = [
-        {
-            "evaluation_id": evaluation_id,
-            "suite": "cache-qa",
-            "item_id": item["id"],
-            "position": n,
-            "prompt": item["question"],
-            "response": "Paris" if n == 0 else "Milan",
-            "passed": n == 0,
-            "score": float(n == 0),
-            "category": "general",
-            "severity": None,
-            "details": {"question": item["question"], "answers": item["answers"]},
-        }
+        qa_row(
+            evaluation_id,
+            "cache-qa",
+            n,
+            item,
+            response="Paris" if n == 0 else "Milan",
+            passed=n == 0,
+            category="general",
+        )
         for n, item in enumerate(SUITE["items"])
     ]
-    with client.app.state.sessionmaker() as session, session.begin():
-        session.execute(insert(EvaluationItem), rows)
-        session.execute(
-            update(Evaluation)
-            .where(Evaluation.id == evaluation_id)
-            .values(
-                status=status,
-                results=RESULTS,
-                finished_at=utcnow(),
-                progress={"done": 2, "total": 2, "stage": "done"},
-            )
-        )
+    store_finished(
+        client,
+        evaluation_id,
+        rows,
+        status=status,
+        results=RESULTS,
+        progress={"done": 2, "total": 2, "stage": "done"},
+    )
 
 
 def test_a_repeated_evaluation_is_answered_from_the_cache(

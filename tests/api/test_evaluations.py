@@ -4,16 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tests.samples import CAPITAL_QUESTION
+
 QA_SUITE = {
     "name": "tiny-qa",
     "kind": "qa",
     "items": [
-        {
-            "id": "q1",
-            "question": "What is the capital of France?",
-            "answers": ["Paris"],
-            "category": "geo",
-        },
+        CAPITAL_QUESTION,
         {
             "id": "q2",
             "question": "Who wrote Hamlet?",

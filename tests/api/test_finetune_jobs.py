@@ -8,6 +8,7 @@ from typing import Any
 
 from app.core.database import make_engine, session_factory
 from app.core.tables import Evaluation, FinetuneEvent
+from tests.samples import CAPITAL_QUESTION
 
 EXAMPLES = [
     {"prompt": "What is aspirin?", "completion": "Aspirin is an NSAID used for pain and fever."},
@@ -23,12 +24,7 @@ QA_SUITE = {
     "name": "tiny-qa",
     "kind": "qa",
     "items": [
-        {
-            "id": "q1",
-            "question": "What is the capital of France?",
-            "answers": ["Paris"],
-            "category": "geo",
-        },
+        CAPITAL_QUESTION,
     ],
 }
 

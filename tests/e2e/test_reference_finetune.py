@@ -196,7 +196,9 @@ def _compare_page_shows_the_collapse(client: Any, job: dict[str, Any]) -> None:
         assert after.split() == (forgotten[0]["response_after"] or "").split()
 
 
-def _finished(client: Any, job_id: str, log: Path) -> dict[str, Any]:
+def finished_job(client: Any, job_id: str, log: Path) -> dict[str, Any]:
+    """Wait (up to 30 min) for the fine-tune job; its API view, asserted succeeded."""
+
     def done() -> dict[str, Any] | None:
         job = client.get(f"/finetune-jobs/{job_id}").json()
         return job if job["status"] in ("succeeded", "failed", "cancelled") else None
@@ -230,7 +232,7 @@ def test_full_fine_tune_at_lr_1e3_forgets_and_lora_safe_does_not(
     )
     lora_id = _submit(client, reference_model_dir, method="lora", preset="safe")
 
-    full = _finished(client, full_id, log)
+    full = finished_job(client, full_id, log)
     comparison = full["comparison"]
     assert comparison["catastrophic_forgetting_detected"] is True
     assert comparison["verdict"] == "fail"
@@ -239,7 +241,7 @@ def test_full_fine_tune_at_lr_1e3_forgets_and_lora_safe_does_not(
     assert any("rule of thumb for full fine-tuning" in w for w in full["warnings"])
     _compare_page_shows_the_collapse(client, full)
 
-    lora = _finished(client, lora_id, log)
+    lora = finished_job(client, lora_id, log)
     assert lora["comparison"]["verdict"] == "pass", lora["comparison"]["reasons"]
     assert lora["comparison"]["catastrophic_forgetting_detected"] is False
     assert lora["trainable_parameters"]["fraction"] < 0.05

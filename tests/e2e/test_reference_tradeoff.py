@@ -9,13 +9,13 @@ Sized for a CPU shared with other work: 16 optimizer steps, 10 general questions
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import REPO, wait_for
+from tests.conftest import REPO
 from tests.e2e.test_reference_finetune import (  # noqa: F401 (fixtures)
+    finished_job,
     general_qa_subset,
     passive_threads,
     reference_settings,
@@ -28,16 +28,6 @@ GENERAL_QUESTIONS = 10
 def drug_qa(n: int) -> list[dict[str, Any]]:
     lines = (REPO / "app/datasets/drug-qa.jsonl").read_text(encoding="utf-8").splitlines()
     return [json.loads(line) for line in lines if line.strip()][:n]
-
-
-def _finished(client: Any, job_id: str, log: Path) -> dict[str, Any]:
-    def done() -> dict[str, Any] | None:
-        job = client.get(f"/finetune-jobs/{job_id}").json()
-        return job if job["status"] in ("succeeded", "failed", "cancelled") else None
-
-    job = wait_for(done, 1800, 2.0, f"fine-tune job {job_id}")
-    assert job["status"] == "succeeded", (job["error"], log.read_text()[-4000:])
-    return dict(job)
 
 
 @pytest.mark.reference
@@ -74,7 +64,7 @@ def test_lr_1e3_learns_but_forgets_and_keep_best_ships_a_passing_checkpoint(
     }
     response = client.post("/finetune-jobs", json=body)
     assert response.status_code == 202, response.text
-    job = _finished(client, response.json()["id"], tmp_path / "worker.log")
+    job = finished_job(client, response.json()["id"], tmp_path / "worker.log")
     checkpoints = client.get(f"/finetune-jobs/{job['id']}/checkpoints").json()
     for c in checkpoints:
         print(
@@ -116,7 +106,7 @@ def test_lr_1e3_learns_but_forgets_and_keep_best_ships_a_passing_checkpoint(
         f"/finetune-jobs/{job['id']}/interpolations", json={"alphas": [0.1, 0.25, 0.5]}
     )
     assert reply.status_code == 202, reply.text
-    sweep_job = _finished(client, reply.json()["id"], tmp_path / "worker.log")
+    sweep_job = finished_job(client, reply.json()["id"], tmp_path / "worker.log")
     sweep = sweep_job["metrics"]["interpolation"]
     for r in sweep["results"]:
         print(

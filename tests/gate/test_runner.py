@@ -13,11 +13,12 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import func, select
 
-from app.core.tables import Evaluation, EvaluationItem, utcnow
+from app.core.tables import Evaluation
 from app.gate.runner import GateOptions, compare_params, idempotency_key, run_gate
 from tests.conftest import REPO, free_port
+from tests.stored import qa_row, store_finished
 
 pytestmark = pytest.mark.one_db
 
@@ -72,27 +73,26 @@ def finish(
     failing_checks: set[str] = frozenset(),
     status: str = "succeeded",  # type: ignore[assignment]
     error: str | None = None,
+    checks: bool = True,
 ) -> None:
-    """Store what a worker would: items of both suites, then the final status."""
+    """Store what a worker would: items of the QA suite (and the checklist unless not
+    ``checks``), then the final status."""
     rows = []
     for n, item in enumerate(QA["items"]):
         ok = item["id"] not in wrong
+        response = item["answers"][0] if ok else "drug drug"
         rows.append(
-            {
-                "evaluation_id": evaluation_id,
-                "suite": "gate-qa",
-                "item_id": item["id"],
-                "position": n,
-                "prompt": item["question"],
-                "response": item["answers"][0] if ok else "drug drug",
-                "passed": ok,
-                "score": float(ok),
-                "category": item["category"],
-                "severity": None,
-                "details": {"question": item["question"], "answers": item["answers"]},
-            }
+            qa_row(
+                evaluation_id,
+                "gate-qa",
+                n,
+                item,
+                response=response,
+                passed=ok,
+                category=item["category"],
+            )
         )
-    for n, item in enumerate(CHECKS["items"]):
+    for n, item in enumerate(CHECKS["items"] if checks else []):
         ok = item["id"] not in failing_checks
         rows.append(
             {
@@ -109,13 +109,7 @@ def finish(
                 "details": {"test": item["test"]},
             }
         )
-    with client.app.state.sessionmaker() as session, session.begin():
-        session.execute(insert(EvaluationItem), rows)
-        session.execute(
-            update(Evaluation)
-            .where(Evaluation.id == evaluation_id)
-            .values(status=status, error=error, results={}, finished_at=utcnow())
-        )
+    store_finished(client, evaluation_id, rows, status=status, error=error, results={})
 
 
 def gate(client: Any, tmp_path: Path, **options: Any) -> tuple[int, str, str]:
@@ -290,7 +284,7 @@ def test_submission_waits_times_out_and_a_retry_queues_nothing_new(
         assert session.execute(select(func.count()).select_from(Evaluation)).scalar_one() == 2
     # Once a worker has finished both, the retried step passes on the same evaluations.
     for evaluation_id in ids:
-        _finish_qa_only(client, evaluation_id)
+        finish(client, evaluation_id, checks=False)
     code, _, err = gate(client, tmp_path, **options)
     assert code == 0, err
 
@@ -301,32 +295,6 @@ def _suite_file(tmp_path: Path) -> Path:
     path = tmp_path / "suite.json"
     path.write_text(json.dumps(QA))
     return path
-
-
-def _finish_qa_only(client: Any, evaluation_id: str) -> None:
-    rows = [
-        {
-            "evaluation_id": evaluation_id,
-            "suite": "gate-qa",
-            "item_id": item["id"],
-            "position": n,
-            "prompt": item["question"],
-            "response": item["answers"][0],
-            "passed": True,
-            "score": 1.0,
-            "category": item["category"],
-            "severity": None,
-            "details": {"question": item["question"], "answers": item["answers"]},
-        }
-        for n, item in enumerate(QA["items"])
-    ]
-    with client.app.state.sessionmaker() as session, session.begin():
-        session.execute(insert(EvaluationItem), rows)
-        session.execute(
-            update(Evaluation)
-            .where(Evaluation.id == evaluation_id)
-            .values(status="succeeded", results={}, finished_at=utcnow())
-        )
 
 
 def test_usage_errors_exit_2(client: Any, tmp_path: Path) -> None:

@@ -4,7 +4,6 @@ rows per evaluated step, served by the API, not redone after a SIGKILL, the ship
 from __future__ import annotations
 
 import signal
-from typing import Any
 
 import pytest
 from sqlalchemy import select
@@ -12,48 +11,34 @@ from sqlalchemy import select
 from app.core.database import session_factory
 from app.core.tables import FinetuneCheckpoint
 from tests.conftest import start_worker, wait_for
+from tests.workers.finetune.jobs import STARTUP, events, plain_body, post_job, succeeded
 from tests.workers.finetune.test_domain import DOMAIN_QA, GENERAL_QA, RECORDS
-from tests.workers.finetune.test_job import (  # noqa: F401 (fixtures)
-    STARTUP,
-    engine,
-    events,
-    job,
-    procs,
-)
 
 pytestmark = [pytest.mark.slow, pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)]
-
-
-@pytest.fixture
-def fast_lease(settings):  # type: ignore[no-untyped-def]
-    return type(settings)(**{**settings.model_dump(), "lease_seconds": 5, "heartbeat_seconds": 1})
 
 
 def test_checkpoint_evaluations_survive_a_killed_worker_and_the_guard_ships_a_step(
     client,
     fast_lease,
-    engine,  # noqa: F811
+    engine,
     tiny_model_dir,
-    procs,  # noqa: F811
+    procs,
     tmp_path,
 ) -> None:  # type: ignore[no-untyped-def]
-    body: dict[str, Any] = {
-        "base_model": {"path": str(tiny_model_dir)},
-        "dataset": {"examples": RECORDS, "prompt_format": "plain"},
-        "method": "full",
-        "preset": "risky",
-        "hyperparameters": {"learning_rate": 1e-3, "max_steps": 12},
-        "evaluation": {
+    body = plain_body(
+        tiny_model_dir,
+        RECORDS,
+        method="full",
+        hyperparameters={"learning_rate": 1e-3, "max_steps": 12},
+        evaluation={
             "suites": [GENERAL_QA, "forgetting-checklist"],
             "generation": {"max_new_tokens": 4},
             "domain": {"holdout": 0.3, "suites": [DOMAIN_QA]},
             "every_steps": 4,
         },
-        "guard": {"max_drop": 0.0, "action": "keep_best"},
-    }
-    response = client.post("/finetune-jobs", json=body)
-    assert response.status_code == 202, response.text
-    job_id = response.json()["id"]
+        guard={"max_drop": 0.0, "action": "keep_best"},
+    )
+    job_id = post_job(client, body)
     assert client.get(f"/finetune-jobs/{job_id}/checkpoints").json() == []
 
     def rows() -> list[FinetuneCheckpoint]:
@@ -73,12 +58,7 @@ def test_checkpoint_evaluations_survive_a_killed_worker_and_the_guard_ships_a_st
     done_before_kill = [r.step for r in rows()]
 
     procs.append(start_worker(fast_lease, log=tmp_path / "worker-b.log"))
-    wait_for(
-        lambda: job(engine, job_id).status in ("succeeded", "failed"), STARTUP + 300, 1.0, "the job"
-    )
-    data = client.get(f"/finetune-jobs/{job_id}").json()
-    log = (tmp_path / "worker-b.log").read_text()[-3000:]
-    assert data["status"] == "succeeded", (data["error"], log)
+    data = succeeded(client, engine, job_id, tmp_path / "worker-b.log", STARTUP + 300)
     assert data["attempts"] == 2
 
     checkpoints = client.get(f"/finetune-jobs/{job_id}/checkpoints").json()

@@ -2,18 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 import torch
 
-from tests.conftest import start_worker, wait_for
-from tests.workers.finetune.test_job import (  # noqa: F401 (fixtures)
-    STARTUP,
-    engine,
-    job,
-    procs,
-)
+from tests.conftest import start_worker
+from tests.workers.finetune.jobs import plain_body, post_job, succeeded
 from workers.engine.loading import load_model, load_tokenizer
 from workers.finetune.data import collate, encode_records, pad_id, read_records
 from workers.finetune.domain import completion_nll
@@ -72,35 +65,25 @@ def test_completion_nll_is_the_training_loss_per_record(tiny_model_dir) -> None:
 def test_a_job_reports_what_it_learned_on_records_it_never_trained_on(
     client,
     settings,
-    engine,  # noqa: F811
+    engine,
     tiny_model_dir,
-    procs,  # noqa: F811
+    procs,
     tmp_path,
 ) -> None:  # type: ignore[no-untyped-def]
-    body: dict[str, Any] = {
-        "base_model": {"path": str(tiny_model_dir)},
-        "dataset": {"examples": RECORDS, "prompt_format": "plain"},
-        "method": "full",
-        "preset": "risky",
-        "hyperparameters": {"learning_rate": 1e-3, "max_steps": 8},
-        "evaluation": {
+    body = plain_body(
+        tiny_model_dir,
+        RECORDS,
+        method="full",
+        hyperparameters={"learning_rate": 1e-3, "max_steps": 8},
+        evaluation={
             "suites": [GENERAL_QA],
             "generation": {"max_new_tokens": 4},
             "domain": {"holdout": 0.3, "seed": 3, "suites": [DOMAIN_QA]},
         },
-    }
-    response = client.post("/finetune-jobs", json=body)
-    assert response.status_code == 202, response.text
-    job_id = response.json()["id"]
+    )
+    job_id = post_job(client, body)
     procs.append(start_worker(settings, log=tmp_path / "worker.log"))
-    wait_for(
-        lambda: job(engine, job_id).status in ("succeeded", "failed"), STARTUP + 240, 1.0, "the job"
-    )
-    data = client.get(f"/finetune-jobs/{job_id}").json()
-    assert data["status"] == "succeeded", (
-        data["error"],
-        (tmp_path / "worker.log").read_text()[-3000:],
-    )
+    data = succeeded(client, engine, job_id, tmp_path / "worker.log")
     assert data["metrics"]["examples"]["held_out"] == 3
     assert data["metrics"]["examples"]["domain"] == 7
     job_dir = settings.artifacts_dir / job_id

@@ -10,14 +10,9 @@ from typing import Any
 import pytest
 import torch
 
-from tests.conftest import start_worker, wait_for
+from tests.conftest import start_worker
+from tests.workers.finetune.jobs import plain_body, post_job, succeeded
 from tests.workers.finetune.test_domain import GENERAL_QA, RECORDS
-from tests.workers.finetune.test_job import (  # noqa: F401 (fixtures)
-    STARTUP,
-    engine,
-    job,
-    procs,
-)
 from workers.engine.loading import load_model
 from workers.finetune.stages.interpolation import _Weights, choose
 
@@ -67,40 +62,31 @@ def test_full_weights_are_the_straight_line_between_base_and_tuned(
 def test_a_lora_sweep_exports_the_chosen_alpha_and_can_be_rerun_after_the_fact(
     client,
     settings,
-    engine,  # noqa: F811
+    engine,
     tiny_model_dir,
-    procs,  # noqa: F811
+    procs,
     tmp_path,
 ) -> None:  # type: ignore[no-untyped-def]
     from safetensors.torch import load_file
 
-    body: dict[str, Any] = {
-        "base_model": {"path": str(tiny_model_dir)},
-        "dataset": {"examples": RECORDS, "prompt_format": "plain"},
-        "method": "lora",
-        "preset": "risky",
-        "hyperparameters": {"learning_rate": 1e-2, "max_steps": 6},
-        "evaluation": {
+    body = plain_body(
+        tiny_model_dir,
+        RECORDS,
+        method="lora",
+        hyperparameters={"learning_rate": 1e-2, "max_steps": 6},
+        evaluation={
             "suites": [GENERAL_QA],
             "generation": {"max_new_tokens": 4},
             "threshold": 1.0,  # every α passes: the largest one is chosen
             "domain": {"holdout": 0.3},
         },
-        "interpolation": {"alphas": [1.0, 0.5]},
-    }
-    response = client.post("/finetune-jobs", json=body)
-    assert response.status_code == 202, response.text
-    job_id = response.json()["id"]
+        interpolation={"alphas": [1.0, 0.5]},
+    )
+    job_id = post_job(client, body)
     procs.append(start_worker(settings, log=tmp_path / "worker.log"))
 
     def finished(jid: str) -> dict[str, Any]:
-        wait_for(
-            lambda: job(engine, jid).status in ("succeeded", "failed"), STARTUP + 240, 1.0, jid
-        )
-        data = client.get(f"/finetune-jobs/{jid}").json()
-        log = (tmp_path / "worker.log").read_text()[-3000:]
-        assert data["status"] == "succeeded", (data["error"], log)
-        return dict(data)
+        return succeeded(client, engine, jid, tmp_path / "worker.log")
 
     data = finished(job_id)
     sweep = data["metrics"]["interpolation"]

@@ -4,49 +4,27 @@ within one step, SIGKILL then resume from a checkpoint, SIGTERM checkpoints and 
 from __future__ import annotations
 
 import signal
-import subprocess
 import time
-from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine
 
-from app.core.config import Settings
-from app.core.database import make_engine, session_factory
-from app.core.tables import Evaluation, FinetuneEvent, FinetuneJob
+from app.core.database import session_factory
+from app.core.tables import Evaluation
 from tests.conftest import start_worker, wait_for
+from tests.samples import CAPITAL_QUESTION, MEDICINE_RECORDS
+from tests.workers.finetune.jobs import STARTUP, events, job, post_job, succeeded
 
 pytestmark = [pytest.mark.slow, pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)]
 
-STARTUP = 180.0  # a worker imports torch: seconds, more on a busy machine
-RECORDS = [
-    {"prompt": "What is aspirin?", "completion": "Aspirin is an NSAID used for pain and fever."},
-    {
-        "prompt": "What is ibuprofen?",
-        "completion": "Ibuprofen is an NSAID for pain and inflammation.",
-    },
-    {
-        "prompt": "What is metformin?",
-        "completion": "Metformin lowers blood sugar in type 2 diabetes.",
-    },
-    {
-        "prompt": "What is warfarin?",
-        "completion": "Warfarin is an anticoagulant that thins the blood.",
-    },
-]
 QA = {
     "name": "tiny-general",
     "kind": "qa",
     "items": [
-        {
-            "id": "q1",
-            "question": "What is the capital of France?",
-            "answers": ["Paris"],
-            "category": "geo",
-        },
+        CAPITAL_QUESTION,
         {
             "id": "q2",
             "question": "How many legs does a spider have?",
@@ -57,52 +35,16 @@ QA = {
 }
 
 
-@pytest.fixture
-def fast_lease(settings: Settings) -> Settings:
-    """Short leases, so a killed worker's job is claimed again within seconds."""
-    return type(settings)(**{**settings.model_dump(), "lease_seconds": 5, "heartbeat_seconds": 1})
-
-
-@pytest.fixture
-def engine(settings: Settings) -> Iterator[Engine]:
-    engine = make_engine(settings.database_url)
-    yield engine
-    engine.dispose()
-
-
-@pytest.fixture
-def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
-    started: list[subprocess.Popen[bytes]] = []
-    yield started
-    for proc in started:  # only the workers this test started
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=30)
-
-
 def submit(client: Any, model: Path, *, evaluation: bool = False, **hp: Any) -> str:
     body: dict[str, Any] = {
         "base_model": {"path": str(model)},
-        "dataset": {"examples": RECORDS},
+        "dataset": {"examples": MEDICINE_RECORDS},
         "method": "lora",
         "preset": "risky",
         "hyperparameters": {"learning_rate": 2e-4, **hp},
         "evaluation": {"suites": [QA], "generation": {"max_new_tokens": 4}} if evaluation else None,
     }
-    response = client.post("/finetune-jobs", json=body)
-    assert response.status_code == 202, response.text
-    return str(response.json()["id"])
-
-
-def events(engine: Engine, job_id: str) -> list[FinetuneEvent]:
-    with session_factory(engine)() as session:
-        return list(
-            session.execute(
-                select(FinetuneEvent)
-                .where(FinetuneEvent.job_id == job_id)
-                .order_by(FinetuneEvent.id)
-            ).scalars()
-        )
+    return post_job(client, body)
 
 
 def steps(engine: Engine, job_id: str) -> list[int]:
@@ -111,13 +53,6 @@ def steps(engine: Engine, job_id: str) -> list[int]:
         for e in events(engine, job_id)
         if e.message.startswith("step ") and e.data and "loss" in e.data
     ]
-
-
-def job(engine: Engine, job_id: str) -> FinetuneJob:
-    with session_factory(engine)() as session:
-        row = session.get(FinetuneJob, job_id)
-        assert row is not None
-        return row
 
 
 def checkpoint_step(engine: Engine, job_id: str) -> int:
@@ -138,14 +73,7 @@ def test_a_job_runs_end_to_end_on_a_worker(
 
     job_id = submit(client, tiny_model_dir, evaluation=True, max_steps=6)
     procs.append(start_worker(settings, log=tmp_path / "worker.log"))
-    wait_for(
-        lambda: job(engine, job_id).status in ("succeeded", "failed"), STARTUP + 240, 1.0, "the job"
-    )
-    data = client.get(f"/finetune-jobs/{job_id}").json()
-    assert data["status"] == "succeeded", (
-        data["error"],
-        (tmp_path / "worker.log").read_text()[-3000:],
-    )
+    data = succeeded(client, engine, job_id, tmp_path / "worker.log")
     assert data["trainable_parameters"]["fraction"] < 0.05
     assert data["metrics"]["global_step"] == data["metrics"]["total_steps"] == 6
     assert data["metrics"]["base_weights"]["unchanged"] is True

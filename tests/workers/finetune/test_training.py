@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from app.finetune.schemas import FinetuneJobCreate, Hyperparameters, resolve_hyperparameters
+from tests.samples import MEDICINE_RECORDS
 from workers.context import Interrupted
 from workers.engine.loading import load_model, load_tokenizer
 from workers.finetune.artifacts import base_checksum, parameter_counts, save_output
@@ -25,19 +26,7 @@ from workers.finetune.training import (
 
 CPU = torch.device("cpu")
 RECORDS = [
-    {"prompt": "What is aspirin?", "completion": "Aspirin is an NSAID used for pain and fever."},
-    {
-        "prompt": "What is ibuprofen?",
-        "completion": "Ibuprofen is an NSAID for pain and inflammation.",
-    },
-    {
-        "prompt": "What is metformin?",
-        "completion": "Metformin lowers blood sugar in type 2 diabetes.",
-    },
-    {
-        "prompt": "What is warfarin?",
-        "completion": "Warfarin is an anticoagulant that thins the blood.",
-    },
+    *MEDICINE_RECORDS,
     {"prompt": "What is insulin?", "completion": "Insulin is a hormone that lowers blood glucose."},
 ]
 
