@@ -500,6 +500,13 @@ def gate(
         float | None,
         typer.Option(help="Also fail when NLL/token on a perplexity suite rises more (0.1 = 10%)."),
     ] = None,
+    max_kl: Annotated[
+        float | None,
+        typer.Option(
+            help="Also fail when mean KL(base ‖ candidate) per token on a perplexity suite "
+            "exceeds this (nats)."
+        ),
+    ] = None,
     mode: Annotated[
         GateMode,
         typer.Option(
@@ -568,6 +575,7 @@ def gate(
         threshold=threshold,
         max_category_drop=max_category_drop,
         max_nll_increase=max_nll_increase,
+        max_kl=max_kl,
         mode=mode.value,
         alpha=alpha,
         category_rule=category_rule.value,

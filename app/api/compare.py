@@ -41,6 +41,7 @@ async def compare(
     threshold: Annotated[float, Query(ge=0.0, le=1.0)] = 0.10,
     max_category_drop: Annotated[float | None, Query(ge=0.0, le=1.0)] = None,
     max_nll_increase: Annotated[float | None, Query(ge=0.0, le=100.0)] = None,
+    max_kl: Annotated[float | None, Query(ge=0.0, le=100.0)] = None,
     mode: Literal["threshold", "noninferiority"] = "threshold",
     alpha: Annotated[float, Query(gt=0.0, lt=0.5)] = 0.05,
     category_rule: Literal["point", "significant"] = "point",
@@ -51,7 +52,8 @@ async def compare(
     """The lesson's ``compare_forgetting`` keys, then checklist, flips, statistics, drift, verdict.
 
     ``mode=noninferiority`` fails unless the upper bound of the (1 - ``alpha``) CI of the drop
-    is below ``threshold``; ``max_category_drop`` and ``max_nll_increase`` add stricter rules;
+    is below ``threshold``; ``max_category_drop``, ``max_nll_increase`` and ``max_kl`` (mean
+    KL(base ‖ candidate) in nats per token on perplexity suites) add stricter rules;
     ``category_rule=significant`` fails a category only when its Holm-adjusted p is below
     ``alpha``. ``suites=a,b`` compares only those suites (both runs must have them);
     ``noise_floor=ID`` reports the churn between the base and ID, a rerun of it.
@@ -62,6 +64,7 @@ async def compare(
         threshold=threshold,
         max_category_drop=max_category_drop,
         max_nll_increase=max_nll_increase,
+        max_kl=max_kl,
         mode=mode,
         alpha=alpha,
         category_rule=category_rule,

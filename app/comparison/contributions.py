@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from app.comparison import statistics as stats
+from app.comparison.kl import suite_kl
 from app.suites.aggregates import ItemRow, aggregate_qa
 
 SEVERITY_ORDER = {"critical": 0, "high": 1, "medium": 2, "low": 3}
@@ -27,6 +28,8 @@ class CompareOptions:
     threshold: float = 0.10
     max_category_drop: float | None = None
     max_nll_increase: float | None = None
+    # Fail when mean KL(base ‖ candidate) per token on a perplexity suite exceeds this (nats).
+    max_kl: float | None = None
     mode: Literal["threshold", "noninferiority"] = "threshold"
     alpha: float = 0.05
     seed: int = 0
@@ -251,9 +254,23 @@ def _drift(pairs: list[tuple[Row, Row]]) -> dict[str, Any] | None:
             "tokens_before": tokens_b,
             "tokens_after": tokens_a,
             "largest_increases": per_text,
+            **suite_kl([(b.details, a.details) for b, a in sub]),
         }
     worst = max(suites.values(), key=lambda s: s["relative_change"])
-    return {"suites": suites, "relative_change": worst["relative_change"]}
+    kls = [s["kl_per_token"] for s in suites.values() if s["kl_per_token"] is not None]
+    notes = [f"{n}: {s['kl_note']}" for n, s in suites.items() if "kl_note" in s]
+    return {
+        "suites": suites,
+        "relative_change": worst["relative_change"],
+        # The worst suite's NLL rise and KL to base: both label-free drift signals.
+        "nll": {
+            "before": worst["nll_per_token_before"],
+            "after": worst["nll_per_token_after"],
+            "relative_change": worst["relative_change"],
+        },
+        "kl_per_token": max(kls) if kls else None,
+        **({"kl_note": "; ".join(notes)} if notes else {}),
+    }
 
 
 def _multiple_choice(pairs: list[tuple[Row, Row]]) -> dict[str, Any] | None:
@@ -407,7 +424,7 @@ def compare_multiple_choice(pairs: Pairs, options: CompareOptions) -> Contributi
 
 
 def compare_perplexity(pairs: Pairs, options: CompareOptions) -> Contribution:
-    """NLL-per-token drift per suite; fails past ``max_nll_increase``."""
+    """NLL-per-token drift and KL to base per suite; fails past ``max_nll_increase``/``max_kl``."""
     drift = _drift(list(pairs))
     found = []
     if options.max_nll_increase is not None and drift is not None:
@@ -421,6 +438,28 @@ def compare_perplexity(pairs: Pairs, options: CompareOptions) -> Contribution:
                         f"({suite['nll_per_token_before']:.3f} → "
                         f"{suite['nll_per_token_after']:.3f}), more than "
                         f"{options.max_nll_increase:.0%}",
+                        gates=True,
+                    )
+                )
+    if options.max_kl is not None and drift is not None:
+        for name, suite in drift["suites"].items():
+            if suite["kl_per_token"] is None:
+                found.append(
+                    finding(
+                        "drift",
+                        name,
+                        f"max_kl is set but KL to base on {name!r} is unavailable "
+                        f"({suite['kl_note']}); reported, does not fail the gate",
+                        gates=False,
+                    )
+                )
+            elif suite["kl_per_token"] > options.max_kl:
+                found.append(
+                    finding(
+                        "drift",
+                        name,
+                        f"KL(base ‖ candidate) on {name!r} is {suite['kl_per_token']:.4f} "
+                        f"nats/token, more than max_kl {options.max_kl}",
                         gates=True,
                     )
                 )

@@ -476,6 +476,8 @@ class FinetuneEvaluationSpec(_Request):
     threshold: Annotated[float, Field(ge=0.0, le=1.0)] = 0.10
     max_category_drop: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
     max_nll_increase: Annotated[float, Field(ge=0.0, le=100.0)] | None = None
+    # Mean KL(base ‖ candidate) per token on perplexity suites, nats.
+    max_kl: Annotated[float, Field(ge=0.0, le=100.0)] | None = None
     mode: Literal["threshold", "noninferiority"] = "threshold"
     # Reuse a finished evaluation of the same base model, suites and settings as "before".
     cache: bool = True

@@ -77,6 +77,7 @@ class GateOptions:
     threshold: float = 0.10
     max_category_drop: float | None = None
     max_nll_increase: float | None = None
+    max_kl: float | None = None
     mode: str = "threshold"
     alpha: float = 0.05
     category_rule: str = "point"
@@ -374,7 +375,7 @@ def render_table(comparison: Mapping[str, Any], console: Console) -> None:
         for name, d in drift["suites"].items():
             console.print(
                 f"NLL/token on {name}: {d['nll_per_token_before']:.3f} → "
-                f"{d['nll_per_token_after']:.3f} ({d['relative_change']:+.1%})"
+                f"{d['nll_per_token_after']:.3f} ({d['relative_change']:+.1%})" + _kl_text(d)
             )
     if comparison.get("note"):
         console.print(f"note: {comparison['note']}")
@@ -392,6 +393,12 @@ def render_table(comparison: Mapping[str, Any], console: Console) -> None:
     console.print(f"verdict: [bold {colour}]{comparison['verdict'].upper()}[/bold {colour}]")
     for reason in comparison["reasons"]:
         console.print(f"  - {reason}", markup=False)
+
+
+def _kl_text(suite: Mapping[str, Any]) -> str:
+    """``, KL to base 0.123 nats/token`` when the comparison has it, else nothing."""
+    kl = suite.get("kl_per_token")
+    return "" if kl is None else f", KL to base {kl:.3f} nats/token"
 
 
 def _findings(comparison: Mapping[str, Any], *, gates: bool) -> list[dict[str, Any]]:
@@ -464,7 +471,7 @@ def junit_xml(comparison: Mapping[str, Any], options: GateOptions, elapsed: floa
             name,
             ("drift", name),
             "drift",
-            f"{d['nll_per_token_before']:.3f} -> {d['nll_per_token_after']:.3f}",
+            f"{d['nll_per_token_before']:.3f} -> {d['nll_per_token_after']:.3f}" + _kl_text(d),
         )
     for key in failing:  # a gating finding with no row above still fails
         if key not in placed:
@@ -572,7 +579,7 @@ def markdown_report(comparison: Mapping[str, Any]) -> str:
     for name, d in ((comparison.get("drift") or {}).get("suites") or {}).items():
         lines.append(
             f"**NLL/token** on {name}: {d['nll_per_token_before']:.3f} → "
-            f"{d['nll_per_token_after']:.3f} ({d['relative_change']:+.1%})"
+            f"{d['nll_per_token_after']:.3f} ({d['relative_change']:+.1%})" + _kl_text(d)
         )
     if comparison.get("drift"):
         lines.append("")
@@ -846,6 +853,8 @@ def compare_params(options: GateOptions, ids: Mapping[str, str]) -> dict[str, An
         params["max_category_drop"] = options.max_category_drop
     if options.max_nll_increase is not None:
         params["max_nll_increase"] = options.max_nll_increase
+    if options.max_kl is not None:
+        params["max_kl"] = options.max_kl
     if options.category_rule != "point":
         params["category_rule"] = options.category_rule
     names = suite_names(options)

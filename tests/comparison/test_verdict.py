@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
@@ -274,6 +275,51 @@ def test_drift_normalises_each_run_by_its_own_token_count() -> None:
     suite = build(RUN_A, RUN_B, before, after, CompareOptions())["drift"]["suites"]["general-text"]
     assert suite["nll_per_token_after"] == pytest.approx(3.0)
     assert suite["change"] == pytest.approx(0.0)
+
+
+def with_topk(row: Row, first: float) -> Row:
+    """``row`` with stored top-2 next tokens: probability ``first`` on id 1, 0.1 on id 2."""
+    positions = int((row.details or {})["tokens"])
+    top = {
+        "k": 2,
+        "targets": "same",
+        "ids": [[1, 2]] * positions,
+        "logprobs": [[math.log(first), math.log(0.1)]] * positions,
+    }
+    row.details = {**(row.details or {}), "topk": top}
+    return row
+
+
+def test_kl_to_base_sits_beside_nll_drift_and_gates_only_when_asked() -> None:
+    base = [with_topk(text("t1", 30.0, 10), 0.8)]
+    same = build(RUN_A, RUN_A, base, base, CompareOptions(max_kl=0.0))
+    assert same["drift"]["kl_per_token"] == 0.0 and same["verdict"] == "pass"
+    assert same["drift"]["nll"]["relative_change"] == 0.0
+    mild = [with_topk(text("t1", 31.0, 10), 0.7)]
+    harsh = [with_topk(text("t1", 40.0, 10), 0.3)]
+    kl_mild = build(RUN_A, RUN_B, base, mild, CompareOptions())["drift"]
+    kl_harsh = build(RUN_A, RUN_B, base, harsh, CompareOptions())["drift"]
+    expected = 0.8 * math.log(0.8 / 0.7) + 0.1 * math.log(0.1 / 0.1) + 0.1 * math.log(0.1 / 0.2)
+    assert kl_mild["kl_per_token"] == pytest.approx(expected)
+    assert kl_mild["suites"]["general-text"]["kl_positions"] == 9 + 1
+    assert 0.0 < kl_mild["kl_per_token"] < kl_harsh["kl_per_token"]
+    gated = build(RUN_A, RUN_B, base, harsh, CompareOptions(max_kl=0.1))
+    assert gated["verdict"] == "fail"
+    assert any(
+        r.startswith("KL(base ‖ candidate) on 'general-text' is") and "max_kl 0.1" in r
+        for r in gated["reasons"]
+    )
+
+
+def test_runs_without_stored_top_k_compare_with_kl_omitted() -> None:
+    old = [text("t1", 30.0, 10)]
+    new = [with_topk(text("t1", 31.0, 10), 0.7)]
+    body = build(RUN_A, RUN_B, old, new, CompareOptions(max_kl=0.01))
+    drift = body["drift"]
+    assert drift["kl_per_token"] is None and "no top-k" in drift["kl_note"]
+    assert drift["suites"]["general-text"]["nll_per_token_after"] == pytest.approx(3.1)
+    assert body["verdict"] == "pass"  # KL unavailable is reported, not a failure
+    assert any(f["rule"] == "drift" and not f["gates"] for f in body["findings"])
 
 
 def test_no_perplexity_suite_means_no_drift() -> None:

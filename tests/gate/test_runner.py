@@ -16,7 +16,7 @@ import pytest
 from sqlalchemy import func, select
 
 from app.core.tables import Evaluation
-from app.gate.runner import GateOptions, idempotency_key, run_gate
+from app.gate.runner import GateOptions, compare_params, idempotency_key, run_gate
 from tests.conftest import REPO, free_port
 from tests.stored import qa_row, store_finished
 
@@ -207,6 +207,27 @@ def test_max_category_drop_and_mode_reach_the_comparison(
     assert code == 1 and "category 'science' dropped 0.200" in err
     code, _, err = gate(client, tmp_path, before=before, after=after, mode="noninferiority")
     assert code == 1 and "non-inferiority cannot be shown at n = 20" in err
+
+
+def test_max_kl_reaches_the_comparison_query_only_when_set() -> None:
+    ids = {"before": "a", "after": "b"}
+    assert "max_kl" not in compare_params(GateOptions(), ids)
+    assert compare_params(GateOptions(max_kl=0.05), ids)["max_kl"] == 0.05
+
+
+def test_the_cli_passes_max_kl_to_the_gate(monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    import app.gate.runner as runner
+    from app.cli import app as cli
+
+    seen: list[GateOptions] = []
+    monkeypatch.setattr(runner, "run_gate", lambda options, **_: seen.append(options) or 0)
+    result = CliRunner().invoke(
+        cli, ["gate", "--server", "http://x", "--before", "a", "--after", "b", "--max-kl", "0.2"]
+    )
+    assert result.exit_code == 0, result.output
+    assert seen[0].max_kl == 0.2
 
 
 def test_a_failed_evaluation_exits_2_with_its_reason(

@@ -7,8 +7,11 @@ row; every later job reuses it from the evaluation cache.
 
 Rows: the base model; full fine-tuning with the lesson's ``risky`` preset; full fine-tuning
 aggressive enough to forget; the same with replay; the same with EWC; LoRA with the ``safe``
-preset. Columns: general-qa accuracy per category, checklist score, and NLL/token on general
-text (the drift signal that moves before accuracy does).
+preset; and the aggressive fine-tune interpolated halfway back to the base (WiSE-FT,
+α = 0.5). Columns: general-qa accuracy per category, checklist score, NLL/token on general text
+(the drift signal that moves before accuracy does), NLL/token on held-out drug answers (what
+the fine-tune learned: records set aside by ``evaluation.domain.holdout``, never trained on),
+and KL(base ‖ candidate) per token on general text (drift that needs no labels).
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ SUITES_DIR = DATA_DIR / "suites" / "data"
 class DemoSizes:
     """How big the demo is: sized to finish in under 25 minutes on 2 CPU cores."""
 
-    drug_examples: int = 20
+    drug_examples: int = 20  # trained on
+    domain_holdout: int = 6  # more drug records, held out: the domain column
     qa_per_category: int = 9  # x 7 categories of general-qa
     texts: int = 16  # general-text passages for NLL/token
     max_new_tokens: int = 32
@@ -51,7 +55,15 @@ class DemoSizes:
     general_answer_tokens: int = 32
 
 
-QUICK = DemoSizes(drug_examples=6, qa_per_category=2, texts=3, max_new_tokens=8, fisher_samples=4)
+QUICK = DemoSizes(
+    drug_examples=6,
+    domain_holdout=2,
+    qa_per_category=2,
+    texts=3,
+    max_new_tokens=8,
+    fisher_samples=4,
+)
+INTERPOLATION_ALPHA = 0.5
 
 
 @dataclass
@@ -66,6 +78,8 @@ class DemoRow:
     reasons: list[str] = field(default_factory=list)
     train_seconds: float | None = None
     error: str | None = None
+    domain_nll: float | None = None  # NLL/token on the held-out drug answers
+    kl_per_token: float | None = None  # KL(base ‖ this run) per token on general text
 
 
 def _load_json(name: str) -> dict[str, Any]:
@@ -147,6 +161,15 @@ def demo_runs(sizes: DemoSizes) -> list[tuple[str, dict[str, Any]]]:
             },
         ),
         ("LoRA, safe preset", {"method": "lora", "preset": "safe"}),
+        (
+            f"full FT, lr {lr}, interpolated α {INTERPOLATION_ALPHA:g}",
+            {
+                "method": "full",
+                "preset": "risky",
+                "hyperparameters": aggressive,
+                "interpolation": {"alphas": [INTERPOLATION_ALPHA]},
+            },
+        ),
     ]
 
 
@@ -157,6 +180,8 @@ def _row(name: str, job: FinetuneJob | None, results: dict[str, Any] | None) -> 
     text = results.get("demo-general-text")
     comparison = (job.comparison if job is not None else None) or {}
     metrics = (job.metrics if job is not None else None) or {}
+    domain = comparison.get("domain") or {}
+    drift = comparison.get("drift") or {}
     return DemoRow(
         name=name,
         job_id=job.id if job is not None else None,
@@ -168,6 +193,40 @@ def _row(name: str, job: FinetuneJob | None, results: dict[str, Any] | None) -> 
         reasons=list(comparison.get("reasons") or []),
         train_seconds=metrics.get("train_seconds"),
         error=job.error if job is not None else None,
+        domain_nll=(domain.get("after") or {}).get("nll_per_token"),
+        kl_per_token=drift.get("kl_per_token"),
+    )
+
+
+def _sweep_row(name: str, job: FinetuneJob) -> DemoRow | None:
+    """The interpolated row from the job's sweep when the gate made it ship another α.
+
+    The sweep evaluated α exactly as a checkpoint is evaluated (general accuracy, checklist,
+    NLL, KL to base, held-out NLL, verdict); what it does not keep (accuracy per category)
+    stays empty.
+    """
+    sweep = (job.metrics or {}).get("interpolation") or {}
+    if sweep.get("chosen_alpha") == INTERPOLATION_ALPHA:
+        return None  # shipped: its after-evaluation and comparison are the row
+    figures = next(
+        (r for r in sweep.get("results", []) if r.get("alpha") == INTERPOLATION_ALPHA), None
+    )
+    if figures is None:
+        return None
+    general = figures.get("general") or {}
+    nll = general.get("nll_per_token") or {}
+    verdict = figures.get("verdict") or {}
+    return DemoRow(
+        name=name,
+        job_id=job.id,
+        status=job.status,
+        qa={"overall_accuracy": general.get("accuracy"), "by_category": {}},
+        checklist=general.get("checklist_score"),
+        nll_per_token=nll.get("demo-general-text"),
+        verdict=verdict.get("verdict"),
+        reasons=list(verdict.get("reasons") or []),
+        domain_nll=((figures.get("domain") or {}).get("after") or {}).get("nll_per_token"),
+        kl_per_token=general.get("kl_per_token"),
     )
 
 
@@ -204,16 +263,21 @@ def run_demo(
     )
     engine = make_engine(url)
     sessions = session_factory(engine)
+    records = sizes.drug_examples + sizes.domain_holdout
     common = {
         # As given: a relative path stays relative in what the dashboard and API show.
         "base_model": {"path": str(model_path)},
-        "dataset": {"examples": drug_examples(sizes.drug_examples)},
+        "dataset": {"examples": drug_examples(records)},
         "evaluation": {
             "suites": demo_suites(sizes),
             "generation": {"max_new_tokens": sizes.max_new_tokens},
             "threshold": 0.10,
-            # Train on every record, as the measured table in the README did.
-            "domain": False,
+            # The same seeded split for every run: each trains on ``drug_examples`` records.
+            "domain": (
+                {"holdout": sizes.domain_holdout / records, "seed": 42}
+                if sizes.domain_holdout
+                else False
+            ),
         },
     }
     runs = runs if runs is not None else demo_runs(sizes)
@@ -274,13 +338,18 @@ def run_demo(
             before = session.get(Evaluation, first.before_evaluation_id)
             base_results = before.results if before is not None else None
         table = [_row("base", None, base_results)]
+        base_domain = ((first.comparison or {}).get("domain") or {}) if first else {}
+        table[0].domain_nll = (base_domain.get("before") or {}).get("nll_per_token")
         for (name, _), finished in zip(runs, jobs, strict=True):
             after = (
                 session.get(Evaluation, finished.after_evaluation_id)
                 if finished and finished.after_evaluation_id
                 else None
             )
-            table.append(_row(name, finished, after.results if after is not None else None))
+            swept = _sweep_row(name, finished) if finished is not None else None
+            table.append(
+                swept or _row(name, finished, after.results if after is not None else None)
+            )
     engine.dispose()
     echo(f"{time.monotonic() - started:7.0f}s  done")
     if not keep:
@@ -293,13 +362,22 @@ def _fmt(value: float | None, digits: int = 2) -> str:
 
 
 def format_table(rows: list[DemoRow]) -> str:
-    """A Markdown table: accuracy per category, checklist, NLL/token, verdict."""
+    """A Markdown table: accuracy per category, checklist, NLL/token, domain NLL, KL, verdict."""
     categories: list[str] = []
     for row in rows:
         for category in (row.qa or {}).get("by_category", {}):
             if category not in categories:
                 categories.append(category)
-    header = ["run", "general-qa", *categories, "checklist", "NLL/token", "verdict"]
+    header = [
+        "run",
+        "general-qa",
+        *categories,
+        "checklist",
+        "NLL/token",
+        "drug NLL/token (held out)",
+        "KL to base",
+        "verdict",
+    ]
     lines = [
         "| " + " | ".join(header) + " |",
         "|" + "|".join(["---"] + ["---:"] * (len(header) - 2) + [":---"]) + "|",
@@ -312,6 +390,8 @@ def format_table(rows: list[DemoRow]) -> str:
             *[_fmt(by_category.get(c, {}).get("accuracy")) for c in categories],
             _fmt(row.checklist),
             _fmt(row.nll_per_token),
+            _fmt(row.domain_nll),
+            _fmt(row.kl_per_token, 3),
             row.verdict or ("(base)" if row.job_id is None else row.status),
         ]
         lines.append("| " + " | ".join(cells) + " |")

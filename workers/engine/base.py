@@ -25,6 +25,19 @@ class Prompt:
 
 
 @dataclass(frozen=True)
+class TokenTopK:
+    """``token_nll``'s sums for one text plus, at each predicted position in order, the ``k``
+    most probable next tokens (ids and log-probabilities over the full vocabulary, most
+    probable first) and the token that is actually there (``targets``)."""
+
+    nll_sum: float
+    tokens: int
+    ids: list[list[int]]
+    logprobs: list[list[float]]
+    targets: list[int]
+
+
+@dataclass(frozen=True)
 class EngineInfo:
     """What an evaluation records about the engine that produced it (comparability)."""
 
@@ -61,6 +74,15 @@ class Backend(ABC):
     @abstractmethod
     def token_nll(self, texts: Sequence[str]) -> list[tuple[float, int]]:
         """``(sum of NLL over predicted tokens, number of predicted tokens)`` per raw text."""
+
+    def token_topk(self, texts: Sequence[str], k: int) -> list[TokenTopK]:
+        """Optional: ``token_nll`` plus the top-``k`` next tokens at every predicted position.
+
+        What KL to the base is computed from (``drift.kl_per_token``). A backend without
+        access to full next-token distributions leaves this unimplemented; its perplexity rows
+        then carry no top-k and comparisons omit KL.
+        """
+        raise NotImplementedError(f"backend {self.name!r} does not report top-k log-probabilities")
 
 
 class UnsupportedRequest(Exception):

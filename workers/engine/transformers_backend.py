@@ -36,7 +36,7 @@ from typing import Any, TypeVar
 import torch
 import torch.nn.functional as F
 
-from workers.engine.base import Backend, EngineInfo, Prompt
+from workers.engine.base import Backend, EngineInfo, Prompt, TokenTopK
 
 __all__ = [
     "TransformersBackend",
@@ -1090,20 +1090,55 @@ def token_nll(
     (lm-eval's rolling windows with a one-token context). Divide the sums by the counts
     for NLL/token; ``exp`` of that is perplexity.
     """
-    results: list[tuple[float, int] | None] = [None] * len(texts_ids)
+    return [
+        (r.nll_sum, r.tokens)
+        for r in _token_pass(
+            model, tokenizer, texts_ids, batch_size=batch_size, max_length=max_length, k=0
+        )
+    ]
+
+
+def token_topk(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    texts_ids: list[list[int]],
+    k: int,
+    *,
+    batch_size: int | str = "auto",
+    max_length: int | None = None,
+) -> list[TokenTopK]:
+    """``token_nll`` plus, at every predicted position, the ``k`` most probable next tokens.
+
+    One forward pass per window, exactly as ``token_nll`` (same windows, same sums): the
+    top-k ids and log-probabilities (full-vocabulary log-softmax, most probable first) and
+    the token actually there are collected alongside, in position order.
+    """
+    if k < 1:
+        raise ValueError("k must be at least 1")
+    return _token_pass(
+        model, tokenizer, texts_ids, batch_size=batch_size, max_length=max_length, k=k
+    )
+
+
+def _token_pass(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    texts_ids: list[list[int]],
+    *,
+    batch_size: int | str,
+    max_length: int | None,
+    k: int,
+) -> list[TokenTopK]:
     if not texts_ids:
         return []
     window = max_length if max_length is not None else _max_context(model)
     if window < 2:
         raise ValueError("max_length must be at least 2")
     windows: list[tuple[int, list[int]]] = []
-    for k, seq in enumerate(texts_ids):
-        if len(seq) < 2:
-            results[k] = (0.0, 0)
-            continue
+    for t, seq in enumerate(texts_ids):
         start = 0
         while start < len(seq) - 1:
-            windows.append((k, list(seq[start : start + window])))
+            windows.append((t, list(seq[start : start + window])))
             start += window - 1
 
     device = _model_device(model)
@@ -1112,12 +1147,15 @@ def token_nll(
     model.eval()
     sums: dict[int, float] = defaultdict(float)
     counts: dict[int, int] = defaultdict(int)
+    # Per window: (top-k ids, top-k log-probabilities, targets) for its predicted positions.
+    tops: dict[int, tuple[list[list[int]], list[list[float]], list[int]]] = {}
     done_windows: set[int] = set()
     order = sorted(range(len(windows)), key=lambda w: (-len(windows[w][1]), w))
 
     def run(bs: int) -> None:
         todo = [w for w in order if w not in done_windows]
-        budget = _logits_budget(device) // (4 * vocab * 3)
+        # Logits plus the float copy (and the log-softmax when collecting top-k).
+        budget = _logits_budget(device) // (4 * vocab * (4 if k else 3))
         for chunk in _chunks_by_budget(todo, lambda w: len(windows[w][1]), bs, budget):
             width = max(len(windows[w][1]) for w in chunk)
             ids = torch.full((len(chunk), width), pad, dtype=torch.long)
@@ -1130,26 +1168,40 @@ def token_nll(
             # Right padding: positions are plain 0..n-1 for every real token.
             position_ids = torch.arange(width, device=device)[None, :].expand(len(chunk), -1)
             logits, _ = _forward(model, ids, mask, position_ids, use_cache=False, last_only=False)
+            predicting = logits[:, :-1, :].float()
             nll = F.cross_entropy(
-                logits[:, :-1, :].float().reshape(-1, logits.shape[-1]),
+                predicting.reshape(-1, logits.shape[-1]),
                 ids[:, 1:].reshape(-1),
                 reduction="none",
             ).view(len(chunk), width - 1)
             valid = mask[:, 1:].bool()
             per_row = (nll * valid).double().sum(dim=1).tolist()
             n_pred = valid.sum(dim=1).tolist()
-            for w, s, n in zip(chunk, per_row, n_pred, strict=True):
-                k = windows[w][0]
-                sums[k] += s
-                counts[k] += int(n)
+            if k:
+                values, indices = torch.log_softmax(predicting, dim=-1).topk(
+                    min(k, predicting.shape[-1]), dim=-1
+                )
+                top_ids, top_lps = indices.tolist(), values.tolist()
+                targets = ids[:, 1:].tolist()
+            for r, (w, s, n) in enumerate(zip(chunk, per_row, n_pred, strict=True)):
+                t = windows[w][0]
+                sums[t] += s
+                counts[t] += int(n)
+                if k:
+                    n = int(n)
+                    tops[w] = (top_ids[r][:n], top_lps[r][:n], targets[r][:n])
                 done_windows.add(w)
 
     with torch.inference_mode():
         _with_batch_size(model, "token_nll", batch_size, run)
-    for k in range(len(texts_ids)):
-        if results[k] is None:
-            results[k] = (float(sums[k]), int(counts[k]))
-    return [r if r is not None else (0.0, 0) for r in results]
+    results = [TokenTopK(float(sums[t]), int(counts[t]), [], [], []) for t in range(len(texts_ids))]
+    for w in range(len(windows)) if k else ():
+        out = results[windows[w][0]]
+        top_ids_w, top_lps_w, targets_w = tops[w]
+        out.ids.extend(top_ids_w)
+        out.logprobs.extend(top_lps_w)
+        out.targets.extend(targets_w)
+    return results
 
 
 # --------------------------------------------------------------------------- backend
@@ -1221,3 +1273,7 @@ class TransformersBackend(Backend):
     def token_nll(self, texts: Sequence[str]) -> list[tuple[float, int]]:
         ids = [list(self.tokenizer(text).input_ids) for text in texts]
         return token_nll(self.model, self.tokenizer, ids, batch_size=self.batch_size)
+
+    def token_topk(self, texts: Sequence[str], k: int) -> list[TokenTopK]:
+        ids = [list(self.tokenizer(text).input_ids) for text in texts]
+        return token_topk(self.model, self.tokenizer, ids, k, batch_size=self.batch_size)

@@ -10,18 +10,23 @@ cancelled or the lease lost).
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from app.suites.checks import failed_rule
 from app.suites.kinds import DEFAULT_PROMPT_TEMPLATE, KINDS, RequestType, render_prompt
-from workers.engine.base import Backend, Prompt
+from workers.engine.base import Backend, Prompt, TokenTopK
 
 Emit = Callable[[list[dict[str, Any]]], None]
 Item = dict[str, Any]
 FLUSH_EVERY = 8  # rows per database write while generating: resumable, not chatty
 CHUNK = 32  # items per log-likelihood pass between database writes
+# Next tokens stored per predicted position of a perplexity text, for KL to the base later.
+TOPK = 16
+TOPK_DECIMALS = 5  # log-probabilities are stored rounded: compact, and the KL needs no more
 
 
 @dataclass(frozen=True)
@@ -72,6 +77,9 @@ class Scorer:
     text: Callable[[Item, dict[str, Any], str], str] = message_text
     # loglikelihood: the continuations whose likelihood is measured after each item's text.
     continuations: Callable[[Item], Sequence[str]] | None = None
+    # token_nll: ask the backend for this many next tokens per position too (``token_topk``);
+    # the scorer then gets a ``TokenTopK``, or ``(nll_sum, tokens)`` if the backend can't.
+    topk: int = 0
 
 
 Pending = Sequence[tuple[int, Item]]  # (position in the suite, item) still to do
@@ -165,7 +173,14 @@ def _token_nll(
     for start in range(0, len(items), CHUNK):
         chunk = items[start : start + CHUNK]
         texts = [scorer.text(item, suite, settings.prompt_format) for _, item in chunk]
-        results = backend.token_nll(texts)
+        results: Sequence[Any] | None = None
+        if scorer.topk:
+            try:
+                results = backend.token_topk(texts, scorer.topk)
+            except NotImplementedError:
+                results = None  # this backend has no full distributions: NLL only
+        if results is None:
+            results = backend.token_nll(texts)
         emit(
             [
                 {
@@ -271,15 +286,43 @@ def _score_multiple_choice(item: Item, results: Sequence[tuple[float, bool]]) ->
     }
 
 
-def _score_perplexity(item: Item, result: tuple[float, int]) -> dict[str, Any]:
-    """Negative log-likelihood per token of the text; nothing passes or fails."""
-    nll, tokens = result
+def targets_digest(targets: Sequence[int]) -> str:
+    """Which tokens were predicted: two runs' top-k pair up position by position only if equal."""
+    return hashlib.sha256(json.dumps(list(targets)).encode()).hexdigest()[:16]
+
+
+def _score_perplexity(item: Item, result: tuple[float, int] | TokenTopK) -> dict[str, Any]:
+    """Negative log-likelihood per token of the text; nothing passes or fails.
+
+    With a ``TokenTopK`` result the row also keeps ``topk``: per predicted position the ``k``
+    most probable next-token ids and their log-probabilities, what a later comparison needs
+    for KL(base ‖ candidate) without loading the base again.
+    """
+    details: dict[str, Any]
+    if isinstance(result, TokenTopK):
+        nll, tokens = result.nll_sum, result.tokens
+        details = {
+            "nll_sum": nll,
+            "tokens": tokens,
+            "topk": {
+                "k": max((len(r) for r in result.ids), default=0),
+                "targets": targets_digest(result.targets),
+                "ids": result.ids,
+                # Clamped: a masked token's -inf is not JSON, and e^-1000 is 0 for the KL anyway.
+                "logprobs": [
+                    [round(max(v, -1000.0), TOPK_DECIMALS) for v in row] for row in result.logprobs
+                ],
+            },
+        }
+    else:
+        nll, tokens = result
+        details = {"nll_sum": nll, "tokens": tokens}
     return {
         "passed": None,
         "score": nll / tokens if tokens else None,
         "category": item.get("category"),
         "severity": None,
-        "details": {"nll_sum": nll, "tokens": tokens},
+        "details": details,
     }
 
 
@@ -288,4 +331,7 @@ register_scorer("checklist", Scorer(_score_checklist))
 register_scorer(
     "multiple_choice", Scorer(_score_multiple_choice, continuations=lambda item: item["choices"])
 )
-register_scorer("perplexity", Scorer(_score_perplexity, text=lambda item, suite, fmt: item["text"]))
+register_scorer(
+    "perplexity",
+    Scorer(_score_perplexity, text=lambda item, suite, fmt: item["text"], topk=TOPK),
+)

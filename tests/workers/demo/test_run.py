@@ -56,9 +56,12 @@ def test_demo_sizes_and_runs() -> None:
     assert len(text["items"]) == sizes.texts  # type: ignore[index]
     assert len(drug_examples(sizes.drug_examples)) == 20
     names = [name for name, _ in demo_runs(sizes)]
-    assert len(names) == 5 and names[0] == "full FT, lesson's risky preset"
+    assert len(names) == 6 and names[0] == "full FT, lesson's risky preset"
     runs = dict(demo_runs(sizes))
     assert runs["LoRA, safe preset"] == {"method": "lora", "preset": "safe"}
+    interpolated = runs["full FT, lr 0.001, interpolated α 0.5"]
+    assert interpolated["interpolation"] == {"alphas": [0.5]}
+    assert interpolated["hyperparameters"] == runs["full FT, lr 0.001"]["hyperparameters"]
 
 
 def test_format_table_has_a_column_per_category() -> None:
@@ -67,13 +70,18 @@ def test_format_table_has_a_column_per_category() -> None:
         "by_category": {"geo": {"accuracy": 1.0}, "math": {"accuracy": 0.0}},
     }
     rows = [
-        DemoRow("base", None, "succeeded", qa, 0.75, 3.5),
-        DemoRow("full FT", "ft_1", "succeeded", qa, 0.25, 9.6, verdict="fail"),
+        DemoRow("base", None, "succeeded", qa, 0.75, 3.5, domain_nll=2.5),
+        DemoRow(
+            "full FT", "ft_1", "succeeded", qa, 0.25, 9.6, "fail", domain_nll=0.8, kl_per_token=1.25
+        ),
     ]
     table = format_table(rows).splitlines()
-    assert table[0] == "| run | general-qa | geo | math | checklist | NLL/token | verdict |"
-    assert table[2] == "| base | 0.50 | 1.00 | 0.00 | 0.75 | 3.50 | (base) |"
-    assert table[3].endswith("| fail |")
+    assert table[0] == (
+        "| run | general-qa | geo | math | checklist | NLL/token | drug NLL/token (held out) "
+        "| KL to base | verdict |"
+    )
+    assert table[2] == "| base | 0.50 | 1.00 | 0.00 | 0.75 | 3.50 | 2.50 | – | (base) |"
+    assert table[3] == "| full FT | 0.50 | 1.00 | 0.00 | 0.25 | 9.60 | 0.80 | 1.250 | fail |"
 
 
 @pytest.mark.slow
@@ -112,10 +120,18 @@ def test_demo_command_prints_the_table(tiny_model_dir: Path, tmp_path: Path) -> 
         "full FT, lr 0.001 + replay",
         "full FT, lr 0.001 + EWC",
         "LoRA, safe preset",
+        "full FT, lr 0.001, interpolated α 0.5",
     ]
     assert all(
         line.rstrip(" |").split("|")[-1].strip() in ("pass", "fail", "(base)") for line in lines[2:]
     )
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
+    domain, kl = header.index("drug NLL/token (held out)"), header.index("KL to base")
+    # Held-out drug NLL for every row (the base's from before training); KL for every
+    # fine-tune that shipped its own weights (the interpolated row may come from its sweep).
+    assert all(float(row[domain]) > 0 for row in cells)
+    assert all(row[kl] != "–" and float(row[kl]) >= 0 for row in cells[1:6])
     assert (tmp_path / "t.md").read_text().strip() == "\n".join(lines)
     toy = run_checked(sys.executable, "-m", "app.cli", "demo", "--toy", env=env)
     assert "Forgetting ratio" in toy

@@ -404,6 +404,35 @@ def test_token_nll_windows_long_sequences(tiny: tuple[Any, Any]) -> None:
     assert explicit[1] == ref40[1] and explicit[0] == pytest.approx(ref40[0], rel=1e-5)
 
 
+def test_token_topk_matches_full_distribution_across_windows(tiny: tuple[Any, Any]) -> None:
+    """Top-k at every predicted position, in order, across windows and batch sizes."""
+    model, tokenizer = tiny
+    long = tokenizer(" ".join(CORPUS) * 2, add_special_tokens=False)["input_ids"]
+    short = long[:30]
+    k = 5
+    for bs in (1, "auto"):
+        got = engine.token_topk(
+            model, tokenizer, [long, short, [7]], k, batch_size=bs, max_length=40
+        )
+        nll = engine.token_nll(model, tokenizer, [long, short, [7]], max_length=40)
+        assert [g.tokens for g in got] == [n for _, n in nll]
+        assert [g.nll_sum for g in got] == pytest.approx([s for s, _ in nll], rel=1e-6)
+        assert got[2].tokens == 0 and got[2].ids == [] and got[2].targets == []
+        # Short text: one window, so the naive full forward gives the same distributions.
+        with torch.inference_mode():
+            lp = torch.log_softmax(model(torch.tensor([short])).logits[0, :-1].float(), dim=-1)
+        values, indices = lp.topk(k, dim=-1)
+        assert got[1].ids == indices.tolist()
+        assert torch.tensor(got[1].logprobs) == pytest.approx(values, abs=1e-4)
+        assert got[1].targets == short[1:]
+        assert len(got[0].ids) == len(got[0].logprobs) == got[0].tokens == len(long) - 1
+        assert got[0].targets == long[1:]
+        assert all(len(row) == k for row in got[0].ids)
+        assert all(row == sorted(row, reverse=True) for row in got[0].logprobs)
+    with pytest.raises(ValueError):
+        engine.token_topk(model, tokenizer, [short], 0)
+
+
 def test_auto_batch_halves_on_oom_and_remembers(
     tiny: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:

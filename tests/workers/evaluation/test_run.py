@@ -131,6 +131,13 @@ def test_all_kinds_score_and_aggregate(client, tiny_model_dir, prompt_format) ->
     assert tokens > 10 and text["tokens"] == tokens
     assert math.isclose(text["nll_per_token"], nll / tokens)
     assert math.isclose(text["perplexity"], math.exp(nll / tokens))
+    # What KL to the base needs later: the top-k next tokens at every predicted position.
+    for t in texts:
+        top = t["details"]["topk"]
+        assert top["k"] == 16 and len(top["targets"]) == 16
+        assert len(top["ids"]) == len(top["logprobs"]) == t["details"]["tokens"]
+        assert all(len(r) == 16 and r == sorted(r, reverse=True) for r in top["logprobs"])
+        assert all(math.fsum(math.exp(v) for v in r) <= 1.0 + 1e-4 for r in top["logprobs"])
 
 
 def test_a_model_that_disappears_fails_the_job_with_a_reason(

@@ -72,6 +72,7 @@ class CheckpointEvaluator:
             threshold=spec.threshold,
             max_category_drop=spec.max_category_drop,
             max_nll_increase=spec.max_nll_increase,
+            max_kl=spec.max_kl,
             mode=spec.mode,
         )
         job = run._job()
@@ -182,6 +183,7 @@ class CheckpointEvaluator:
             general["nll_per_token"] = {
                 name: suite["nll_per_token_after"] for name, suite in drift["suites"].items()
             }
+            general["kl_per_token"] = drift.get("kl_per_token")  # to the base; None if unknown
         domain = None
         spec = domain_spec(self.run)
         if spec is not None and (held is not None or domain_body is not None):

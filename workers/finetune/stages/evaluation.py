@@ -177,6 +177,7 @@ def compare(run: FinetuneRun, before_id: str, after_id: str) -> dict[str, Any]:
         threshold=spec.threshold,
         max_category_drop=spec.max_category_drop,
         max_nll_increase=spec.max_nll_increase,
+        max_kl=spec.max_kl,
         mode=spec.mode,
     )
     with run.ctx.sessionmaker() as session:
