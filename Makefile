@@ -50,7 +50,7 @@ run: install
 	$(BIN)/forgetguard serve --host $(HOST) --port $(PORT) --workers 1
 
 test: install-dev
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --durations=25
 
 lint: install-dev
 	$(BIN)/ruff check .
