@@ -86,6 +86,19 @@ Pending = Sequence[tuple[int, Item]]  # (position in the suite, item) still to d
 Driver = Callable[[Backend, dict[str, Any], Pending, RunSettings, Emit, Scorer], None]
 
 
+def _row(
+    position: int, item: Item, prompt: str, response: str | None, scored: dict[str, Any]
+) -> dict[str, Any]:
+    """An item row as every driver writes it: position, prompt, response, the scorer's fields."""
+    return {
+        "item_id": item["id"],
+        "position": position,
+        "prompt": prompt,
+        "response": response,
+        **scored,
+    }
+
+
 def _generate(
     backend: Backend,
     suite: dict[str, Any],
@@ -104,15 +117,7 @@ def _generate(
         position, item = items[index]
         # The lesson scores the stripped continuation; we store what we scored.
         response = text.strip()
-        buffer.add(
-            {
-                "item_id": item["id"],
-                "position": position,
-                "prompt": texts[index],
-                "response": response,
-                **scorer.score(item, response),
-            }
-        )
+        buffer.add(_row(position, item, texts[index], response, scorer.score(item, response)))
 
     backend.generate(
         prompts, max_new_tokens=settings.max_new_tokens, stop=settings.stop, on_result=on_result
@@ -149,13 +154,7 @@ def _loglikelihood(
         rows, offset = [], 0
         for (position, item), text, n in zip(chunk, texts, counts, strict=True):
             rows.append(
-                {
-                    "item_id": item["id"],
-                    "position": position,
-                    "prompt": text,
-                    "response": None,
-                    **scorer.score(item, results[offset : offset + n]),
-                }
+                _row(position, item, text, None, scorer.score(item, results[offset : offset + n]))
             )
             offset += n
         emit(rows)
@@ -183,13 +182,7 @@ def _token_nll(
             results = backend.token_nll(texts)
         emit(
             [
-                {
-                    "item_id": item["id"],
-                    "position": position,
-                    "prompt": text,
-                    "response": None,
-                    **scorer.score(item, result),
-                }
+                _row(position, item, text, None, scorer.score(item, result))
                 for (position, item), text, result in zip(chunk, texts, results, strict=True)
             ]
         )
