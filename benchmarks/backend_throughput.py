@@ -1,15 +1,18 @@
 """The same evaluation work through each engine backend, in one run: forgetguard's own
-transformers engine and vLLM (in-process, as ``forgetguard worker --backend vllm`` runs it).
+transformers engine, vLLM (in-process, as ``forgetguard worker --backend vllm`` runs it) and
+the ``openai`` backend on vLLM's own OpenAI-compatible server (``vllm serve``, started here).
 
 Every variant answers the same general-qa prompts (plain format, greedy, 50 new tokens) in a
 child process of its own, so start-up and peak memory are its own and only one engine lives
 at a time. Start-up (model load or engine start) is timed apart from generation; one untimed
 warm-up call precedes the timed one. Agreement is per item against the transformers float32
-run: the same correctness (the lesson's substring scoring) and byte-identical answers.
+run: the same correctness (the lesson's substring scoring) and byte-identical answers. For the
+served variant, start-up is the server's (until ``/v1/models`` answers) and peak memory is the
+server process's.
 Writes ``backend_throughput.json`` and ``backend_throughput.md`` under ``--out``.
 
     python benchmarks/backend_throughput.py [--model models/smollm2-135m-instruct]
-        [--variants transformers:float32,vllm:float32,vllm:bfloat16,transformers:bfloat16]
+        [--variants transformers:float32,vllm:float32,openai:float32,vllm:bfloat16,...]
         [--limit 0] [--out benchmarks/results]
 
 Run it with the vLLM environment's python (``make vllm``): it has both engines.
@@ -22,6 +25,8 @@ import json
 import os
 import platform
 import resource
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -37,7 +42,10 @@ from workers.engine.process import configure_process  # noqa: E402
 configure_process()  # as a worker does: offline, passive OpenMP threads, vLLM in-process
 
 TEMPLATE = "Question: {question}\nAnswer:"
-DEFAULT_VARIANTS = "transformers:float32,vllm:float32,vllm:bfloat16,transformers:bfloat16"
+DEFAULT_VARIANTS = (
+    "transformers:float32,vllm:float32,openai:float32,vllm:bfloat16,transformers:bfloat16"
+)
+SERVED_NAME = "reference"
 
 
 def _items(limit: int) -> list[dict[str, Any]]:
@@ -57,14 +65,21 @@ def child(backend: str, dtype: str, model: Path, limit: int, max_new_tokens: int
 
     prompts = [Prompt(TEMPLATE.format(question=i["question"]), False) for i in _items(limit)]
     started = time.perf_counter()
-    if backend == "transformers":
+    server: subprocess.Popen[bytes] | None = None
+    if backend == "openai":
+        from workers.engine.openai_backend import OpenAIBackend
+
+        server, url = _serve(model, dtype)
+        engine: Any = OpenAIBackend(url, SERVED_NAME)
+        version = f"openai API on vllm serve {__import__('vllm').__version__}"
+    elif backend == "transformers":
         import torch
 
         from workers.engine.loading import load_model, load_tokenizer
         from workers.engine.transformers_backend import TransformersBackend, configure_threads
 
         configure_threads()
-        engine: Any = TransformersBackend(
+        engine = TransformersBackend(
             load_model(model, torch.device("cpu"), dtype=getattr(torch, dtype)),
             load_tokenizer(model),
         )
@@ -81,7 +96,12 @@ def child(backend: str, dtype: str, model: Path, limit: int, max_new_tokens: int
     started = time.perf_counter()
     answers = engine.generate(prompts, max_new_tokens=max_new_tokens)
     seconds = time.perf_counter() - started
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    who = resource.RUSAGE_SELF
+    if server is not None:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=120)
+        who = resource.RUSAGE_CHILDREN  # the server's peak, not this client's
+    peak_rss = resource.getrusage(who).ru_maxrss * 1024
     print(
         "RESULT "
         + json.dumps(
@@ -97,6 +117,33 @@ def child(backend: str, dtype: str, model: Path, limit: int, max_new_tokens: int
         ),
         flush=True,
     )
+
+
+def _serve(model: Path, dtype: str) -> tuple[subprocess.Popen[bytes], str]:
+    """Start vLLM's OpenAI-compatible server on ``model``; wait until it answers."""
+    import httpx
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model)]
+    command += ["--served-model-name", SERVED_NAME, "--host", "127.0.0.1", "--port", str(port)]
+    command += ["--dtype", dtype, "--enforce-eager", "--load-format", "safetensors"]
+    command += ["--seed", "0"]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/v1"
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"vllm serve exited with {server.returncode}")
+        try:
+            if httpx.get(f"{url}/models", timeout=5).status_code == 200:
+                return server, url
+        except httpx.TransportError:
+            pass
+        time.sleep(1.0)
+    server.kill()
+    raise RuntimeError("vllm serve did not answer within 900 s")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,8 +1,9 @@
 """The vLLM backend end to end: `forgetguard serve --backend vllm` evaluates the reference model
 on a suite it has never seen, beside a transformers worker, and the two agree item by item;
 multiple-choice log-likelihoods and NLL/token agree within tolerance; a LoRA adapter served
-unmerged by vLLM answers as peft does; one engine serves every job; `/compare` of the two
-engines is a 409 naming the backend.
+unmerged by vLLM answers as peft does; one engine without LoRA serves every base job and one
+with LoRA (at the adapter's rank) the adapter job; the top-k next tokens agree, so KL between
+the engines is ~0; `/compare` of the two engines is a 409 naming the backend.
 
 Tolerances, float32 on CPU (measured: log-likelihoods differ by ~1e-5, answers identical):
 per-item correctness equal on >= 95 % of items, multiple-choice predictions equal on >= 95 %
@@ -25,6 +26,7 @@ from tests.conftest import start_serve, start_worker, wait_for
 UNSEEN = json.loads((Path(__file__).parent / "data" / "unseen_general_40.json").read_text())
 LOGLIK_TOLERANCE = 0.01
 NLL_RELATIVE_TOLERANCE = 1e-3
+KL_TOLERANCE = 1e-4  # nats/token; measured ~3e-11 between the engines in float32
 AGREEMENT = 0.95
 
 pytestmark = [
@@ -135,6 +137,19 @@ def test_vllm_agrees_with_transformers_and_serves_adapters_unmerged(
                 assert other["details"]["tokens"] == row["details"]["tokens"]
                 relative = abs(other["score"] - row["score"]) / row["score"]
                 assert relative <= NLL_RELATIVE_TOLERANCE, (key, relative)
+                assert other["details"]["topk"]["targets"] == row["details"]["topk"]["targets"]
+        # KL to base from vLLM's top-k: the engines' distributions agree, so it is ~0.
+        across = http.get(
+            "/compare",
+            params={
+                "before": ids["transformers-base"],
+                "after": ids["vllm-base"],
+                "allow_backend_mismatch": "true",
+            },
+        )
+        assert across.status_code == 200, across.text
+        kl = across.json()["drift"]["kl_per_token"]
+        assert kl is not None and 0.0 <= kl < KL_TOLERANCE, kl
 
         # The adapter, unmerged in vLLM, answers as peft does, and it did change answers.
         lora = agreement("transformers-adapter", "vllm-adapter", UNSEEN["name"], "response")
@@ -168,6 +183,9 @@ def test_vllm_agrees_with_transformers_and_serves_adapters_unmerged(
         for proc in (worker, server):
             proc.wait(timeout=120)
         http.close()
-    # One engine served the base and the adapter runs: start-up was paid once.
+    # The base and multiple-choice runs shared an engine without LoRA; the adapter (rank 8)
+    # got one with LoRA up to rank 8, never a slower rank-64 one.
     log = serve_log.read_text(errors="replace")
-    assert log.count("starting vLLM") == 1, log[-3000:]
+    starts = [line for line in log.splitlines() if "starting vLLM" in line]
+    assert len(starts) == 2, log[-3000:]
+    assert "(no LoRA)" in starts[0] and "(LoRA up to rank 8)" in starts[1], starts

@@ -110,8 +110,13 @@ def _open_vllm(ctx: JobContext, models: ModelCache, evaluation: Evaluation) -> O
                 max_lora_rank=settings.vllm_max_lora_rank,
             )
         )
-    engine = engines.get(model_dir, base, lambda: load_tokenizer(model_dir))
     try:
+        rank = (
+            None
+            if adapter_dir is None
+            else vllm_backend.check_adapter(adapter_dir, settings.vllm_max_lora_rank)
+        )
+        engine = engines.get(model_dir, base, lambda: load_tokenizer(model_dir), lora_rank=rank)
         backend = vllm_backend.VLLMBackend(engine, adapter_dir)
     except vllm_backend.AdapterNotServable as exc:
         raise ctx.user_error(str(exc)) from None
