@@ -632,7 +632,7 @@ def demo(
         return
     from dataclasses import replace
 
-    from workers.demo.run import QUICK, DemoSizes, format_table, run_demo
+    from workers.demo.run import QUICK, DemoSizes, format_curve, format_table, run_demo
 
     if not model.exists() and model.name == "smollm2-135m-instruct":
         from workers.reference import PullError, pull
@@ -652,6 +652,10 @@ def demo(
         keep=keep,
     )
     table = format_table(rows)
+    for row in rows:
+        if row.curve:
+            table += f"\n\nCheckpoint evaluations of {row.name} ({row.job_id}):\n\n"
+            table += format_curve(row)
     typer.echo(table)
     for row in rows:
         if row.error:

@@ -14,19 +14,29 @@ from typing import Any
 
 import numpy as np
 
+from app.comparison.kl import suite_kl
+
 OUTCOMES = ("learned_and_kept", "learned_but_forgot", "did_not_learn", "neither")
 
 
-def nll_summary(per_record: Sequence[tuple[float, int]]) -> dict[str, Any]:
-    """``{"nll_per_token", "tokens", "records", "per_record"}`` from ``(nll sum, tokens)`` pairs."""
+def nll_summary(
+    per_record: Sequence[tuple[float, int]],
+    topk: Sequence[Mapping[str, Any] | None] | None = None,
+) -> dict[str, Any]:
+    """``{"nll_per_token", "tokens", "records", "per_record"}`` from ``(nll sum, tokens)`` pairs,
+    plus ``topk`` (the records' stored top-k next tokens, for KL to base) when given."""
     total = sum(s for s, _ in per_record)
     tokens = sum(n for _, n in per_record)
-    return {
+    out: dict[str, Any] = {
         "nll_per_token": total / tokens if tokens else None,
         "tokens": tokens,
         "records": len(per_record),
         "per_record": [[round(s, 6), n] for s, n in per_record],
     }
+    kept = [t for t in topk or () if t is not None]
+    if kept:
+        out["topk"] = kept
+    return out
 
 
 def _gain_ci(
@@ -48,6 +58,21 @@ def _gain_ci(
     return float(low), float(high)
 
 
+def held_out_kl(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str, Any]:
+    """KL(base ‖ candidate) per token on the held-out completions, from their stored top-k.
+
+    How far the fine-tune moved the model's predictions on the domain prompts (large is
+    expected: that is the learning); ``kl_note`` says why there is none.
+    """
+    b, a = before.get("topk"), after.get("topk")
+    if not b or not a or len(b) != len(a):
+        return {
+            "kl_per_token": None,
+            "kl_note": "no top-k next tokens were stored for the held-out records of both runs",
+        }
+    return suite_kl([({"topk": x}, {"topk": y}) for x, y in zip(b, a, strict=True)])
+
+
 def held_out_block(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str, Any]:
     """Before/after NLL per token on the held-out records, the gain and paired statistics."""
     b, a = before.get("nll_per_token"), after.get("nll_per_token")
@@ -61,6 +86,7 @@ def held_out_block(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[
     if b is None or a is None:
         return out
     out["gain"] = {"nll_per_token": b - a, "relative": (b - a) / b if b else None}
+    out |= held_out_kl(before, after)
     pb, pa = before.get("per_record") or [], after.get("per_record") or []
     if pb and len(pb) == len(pa):
         improved = sum(
@@ -93,6 +119,8 @@ def domain_block(
         out["held_out"] = block
         before["nll_per_token"] = block["before"]["nll_per_token"]
         after["nll_per_token"] = block["after"]["nll_per_token"]
+        # How far predictions on the domain prompts moved from the base's (KL per token).
+        out["kl_per_token"] = block.get("kl_per_token")
         if block["gain"] is not None:
             gain["nll_per_token"] = block["gain"]["nll_per_token"]
             gain["relative_nll"] = block["gain"]["relative"]

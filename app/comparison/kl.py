@@ -21,11 +21,33 @@ distributions are gone; what is computed is the KL between the two distributions
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 FLOOR = 1e-12  # the candidate's "other" mass when its top-k already holds (almost) all of it
+TOPK = 16  # next tokens stored per predicted position
+TOPK_DECIMALS = 5  # log-probabilities are stored rounded: compact, and the KL needs no more
+
+
+def targets_digest(targets: Sequence[int]) -> str:
+    """Which tokens were predicted: two runs' top-k pair up position by position only if equal."""
+    return hashlib.sha256(json.dumps(list(targets)).encode()).hexdigest()[:16]
+
+
+def stored_topk(
+    ids: Sequence[Sequence[int]], logprobs: Sequence[Sequence[float]], targets: Sequence[int]
+) -> dict[str, Any]:
+    """The stored form of one text's top-k next tokens, as :func:`text_kl` reads it."""
+    return {
+        "k": max((len(r) for r in ids), default=0),
+        "targets": targets_digest(targets),
+        "ids": [list(r) for r in ids],
+        # Clamped: a masked token's -inf is not JSON, and e^-1000 is 0 for the KL anyway.
+        "logprobs": [[round(max(v, -1000.0), TOPK_DECIMALS) for v in row] for row in logprobs],
+    }
 
 
 def position_kl(
@@ -79,7 +101,7 @@ def text_kl(
 def suite_kl(
     pairs: Sequence[tuple[Mapping[str, Any] | None, Mapping[str, Any] | None]],
 ) -> dict[str, Any]:
-    """Mean per-token KL over a suite's paired texts (their ``details``), or why there is none.
+    """Mean per-token KL over paired texts (each a mapping with ``topk``), or why there is none.
 
     Returns ``{"kl_per_token", "kl_positions", "kl_missing_fraction"}`` or ``{"kl_per_token":
     None, "kl_note": reason}``.
@@ -93,8 +115,9 @@ def suite_kl(
             return {
                 "kl_per_token": None,
                 "kl_note": f"the {which} run stored no top-k next tokens (an evaluation from "
-                "before they were recorded, e.g. reused from the cache: rerun it with "
-                '"cache": false; or a backend without full distributions): KL to base omitted',
+                "before they were recorded: evaluate that model again, the cache will not "
+                "answer with it; or a backend without full distributions, such as a served "
+                "model): KL to base omitted",
             }
         one = text_kl(b_top, a_top)
         if one is None:

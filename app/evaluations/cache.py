@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 
 from app.core.tables import Evaluation
 from app.jobs.status import JobStatus
+from app.suites.kinds import KINDS
 
 # Where transformers looks for a chat template, besides tokenizer_config.json's "chat_template".
 CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
@@ -72,7 +73,8 @@ def cache_key(
     ``suites`` is an evaluation's suite snapshot; only names and content hashes count (the
     order they were listed in does not change any result). Another engine computes other
     numbers, so ``backend`` counts too (left out for the default, so keys stored before
-    backends existed still match).
+    backends existed still match). So does what a suite's kind records per item beyond its
+    first version (``SuiteKind.records_version``): a run that stored less is no source.
     """
     content: dict[str, Any] = {
         "fingerprint": fingerprint,
@@ -82,6 +84,13 @@ def cache_key(
     }
     if backend != "transformers":
         content["backend"] = backend
+    records = {
+        kind: KINDS[kind].records_version
+        for kind in sorted({str(s.get("kind")) for s in suites})
+        if kind in KINDS and KINDS[kind].records_version > 1
+    }
+    if records:
+        content["records"] = records
     canonical = json.dumps(content, sort_keys=True, separators=(",", ":"))
     return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
 

@@ -195,6 +195,9 @@ class SuiteKind:
     compare: Callable[[Pairs, CompareOptions], Contribution]
     display: Display
     compare_needs_text: bool = False  # the comparison reads every row's response and details
+    # Bumped when workers start storing more per item (a new comparison reads it); a cached
+    # run recorded before then must not answer, or the new figure stays missing for good.
+    records_version: int = 1
 
     @property
     def generates(self) -> bool:
@@ -329,6 +332,7 @@ register_kind(
         aggregate=aggregate_perplexity,
         compare=compare_perplexity,
         compare_needs_text=True,
+        records_version=2,  # 2: the top-k next tokens per position (KL to base)
         display=Display(
             title="Negative log-likelihood per token",
             headline=lambda r: number(r.get("nll_per_token"), 2),

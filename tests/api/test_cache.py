@@ -189,3 +189,32 @@ def _cache_key(client: Any, evaluation_id: str) -> str | None:
         row = session.get(Evaluation, evaluation_id)
         assert row is not None
         return row.cache_key
+
+
+def test_a_run_that_recorded_less_than_its_kind_now_records_is_no_source(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import dataclasses
+    import hashlib
+
+    from app.evaluations.cache import cache_key
+    from app.suites.kinds import KINDS
+
+    common: dict[str, Any] = {"fingerprint": "sha256:f", "prompt_format": "plain", "generation": {}}
+    text = [{"name": "general-text", "content_hash": "h1", "kind": "perplexity"}]
+    qa = [{"name": "general-qa", "content_hash": "h2", "kind": "qa"}]
+    now = cache_key(suites=text, **common)
+    # Before perplexity rows stored their top-k next tokens (records version 1), the key was
+    # another: such a run cannot answer an evaluation whose comparison will want KL.
+    monkeypatch.setitem(
+        KINDS, "perplexity", dataclasses.replace(KINDS["perplexity"], records_version=1)
+    )
+    assert cache_key(suites=text, **common) != now
+    monkeypatch.undo()
+    assert cache_key(suites=text, **common) == now
+    # A kind still on its first version keeps the key it always had.
+    legacy = {**common, "suites": [["general-qa", "h2"]]}
+    canonical = json.dumps(legacy, sort_keys=True, separators=(",", ":"))
+    assert (
+        cache_key(suites=qa, **common) == "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
+    )

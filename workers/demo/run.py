@@ -8,10 +8,14 @@ row; every later job reuses it from the evaluation cache.
 Rows: the base model; full fine-tuning with the lesson's ``risky`` preset; full fine-tuning
 aggressive enough to forget; the same with replay; the same with EWC; LoRA with the ``safe``
 preset; and the aggressive fine-tune interpolated halfway back to the base (WiSE-FT,
-α = 0.5). Columns: general-qa accuracy per category, checklist score, NLL/token on general text
-(the drift signal that moves before accuracy does), NLL/token on held-out drug answers (what
-the fine-tune learned: records set aside by ``evaluation.domain.holdout``, never trained on),
-and KL(base ‖ candidate) per token on general text (drift that needs no labels).
+α = 0.5). Columns: general-qa accuracy per category, checklist score, NLL/token on general
+text (the drift signal that moves before accuracy does), NLL/token on held-out drug answers
+(what the fine-tune learned: records set aside by ``evaluation.domain.holdout``, never
+trained on), and KL(base ‖ candidate) per token on general text (drift that needs no labels).
+
+The aggressive fine-tune is also evaluated at evenly spaced checkpoints during training
+(``evaluation.checkpoints``): its forgetting curve beside its learning curve
+(:func:`format_curve`).
 """
 
 from __future__ import annotations
@@ -53,6 +57,8 @@ class DemoSizes:
     ewc_importance: float = 1e6
     fisher_samples: int = 32
     general_answer_tokens: int = 32
+    # Checkpoint evaluations of the aggressive fine-tune, evenly spaced (the last step too).
+    curve_checkpoints: int = 5
 
 
 QUICK = DemoSizes(
@@ -62,6 +68,7 @@ QUICK = DemoSizes(
     texts=3,
     max_new_tokens=8,
     fisher_samples=4,
+    curve_checkpoints=2,
 )
 INTERPOLATION_ALPHA = 0.5
 
@@ -80,6 +87,8 @@ class DemoRow:
     error: str | None = None
     domain_nll: float | None = None  # NLL/token on the held-out drug answers
     kl_per_token: float | None = None  # KL(base ‖ this run) per token on general text
+    # Checkpoint evaluations (GET /finetune-jobs/{id}/checkpoints rows), when the run had them.
+    curve: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _load_json(name: str) -> dict[str, Any]:
@@ -130,7 +139,15 @@ def demo_runs(sizes: DemoSizes) -> list[tuple[str, dict[str, Any]]]:
     lr = f"{sizes.aggressive_lr:g}"
     return [
         ("full FT, lesson's risky preset", {"method": "full", "preset": "risky"}),
-        (f"full FT, lr {lr}", {"method": "full", "preset": "risky", "hyperparameters": aggressive}),
+        (
+            f"full FT, lr {lr}",
+            {
+                "method": "full",
+                "preset": "risky",
+                "hyperparameters": aggressive,
+                "evaluation": {"checkpoints": sizes.curve_checkpoints},
+            },
+        ),
         (
             f"full FT, lr {lr} + replay",
             {
@@ -264,7 +281,7 @@ def run_demo(
     engine = make_engine(url)
     sessions = session_factory(engine)
     records = sizes.drug_examples + sizes.domain_holdout
-    common = {
+    common: dict[str, Any] = {
         # As given: a relative path stays relative in what the dashboard and API show.
         "base_model": {"path": str(model_path)},
         "dataset": {"examples": drug_examples(records)},
@@ -287,6 +304,7 @@ def run_demo(
         session.commit()
         for name, fields in runs:
             body = {**common, "label": name, **fields}
+            body["evaluation"] = {**common["evaluation"], **fields.get("evaluation", {})}
             body["hyperparameters"] = {
                 "checkpoint_every_steps": 100_000,
                 **fields.get("hyperparameters", {}),
@@ -347,12 +365,18 @@ def run_demo(
                 else None
             )
             swept = _sweep_row(name, finished) if finished is not None else None
-            table.append(
-                swept or _row(name, finished, after.results if after is not None else None)
-            )
+            shown = swept or _row(name, finished, after.results if after is not None else None)
+            if finished is not None:
+                shown.curve = [
+                    c.model_dump(exclude={"created_at"})
+                    for c in finetune_jobs.checkpoints(session=session, job_id=finished.id)
+                ]
+            table.append(shown)
     engine.dispose()
     echo(f"{time.monotonic() - started:7.0f}s  done")
-    if not keep:
+    if keep:
+        echo(f"kept the run's database: {url}")
+    else:
         shutil.rmtree(run_dir, ignore_errors=True)
     return table
 
@@ -393,6 +417,33 @@ def format_table(rows: list[DemoRow]) -> str:
             _fmt(row.domain_nll),
             _fmt(row.kl_per_token, 3),
             row.verdict or ("(base)" if row.job_id is None else row.status),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def format_curve(row: DemoRow) -> str:
+    """A Markdown table of one run's checkpoint evaluations: forgetting beside learning."""
+    lines = [
+        "| step | general-qa | checklist | NLL/token | drug NLL/token (held out) | "
+        "KL to base | drug KL to base | verdict | outcome |",
+        "|---:|---:|---:|---:|---:|---:|---:|:---|:---|",
+    ]
+    for point in row.curve:
+        general = point.get("general") or {}
+        domain = point.get("domain") or {}
+        verdict = point.get("verdict") or {}
+        nll = general.get("nll_per_token") or {}
+        cells = [
+            str(point["step"]) + (" (base)" if point["step"] == 0 else ""),
+            _fmt(general.get("accuracy")),
+            _fmt(general.get("checklist_score")),
+            _fmt(next(iter(nll.values()), None)),
+            _fmt((domain.get("after") or {}).get("nll_per_token")),
+            _fmt(general.get("kl_per_token"), 3),
+            _fmt(domain.get("kl_per_token"), 3),
+            str(verdict.get("verdict") or "–"),
+            str(verdict.get("outcome") or "–"),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

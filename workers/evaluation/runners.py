@@ -10,12 +10,11 @@ cancelled or the lease lost).
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from app.comparison.kl import TOPK, stored_topk
 from app.suites.checks import failed_rule
 from app.suites.kinds import DEFAULT_PROMPT_TEMPLATE, KINDS, RequestType, render_prompt
 from workers.engine.base import Backend, Prompt, TokenTopK
@@ -24,9 +23,6 @@ Emit = Callable[[list[dict[str, Any]]], None]
 Item = dict[str, Any]
 FLUSH_EVERY = 8  # rows per database write while generating: resumable, not chatty
 CHUNK = 32  # items per log-likelihood pass between database writes
-# Next tokens stored per predicted position of a perplexity text, for KL to the base later.
-TOPK = 16
-TOPK_DECIMALS = 5  # log-probabilities are stored rounded: compact, and the KL needs no more
 
 
 @dataclass(frozen=True)
@@ -279,11 +275,6 @@ def _score_multiple_choice(item: Item, results: Sequence[tuple[float, bool]]) ->
     }
 
 
-def targets_digest(targets: Sequence[int]) -> str:
-    """Which tokens were predicted: two runs' top-k pair up position by position only if equal."""
-    return hashlib.sha256(json.dumps(list(targets)).encode()).hexdigest()[:16]
-
-
 def _score_perplexity(item: Item, result: tuple[float, int] | TokenTopK) -> dict[str, Any]:
     """Negative log-likelihood per token of the text; nothing passes or fails.
 
@@ -297,15 +288,7 @@ def _score_perplexity(item: Item, result: tuple[float, int] | TokenTopK) -> dict
         details = {
             "nll_sum": nll,
             "tokens": tokens,
-            "topk": {
-                "k": max((len(r) for r in result.ids), default=0),
-                "targets": targets_digest(result.targets),
-                "ids": result.ids,
-                # Clamped: a masked token's -inf is not JSON, and e^-1000 is 0 for the KL anyway.
-                "logprobs": [
-                    [round(max(v, -1000.0), TOPK_DECIMALS) for v in row] for row in result.logprobs
-                ],
-            },
+            "topk": stored_topk(result.ids, result.logprobs, result.targets),
         }
     else:
         nll, tokens = result
@@ -326,5 +309,6 @@ register_scorer(
 )
 register_scorer(
     "perplexity",
+    # Next tokens per predicted position, for KL to the base later (app/comparison/kl.py).
     Scorer(_score_perplexity, text=lambda item, suite, fmt: item["text"], topk=TOPK),
 )

@@ -62,6 +62,7 @@ def test_demo_sizes_and_runs() -> None:
     interpolated = runs["full FT, lr 0.001, interpolated α 0.5"]
     assert interpolated["interpolation"] == {"alphas": [0.5]}
     assert interpolated["hyperparameters"] == runs["full FT, lr 0.001"]["hyperparameters"]
+    assert runs["full FT, lr 0.001"]["evaluation"] == {"checkpoints": sizes.curve_checkpoints}
 
 
 def test_format_table_has_a_column_per_category() -> None:
@@ -110,7 +111,11 @@ def test_demo_command_prints_the_table(tiny_model_dir: Path, tmp_path: Path) -> 
         timeout=900,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    lines = [line for line in result.stdout.splitlines() if line.startswith("|")]
+    main, heading, curve_text = result.stdout.partition(
+        "Checkpoint evaluations of full FT, lr 0.001"
+    )
+    assert heading, result.stdout[-3000:]
+    lines = [line for line in main.splitlines() if line.startswith("|")]
     assert lines[0].startswith("| run | general-qa |") and "NLL/token" in lines[0]
     names = [line.split("|")[1].strip() for line in lines[2:]]
     assert names == [
@@ -132,6 +137,16 @@ def test_demo_command_prints_the_table(tiny_model_dir: Path, tmp_path: Path) -> 
     # fine-tune that shipped its own weights (the interpolated row may come from its sweep).
     assert all(float(row[domain]) > 0 for row in cells)
     assert all(row[kl] != "–" and float(row[kl]) >= 0 for row in cells[1:6])
-    assert (tmp_path / "t.md").read_text().strip() == "\n".join(lines)
+    # The aggressive run's forgetting and learning curve: the base, then each checkpoint
+    # (QUICK: 2 of its 20 steps), each with a verdict and, after the base, KL on both texts.
+    curve = [
+        [c.strip() for c in line.strip("|").split("|")]
+        for line in curve_text.splitlines()[4:]
+        if line.startswith("|")
+    ]
+    assert [row[0] for row in curve] == ["0 (base)", "10", "20"]
+    assert all(row[7] in ("pass", "fail") and float(row[1]) >= 0 for row in curve)
+    assert all(float(row[5]) >= 0 and float(row[6]) > 0 for row in curve[1:])
+    assert (tmp_path / "t.md").read_text().strip() == result.stdout.strip()
     toy = run_checked(sys.executable, "-m", "app.cli", "demo", "--toy", env=env)
     assert "Forgetting ratio" in toy

@@ -50,14 +50,54 @@ def test_completion_nll_is_the_training_loss_per_record(tiny_model_dir) -> None:
     examples, _ = encode_records(tokenizer, RECORDS[:5], "plain", 128)
     per_record = completion_nll(model, examples, pad_id(tokenizer), batch_size=2)
     assert len(per_record) == 5
-    for example, (nll, tokens) in zip(examples, per_record, strict=True):
+    for example, score in zip(examples, per_record, strict=True):
         loss, count = sequence_loss(model.eval(), collate([example], pad_id(tokenizer)))
         loss = loss.detach()
-        assert tokens == count == example.trained_tokens > 0
-        assert nll == pytest.approx(float(loss), rel=1e-4)
+        assert score.tokens == count == example.trained_tokens > 0
+        assert score.nll_sum == pytest.approx(float(loss), rel=1e-4)
+        assert score.topk is None  # not asked for
     # Only the completion is scored: the prompt's tokens are not counted.
     prompt_only = len(tokenizer(RECORDS[0]["prompt"]).input_ids)
-    assert per_record[0][1] < len(examples[0].input_ids) - prompt_only + 2
+    assert per_record[0].tokens < len(examples[0].input_ids) - prompt_only + 2
+
+
+def test_completion_top_k_covers_the_scored_positions_and_gives_kl_to_base(  # type: ignore[no-untyped-def]
+    tiny_model_dir,
+) -> None:
+    from app.comparison.domain import held_out_kl, nll_summary
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    model = load_model(tiny_model_dir, torch.device("cpu"))
+    examples, _ = encode_records(tokenizer, RECORDS[:5], "plain", 128)
+    scores = completion_nll(
+        model, examples, pad_id(tokenizer), batch_size=2, topk=4, topk_examples=3
+    )
+    assert [s.topk is not None for s in scores] == [True, True, True, False, False]
+    for example, score in zip(examples[:3], scores[:3], strict=True):
+        top = score.topk
+        assert top is not None and top["k"] == 4
+        # One entry per trained token, most probable first, each a real log-probability.
+        assert len(top["ids"]) == len(top["logprobs"]) == example.trained_tokens
+        for row in top["logprobs"]:
+            assert row == sorted(row, reverse=True) and all(v <= 0 for v in row)
+        # The full-vocabulary log-softmax: the stored greedy token's value is its logit's.
+        logits = model(input_ids=torch.tensor([example.input_ids])).logits[0, :-1]
+        trained = [i for i, t in enumerate(example.labels[1:]) if t != -100]
+        best = torch.log_softmax(logits[trained[0]], dim=-1).max()
+        assert top["logprobs"][0][0] == pytest.approx(float(best), abs=1e-4)
+
+    def summary(values: list) -> dict:  # type: ignore[type-arg]
+        return nll_summary([(s.nll_sum, s.tokens) for s in values], [s.topk for s in values])
+
+    same = held_out_kl(summary(scores), summary(scores))
+    assert same["kl_per_token"] == 0.0 and same["kl_positions"] > 0
+    with torch.no_grad():  # another model: the distributions move, and KL says so
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    moved = completion_nll(
+        model, examples, pad_id(tokenizer), batch_size=2, topk=4, topk_examples=3
+    )
+    assert held_out_kl(summary(scores), summary(moved))["kl_per_token"] > 0.001
 
 
 @pytest.mark.slow
@@ -93,8 +133,12 @@ def test_a_job_reports_what_it_learned_on_records_it_never_trained_on(
     domain = data["comparison"]["domain"]
     assert domain["held_out_records"] == 3
     assert domain["held_out"]["records"] == 3 and domain["held_out"]["statistics"]["n_pairs"] == 3
-    # Full fine-tuning at lr 1e-3 on the same template: held-out NLL falls.
+    # Full fine-tuning at lr 1e-3 on the same template: held-out NLL falls, and the
+    # predictions on the domain prompts moved away from the base's.
     assert domain["after"]["nll_per_token"] < domain["before"]["nll_per_token"]
+    assert domain["kl_per_token"] > 0
+    # Every held-out completion token (3 records, under the cap) is a KL position.
+    assert domain["held_out"]["kl_positions"] == domain["held_out"]["before"]["tokens"]
     assert domain["gain"]["nll_per_token"] > 0
     assert "accuracy" in domain["before"] and "accuracy" in domain["after"]
     assert domain["before_evaluation_id"] and domain["after_evaluation_id"]

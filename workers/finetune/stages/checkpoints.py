@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from sqlalchemy import select
 
-from app.comparison.domain import domain_block, nll_summary, outcome
+from app.comparison.domain import domain_block, outcome
 from app.comparison.service import load_pair
 from app.comparison.verdict import CompareOptions, Row, build
 from app.core.tables import Evaluation, FinetuneCheckpoint
@@ -31,7 +31,7 @@ from workers.evaluation.runners import RunSettings, run_items
 from workers.finetune.data import encode_records, pad_id
 from workers.finetune.domain import completion_nll
 from workers.finetune.ewc import trainable_named_parameters
-from workers.finetune.stages.domain import domain_records, domain_spec
+from workers.finetune.stages.domain import KL_TOPK, domain_records, domain_spec, held_out_summary
 from workers.finetune.training import GuardStop, autocast_for
 
 if TYPE_CHECKING:
@@ -258,12 +258,13 @@ class CheckpointEvaluator:
             held = None
             if self.held_out:
                 device = next(model.parameters()).device
-                held = nll_summary(
+                held = held_out_summary(
                     completion_nll(
                         model,
                         self.held_out,
                         pad_id(self.tokenizer),
                         autocast=autocast_for(device),
+                        **KL_TOPK,
                     )
                 )
             domain_body = None

@@ -15,16 +15,27 @@ from typing import TYPE_CHECKING, Any
 
 from app.comparison import domain as verdicts
 from app.comparison import service as comparison
+from app.comparison.kl import TOPK
 from app.comparison.verdict import CompareOptions
 from app.finetune.schemas import DomainEvaluationSpec, holdout_split, load_path_records
 from workers.engine.loading import ModelCache
 from workers.finetune.artifacts import DOMAIN_TRAIN, HELD_OUT
 from workers.finetune.data import encode_records, pad_id, read_records, write_jsonl
-from workers.finetune.domain import completion_nll
+from workers.finetune.domain import CompletionScore, completion_nll
 from workers.finetune.stages.evaluation import evaluate, job_settings
 
 if TYPE_CHECKING:
     from workers.finetune.job import FinetuneRun
+
+
+# Top-k next tokens kept per held-out completion position, for KL to base on the domain
+# prompts; only the first records', so a large held-out set stays a small file.
+KL_TOPK: dict[str, Any] = {"topk": TOPK, "topk_examples": 256}
+
+
+def held_out_summary(scores: list[CompletionScore]) -> dict[str, Any]:
+    """:func:`app.comparison.domain.nll_summary` of :func:`completion_nll`'s scores."""
+    return verdicts.nll_summary([(s.nll_sum, s.tokens) for s in scores], [s.topk for s in scores])
 
 
 def domain_spec(run: FinetuneRun) -> DomainEvaluationSpec | None:
@@ -84,12 +95,13 @@ def held_out_nll(
         run.warn("domain: no held-out record has tokens to score; no domain NLL")
         return None
     run.stage(f"domain: held-out NLL ({which})", total=len(examples))
-    summary = verdicts.nll_summary(completion_nll(model, examples, pad_id(tokenizer)))
+    summary = held_out_summary(completion_nll(model, examples, pad_id(tokenizer), **KL_TOPK))
     path.write_text(json.dumps(summary), encoding="utf-8")
     run.event(
         f"domain: held-out NLL/token {which}: {summary['nll_per_token']:.4f} "
         f"({summary['records']} records, {summary['tokens']} tokens)",
-        data={k: v for k, v in summary.items() if k != "per_record"} | {"which": which},
+        data={k: v for k, v in summary.items() if k not in ("per_record", "topk")}
+        | {"which": which},
     )
     return summary
 
