@@ -13,6 +13,9 @@ from collections.abc import MutableMapping
 # Never reach the hub: models come from local directories only (``local_files_only=True`` is
 # passed as well; these also stop the libraries' own update and telemetry calls).
 OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+# No progress bars (transformers 5 draws one for every model load): workers write logs, and a
+# bar per evaluation or checkpoint drowns the lines that matter.
+QUIET = {"HF_HUB_DISABLE_PROGRESS_BARS": "1"}
 # Idle OpenMP threads sleep instead of spinning. Spinning threads starve the other processes
 # on a shared CPU (measured: tiny-model training 40x slower on 2 cores); sleeping costs
 # nothing when the process is alone.
@@ -26,14 +29,14 @@ VLLM = {"VLLM_CONFIGURE_LOGGING": "0", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 def configure_process(
     device: str = "auto", *, environ: MutableMapping[str, str] | None = None
 ) -> str:
-    """Set this process's offline and thread settings; return the device to run on.
+    """Set this process's offline, logging and thread settings; return the device to run on.
 
     Values already in the environment win (an operator may export ``OMP_WAIT_POLICY=ACTIVE``).
     ``cuda:N`` pins the process to GPU N through ``CUDA_VISIBLE_DEVICES``, so torch sees that
     GPU as ``cuda:0``, which is returned; any other device comes back unchanged.
     """
     env = os.environ if environ is None else environ
-    for name, value in {**OFFLINE, **THREADS, **VLLM}.items():
+    for name, value in {**OFFLINE, **QUIET, **THREADS, **VLLM}.items():
         env.setdefault(name, value)
     if device.startswith("cuda:"):
         env["CUDA_VISIBLE_DEVICES"] = device.split(":", 1)[1]

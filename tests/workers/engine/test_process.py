@@ -13,6 +13,7 @@ from workers.engine.process import configure_process
 SETTINGS = (
     "HF_HUB_OFFLINE",
     "TRANSFORMERS_OFFLINE",
+    "HF_HUB_DISABLE_PROGRESS_BARS",
     "OMP_WAIT_POLICY",
     "CUDA_VISIBLE_DEVICES",
     "VLLM_CONFIGURE_LOGGING",
@@ -50,6 +51,7 @@ def test_configure_process_sets_offline_and_passive_threads() -> None:
     assert env == {
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
         "OMP_WAIT_POLICY": "PASSIVE",
         "VLLM_CONFIGURE_LOGGING": "0",
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
