@@ -189,3 +189,75 @@ def test_vllm_agrees_with_transformers_and_serves_adapters_unmerged(
     starts = [line for line in log.splitlines() if "starting vLLM" in line]
     assert len(starts) == 2, log[-3000:]
     assert "(no LoRA)" in starts[0] and "(LoRA up to rank 8)" in starts[1], starts
+
+
+def test_a_lora_fine_tune_is_evaluated_before_and_after_on_vllm(
+    settings: Settings, reference_model_dir: Path, tmp_path: Path, vllm_env: None
+) -> None:
+    """A fine-tune job with ``evaluation.backend: "vllm"`` on a vLLM worker: training in torch,
+    both evaluations on the in-process engine (the adapter served unmerged), KL to base from
+    vLLM's top-k, and held-out domain figures."""
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    records = [
+        {"prompt": f"What is drug {name}?", "completion": f"Drug {name} treats {use}."}
+        for name, use in [
+            ("alpha", "pain"),
+            ("beta", "fever"),
+            ("gamma", "cough"),
+            ("delta", "asthma"),
+            ("epsilon", "gout"),
+            ("zeta", "acne"),
+            ("eta", "nausea"),
+            ("theta", "anemia"),
+            ("iota", "malaria"),
+            ("kappa", "angina"),
+        ]
+    ]
+    worker_log = tmp_path / "worker.log"
+    worker = start_worker(settings, "--backend", "vllm", log=worker_log)
+    try:
+        with TestClient(create_app(settings)) as client:
+            response = client.post(
+                "/finetune-jobs",
+                json={
+                    "base_model": {"path": str(reference_model_dir)},
+                    "dataset": {"examples": records},
+                    "method": "lora",
+                    "hyperparameters": {"learning_rate": 3e-4, "max_steps": 4},
+                    "evaluation": {
+                        "backend": "vllm",
+                        "suites": [{**UNSEEN, "items": UNSEEN["items"][:10]}, "general-text"],
+                        "prompt_format": "plain",
+                        "generation": {"max_new_tokens": 16},
+                        "domain": {"holdout": 0.3, "seed": 1},
+                    },
+                },
+            )
+            assert response.status_code == 202, response.text
+            job_id = response.json()["id"]
+
+            def finished() -> dict[str, Any] | None:
+                body: dict[str, Any] = client.get(f"/finetune-jobs/{job_id}").json()
+                return body if body["status"] in ("succeeded", "failed", "cancelled") else None
+
+            job = wait_for(finished, 1500, interval=2.0, what="the fine-tune job")
+            assert job["status"] == "succeeded", (job["error"], worker_log.read_text()[-3000:])
+            for which in ("before", "after"):
+                evaluation = client.get(f"/evaluations/{job[f'{which}_evaluation_id']}").json()
+                assert evaluation["model"]["engine"]["backend"] == "vllm", which
+            after = client.get(f"/evaluations/{job['after_evaluation_id']}").json()
+            assert after["model"]["adapter_path"] == job["output_path"]
+            comparison = job["comparison"]
+            assert comparison["verdict"] in ("pass", "fail")
+            kl = comparison["drift"]["kl_per_token"]
+            assert kl is not None and kl > 0  # the adapter moved the distributions
+            assert comparison["domain"]["held_out_records"] == 3
+            assert comparison["domain"]["kl_per_token"] > 0
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(timeout=120)
+    starts = [line for line in worker_log.read_text().splitlines() if "starting vLLM" in line]
+    assert len(starts) == 2 and "(no LoRA)" in starts[0] and "rank 16" in starts[1], starts

@@ -396,19 +396,19 @@ class VLLMBackend(Backend):
         if k < 1:
             raise ValueError("k must be at least 1")
         pieces = self._windows(texts)
-        out = [TokenTopK(0.0, 0, [], [], []) for _ in texts]
-        for (t, seq), scored in zip(
-            pieces, self._prompt_logprobs([p for _, p in pieces], k), strict=True
-        ):
-            one = out[t]
-            out[t] = TokenTopK(
-                one.nll_sum - sum(s.logprob for s in scored),
-                one.tokens + len(scored),
-                one.ids + [s.top_ids for s in scored],
-                one.logprobs + [s.top_logprobs for s in scored],
-                one.targets + seq[1:],
-            )
-        return out
+        sums, counts = [0.0] * len(texts), [0] * len(texts)
+        tops: list[tuple[list[list[int]], list[list[float]], list[int]]] = [
+            ([], [], []) for _ in texts
+        ]
+        scored_pieces = self._prompt_logprobs([p for _, p in pieces], k)
+        for (t, seq), scored in zip(pieces, scored_pieces, strict=True):
+            sums[t] -= sum(s.logprob for s in scored)
+            counts[t] += len(scored)
+            ids, logprobs, targets = tops[t]
+            ids.extend(s.top_ids for s in scored)
+            logprobs.extend(s.top_logprobs for s in scored)
+            targets.extend(seq[1:])
+        return [TokenTopK(sums[t], counts[t], *tops[t]) for t in range(len(texts))]
 
 
 def device_description(settings: VLLMSettings) -> str:
