@@ -5,15 +5,16 @@ the ``openai`` backend on vLLM's own OpenAI-compatible server (``vllm serve``, s
 Every variant answers the same general-qa prompts (plain format, greedy, 50 new tokens) in a
 child process of its own, so start-up and peak memory are its own and only one engine lives
 at a time. Start-up (model load or engine start) is timed apart from generation; one untimed
-warm-up call precedes the timed one. Agreement is per item against the transformers float32
-run: the same correctness (the lesson's substring scoring) and byte-identical answers. For the
-served variant, start-up is the server's (until ``/v1/models`` answers) and peak memory is the
-server process's.
+warm-up call precedes ``--repeats`` timed ones, and generation is their median (with the
+range): on a small shared machine one timing alone varies by 10–20 %. Agreement is per item
+against the transformers float32 run: the same correctness (the lesson's substring scoring) and
+byte-identical answers. For the served variant, start-up is the server's (until ``/v1/models``
+answers) and peak memory is the server process's.
 Writes ``backend_throughput.json`` and ``backend_throughput.md`` under ``--out``.
 
     python benchmarks/backend_throughput.py [--model models/smollm2-135m-instruct]
         [--variants transformers:float32,vllm:float32,openai:float32,vllm:bfloat16,...]
-        [--limit 0] [--out benchmarks/results]
+        [--limit 0] [--repeats 3] [--out benchmarks/results]
 
 Run it with the vLLM environment's python (``make vllm``): it has both engines.
 """
@@ -27,6 +28,7 @@ import platform
 import resource
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -59,7 +61,9 @@ def _correct(answer: str, answers: list[str]) -> bool:
     return any(a.lower() in text for a in answers)
 
 
-def child(backend: str, dtype: str, model: Path, limit: int, max_new_tokens: int) -> None:
+def child(
+    backend: str, dtype: str, model: Path, limit: int, max_new_tokens: int, repeats: int
+) -> None:
     """Run one variant and print its measurements as one JSON line."""
     from workers.engine.base import Prompt
 
@@ -93,9 +97,15 @@ def child(backend: str, dtype: str, model: Path, limit: int, max_new_tokens: int
         version = vllm_backend.engine_version()
     startup = time.perf_counter() - started
     engine.generate(prompts[:8], max_new_tokens=max_new_tokens)  # warm-up, untimed
-    started = time.perf_counter()
-    answers = engine.generate(prompts, max_new_tokens=max_new_tokens)
-    seconds = time.perf_counter() - started
+    timings: list[float] = []
+    answers: list[str] | None = None
+    deterministic = True
+    for _ in range(repeats):
+        started = time.perf_counter()
+        these = engine.generate(prompts, max_new_tokens=max_new_tokens)
+        timings.append(round(time.perf_counter() - started, 2))
+        deterministic = deterministic and (answers is None or these == answers)
+        answers = answers or these
     who = resource.RUSAGE_SELF
     if server is not None:
         server.send_signal(signal.SIGTERM)
@@ -110,13 +120,19 @@ def child(backend: str, dtype: str, model: Path, limit: int, max_new_tokens: int
                 "dtype": dtype,
                 "version": version,
                 "startup_s": round(startup, 2),
-                "generation_s": round(seconds, 2),
+                "generation_s": statistics.median(timings),
+                "generation_runs_s": timings,
+                "deterministic": deterministic,
                 "peak_rss_gib": round(peak_rss / 2**30, 2),
                 "answers": answers,
             }
         ),
         flush=True,
     )
+
+
+def _span(timings: list[float]) -> str:
+    return f"{min(timings):.1f}–{max(timings):.1f}" if len(timings) > 1 else "one pass"
 
 
 def _serve(model: Path, dtype: str) -> tuple[subprocess.Popen[bytes], str]:
@@ -152,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", default=DEFAULT_VARIANTS)
     p.add_argument("--limit", type=int, default=0, help="first N items (0: all)")
     p.add_argument("--max-new-tokens", type=int, default=50)
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per variant (median)")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -161,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.child:
         backend, dtype = args.child.split(":")
-        child(backend, dtype, model, args.limit, args.max_new_tokens)
+        child(backend, dtype, model, args.limit, args.max_new_tokens, max(1, args.repeats))
         return 0
 
     items = _items(args.limit)
@@ -169,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     for variant in args.variants.split(","):
         command = [sys.executable, __file__, "--child", variant, "--model", str(model)]
         command += ["--limit", str(args.limit), "--max-new-tokens", str(args.max_new_tokens)]
+        command += ["--repeats", str(max(1, args.repeats))]
         print(f"running {variant} …", file=sys.stderr, flush=True)
         done = subprocess.run(command, capture_output=True, text=True, check=False)
         lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
@@ -199,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         "prompts": len(items),
         "max_new_tokens": args.max_new_tokens,
         "format": "plain",
+        "repeats": max(1, args.repeats),
     }
     (out / "backend_throughput.json").write_text(
         json.dumps({"meta": meta, "runs": runs}, indent=2) + "\n", encoding="utf-8"
@@ -206,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     first = f"{reference['backend']} {reference['dtype']}"
     lines = [
         f"{len(items)} general-qa prompts, plain format, greedy, {args.max_new_tokens} new tokens, "
-        f"{meta['machine']}; one run, each engine in its own process.",
+        f"{meta['machine']}; one run, each engine in its own process; generation is the median "
+        f"of {meta['repeats']} timed passes (range in brackets), the ratio is of medians.",
         "",
         f"| backend | dtype | start-up | generation | × vs {first} | correct | "
         f"same correctness as {first} | byte-identical answers | peak memory |",
@@ -215,10 +235,14 @@ def main(argv: list[str] | None = None) -> int:
     for run in runs:
         lines.append(
             f"| {run['version']} | {run['dtype']} | {run['startup_s']:.1f} s | "
-            f"{run['generation_s']:.1f} s | {run['speedup_vs_first']:.2f}× | "
+            f"{run['generation_s']:.1f} s ({_span(run['generation_runs_s'])}) | "
+            f"{run['speedup_vs_first']:.2f}× | "
             f"{run['correct']}/{len(items)} | {run['same_correctness']}/{len(items)} | "
             f"{run['identical_answers']}/{len(items)} | {run['peak_rss_gib']:.1f} GiB |"
         )
+    changed = [f"{r['version']} {r['dtype']}" for r in runs if not r["deterministic"]]
+    if changed:
+        lines += ["", f"Answers changed between timed passes of: {', '.join(changed)}."]
     (out / "backend_throughput.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines))
     return 0
