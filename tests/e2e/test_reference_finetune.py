@@ -154,7 +154,7 @@ def _submit(client: Any, model: Path, **fields: Any) -> str:
             "suites": [general_qa_subset(THIRTY_GENERAL_QUESTIONS)],
             "generation": {"max_new_tokens": 24},
             "threshold": 0.10,
-            "domain": False,  # train on all twenty: the step count below is 10 × 20 / 4
+            "domain": False,  # train on all twenty: the step count below is 5 × 20 / 4
         },
         **fields,
     }
@@ -226,7 +226,7 @@ def test_full_fine_tune_at_lr_1e3_forgets_and_lora_safe_does_not(
         preset="risky",
         hyperparameters={
             "learning_rate": 1e-3,
-            "num_train_epochs": 10,
+            "num_train_epochs": 5,
             "per_device_train_batch_size": 4,
         },
     )
@@ -237,7 +237,7 @@ def test_full_fine_tune_at_lr_1e3_forgets_and_lora_safe_does_not(
     assert comparison["catastrophic_forgetting_detected"] is True
     assert comparison["verdict"] == "fail"
     assert comparison["accuracy_drop"] > 0.10 and comparison["flips"]["forgotten"]
-    assert full["metrics"]["total_steps"] == 50  # 10 epochs × 20 examples / batch 4
+    assert full["metrics"]["total_steps"] == 25  # 5 epochs × 20 examples / batch 4
     assert any("rule of thumb for full fine-tuning" in w for w in full["warnings"])
     _compare_page_shows_the_collapse(client, full)
 
