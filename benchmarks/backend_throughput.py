@@ -98,14 +98,12 @@ def child(
     startup = time.perf_counter() - started
     engine.generate(prompts[:8], max_new_tokens=max_new_tokens)  # warm-up, untimed
     timings: list[float] = []
-    answers: list[str] | None = None
-    deterministic = True
+    passes: list[list[str]] = []
     for _ in range(repeats):
         started = time.perf_counter()
-        these = engine.generate(prompts, max_new_tokens=max_new_tokens)
+        passes.append(engine.generate(prompts, max_new_tokens=max_new_tokens))
         timings.append(round(time.perf_counter() - started, 2))
-        deterministic = deterministic and (answers is None or these == answers)
-        answers = answers or these
+    answers = passes[0]
     who = resource.RUSAGE_SELF
     if server is not None:
         server.send_signal(signal.SIGTERM)
@@ -122,7 +120,7 @@ def child(
                 "startup_s": round(startup, 2),
                 "generation_s": statistics.median(timings),
                 "generation_runs_s": timings,
-                "deterministic": deterministic,
+                "deterministic": all(p == answers for p in passes),
                 "peak_rss_gib": round(peak_rss / 2**30, 2),
                 "answers": answers,
             }
@@ -172,13 +170,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    args.repeats = max(1, args.repeats)
     model = Path(args.model) if Path(args.model).is_absolute() else (REPO / args.model).resolve()
     if not (model / "config.json").is_file():
         print(f"model directory {model} is missing: forgetguard models pull", file=sys.stderr)
         return 2
     if args.child:
         backend, dtype = args.child.split(":")
-        child(backend, dtype, model, args.limit, args.max_new_tokens, max(1, args.repeats))
+        child(backend, dtype, model, args.limit, args.max_new_tokens, args.repeats)
         return 0
 
     items = _items(args.limit)
@@ -186,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     for variant in args.variants.split(","):
         command = [sys.executable, __file__, "--child", variant, "--model", str(model)]
         command += ["--limit", str(args.limit), "--max-new-tokens", str(args.max_new_tokens)]
-        command += ["--repeats", str(max(1, args.repeats))]
+        command += ["--repeats", str(args.repeats)]
         print(f"running {variant} …", file=sys.stderr, flush=True)
         done = subprocess.run(command, capture_output=True, text=True, check=False)
         lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
@@ -217,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         "prompts": len(items),
         "max_new_tokens": args.max_new_tokens,
         "format": "plain",
-        "repeats": max(1, args.repeats),
+        "repeats": args.repeats,
     }
     (out / "backend_throughput.json").write_text(
         json.dumps({"meta": meta, "runs": runs}, indent=2) + "\n", encoding="utf-8"
