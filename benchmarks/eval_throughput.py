@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -38,6 +37,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
+
+from benchmarks.machine import describe, line  # noqa: E402
 
 LESSON_TEMPLATE = "Question: {question}\nAnswer:"
 
@@ -298,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         "batch_size": args.batch_size,
         "load_seconds": load_seconds,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-        "platform": f"{platform.system()} {platform.machine()}, {platform.python_version()}",
+        "platform": line(describe()),
         # Timings on a shared machine mean little without the load they were taken under.
         "load_average_start": _load_average(),
         "formats": {},

@@ -20,6 +20,9 @@ RUN useradd --system --uid 10001 --create-home forgetguard \
 WORKDIR /opt/forgetguard
 COPY pyproject.toml README.md ./
 COPY app ./app
+# The client package: the server imports its job status names and rule book, and its
+# `forgetguard` command carries the client's gate, evaluate, compare, finetune and status.
+COPY forgetguard ./forgetguard
 # Base dependencies + psycopg only: the `worker` extra (torch, transformers, peft) is never
 # installed here. The migrations ship inside the package (app/migrations). The check fails
 # the build if anything pulled torch in after all.

@@ -62,6 +62,7 @@ WORKDIR /opt/forgetguard
 COPY pyproject.toml README.md ./
 COPY app ./app
 COPY workers ./workers
+COPY forgetguard ./forgetguard
 RUN pip install -c /opt/vllm-pins.txt -e ".[worker,postgres]" \
     && python -c "import torch; assert torch.version.cuda and torch.__version__.startswith('${TORCH_VERSION}')"
 ENV FORGETGUARD_WORKER_BACKEND=${VLLM_VERSION:+vllm}

@@ -1,8 +1,10 @@
-"""forgetguard for users: a Python client (``Client``) and a transformers ``TrainerCallback``.
+"""forgetguard for users: a Python client (``Client``), the CI gate and a ``TrainerCallback``.
 
-This package imports only ``httpx`` and ``pydantic`` (the callback, imported on its own from
-``forgetguard.callback``, also needs ``transformers``); the server lives in ``app`` and the
-workers in ``workers``.
+This is the client package: it imports nothing of the server, and installs alone
+(``pip install ./client``). ``import forgetguard`` needs only ``httpx`` and ``pydantic``; the
+commands (``forgetguard.cli``: gate, evaluate, compare, finetune, status) add ``typer`` and
+``rich``; the callback, imported on its own from ``forgetguard.callback``, needs
+``transformers``. The server lives in ``app`` and the workers in ``workers``.
 """
 
 from forgetguard.client import (
@@ -12,19 +14,25 @@ from forgetguard.client import (
     FinetuneJob,
     ForgetguardError,
     JobFailed,
+    MalformedResponse,
     ProblemError,
     Progress,
+    Timeout,
     Unreachable,
 )
+from forgetguard.rules import CompareRules
 
 __all__ = [
     "Client",
+    "CompareRules",
     "Comparison",
     "Evaluation",
     "FinetuneJob",
     "ForgetguardError",
     "JobFailed",
+    "MalformedResponse",
     "ProblemError",
     "Progress",
+    "Timeout",
     "Unreachable",
 ]

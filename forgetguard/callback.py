@@ -2,22 +2,27 @@
 
 Works with ``Trainer``, TRL's ``SFTTrainer`` and anything else that accepts Hugging Face
 callbacks. Every ``every_steps`` optimizer steps (or at each save) it evaluates the model on
-general suites, records the forgetting curve (``callback.curve``), and stops training
-(``control.should_training_stop``) when general accuracy has fallen more than ``max_drop``
-below the base model's — the guard of a forgetguard fine-tune job, in your own loop:
+general suites, compares it with the base under the rule book (``forgetguard.rules``), and
+records the forgetting curve (``callback.curve``: accuracy, drop, verdict and the guard's
+reading at each point). It decides as a forgetguard fine-tune job's guard does: a point is
+acceptable when its verdict passes and general accuracy fell by at most ``max_drop``. With
+``stop=True`` (or, as before, when ``max_drop=`` is given) it stops training
+(``control.should_training_stop``) at the first point that is not:
 
     from forgetguard.callback import ForgetGuardCallback
+    from forgetguard.rules import CompareRules
 
-    guard = ForgetGuardCallback(every_steps=50, max_drop=0.05)
+    guard = ForgetGuardCallback(every_steps=50, rules=CompareRules(max_drop=0.05), stop=True)
     trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[guard])
     trainer.train()
-    print(guard.curve, guard.stopped_at)
+    print(guard.curve, guard.stopped_at, guard.stop_reason)
 
 Two ways to evaluate:
 
-* in-process (default): the live model, through the forgetguard worker engine (needs the
-  ``worker`` extra: torch, transformers). Suites are built-in names (``general-qa`` …) or
-  suite dicts; ``max_items`` keeps each evaluation short.
+* in-process (default): the live model, through the forgetguard worker engine and the server's
+  comparison code (needs the ``worker`` extra: torch, transformers). Suites are built-in names
+  (``general-qa`` …) or suite dicts; ``max_items`` keeps each evaluation short with a seeded
+  sample stratified across categories (``callback.sample`` lists the items).
 * on a server: pass ``client=forgetguard.Client(url)`` and ``base_model=PATH`` (a path the
   server may read). At each save the saved checkpoint (``checkpoint-N``: a full model, or a
   peft adapter on ``base_model``) is evaluated there and compared with ``/compare``, so the
@@ -36,6 +41,8 @@ from typing import Any
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from forgetguard.client import Client, Evaluation
+from forgetguard.rules import CompareRules
+from forgetguard.sampling import stratified_sample
 
 log = logging.getLogger("forgetguard.callback")
 
@@ -64,50 +71,85 @@ class ForgetGuardCallback(TrainerCallback):
         every_steps: int | None = None,
         suites: Sequence[str | Mapping[str, Any]] = ("general-qa",),
         max_items: int | None = 40,
+        seed: int = 0,
+        rules: CompareRules | None = None,
+        stop: bool | None = None,
         max_drop: float | None = None,
+        threshold: float | None = None,
         prompt_format: str | None = None,
         max_new_tokens: int = 50,
         client: Client | None = None,
         base_model: str | None = None,
-        threshold: float = 0.10,
     ) -> None:
+        """``rules``: the rule book (its defaults when None); ``max_drop=`` and ``threshold=``
+        set those rules on it. ``stop``: stop training at the first point the guard does not
+        accept (default: only when ``max_drop=`` is given). ``max_items``/``seed``: evaluate a
+        seeded sample of each suite, stratified across its categories."""
         if every_steps is not None and every_steps < 1:
             raise ValueError("every_steps must be at least 1 (or None to evaluate at each save)")
         if client is not None and base_model is None:
             raise ValueError("a server-side guard needs base_model: the path the server reads")
+        given = {
+            name: value
+            for name, value in (("max_drop", max_drop), ("threshold", threshold))
+            if value is not None
+        }
+        base_rules = rules if rules is not None else CompareRules()
+        self.rules = type(base_rules).model_validate({**base_rules.model_dump(), **given})
+        self.stop = max_drop is not None if stop is None else stop
         self.every_steps = every_steps
-        self.max_drop = max_drop
         self.prompt_format = prompt_format
         self.max_new_tokens = max_new_tokens
         self.client = client
         self.base_model = base_model
-        self.threshold = threshold
-        self.suites = [self._definition(s, max_items) for s in suites]
+        self.suites = [self._definition(s, max_items, seed) for s in suites]
+        # Which items each suite is evaluated on: suite name → item ids.
+        self.sample: dict[str, list[str]] = {
+            d["name"]: [str(item["id"]) for item in d["items"]] for d in self.suites
+        }
         self.curve: list[dict[str, Any]] = []
         self.stopped_at: int | None = None
         self.stop_reason: str | None = None
         self._base_eval: Evaluation | None = None
+        self._base_rows: list[Any] = []
+
+    @property
+    def max_drop(self) -> float:
+        """The guard's ``max_drop`` (the rule book's)."""
+        return self.rules.max_drop
+
+    @property
+    def threshold(self) -> float:
+        """The verdict's ``threshold`` (the rule book's)."""
+        return self.rules.threshold
 
     @staticmethod
-    def _definition(suite: str | Mapping[str, Any], max_items: int | None) -> dict[str, Any]:
+    def _definition(
+        suite: str | Mapping[str, Any], max_items: int | None, seed: int
+    ) -> dict[str, Any]:
         definition = builtin_suite(suite) if isinstance(suite, str) else dict(suite)
-        if max_items is not None and len(definition["items"]) > max_items:
+        total = len(definition["items"])
+        if max_items is not None and total > max_items:
             definition = {
                 **definition,
-                "name": f"{definition['name']}-first{max_items}",
-                "items": definition["items"][:max_items],
+                "name": f"{definition['name']}-sample{max_items}",
+                "description": f"{max_items} of the {total} items of {definition['name']}, "
+                f"a sample stratified across categories (seed {seed})",
+                "items": stratified_sample(definition["items"], max_items, seed=seed),
             }
         return definition
 
     # ------------------------------------------------------------------ in-process
 
-    def _evaluate_here(self, model: Any, tokenizer: Any) -> dict[str, Any]:
-        from workers.evaluation.memory import evaluate_suites
+    def _evaluate_here(self, model: Any, tokenizer: Any, step: int) -> dict[str, Any]:
+        """Results of the live model; from step 1 on, ``_comparison`` with the base (the same
+        comparison ``/compare`` makes, under the rule book)."""
+        from workers.evaluation.inprocess import compare_rows, results, run_suites
 
         was_training = model.training
         model.eval()
         try:
-            return evaluate_suites(
+            rows = run_suites(
                 model,
                 tokenizer,
                 self.suites,
@@ -117,6 +159,14 @@ class ForgetGuardCallback(TrainerCallback):
         finally:
             if was_training:
                 model.train()
+        out: dict[str, Any] = dict(results(rows))
+        if not self._base_rows:
+            self._base_rows = rows
+        else:
+            out["_comparison"] = compare_rows(
+                self._base_rows, rows, self.rules, after_id=f"step-{step}"
+            )
+        return out
 
     # ------------------------------------------------------------------ on a server
 
@@ -143,13 +193,9 @@ class ForgetGuardCallback(TrainerCallback):
             str(checkpoint) if is_adapter else None,
             f"callback: {checkpoint.name}",
         )
-        comparison = self.client.compare(self._base_eval.id, after.id, threshold=self.threshold)
+        comparison = self.client.compare(self._base_eval.id, after.id, rules=self.rules)
         results = dict(after.results or {})
-        results["_comparison"] = {
-            "evaluation_id": after.id,
-            "verdict": comparison.verdict,
-            "accuracy_drop": comparison.accuracy_drop,
-        }
+        results["_comparison"] = {"evaluation_id": after.id, **comparison.model_dump()}
         return results
 
     # ------------------------------------------------------------------ the curve
@@ -170,7 +216,7 @@ class ForgetGuardCallback(TrainerCallback):
 
     def _record_here(self, step: int, model: Any, tokenizer: Any, control: TrainerControl) -> None:
         """Evaluate the model being trained in this process at ``step`` and record it."""
-        self._record(step, self._evaluate_here(model, tokenizer), control)
+        self._record(step, self._evaluate_here(model, tokenizer, step), control)
 
     def _record(self, step: int, results: Mapping[str, Any], control: TrainerControl) -> None:
         general = self._general(results)
@@ -178,17 +224,36 @@ class ForgetGuardCallback(TrainerCallback):
         drop = None
         if "accuracy" in general and "accuracy" in base:
             drop = base["accuracy"] - general["accuracy"]
-        point = {"step": step, "general": general, "drop": drop, "results": dict(results)}
+        point: dict[str, Any] = {"step": step, "general": general, "drop": drop}
+        comparison = results.get("_comparison")
+        if comparison is not None:
+            # The guard of a fine-tune job, read off the comparison with the base.
+            point["verdict"] = comparison["verdict"]
+            point["reasons"] = list(comparison.get("reasons") or [])
+            point["guard"] = self.rules.guard(comparison)
+        point["results"] = dict(results)
         self.curve.append(point)
         log.info("forgetguard: step %d general %s drop %s", step, general, drop)
-        if step > 0 and self.max_drop is not None and drop is not None and drop > self.max_drop:
+        if self.stop and comparison is not None and not point["guard"]["acceptable"]:
             self.stopped_at = step
-            self.stop_reason = (
-                f"general accuracy fell {drop:.3f} below the base "
-                f"({base['accuracy']:.3f} → {general['accuracy']:.3f}), more than "
-                f"max_drop {self.max_drop:g}"
-            )
+            self.stop_reason = self._why(point, comparison)
             control.should_training_stop = True
+
+    def _why(self, point: Mapping[str, Any], comparison: Mapping[str, Any]) -> str:
+        guard = point["guard"]
+        rule = (
+            "the verdict must pass and general accuracy fall by at most "
+            f"max_drop {guard['max_drop']:g}"
+        )
+        if point["verdict"] != "pass":
+            found = "; ".join(point["reasons"]) or "verdict fail"
+            return f"step {point['step']} fails the guard ({rule}): {found}"
+        before = comparison.get("overall_accuracy_before")
+        after = comparison.get("overall_accuracy_after")
+        return (
+            f"step {point['step']} fails the guard ({rule}): general accuracy fell "
+            f"{guard['drop']:.3f} below the base ({before:.3f} → {after:.3f})"
+        )
 
     # ------------------------------------------------------------------ callback hooks
 

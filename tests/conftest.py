@@ -162,6 +162,7 @@ def settings(database_url: str, tmp_path: Path, tiny_model_dir: Path) -> Setting
         data_roots=[tmp_path / "data"],
         artifacts_dir=tmp_path / "artifacts",
         cache_dir=tmp_path / "cache",
+        benchmarks_dir=tmp_path / "benchmarks",
         lease_seconds=60,
         heartbeat_seconds=2,
         poll_seconds=0.2,

@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -79,3 +80,119 @@ def test_the_action_calls_gate_options_that_exist() -> None:
     ).stdout
     for option in options:
         assert option in help_text, option
+
+
+# --- the gate step's own script, run by bash as the runner runs it, with a stand-in gate
+
+
+def _gate_step(
+    tmp_path: Path, *, args: str = "", report_dir: str = "forgetguard-report", code: int = 0
+) -> tuple[subprocess.CompletedProcess[str], dict[str, str], list[str] | None]:
+    """Run the action's gate step; returns the process, its outputs and the arguments the
+    stand-in ``forgetguard`` received (None when it was never called)."""
+    workspace = tmp_path / "workspace"
+    workspace.mkdir(exist_ok=True)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    called = tmp_path / "called.txt"
+    called.unlink(missing_ok=True)
+    fake = bin_dir / "forgetguard"
+    fake.write_text(f'#!/bin/bash\nprintf "%s\\n" "$@" > {called}\nexit {code}\n')
+    fake.chmod(0o755)
+    output = tmp_path / "github-output"
+    output.write_text("")
+    step = next(s for s in ACTION["runs"]["steps"] if s.get("id") == "gate")
+    env = {
+        "PATH": f"{bin_dir}:/usr/bin:/bin",
+        "GITHUB_WORKSPACE": str(workspace),
+        "GITHUB_OUTPUT": str(output),
+        "FORGETGUARD_URL": "https://forgetguard.internal",
+        "FORGETGUARD_API_KEY": "secret",
+        "FG_BASE_MODEL": "/models/base",
+        "FG_CANDIDATE": "/models/candidate",
+        "FG_ADAPTER": "",
+        "FG_BEFORE": "",
+        "FG_AFTER": "",
+        "FG_SUITES": "general-qa",
+        "FG_THRESHOLD": "0.10",
+        "FG_ARGS": args,
+        "FG_REPORTS": report_dir,
+    }
+    # GitHub runs `shell: bash` steps as `bash --noprofile --norc -eo pipefail {0}`.
+    script = tmp_path / "step.sh"
+    script.write_text(step["run"])
+    result = subprocess.run(
+        ["bash", "--noprofile", "--norc", "-eo", "pipefail", str(script)],
+        cwd=workspace,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    outputs = dict(line.split("=", 1) for line in output.read_text().splitlines() if "=" in line)
+    received = called.read_text().splitlines() if called.exists() else None
+    return result, outputs, received
+
+
+def test_the_gate_step_passes_its_inputs_and_free_args_and_reports_the_verdict(
+    tmp_path: Path,
+) -> None:
+    result, outputs, received = _gate_step(
+        tmp_path, args="--mode noninferiority --max-category-drop 0.2", code=1
+    )
+    assert result.returncode == 0, result.stderr
+    assert outputs["exit-code"] == "1" and outputs["verdict"] == "fail"
+    reports = str((tmp_path / "workspace" / "forgetguard-report").resolve())
+    assert outputs["report-dir"] == reports
+    assert received is not None
+    assert received[:2] == ["gate", "--server"] and received[2] == "https://forgetguard.internal"
+    assert f"{reports}/junit.xml" in received and "--base-model" in received
+    assert received[-4:] == ["--mode", "noninferiority", "--max-category-drop", "0.2"]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        "--server https://elsewhere.example",
+        "--mode noninferiority --server=https://elsewhere.example",
+        "--junit /home/runner/.ssh/id_rsa",
+        "--markdown=/tmp/x.md",
+        "--threshold 0.9",
+        "--base-model /models/other",
+        "--suite my-suite",
+    ],
+)
+def test_args_may_not_override_what_the_action_sets(tmp_path: Path, args: str) -> None:
+    result, outputs, received = _gate_step(tmp_path, args=args)
+    option = next(a for a in args.split() if a.startswith("--") and a != "--mode").split("=")[0]
+    assert result.returncode == 2
+    assert received is None  # the gate never ran, so the key went nowhere
+    assert f"args may not set {option}: the action sets it from its own input" in result.stdout
+    assert result.stdout.startswith("::error title=forgetguard gate::")
+    assert outputs["exit-code"] == "2" and outputs["verdict"] == "error"
+
+
+@pytest.mark.parametrize("report_dir", ["/etc", "../outside", ".", "link-out"])
+def test_report_dir_is_confined_to_the_workspace(tmp_path: Path, report_dir: str) -> None:
+    (tmp_path / "workspace").mkdir()
+    (tmp_path / "workspace" / "link-out").symlink_to("/etc")  # inside by name, outside in fact
+    result, outputs, received = _gate_step(tmp_path, report_dir=report_dir)
+    assert result.returncode == 2 and received is None
+    assert f"report-dir '{report_dir}' is not a folder inside the workspace" in result.stdout
+    assert "report-dir" not in outputs
+
+
+def test_the_reports_are_uploaded_only_from_the_checked_folder() -> None:
+    upload = next(s for s in ACTION["runs"]["steps"] if s.get("name") == "Upload the reports")
+    assert upload["with"]["path"] == "${{ steps.gate.outputs.report-dir }}"
+    assert "steps.gate.outputs.report-dir != ''" in upload["if"]
+
+
+def test_the_action_installs_only_the_client() -> None:
+    installs = [s["run"] for s in ACTION["runs"]["steps"] if "pip install" in s.get("run", "")]
+    assert installs == ['python -m pip install --quiet "$GITHUB_ACTION_PATH/client"']
+    project = tomllib.loads((REPO / "client" / "pyproject.toml").read_text())["project"]
+    assert project["name"] == "forgetguard-client"
+    needs = " ".join(project["dependencies"])
+    for server_side in ("fastapi", "sqlalchemy", "torch", "uvicorn", "alembic"):
+        assert server_side not in needs

@@ -1,5 +1,11 @@
-"""The floor plan, checked on the source: who may import routes, and who may write a job's status.
+"""The floor plan, checked on the source: who may import whom, and who may write a job's status.
 
+- The import arrows point down: ``app/core`` < ``app/stats`` < ``app/suites`` <
+  ``app/comparison`` < services < routes, UI and workers. ``app/core`` imports nothing above
+  it (only the client package's job status names), ``app/stats`` only ``app/core``,
+  ``app/suites`` only those two (and the client package's rule book); ``forgetguard/`` (the
+  client package) imports nothing of ``app/`` or ``workers/``. ``KNOWN_UPWARD`` names the few
+  arrows that still point up, each with why.
 - No module under ``workers/`` or ``app/ui/`` imports ``app.api``: routes are a thin HTTP layer
   over the service functions that workers and the UI call directly.
 - A job's status is written only in ``app/jobs``: outside it, no job status string is assigned
@@ -54,6 +60,59 @@ def imported_modules(source: str, *, package: str) -> set[str]:
 
 def _is_api(module: str) -> bool:
     return module == "app.api" or module.startswith("app.api.")
+
+
+def _under(module: str, prefix: str) -> bool:
+    return module == prefix or module.startswith(prefix + ".")
+
+
+# What each layer may import of this repository (anything outside it is free): the arrows.
+MAY_IMPORT: dict[str, tuple[str, ...]] = {
+    # The job status names are the client package's (it imports nothing of ours).
+    "app.core": ("app.core", "forgetguard.status"),
+    "app.stats": ("app.core", "app.stats"),
+    "app.suites": ("app.core", "app.stats", "app.suites", "forgetguard"),
+    "forgetguard": ("forgetguard",),
+}
+# Comparison sits above suites and below the routes, the UI and the workers.
+MAY_NOT_IMPORT: dict[str, tuple[str, ...]] = {
+    "app.comparison": (
+        "app.api",
+        "app.ui",
+        "app.web",
+        "app.finetune",
+        "workers",
+        "forgetguard.gate",
+        "forgetguard.cli",
+    ),
+}
+OURS = ("app", "workers", "forgetguard")
+# Arrows that still point up, (importer, imported): each is a known debt, not a licence.
+KNOWN_UPWARD: dict[tuple[str, str], str] = {
+    ("app.core.config", "app.web.auth"): "API keys are parsed where they are checked",
+    ("app.core.schemas", "app.suites.kinds"): "the API's request schemas embed suite definitions",
+    ("forgetguard.callback", "workers.evaluation.inprocess"): (
+        "the callback's in-process path, imported only when used (the worker extra)"
+    ),
+}
+
+
+def arrow_violations(module: str, imported: set[str]) -> list[str]:
+    """The imports of ``module`` that point up the floor plan: ``imported`` for each."""
+    found = set()
+    for layer, allowed in MAY_IMPORT.items():
+        if _under(module, layer):
+            found |= {
+                name
+                for name in imported
+                if any(_under(name, top) for top in OURS)
+                and not any(_under(name, a) for a in allowed)
+            }
+    for layer, forbidden in MAY_NOT_IMPORT.items():
+        if _under(module, layer):
+            found |= {n for n in imported if any(_under(n, f) for f in forbidden)}
+    # ``from a.b import c`` names both ``a.b`` and ``a.b.c``: report the module once.
+    return sorted(n for n in found if n.rpartition(".")[0] not in found)
 
 
 def _status_literal(node: ast.AST | None) -> str | None:
@@ -153,6 +212,49 @@ def test_a_worker_importing_a_route_is_found() -> None:
 
 
 @pytest.mark.parametrize(
+    ("module", "source"),
+    [
+        ("app.core.database", "from app.suites.kinds import KINDS"),
+        ("app.core", "import workers.main"),
+        ("app.core.tables", "from app.jobs.status import JobStatus"),
+        ("app.core.schemas", "from forgetguard.cli import app"),
+        ("app.stats.kl", "from app.suites.registry import Row"),
+        ("app.stats.statistics", "from ..comparison import verdict"),
+        ("app.suites.kinds.qa", "from app.comparison.verdict import build"),
+        ("app.suites.registry", "from app.evaluations import service"),
+        ("app.suites.kinds", "from workers.engine.base import Backend"),
+        ("app.suites.schema", "from app.ui import views"),
+        ("forgetguard.client", "from app.suites.rules import CompareOptions"),
+        ("forgetguard.gate", "import workers.evaluation.scoring"),
+        ("app.comparison.verdict", "from app.api.compare import router"),
+    ],
+)
+def test_an_import_against_the_arrows_is_found(module: str, source: str) -> None:
+    package = module.rpartition(".")[0]
+    assert arrow_violations(module, imported_modules(source, package=package)), source
+
+
+@pytest.mark.parametrize(
+    ("module", "source"),
+    [
+        ("app.core.database", "from app.core.config import Settings"),
+        ("app.core.tables", "from forgetguard.status import JobStatus"),
+        ("app.stats.kl", "import numpy as np"),
+        ("app.suites.kinds.qa", "from app.stats import statistics"),
+        ("app.suites.rules", "from forgetguard.rules import CompareRules"),
+        ("app.suites.kinds.qa", "from ..registry import Row"),
+        ("app.comparison.verdict", "from app.suites.kinds import KINDS"),
+        ("app.evaluations.service", "from app.comparison import verdict"),
+        ("workers.evaluation.scoring", "from app.suites.registry import Request"),
+        ("app.ui.routes", "from app.comparison import service"),
+    ],
+)
+def test_an_import_along_the_arrows_is_allowed(module: str, source: str) -> None:
+    package = module.rpartition(".")[0]
+    assert arrow_violations(module, imported_modules(source, package=package)) == [], source
+
+
+@pytest.mark.parametrize(
     "snippet",
     [
         'row.status = "succeeded"',
@@ -205,6 +307,27 @@ def test_no_worker_or_ui_module_imports_a_route() -> None:
         if _is_api(module)
     ]
     assert offenders == []
+
+
+def _upward_imports() -> dict[tuple[str, str], str]:
+    found = {}
+    for name, path in _modules(*OURS):
+        imported = imported_modules(path.read_text(encoding="utf-8"), package=_package(name, path))
+        for module in arrow_violations(name, imported):
+            found[(name, module)] = str(path.relative_to(REPO))
+    return found
+
+
+def test_imports_keep_to_the_arrows() -> None:
+    upward = _upward_imports()
+    offenders = [
+        f"{path} imports {module}"
+        for (name, module), path in upward.items()
+        if (name, module) not in KNOWN_UPWARD
+    ]
+    assert offenders == []
+    # A debt paid off leaves the list too, so the list never licenses a new arrow.
+    assert sorted(set(KNOWN_UPWARD) - set(upward)) == []
 
 
 def test_job_statuses_are_written_only_in_app_jobs() -> None:

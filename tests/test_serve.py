@@ -84,3 +84,48 @@ def test_sigkill_of_serve_leaves_no_worker_and_a_restart_runs_one(settings, tmp_
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=90)
+
+
+@pytest.mark.one_db
+def test_a_worker_that_cannot_start_backs_off_says_why_and_stops(  # type: ignore[no-untyped-def]
+    settings, tmp_path, tiny_model_dir, monkeypatch
+) -> None:
+    """vLLM is not installed in this environment: `serve --backend vllm` cannot start its
+    worker. It retries with backoff, says why in GET /workers and in the waiting evaluation,
+    and stops retrying after FORGETGUARD_WORKER_MAX_FAILED_STARTS failures."""
+    monkeypatch.setenv("FORGETGUARD_WORKER_RESTART_BACKOFF_SECONDS", "0.5")
+    monkeypatch.setenv("FORGETGUARD_WORKER_MAX_FAILED_STARTS", "3")
+    log = tmp_path / "serve.log"
+    server, http = start_serve(
+        settings, "--workers", "1", "--device", "cpu", "--backend", "vllm", log=log
+    )
+    try:
+        queued = http.post(
+            "/evaluations",
+            json={
+                "model": {"path": str(tiny_model_dir), "backend": "vllm"},
+                "suites": ["forgetting-checklist"],
+            },
+        )
+        assert queued.status_code == 202, queued.text
+
+        def slots(status: str) -> list[dict]:  # type: ignore[type-arg]
+            return [w for w in http.get("/workers").json()["data"] if w["status"] == status]
+
+        (failing,) = wait_for(lambda: slots("failing"), 120, what="a failed start to be listed")
+        assert "No module named 'vllm'" in failing["error"], failing
+        assert failing["backend"] == "vllm"
+        (stopped,) = wait_for(lambda: slots("stopped"), 180, what="serve to stop restarting")
+        assert "No module named 'vllm'" in stopped["error"]
+        assert "stopped restarting it after 3 failed starts" in stopped["error"]
+        starts = log.read_text().count("failed to start")
+        time.sleep(5)
+        assert log.read_text().count("failed to start") == starts == 3  # no more tries
+        body = http.get(f"/evaluations/{queued.json()['id']}").json()
+        assert body["status"] == "queued"
+        assert body["error"].startswith("no live worker for backend vllm: last start failed with")
+        assert "No module named 'vllm'" in body["error"] and "make vllm" in body["error"]
+    finally:
+        server.send_signal(signal.SIGTERM)
+        code = server.wait(timeout=90)
+    assert code == 0

@@ -33,18 +33,21 @@ from app.jobs.queue import (
     LeaseLost,
     abandon,
     claim,
+    claimable_backends,
     default_worker_id,
     deregister_worker,
     fail,
     heartbeat,
     register_worker,
     release,
+    still_held,
     worker_heartbeat,
 )
 from app.suites import versions
 from workers.context import Interrupted, JobContext, UserError
 from workers.engine import transformers_backend as compute
 from workers.engine.loading import ModelCache
+from workers.engine.process import CANNOT_START_EXIT, engine_missing
 from workers.evaluation.run import run_evaluation
 
 log = logging.getLogger("forgetguard.worker")
@@ -59,15 +62,6 @@ MAX_DATABASE_RETRY_SECONDS = 30.0
 
 JobRunner = Callable[[JobContext, ModelCache], Any]
 WORKER_BACKENDS = ("transformers", "vllm", "openai")
-
-
-def claimable_backends(backend: str) -> tuple[str, ...]:
-    """The job backends a worker of ``backend`` takes: its own, and served models.
-
-    Evaluating a served model is only HTTP, so every worker can do it; a local-weights job
-    waits for a worker of its own backend.
-    """
-    return (backend,) if backend == "openai" else (backend, "openai")
 
 
 def engine_description(backend: str, settings: Settings, device: Any) -> tuple[str, str, str]:
@@ -93,6 +87,14 @@ def engine_description(backend: str, settings: Settings, device: Any) -> tuple[s
 # Errors that retrying cannot cure: the job fails at once instead of using up its attempts.
 # (Model loading turns unreadable weights or a bad tokenizer into UserError itself.)
 PERMANENT_ERRORS: tuple[type[BaseException], ...] = (UserError, Problem, re.error, regex.error)
+
+
+class CannotStart(RuntimeError):
+    """The worker cannot run at all in this environment; the message says what to do."""
+
+
+# How often a busy worker looks whether its job was cancelled, between lease renewals.
+CANCEL_POLL_SECONDS = 1.0
 # How often a worker started by `forgetguard serve` checks that serve is still alive.
 PARENT_POLL_SECONDS = 1.0
 _PR_SET_PDEATHSIG = 1
@@ -235,7 +237,12 @@ class Worker:
         # A served-model worker runs no fine-tuning: the weights are not here.
         kinds = self.kinds if self.backend != "openai" else ("evaluation",)
         self.kinds = tuple(k for k in kinds if k in self.kinds)
-        devices, dtype, version = engine_description(self.backend, self.settings, self.device)
+        try:
+            devices, dtype, version = engine_description(self.backend, self.settings, self.device)
+        except ImportError as exc:
+            raise CannotStart(
+                engine_missing(self.backend, str(exc)) or f"its engine cannot load: {exc}"
+            ) from None
         log.info(
             "worker %s: backend %s (%s) on %s (%d threads), kinds %s",
             self.worker_id,
@@ -408,9 +415,18 @@ class Worker:
             log.exception("%s %s: could not record the failure event", job.kind, job.id)
 
     def _heartbeat(self, ctx: JobContext, done: threading.Event) -> None:
-        while not done.wait(self.settings.heartbeat_seconds):
+        """Renew the lease every ``heartbeat_seconds``; in between, look every second whether
+        the job is still ours (a cancel), so a running job stops within a second or two, even
+        one waiting on a slow served model (its requests ask ``check_stop`` as they wait)."""
+        beat = self.settings.heartbeat_seconds
+        last = time.monotonic()
+        while not done.wait(min(beat, CANCEL_POLL_SECONDS)):
             try:
-                heartbeat(self.engine, ctx.job, self.settings.lease_seconds)
+                if time.monotonic() - last >= beat:
+                    heartbeat(self.engine, ctx.job, self.settings.lease_seconds)
+                    last = time.monotonic()
+                elif not still_held(self.engine, ctx.job):
+                    raise LeaseLost(f"{ctx.job.kind} {ctx.job.id} was cancelled or taken over")
             except LeaseLost:
                 ctx.lease_lost.set()
                 return
@@ -437,4 +453,9 @@ def main(
     parent = os.environ.get(PARENT_PID_ENV, "")
     if parent.isdigit():
         worker.watch_parent(int(parent))
-    return worker.run()
+    try:
+        return worker.run()
+    except CannotStart as exc:
+        # One line, last on stderr: what `forgetguard serve` shows as the reason.
+        log.error("worker cannot start: %s", exc)
+        return CANNOT_START_EXIT

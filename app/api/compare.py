@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import json
-from dataclasses import astuple
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
 from app.comparison import service
-from app.comparison.verdict import CompareOptions
+from app.suites.rules import CompareOptions, RulesQuery
 from app.web.response_cache import FinishedCache
 
 router = APIRouter(tags=["compare"])
@@ -38,42 +37,29 @@ async def compare(
     request: Request,
     before: Annotated[str, Query(min_length=1, max_length=40)],
     after: Annotated[str, Query(min_length=1, max_length=40)],
-    threshold: Annotated[float, Query(ge=0.0, le=1.0)] = 0.10,
-    max_category_drop: Annotated[float | None, Query(ge=0.0, le=1.0)] = None,
-    max_nll_increase: Annotated[float | None, Query(ge=0.0, le=100.0)] = None,
-    max_kl: Annotated[float | None, Query(ge=0.0, le=100.0)] = None,
-    mode: Literal["threshold", "noninferiority"] = "threshold",
-    alpha: Annotated[float, Query(gt=0.0, lt=0.5)] = 0.05,
-    category_rule: Literal["point", "significant"] = "point",
+    rules: Annotated[RulesQuery, Query()],
     suites: Annotated[str | None, Query(max_length=2000)] = None,
     noise_floor: Annotated[str | None, Query(min_length=1, max_length=40)] = None,
     allow_backend_mismatch: bool = False,
 ) -> Response:
     """The lesson's ``compare_forgetting`` keys, then checklist, flips, statistics, drift, verdict.
 
-    ``mode=noninferiority`` fails unless the upper bound of the (1 - ``alpha``) CI of the drop
-    is below ``threshold``; ``max_category_drop``, ``max_nll_increase`` and ``max_kl`` (mean
-    KL(base ‖ candidate) in nats per token on perplexity suites) add stricter rules;
-    ``category_rule=significant`` fails a category only when its Holm-adjusted p is below
-    ``alpha``. ``suites=a,b`` compares only those suites (both runs must have them);
-    ``noise_floor=ID`` reports the churn between the base and ID, a rerun of it.
-    Runs on different engines (backend, dtype, engine version) are a 409 unless
-    ``allow_backend_mismatch=true``, which turns the difference into a warning.
+    The rules (``threshold``, ``mode``, ``alpha`` …) are the rule book's,
+    ``forgetguard.rules.CompareRules``: each parameter says what it does. ``guard`` reports the
+    guard's reading of the result (``max_drop``) without changing the verdict.
+    ``suites=a,b`` compares only those suites (both runs must have them); ``noise_floor=ID``
+    reports the churn between the base and ID, a rerun of it. Runs on different engines
+    (backend, dtype, engine version) are a 409 unless ``allow_backend_mismatch=true``, which
+    turns the difference into a warning.
     """
-    options = CompareOptions(
-        threshold=threshold,
-        max_category_drop=max_category_drop,
-        max_nll_increase=max_nll_increase,
-        max_kl=max_kl,
-        mode=mode,
-        alpha=alpha,
-        category_rule=category_rule,
+    options = CompareOptions.of(
+        rules,
         suites=service.parse_suite_names(suites),
         noise_floor=noise_floor,
         allow_backend_mismatch=allow_backend_mismatch,
     )
     cache: FinishedCache = request.app.state.comparisons
-    key = json.dumps([before, after, *astuple(options)])
+    key = json.dumps([before, after, options.model_dump(mode="json")])
     data = cache.get(key)
     if data is None:
         async with request.app.state.database_slots:  # see app.web.deps.get_session

@@ -6,13 +6,16 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
+from sqlalchemy.orm import Session
 
+from app.core.config import Settings
 from app.core.pagination import Cursor, Limit, SeqCursor, StatusFilter
 from app.core.schemas import EvaluationCreate, EvaluationPublic, ItemPublic, Page
 from app.evaluations import service
 from app.jobs.status import FINISHED
-from app.web.deps import SessionDep, SettingsDep
-from app.web.idempotency import IdempotencyDep, answer
+from app.web.deps import SessionDep, SettingsDep, database_session
+from app.web.filework import run_file_work
+from app.web.idempotency import Idempotency, IdempotencyDep, answer
 from app.web.response_cache import FinishedCache
 
 router = APIRouter(prefix="/evaluations", tags=["evaluations"])
@@ -29,9 +32,9 @@ router = APIRouter(prefix="/evaluations", tags=["evaluations"])
         }
     },
 )
-def post_evaluation(
+async def post_evaluation(
     body: EvaluationCreate,
-    session: SessionDep,
+    request: Request,
     settings: SettingsDep,
     response: Response,
     idem: IdempotencyDep,
@@ -42,8 +45,33 @@ def post_evaluation(
     ``succeeded`` and ``cached_from`` set. A repeated ``Idempotency-Key`` with the same body
     answers 200 with the original evaluation.
     """
+    replay = None
+    if idem.key is not None:
+        async with database_session(request) as session:
+            replay = await run_in_threadpool(idem.existing, session)
+    # The model folder is read before a database slot is taken, in a pool of its own.
+    inspected = (
+        None
+        if replay is not None
+        else await run_file_work(request, service.inspect_model, settings=settings, body=body)
+    )
+    async with database_session(request) as session:
+        return await run_in_threadpool(_submit, session, settings, body, inspected, response, idem)
+
+
+def _submit(
+    session: Session,
+    settings: Settings,
+    body: EvaluationCreate,
+    inspected: service.LocalModel | None,
+    response: Response,
+    idem: Idempotency,
+) -> EvaluationPublic:
     evaluation_id, created = idem.create_once(
-        session, lambda: service.create(session=session, settings=settings, body=body).id
+        session,
+        lambda: (
+            service.create(session=session, settings=settings, body=body, inspected=inspected).id
+        ),
     )
     answer(response, created=created, location=f"/evaluations/{evaluation_id}")
     evaluation = service.public(service.get(session=session, evaluation_id=evaluation_id))

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from sqlalchemy.orm import Session
 
+from app.core.config import Settings
 from app.core.pagination import Cursor, Limit, SeqCursor, StatusFilter
 from app.core.schemas import Page
 from app.finetune import service
@@ -16,23 +19,49 @@ from app.finetune.schemas import (
     FinetuneJobPublic,
     InterpolationSpec,
 )
-from app.web.deps import SessionDep, SettingsDep
-from app.web.idempotency import IdempotencyDep, answer
+from app.web.deps import SessionDep, SettingsDep, database_session
+from app.web.filework import run_file_work
+from app.web.idempotency import Idempotency, IdempotencyDep, answer
 
 router = APIRouter(prefix="/finetune-jobs", tags=["finetune-jobs"])
 
 
 @router.post("", status_code=202, response_model=FinetuneJobPublic)
-def post_finetune_job(
+async def post_finetune_job(
     body: FinetuneJobCreate,
-    session: SessionDep,
+    request: Request,
     settings: SettingsDep,
     response: Response,
     idem: IdempotencyDep,
 ) -> FinetuneJobPublic:
     """Queue a fine-tune job; 202 with ``Location: /finetune-jobs/{id}``."""
+    replay = None
+    if idem.key is not None:
+        async with database_session(request) as session:
+            replay = await run_in_threadpool(idem.existing, session)
+    # The model folder and data files are read before a database slot is taken.
+    inspected = (
+        None
+        if replay is not None
+        else await run_file_work(request, service.inspect_files, settings=settings, body=body)
+    )
+    async with database_session(request) as session:
+        return await run_in_threadpool(_submit, session, settings, body, inspected, response, idem)
+
+
+def _submit(
+    session: Session,
+    settings: Settings,
+    body: FinetuneJobCreate,
+    inspected: service.JobFiles | None,
+    response: Response,
+    idem: Idempotency,
+) -> FinetuneJobPublic:
     job_id, created = idem.create_once(
-        session, lambda: service.create(session=session, settings=settings, body=body).id
+        session,
+        lambda: (
+            service.create(session=session, settings=settings, body=body, inspected=inspected).id
+        ),
     )
     answer(response, created=created, location=f"/finetune-jobs/{job_id}")
     return service.public(service.get(session=session, job_id=job_id))
@@ -69,10 +98,15 @@ def list_events(
     )
 
 
-@router.get("/{job_id}/checkpoints", response_model=list[FinetuneCheckpointPublic])
-def list_checkpoints(job_id: str, session: SessionDep) -> list[FinetuneCheckpointPublic]:
+@router.get("/{job_id}/checkpoints", response_model=Page[FinetuneCheckpointPublic])
+def list_checkpoints(
+    job_id: str,
+    session: SessionDep,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+    cursor: SeqCursor = None,
+) -> Page[FinetuneCheckpointPublic]:
     """Evaluations during training, by step (0: the base): the forgetting and learning curves."""
-    return service.checkpoints(session=session, job_id=job_id)
+    return service.checkpoints_page(session=session, job_id=job_id, limit=limit, cursor=cursor)
 
 
 @router.post("/{job_id}/interpolations", status_code=202, response_model=FinetuneJobPublic)

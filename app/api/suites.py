@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 
 from app.core.errors import Problem
 from app.core.schemas import Page, SuitePublic, SuiteSummary
-from app.core.tables import Suite
+from app.core.tables import SQL_INT_MAX, Suite
 from app.suites import versions
 from app.suites.kinds import SuiteDefinition
 from app.web.deps import SessionDep, SettingsDep
@@ -65,7 +65,9 @@ def list_suites(
 
 @router.get("/{name}", response_model=SuitePublic)
 def get_suite(
-    name: str, session: SessionDep, version: Annotated[int | None, Query(ge=1)] = None
+    name: str,
+    session: SessionDep,
+    version: Annotated[int | None, Query(ge=1, le=SQL_INT_MAX)] = None,
 ) -> SuitePublic:
     """One suite with its items (latest version unless ``?version=``)."""
     row = versions.resolve(session, f"{name}@{version}" if version else name)

@@ -17,7 +17,9 @@ router = APIRouter(prefix="/workers", tags=["workers"])
 
 @router.get("", response_model=Page[WorkerPublic])
 def list_workers(session: SessionDep, settings: SettingsDep) -> Page[WorkerPublic]:
-    """Workers whose last heartbeat is within one lease period (by the database's clock)."""
+    """Workers whose last heartbeat is within one lease period (by the database's clock), and
+    slots of ``forgetguard serve`` whose worker cannot start (``failing`` or ``stopped``, with
+    the reason in ``error``), which serve keeps current while it runs."""
     cutoff = db_now(session) - timedelta(seconds=settings.lease_seconds)
     rows = session.execute(
         select(Worker).where(Worker.heartbeat_at >= cutoff).order_by(Worker.started_at)
@@ -38,6 +40,7 @@ def list_workers(session: SessionDep, settings: SettingsDep) -> Page[WorkerPubli
             else None,
             started_at=w.started_at,
             last_heartbeat=w.heartbeat_at,
+            error=w.error,
         )
         for w in rows
     ]

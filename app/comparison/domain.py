@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from app.comparison.kl import suite_kl
+from app.stats.kl import suite_kl
 
 OUTCOMES = ("learned_and_kept", "learned_but_forgot", "did_not_learn", "neither")
 

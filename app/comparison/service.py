@@ -10,18 +10,19 @@ from sqlalchemy.orm import Session
 
 from app.comparison.verdict import (
     ADAPTER_NO_EFFECT,
-    CompareOptions,
-    Row,
     adapter_changed_nothing,
     build,
     comparability_problems,
     engine_differences,
 )
 from app.core.errors import Problem
+from app.core.storable import Unstorable, check_value
 from app.core.tables import Evaluation, EvaluationItem
 from app.evaluations import service as evaluations
 from app.jobs.status import JobStatus
 from app.suites.kinds import KINDS
+from app.suites.registry import Row
+from app.suites.rules import CompareOptions
 
 
 def _run(row: Evaluation, suites: tuple[str, ...] | None = None) -> dict[str, Any]:
@@ -203,6 +204,17 @@ def compare(
         warnings.append(ADAPTER_NO_EFFECT)
     if warnings:
         body.setdefault("warnings", []).extend(warnings)
+    try:
+        check_value(body, "comparison")
+    except Unstorable as exc:
+        # Rows stored before workers refused non-finite numbers (a served model's NaN): no
+        # verdict can rest on them, and JSON cannot carry them.
+        raise Problem(
+            409,
+            "Evaluation holds non-finite numbers",
+            f"comparing {before.id} with {after.id}: {exc} (a value stored before such values "
+            "were refused); evaluate the model again",
+        ) from None
     return body
 
 

@@ -1,10 +1,10 @@
 """Before/after comparison and the verdict. Pure functions: rows in, a dict out.
 
-``build`` returns the ``/compare`` body: each registered suite kind's contribution
-(``app.comparison.contributions``: the lesson's ``compare_forgetting`` keys unchanged, ``flips``
-and ``statistics`` for qa, ``checklist``, ``multiple_choice``, ``drift`` for perplexity), then
-the ``verdict`` with the ``reasons`` the kinds gave. ``comparability_problems`` says why two
-runs must not be compared at all.
+``build`` returns the ``/compare`` body: each registered suite kind's contribution (its
+``compare`` in ``app/suites/kinds/``: the lesson's ``compare_forgetting`` keys unchanged,
+``flips`` and ``statistics`` for qa, ``checklist``, ``multiple_choice``, ``drift`` for
+perplexity), then the ``verdict`` with the ``reasons`` the kinds gave.
+``comparability_problems`` says why two runs must not be compared at all.
 """
 
 from __future__ import annotations
@@ -12,28 +12,15 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from app.comparison.contributions import (
-    LARGEST_NLL_INCREASES,
-    POWER,
-    SEVERITY_ORDER,
-    CompareOptions,
-    Row,
-    compare_forgetting,
-    finding,
-)
+from app.suites.accuracy import POWER
 from app.suites.kinds import KINDS
+from app.suites.kinds.qa import LESSON_FORGOT, LESSON_PRESERVED
+from app.suites.registry import Row, finding
+from app.suites.rules import CompareOptions
 
 CHURN_SHOWN = 20
 
-__all__ = [
-    "LARGEST_NLL_INCREASES",
-    "SEVERITY_ORDER",
-    "CompareOptions",
-    "Row",
-    "build",
-    "comparability_problems",
-    "compare_forgetting",
-]
+__all__ = ["CompareOptions", "build", "comparability_problems", "verdict_words"]
 
 
 # Engine settings that decide how items are batched, not what is asked: they must not change a
@@ -251,6 +238,57 @@ def noise_floor(
     return floor, warnings
 
 
+# What to do about a failing rule; the lesson's advice for accuracy (its compare_forgetting).
+ADVICE = {
+    "accuracy": LESSON_FORGOT,
+    "category": LESSON_FORGOT,
+    "checklist": "A critical behaviour was lost ({subject}): reduce learning rate and epochs, "
+    "replay general instruction data, or switch to LoRA",
+    "drift": "The model drifted from the base on general text ({subject}): reduce learning "
+    "rate and epochs, add replay, or switch to LoRA",
+}
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def verdict_words(body: Mapping[str, Any]) -> dict[str, str]:
+    """The verdict in words: ``headline`` and ``recommendation``, derived from the findings.
+
+    The headline is the verdict and its main reason (the first finding that gates, in the
+    order the kinds report them: accuracy, categories, checklist behaviours, drift), e.g.
+    ``FAIL: critical behaviour 'Basic instruction following' fell from 8/8 to 2/8 (p = 0.031):
+    …``; a pass names the accuracy it kept and how many findings were reported only. The
+    recommendation is the lesson's for accuracy and a pass, and names the behaviour or the
+    drift when that is why the verdict fails. Every surface (``/compare``, the dashboard's
+    compare and fine-tune pages, the gate) shows these words, so they cannot disagree. Bodies
+    stored before findings existed are read from their ``reasons``.
+    """
+    findings = body.get("findings")
+    if findings is None:
+        findings = [
+            finding("accuracy", "overall", r, gates=True) for r in body.get("reasons") or []
+        ]
+    gating = [f for f in findings if f["gates"]]
+    reported = len(findings) - len(gating)
+    if gating:
+        main = gating[0]
+        more = f" (and {_plural(len(gating) - 1, 'more reason')})" if len(gating) > 1 else ""
+        advice = ADVICE.get(main["rule"], LESSON_FORGOT)
+        return {
+            "headline": f"FAIL: {main['message']}{more}",
+            "recommendation": advice.format(subject=main["subject"]),
+        }
+    parts = ["PASS: no forgetting rule failed"]
+    before, after = body.get("overall_accuracy_before"), body.get("overall_accuracy_after")
+    if before is not None and after is not None:
+        parts.append(f"accuracy {before:.3f} → {after:.3f} (threshold {body.get('threshold')})")
+    if reported:
+        parts.append(f"{_plural(reported, 'finding')} reported, not gated")
+    return {"headline": "; ".join(parts), "recommendation": LESSON_PRESERVED}
+
+
 def build(
     before_run: dict[str, Any],
     after_run: dict[str, Any],
@@ -301,6 +339,9 @@ def build(
     body["verdict"] = "fail" if reasons else "pass"
     body["reasons"] = reasons
     body["findings"] = found
+    body.update(verdict_words(body))
+    # The guard's reading (max_drop) beside the verdict, never changing it.
+    body["guard"] = options.guard(body)
     statistics = body.get("statistics")
     warnings = power_warnings(statistics, options)
     if noise_rows is not None:

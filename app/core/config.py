@@ -9,9 +9,14 @@ from typing import Annotated
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from app.core.clientfiles import DEFAULT_MAX_FILE_BYTES, DEFAULT_READ_SECONDS, ReadBudget
 from app.web.auth import parse_api_keys
 
 DEFAULT_DATABASE_URL = "sqlite:///./var/forgetguard.db"
+# Defaults read by the served-model backend too (workers.engine.openai_backend).
+ENDPOINT_TIMEOUT_SECONDS = 300.0
+ENDPOINT_MAX_RESPONSE_BYTES = 16 * 1024 * 1024
+MAX_STORED_RESPONSE_CHARS = 16384
 
 
 def _split_list(value: object) -> object:
@@ -38,21 +43,37 @@ class Settings(BaseSettings):
     data_roots: Annotated[list[Path], NoDecode] = Field(default_factory=lambda: [Path("data")])
     artifacts_dir: Path = Path("var/artifacts")
     cache_dir: Path = Path("var/cache")
+    # Suites made by `forgetguard benchmarks pull` (NAME.json each); their wheels are cached
+    # under cache_dir/wheels.
+    benchmarks_dir: Path = Path("var/benchmarks")
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # OpenAI-compatible servers that evaluations may name (base URLs, e.g. http://host:8000/v1).
     # Clients never get to make the workers call an arbitrary URL (no SSRF).
     endpoints: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    # Seconds a worker waits for one request to a served model.
-    endpoint_timeout_seconds: float = 300.0
+    # What a served model answers is bounded: one request, from connecting to its last byte,
+    # within this many seconds (a server trickling a byte every few seconds is cut off) ...
+    endpoint_timeout_seconds: float = Field(ENDPOINT_TIMEOUT_SECONDS, gt=0)
+    # ... and its body read up to this many bytes, no further.
+    endpoint_max_response_bytes: int = Field(ENDPOINT_MAX_RESPONSE_BYTES, ge=1024)
+    # An item stores at most this many characters of a response (then marked ``truncated``);
+    # it is scored on the whole response. Far above what max_new_tokens (≤ 512) produces.
+    max_stored_response_chars: int = Field(MAX_STORED_RESPONSE_CHARS, ge=1)
 
     # vLLM backend (workers started with --backend vllm). dtype "auto": float32 on CPU (as
     # the transformers engine; answers then equal its answers), vLLM's choice on GPUs.
     vllm_tensor_parallel_size: int = 1
     vllm_data_parallel_size: int = 1
-    vllm_gpu_memory_utilization: float = 0.9
+    # None: 0.9 on GPUs; on a CPU, what the engine needs (weights, VLLM_CPU_KVCACHE_SPACE and
+    # a slack), refused with a message when not free (workers/engine/vllm_memory.py).
+    vllm_gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
     vllm_dtype: str = "auto"
     vllm_max_model_len: int | None = None
     vllm_max_lora_rank: int = 64
+
+    # `forgetguard serve` restarts a local worker that failed to start after this many seconds,
+    # doubling each time (to a minute), and leaves it stopped after this many failures in a row.
+    worker_restart_backoff_seconds: float = Field(2.0, gt=0)
+    worker_max_failed_starts: int = Field(5, ge=1)
 
     lease_seconds: float = 60.0
     heartbeat_seconds: float = 10.0
@@ -74,6 +95,12 @@ class Settings(BaseSettings):
     # a runaway allocation fails the job instead of the host. CUDA reserves far more address
     # space than it uses, so for GPU workers cap memory with the container instead.
     worker_max_memory_bytes: int = 0
+    # Files a client names (model folders, datasets) are read within these (see
+    # app.core.clientfiles): every config, tokenizer or template file up to this size ...
+    max_model_file_bytes: int = Field(DEFAULT_MAX_FILE_BYTES, ge=1)
+    # ... and all of one request's (or one job step's) reads, first weight hashes included,
+    # within this many seconds.
+    client_read_seconds: float = Field(DEFAULT_READ_SECONDS, gt=0)
 
     @field_validator("model_roots", "data_roots", "api_keys", "endpoints", mode="before")
     @classmethod
@@ -110,6 +137,12 @@ class Settings(BaseSettings):
     def resolved_data_roots(self) -> list[Path]:
         """Data roots with symlinks resolved, for containment checks."""
         return [root.expanduser().resolve() for root in self.data_roots]
+
+    def read_budget(self) -> ReadBudget:
+        """A fresh budget for reading a client's files; its deadline starts now."""
+        return ReadBudget(
+            max_file_bytes=self.max_model_file_bytes, seconds=self.client_read_seconds
+        )
 
     @property
     def is_sqlite(self) -> bool:

@@ -60,7 +60,7 @@ def problem_response(
     return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
 
 
-# Suite kinds validate without a union tag (``app.suites.kinds.validate_suite``); only a suite
+# Suite kinds validate without a union tag (``app.suites.registry.validate_suite``); only a suite
 # entry's "ref" / "inline" branch is left in a location.
 _TAGS = ("ref", "inline")
 

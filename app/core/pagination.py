@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 from app.core.errors import Problem
 from app.core.schemas import Page
 from app.core.storable import text_problem
+from app.core.tables import SQL_INT_MAX
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -24,16 +25,19 @@ Limit = Annotated[int, Query(ge=1, le=500)]
 Cursor = Annotated[str | None, Query(max_length=200)]
 
 
-def _fits_64_bits(value: str | None) -> str | None:
-    # Row ids are 64-bit integers in both databases; a longer cursor would overflow the query.
-    if value is not None and int(value) > 2**63 - 1:
-        raise ValueError("cursor is not one this API returned (beyond a 64-bit row id)")
+def _fits_the_schema(value: str | None) -> str | None:
+    # The keys these cursors continue after are Integer columns (or, for items, an ordinal
+    # below 2^31 by construction): 32-bit on PostgreSQL. A larger cursor is not one this API
+    # returned, and PostgreSQL would refuse to compare it (integer out of range).
+    if value is not None and int(value) > SQL_INT_MAX:
+        raise ValueError(f"cursor is not one this API returned (above {SQL_INT_MAX})")
     return value
 
 
-# The cursor of an oldest-first listing keyed by a row id (items, events).
+# The cursor of an oldest-first listing keyed by an integer (items, events): decimal digits,
+# at most SQL_INT_MAX (10 digits; leading zeros allowed up to the length bound).
 SeqCursor = Annotated[
-    str | None, Query(max_length=19, pattern="^[0-9]+$"), AfterValidator(_fits_64_bits)
+    str | None, Query(max_length=19, pattern="^[0-9]+$"), AfterValidator(_fits_the_schema)
 ]
 StatusFilter = Annotated[str | None, Query(pattern="^(queued|running|succeeded|failed|cancelled)$")]
 

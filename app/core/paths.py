@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import stat
 from pathlib import Path
 
+from app.core.clientfiles import not_regular
 from app.core.errors import Problem
 
 
@@ -89,15 +91,25 @@ def _refuse_escaping_links(directory: Path, roots: list[Path], *, what: str, sho
             try:
                 link = entry.is_symlink()
                 target = entry.resolve(strict=True) if link else entry
-                is_dir = target.is_dir()
+                mode = target.stat().st_mode  # stat never opens: a FIFO cannot block it
+                is_dir = stat.S_ISDIR(mode)
             except (OSError, RuntimeError):
-                link, target, is_dir = True, None, False
+                link, target, is_dir, mode = True, None, False, 0
             if link and (target is None or not is_under(target, roots)):
                 raise Problem(
                     403,
                     "Path outside the allowed roots",
                     f"{what} path {shown} holds {name!r}, a link that leads outside the "
                     "allowed roots (or nowhere); copy the file into the directory instead",
+                )
+            kind = None if is_dir else not_regular(mode)
+            if kind is not None:
+                # A loader opening a FIFO waits for a writer forever; a device never ends.
+                raise Problem(
+                    422,
+                    "Not a regular file",
+                    f"{what} path {shown} holds {name!r}, which is {kind}; a {what} folder "
+                    "holds regular files and folders only",
                 )
             if is_dir and target is not None and target not in seen:
                 if depth + 1 > MAX_WALK_DEPTH:

@@ -16,11 +16,18 @@ from pydantic import (
 )
 
 from app.suites.kinds import SuiteDefinition
+from forgetguard.status import JobStatus
 
 T = TypeVar("T")
-Status = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+# The status names are the client package's (forgetguard.status); the schema lists them as an
+# enum of strings.
+Status = Literal[
+    JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED
+]
 PathStr = Annotated[str, Field(min_length=1, max_length=4096)]
-SuiteRef = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,99}(@[0-9]{1,9})?$")]
+SuiteRef = Annotated[
+    str, Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,99}(@[a-z0-9][a-z0-9=,._-]{0,199})?$")
+]  # name[@version][,option=value…] (app.suites.references)
 
 
 def _suite_entry_tag(value: Any) -> str:
@@ -191,6 +198,8 @@ class ItemPublic(BaseModel):
     category: str | None
     severity: str | None
     details: dict[str, Any] | None
+    # The response is cut to FORGETGUARD_MAX_STORED_RESPONSE_CHARS; it was scored whole.
+    truncated: bool = False
 
 
 class Page(BaseModel, Generic[T]):
@@ -232,10 +241,13 @@ class WorkerPublic(BaseModel):
     backend: str
     dtype: str | None
     engine_version: str | None
+    # idle | busy; for a slot of `forgetguard serve` whose worker cannot start: failing
+    # (restarted with backoff) or stopped (serve gave up), with the reason in ``error``.
     status: str
     current_job: dict[str, str] | None
     started_at: datetime
     last_heartbeat: datetime
+    error: str | None = None
 
     @field_serializer("started_at", "last_heartbeat")
     def _z(self, value: datetime) -> str | None:

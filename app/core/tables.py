@@ -17,10 +17,17 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from app.jobs.status import JobStatus
+from forgetguard.status import JobStatus
+
+# The largest value an ``Integer`` column holds in both databases: PostgreSQL's INTEGER is
+# 32-bit (SQLite's is 64-bit). Every integer a client sends that is compared with such a column
+# (item and event cursors, suite versions) is bounded by this, so PostgreSQL never has to
+# cast an out-of-range parameter (a DataError, hence a 500) and both databases answer alike.
+SQL_INT_MAX = 2**31 - 1
 
 
 def utcnow() -> datetime:
@@ -144,6 +151,8 @@ class EvaluationItem(Base):
     category: Mapped[str | None] = mapped_column(String(100), default=None)
     severity: Mapped[str | None] = mapped_column(String(16), default=None)
     details: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    # The stored response is the first FORGETGUARD_MAX_STORED_RESPONSE_CHARS of a longer one.
+    truncated: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class FinetuneJob(JobMixin, Base):
@@ -232,6 +241,9 @@ class Worker(Base):
     current_job_kind: Mapped[str | None] = mapped_column(String(16), default=None)
     started_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     heartbeat_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    # A slot of `forgetguard serve` whose worker cannot start (status "failing" while it is
+    # restarted with backoff, "stopped" once serve gave up): why its last start failed.
+    error: Mapped[str | None] = mapped_column(Text, default=None)
 
 
 class IdempotencyKey(Base):

@@ -20,6 +20,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app.core.clientfiles import ReadBudget, read_client_file
 from app.core.tables import Evaluation
 from app.jobs.status import JobStatus
 from app.suites.kinds import KINDS
@@ -29,12 +30,12 @@ CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
 CHAT_TEMPLATE_DIR = "additional_chat_templates"
 
 
-def has_chat_template(model_dir: Path) -> bool:
+def has_chat_template(model_dir: Path, budget: ReadBudget | None = None) -> bool:
     """Whether ``AutoTokenizer.from_pretrained(model_dir).chat_template`` would be set.
 
     Read from the files transformers reads, without importing it: ``chat_template.jinja``,
     ``chat_template.json``, ``additional_chat_templates/*.jinja`` or the ``chat_template``
-    key of ``tokenizer_config.json``.
+    key of ``tokenizer_config.json`` (read as a client's file: ``budget``).
     """
     for name in CHAT_TEMPLATE_FILES:
         path = model_dir / name
@@ -46,18 +47,21 @@ def has_chat_template(model_dir: Path) -> bool:
     config = model_dir / "tokenizer_config.json"
     if config.is_file():
         try:
-            data = json.loads(config.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            raw = read_client_file(config, "tokenizer_config.json", budget or ReadBudget())
+            data = json.loads(raw.decode("utf-8"))
+        except (ValueError, RecursionError):
             return False
         return isinstance(data, dict) and bool(data.get("chat_template"))
     return False
 
 
-def effective_prompt_format(requested: str | None, model_dir: Path) -> str:
+def effective_prompt_format(
+    requested: str | None, model_dir: Path, budget: ReadBudget | None = None
+) -> str:
     """The prompt format a worker uses: the requested one, else chat iff there is a template."""
     if requested is not None:
         return requested
-    return "chat" if has_chat_template(model_dir) else "plain"
+    return "chat" if has_chat_template(model_dir, budget) else "plain"
 
 
 def cache_key(

@@ -3,6 +3,8 @@ all call these; none of them knows HTTP."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import case, select
@@ -29,7 +31,8 @@ from app.jobs import lifecycle
 from app.jobs.queue import begin_write
 from app.jobs.queue import cancel as cancel_job
 from app.jobs.status import JobStatus
-from app.suites import versions
+from app.suites import references, versions
+from forgetguard.suites import expand
 
 # Items per suite are limited to 10,000, so suite index × this + position orders every item of
 # an evaluation and fits in one integer cursor.
@@ -82,24 +85,30 @@ def get(*, session: Session, evaluation_id: str) -> Evaluation:
 
 
 def resolve_suites(
-    *, session: Session, suites: list[Any], loc: tuple[str, ...] = ("body", "suites")
+    *,
+    session: Session,
+    suites: list[Any],
+    loc: tuple[str, ...] = ("body", "suites"),
+    benchmarks_dir: Path | None = None,
 ) -> list[dict[str, Any]]:
-    """Suite references and inline suites → the exact versions this run will use.
+    """Suite references (``app.suites.references``: versions, options, groups, pulled
+    benchmarks from ``benchmarks_dir``) and inline suites → the exact versions this run uses.
 
     ``loc``: where the list sits in the request, for the errors' JSON paths.
     """
-    snapshot: list[dict[str, Any]] = []
+    rows = []
     for index, entry in enumerate(suites):
         if isinstance(entry, str):
-            try:
-                row = versions.resolve(session, entry)
-            except Problem as exc:
-                raise Problem(
-                    422,
-                    "Unknown suite",
-                    exc.detail,
-                    errors=[{"loc": [*loc, index], "msg": exc.detail}],
-                ) from None
+            for ref in expand(entry):
+                try:
+                    rows.append(references.resolve(session, ref, benchmarks_dir=benchmarks_dir))
+                except Problem as exc:
+                    raise Problem(
+                        422,
+                        exc.title if exc.status == 422 else "Unknown suite",
+                        exc.detail,
+                        errors=[{"loc": [*loc, index], "msg": exc.detail}],
+                    ) from None
         else:
             try:
                 row, _ = versions.register(session, entry, source="inline")
@@ -112,6 +121,9 @@ def resolve_suites(
                     exc.detail,
                     errors=[{"loc": ["body", "suites", index, "name"], "msg": exc.detail}],
                 ) from None
+            rows.append(row)
+    snapshot: list[dict[str, Any]] = []
+    for row in rows:
         if any(s["name"] == row.name for s in snapshot):
             raise Problem(422, "Duplicate suite", f"suite {row.name!r} is listed twice")
         snapshot.append(
@@ -127,12 +139,51 @@ def resolve_suites(
     return snapshot
 
 
+@dataclass(frozen=True)
+class LocalModel:
+    """What submission learns from a local model's folder: its fingerprint and the prompt
+    format the worker will use."""
+
+    fingerprint: str
+    prompt_format: str
+
+
+def inspect_model(*, settings: Settings, body: EvaluationCreate) -> LocalModel | None:
+    """Read the client's model folder for a submission (None for a served model).
+
+    All of it is file work on the client's files, bounded by one read budget
+    (``FORGETGUARD_CLIENT_READ_SECONDS``), and none of it touches the database, so a route
+    runs it before it takes a database slot (see ``app.web.filework``).
+    """
+    if body.model.backend == "openai":
+        return None
+    assert body.model.path is not None  # the schema requires it for local backends
+    budget = settings.read_budget()
+    model_dir, adapter_dir = resolve_model(
+        settings, body.model.path, body.model.adapter_path, budget
+    )
+    # Hash before touching the database: a first hash of large weights takes seconds, and
+    # SQLite refuses a write from a transaction whose snapshot went stale meanwhile.
+    try:
+        model_fingerprint = fingerprint(
+            model_dir, adapter_dir, cache_dir=settings.cache_dir, budget=budget
+        )
+    except OSError as exc:
+        raise Problem(
+            422, "Unreadable model", f"cannot read {body.model.path!r}: {exc.strerror}"
+        ) from None
+    # Resolve the worker's default now (chat iff the tokenizer has a template) so the key is exact.
+    prompt_format = cache.effective_prompt_format(body.prompt_format, model_dir, budget)
+    return LocalModel(fingerprint=model_fingerprint, prompt_format=prompt_format)
+
+
 def create(
     *,
     session: Session,
     settings: Settings,
     body: EvaluationCreate,
     finetune_job_id: str | None = None,
+    inspected: LocalModel | None = None,
 ) -> Evaluation:
     """Validate and queue an evaluation (caller commits).
 
@@ -140,27 +191,22 @@ def create(
     fingerprint, backend, suite contents, prompt format and generation settings answers at
     once: the row is created ``succeeded`` with ``cached_from`` set and its results copied.
     A served model (backend ``openai``) is fingerprinted by the worker, which asks the server,
-    so it is never answered from the cache at submission.
+    so it is never answered from the cache at submission. ``inspected``: what
+    :func:`inspect_model` already read of the model folder (read here when None).
     """
     if body.model.backend == "openai":
         return _create_served(
             session=session, settings=settings, body=body, finetune_job_id=finetune_job_id
         )
-    assert body.model.path is not None  # the schema requires it for local backends
-    model_dir, adapter_dir = resolve_model(settings, body.model.path, body.model.adapter_path)
-    # Hash before touching the database: a first hash of large weights takes seconds, and
-    # SQLite refuses a write from a transaction whose snapshot went stale meanwhile.
-    try:
-        model_fingerprint = fingerprint(model_dir, adapter_dir, cache_dir=settings.cache_dir)
-    except OSError as exc:
-        raise Problem(
-            422, "Unreadable model", f"cannot read {body.model.path!r}: {exc.strerror}"
-        ) from None
-    snapshot = resolve_suites(session=session, suites=list(body.suites))
+    local = inspected or inspect_model(settings=settings, body=body)
+    assert local is not None  # a local backend's model folder was read
+    snapshot = resolve_suites(
+        session=session, suites=list(body.suites), benchmarks_dir=settings.benchmarks_dir
+    )
     # exclude_none: an unset batch_size leaves the stored settings (and cache keys) as before.
     generation = body.generation.model_dump(exclude_none=True)
-    # Resolve the worker's default now (chat iff the tokenizer has a template) so the key is exact.
-    prompt_format = cache.effective_prompt_format(body.prompt_format, model_dir)
+    prompt_format = local.prompt_format
+    model_fingerprint = local.fingerprint
     key = cache.cache_key(
         fingerprint=model_fingerprint,
         suites=snapshot,
@@ -218,7 +264,9 @@ def _create_served(
     """Queue an evaluation of a model served at an allow-listed OpenAI-compatible endpoint."""
     assert body.model.endpoint is not None and body.model.model is not None
     endpoint = allowed_endpoint(settings, body.model.endpoint)
-    snapshot = resolve_suites(session=session, suites=list(body.suites))
+    snapshot = resolve_suites(
+        session=session, suites=list(body.suites), benchmarks_dir=settings.benchmarks_dir
+    )
     # No tokenizer here to look for a chat template: a served model is asked in chat format
     # unless the client says plain (servers apply their own template to chat requests).
     prompt_format = body.prompt_format or "chat"
@@ -316,6 +364,7 @@ def list_items(
             category=r.category,
             severity=r.severity,
             details=r.details,
+            truncated=r.truncated,
         )
         for r in rows
     ]

@@ -9,7 +9,10 @@ warmup_ratio=0.0)`` gets.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
+import math
 import random
 from collections.abc import Iterable, Sequence
 from datetime import datetime
@@ -18,6 +21,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_serializer, model_validator
 
+from app.core.clientfiles import ReadBudget, check_regular, read_client_file
 from app.core.config import Settings
 from app.core.errors import Problem
 from app.core.paths import resolve_under
@@ -31,6 +35,7 @@ from app.core.schemas import (
     iso_utc,
 )
 from app.suites.kinds import SuiteDefinition
+from app.suites.rules import CompareOptions, CompareRules
 
 Method = Literal["lora", "full"]
 PresetName = Literal["safe", "risky"]
@@ -84,6 +89,9 @@ LR_RULE_OF_THUMB: dict[str, tuple[float, float]] = {
 METHOD_WORDS = {"full": "full fine-tuning", "lora": "LoRA", "qlora": "QLoRA"}
 
 MAX_RECORDS = 200_000
+# Checkpoint evaluations one job may ask for, however it asks: ``evaluation.checkpoints`` up
+# to this, and ``evaluation.every_steps`` only when total steps / every_steps stays within it.
+MAX_CHECKPOINT_EVALUATIONS = 100
 MAX_RECORD_CHARS = 200_000
 ROLES = ("system", "user", "assistant")
 
@@ -232,6 +240,15 @@ def _check_messages(messages: Any, field: str, *, need_assistant: bool) -> None:
         raise ValueError(f"'{field}' has no assistant message: there is nothing to train on")
 
 
+def records_sha256(records: Sequence[dict[str, Any]]) -> str:
+    """A content hash of records (cache keys, resume checks, a job's dataset)."""
+    digest = hashlib.sha256()
+    for record in records:
+        digest.update(json.dumps(record, sort_keys=True, ensure_ascii=False).encode())
+        digest.update(b"\n")
+    return digest.hexdigest()
+
+
 def validate_records(records: Sequence[Any], *, where: str) -> dict[str, int]:
     """Check every record; return counts per format. ValueError names the bad record."""
     counts: dict[str, int] = {}
@@ -245,7 +262,12 @@ def validate_records(records: Sequence[Any], *, where: str) -> dict[str, int]:
 
 
 def read_jsonl(
-    path: Path, *, shown: str, max_bytes: int, what: str = "dataset"
+    path: Path,
+    *,
+    shown: str,
+    max_bytes: int,
+    what: str = "dataset",
+    budget: ReadBudget | None = None,
 ) -> list[dict[str, Any]]:
     """Parse a JSONL file of records (blank lines skipped), naming the line of any bad record.
 
@@ -253,7 +275,9 @@ def read_jsonl(
     the resolved path: the API checks a file at submission and the worker again before training.
     """
     try:
-        return _read_jsonl(path, shown=shown, max_bytes=max_bytes, what=what)
+        return _read_jsonl(
+            path, shown=shown, max_bytes=max_bytes, what=what, budget=budget or ReadBudget()
+        )
     except UnicodeDecodeError:
         raise Problem(
             422, "Invalid training record", f"{what} {shown!r} is not UTF-8 text; JSONL is expected"
@@ -282,13 +306,21 @@ def load_path_records(
     path = resolve_under(
         raw, settings.resolved_data_roots, what=what, env_var="FORGETGUARD_DATA_ROOTS"
     )
-    return read_jsonl(path, shown=raw, what=what, max_bytes=settings.max_dataset_bytes)
+    return read_jsonl(
+        path,
+        shown=raw,
+        what=what,
+        max_bytes=settings.max_dataset_bytes,
+        budget=settings.read_budget(),
+    )
 
 
-def _read_jsonl(path: Path, *, shown: str, max_bytes: int, what: str) -> list[dict[str, Any]]:
-    if not path.is_file():
+def _read_jsonl(
+    path: Path, *, shown: str, max_bytes: int, what: str, budget: ReadBudget
+) -> list[dict[str, Any]]:
+    if not path.exists() or path.is_dir():
         raise Problem(422, f"{what.capitalize()} not found", f"{what} path {shown!r} is not a file")
-    size = path.stat().st_size
+    size = check_regular(path, f"{what} {shown!r}").st_size
     if size > max_bytes:
         raise Problem(
             422,
@@ -297,7 +329,15 @@ def _read_jsonl(path: Path, *, shown: str, max_bytes: int, what: str) -> list[di
             "(FORGETGUARD_MAX_DATASET_BYTES)",
         )
     records: list[dict[str, Any]] = []
-    with path.open(encoding="utf-8") as fh:
+    # A client's file: a regular one, within the budget, read before the deadline.
+    raw = read_client_file(
+        path,
+        f"{what} {shown!r}",
+        budget,
+        max_bytes=max_bytes,
+        setting="FORGETGUARD_MAX_DATASET_BYTES",
+    )
+    with io.TextIOWrapper(io.BytesIO(raw), encoding="utf-8") as fh:
         for number, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
@@ -461,8 +501,25 @@ def holdout_split(
     )
 
 
-class FinetuneEvaluationSpec(_Request):
-    """What the job evaluates before and after training, and how the comparison decides."""
+def dataset_changed_detail(job_id: str, path: str | None) -> str:
+    """Why a job's dataset can no longer be used: the file changed after the job split it."""
+    return (
+        f"the dataset {path!r} changed after fine-tune job {job_id} was trained on it: its "
+        "records no longer match the ones the job split into training and held-out records, "
+        "so a held-out evaluation now could score records it was trained on. Restore the "
+        "file, or run a new fine-tune job on the new data"
+    )
+
+
+class FinetuneEvaluationSpec(_Request, CompareRules):
+    """What the job evaluates before and after training, and how the comparison decides.
+
+    The rules (``threshold``, ``mode``, ``alpha``, ``max_drop`` …) are the rule book's,
+    ``forgetguard.rules.CompareRules``, with its defaults.
+    """
+
+    # The rule book is frozen; a request is completed at submission (pinned suites, domain).
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=False)
 
     suites: list[SuiteRef | SuiteDefinition] = Field(
         default_factory=lambda: ["general-qa", "forgetting-checklist"],  # type: ignore[arg-type]
@@ -473,12 +530,6 @@ class FinetuneEvaluationSpec(_Request):
     generation: GenerationSettings = Field(default_factory=GenerationSettings)
     # The engine both evaluations run on (a served endpoint cannot evaluate the new weights).
     backend: Literal["transformers", "vllm"] = "transformers"
-    threshold: Annotated[float, Field(ge=0.0, le=1.0)] = 0.10
-    max_category_drop: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
-    max_nll_increase: Annotated[float, Field(ge=0.0, le=100.0)] | None = None
-    # Mean KL(base ‖ candidate) per token on perplexity suites, nats.
-    max_kl: Annotated[float, Field(ge=0.0, le=100.0)] | None = None
-    mode: Literal["threshold", "noninferiority"] = "threshold"
     # Reuse a finished evaluation of the same base model, suites and settings as "before".
     cache: bool = True
     # What the job learned. Default: a 20 % held-out split when the dataset has at least 20
@@ -487,7 +538,7 @@ class FinetuneEvaluationSpec(_Request):
     # Evaluate the weights during training (general suites, domain split, verdict against the
     # base) every N optimizer steps, or at N evenly spaced steps; the last step is always one.
     every_steps: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
-    checkpoints: Annotated[int, Field(ge=1, le=100)] | None = None
+    checkpoints: Annotated[int, Field(ge=1, le=MAX_CHECKPOINT_EVALUATIONS)] | None = None
 
     @model_validator(mode="after")
     def _one_cadence(self) -> FinetuneEvaluationSpec:
@@ -500,12 +551,21 @@ class GuardSpec(_Request):
     """Which checkpoint to ship when training forgets.
 
     A checkpoint passes when the verdict against the base passes and the general accuracy
-    dropped by at most ``max_drop``. ``stop`` ends training at the first checkpoint that does
-    not pass; ``keep_best`` trains to the end. Both ship the final weights when they pass,
-    else the passing checkpoint with the largest domain gain.
+    dropped by at most ``max_drop`` (the rule book's, ``evaluation.max_drop``, unless given
+    here). ``stop`` ends training at the first checkpoint that does not pass; ``keep_best``
+    trains to the end. Both ship the final weights when they pass, else the passing checkpoint
+    with the largest domain gain; when none passes, nothing is shipped.
     """
 
-    max_drop: Annotated[float, Field(ge=0.0, le=1.0)] = 0.05
+    max_drop: Annotated[
+        float | None,
+        Field(
+            ge=0.0,
+            le=1.0,
+            description="Overrides the job's rule book max_drop (evaluation.max_drop) for the "
+            "guard; null: that one.",
+        ),
+    ] = None
     action: Literal["stop", "keep_best"] = "keep_best"
 
 
@@ -565,6 +625,14 @@ class FinetuneJobCreate(_Request):
         if self.interpolation is not None and self.evaluation is None:
             raise ValueError("'interpolation' chooses by evaluation: it needs 'evaluation'")
         return self
+
+    def compare_options(self) -> CompareOptions:
+        """The job's rules for every comparison it makes; a guard's ``max_drop`` overrides."""
+        assert self.evaluation is not None, "a job without evaluation compares nothing"
+        options = CompareOptions.of(self.evaluation)
+        if self.guard is not None and self.guard.max_drop is not None:
+            options = options.model_copy(update={"max_drop": self.guard.max_drop})
+        return options
 
     def resolved(self) -> ResolvedHyperparameters:
         """The preset with this request's overrides applied."""
@@ -630,6 +698,47 @@ class FinetuneCheckpointPublic(BaseModel):
     @field_serializer("created_at")
     def _z(self, value: datetime) -> str | None:
         return iso_utc(value)
+
+
+def planned_total_steps(n_examples: int, hp: ResolvedHyperparameters) -> int:
+    """Optimizer steps of a training on ``n_examples`` (HF ``Trainer`` arithmetic)."""
+    micro = math.ceil(n_examples / hp.per_device_train_batch_size)
+    per_epoch = math.ceil(micro / hp.gradient_accumulation_steps)
+    return hp.max_steps or max(1, math.ceil(hp.num_train_epochs * per_epoch))
+
+
+def evaluation_count(total_steps: int, every_steps: int | None, checkpoints: int | None) -> int:
+    """How many steps :func:`evaluation_steps` evaluates, without listing them."""
+    if every_steps is not None:
+        return total_steps // every_steps + (1 if total_steps % every_steps else 0)
+    if checkpoints is not None:
+        return len(evaluation_steps(total_steps, None, checkpoints))
+    return 0
+
+
+def evaluation_budget_problem(
+    total_steps: int, every_steps: int | None, checkpoints: int | None, *, exact: bool
+) -> Problem | None:
+    """A 422 when a cadence derives more than :data:`MAX_CHECKPOINT_EVALUATIONS` evaluations."""
+    count = evaluation_count(total_steps, every_steps, checkpoints)
+    if count <= MAX_CHECKPOINT_EVALUATIONS:
+        return None
+    steps = f"{total_steps} total steps" if exact else f"about {total_steps} total steps"
+    detail = (
+        f"evaluation.every_steps {every_steps} with {steps} (hyperparameters.max_steps, or "
+        f"the dataset's records × num_train_epochs / batch size) derives {count} checkpoint "
+        f"evaluations; at most {MAX_CHECKPOINT_EVALUATIONS} are allowed, as for "
+        "evaluation.checkpoints. Raise every_steps or use evaluation.checkpoints"
+    )
+    return Problem(
+        422,
+        "Too many checkpoint evaluations",
+        detail,
+        errors=[
+            {"loc": ["body", "evaluation", "every_steps"], "msg": detail},
+            {"loc": ["body", "hyperparameters", "max_steps"], "msg": detail},
+        ],
+    )
 
 
 def evaluation_steps(

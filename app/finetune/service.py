@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -26,8 +28,12 @@ from app.finetune.schemas import (
     GeneralData,
     Hyperparameters,
     InterpolationSpec,
+    dataset_changed_detail,
+    evaluation_budget_problem,
     holdout_count,
     load_path_records,
+    planned_total_steps,
+    records_sha256,
     resolve_hyperparameters,
     suite_refs,
     summarize_source,
@@ -65,7 +71,7 @@ def public(row: FinetuneJob) -> FinetuneJobPublic:
         warnings=list(row.warnings or []),
         trainable_parameters=row.trainable_parameters,
         metrics=row.metrics,
-        guard=request.get("guard"),
+        guard=_guard(request),
         shipped_step=(row.metrics or {}).get("shipped", {}).get("step"),
         shipped_reason=(row.metrics or {}).get("shipped", {}).get("reason"),
         interpolation=request.get("interpolation"),
@@ -76,6 +82,14 @@ def public(row: FinetuneJob) -> FinetuneJobPublic:
         started_at=row.started_at,
         finished_at=row.finished_at,
     )
+
+
+def _guard(request: dict[str, Any]) -> dict[str, Any] | None:
+    """The guard as given, its ``max_drop`` the one it applies (the rule book's unless given)."""
+    guard = request.get("guard")
+    if guard is None or guard.get("max_drop") is not None:
+        return guard
+    return {**guard, "max_drop": request["evaluation"]["max_drop"]}
 
 
 def get(*, session: Session, job_id: str) -> FinetuneJob:
@@ -92,9 +106,7 @@ def _pin_general_source(
     """Check a replay/EWC source now and pin a suite source to its current version."""
     if spec is None:
         return
-    if spec.path is not None:
-        load_path_records(settings, spec.path, what=f"{where} data")
-    elif spec.source is not None and spec.source != "self":
+    if spec.path is None and spec.source is not None and spec.source != "self":
         try:
             row = versions.resolve(session, spec.source)
         except Problem as exc:
@@ -128,6 +140,28 @@ def _domain_defaults(session: Session, spec: FinetuneEvaluationSpec, n_records: 
         )
 
 
+def _check_evaluation_budget(body: FinetuneJobCreate, n_records: int) -> None:
+    """Bound the checkpoint evaluations a cadence derives (422), from the dataset as inspected.
+
+    The examples trained on: the dataset less its held-out split, plus the replay records
+    (at most ``int(domain × fraction)``); ``max_steps`` when set fixes the count outright.
+    """
+    spec = body.evaluation
+    if spec is None or spec.every_steps is None:
+        return
+    domain = n_records
+    if spec.domain and spec.domain.holdout is not None:
+        domain -= holdout_count(n_records, spec.domain.holdout)
+    examples = domain + (int(domain * body.replay.fraction) if body.replay is not None else 0)
+    hp = body.resolved()
+    total = planned_total_steps(max(1, examples), hp)
+    problem = evaluation_budget_problem(
+        total, spec.every_steps, spec.checkpoints, exact=hp.max_steps is not None
+    )
+    if problem is not None:
+        raise problem
+
+
 def _check_target_modules(model_dir: Path, targets: str | list[str]) -> None:
     """Refuse LoRA ``target_modules`` that match no module of the model (422), as peft would,
     but at submission: read from the weights' names, without loading anything."""
@@ -153,14 +187,22 @@ def _check_target_modules(model_dir: Path, targets: str | list[str]) -> None:
         )
 
 
-def create(
-    *,
-    session: Session,
-    settings: Settings,
-    body: FinetuneJobCreate,
-    allow_from_job: bool = False,
-) -> FinetuneJob:
-    """Validate all that can be checked without a model; queue the job (caller commits)."""
+@dataclass(frozen=True)
+class JobFiles:
+    """What submission read of the files a job names: the dataset's record count and hash."""
+
+    records: int
+    dataset_sha256: str | None = None  # of a dataset file's records (None: inline records)
+
+
+def inspect_files(
+    *, settings: Settings, body: FinetuneJobCreate, allow_from_job: bool = False
+) -> JobFiles:
+    """Read the client's files a job names (base model, dataset, replay/EWC data files).
+
+    File work only, no database: a route runs it before it takes a database slot, in a pool
+    of its own (``app.web.filework``).
+    """
     if body.from_job is not None and not allow_from_job:
         raise Problem(
             422,
@@ -171,10 +213,32 @@ def create(
     model_dir, _ = resolve_model(settings, body.base_model.path, None)
     if body.lora is not None:
         _check_target_modules(model_dir, body.lora.target_modules)
+    dataset_sha256 = None
     if body.dataset.path is not None:
-        n_records = len(load_path_records(settings, body.dataset.path))
+        records = load_path_records(settings, body.dataset.path)
+        n_records, dataset_sha256 = len(records), records_sha256(records)
     else:
         n_records = len(body.dataset.examples or [])
+    for spec, where in ((body.replay, "replay"), (body.ewc, "ewc")):
+        if spec is not None and spec.path is not None:
+            load_path_records(settings, spec.path, what=f"{where} data")
+    return JobFiles(records=n_records, dataset_sha256=dataset_sha256)
+
+
+def create(
+    *,
+    session: Session,
+    settings: Settings,
+    body: FinetuneJobCreate,
+    allow_from_job: bool = False,
+    inspected: JobFiles | None = None,
+) -> FinetuneJob:
+    """Validate all that can be checked without a model; queue the job (caller commits).
+
+    ``inspected``: what :func:`inspect_files` already read (read here when None).
+    """
+    files = inspected or inspect_files(settings=settings, body=body, allow_from_job=allow_from_job)
+    n_records = files.records
     if body.evaluation is not None:
         # Pin suite versions (inline suites are registered): before and after run the same ones.
         body.evaluation.suites = list(
@@ -183,10 +247,12 @@ def create(
                     session=session,
                     suites=list(body.evaluation.suites),
                     loc=("body", "evaluation", "suites"),
+                    benchmarks_dir=settings.benchmarks_dir,
                 )
             )
         )
         _domain_defaults(session, body.evaluation, n_records)
+        _check_evaluation_budget(body, n_records)
     _pin_general_source(session, settings, body.replay, "replay")
     _pin_general_source(session, settings, body.ewc, "ewc")
     warnings = body.warnings(n_records)
@@ -277,25 +343,41 @@ def list_events(
     return Page(data=data, next_cursor=str(rows[-1].id) if has_more else None, has_more=has_more)
 
 
+def _checkpoint_public(row: FinetuneCheckpoint) -> FinetuneCheckpointPublic:
+    return FinetuneCheckpointPublic(
+        step=row.step,
+        general=row.general,
+        domain=row.domain,
+        drift=row.drift,
+        verdict=row.verdict,
+        created_at=row.created_at,
+    )
+
+
 def checkpoints(*, session: Session, job_id: str) -> list[FinetuneCheckpointPublic]:
-    """The job's checkpoint evaluations by step (step 0 is the base); 404 for no such job."""
+    """All the job's checkpoint evaluations by step (step 0 is the base); 404 for no such job."""
     get(session=session, job_id=job_id)
     rows = session.scalars(
         select(FinetuneCheckpoint)
         .where(FinetuneCheckpoint.job_id == job_id)
         .order_by(FinetuneCheckpoint.step)
     )
-    return [
-        FinetuneCheckpointPublic(
-            step=r.step,
-            general=r.general,
-            domain=r.domain,
-            drift=r.drift,
-            verdict=r.verdict,
-            created_at=r.created_at,
-        )
-        for r in rows
-    ]
+    return [_checkpoint_public(r) for r in rows]
+
+
+def checkpoints_page(
+    *, session: Session, job_id: str, limit: int = 100, cursor: str | None = None
+) -> Page[FinetuneCheckpointPublic]:
+    """One page of the job's checkpoint evaluations by step, after the step ``cursor``."""
+    get(session=session, job_id=job_id)
+    query = select(FinetuneCheckpoint).where(FinetuneCheckpoint.job_id == job_id)
+    query = ascending_after(query, FinetuneCheckpoint.step, cursor, limit)
+    rows, has_more = trim(list(session.execute(query).scalars()), limit)
+    return Page(
+        data=[_checkpoint_public(r) for r in rows],
+        next_cursor=str(rows[-1].step) if has_more else None,
+        has_more=has_more,
+    )
 
 
 def interpolate(
@@ -325,9 +407,24 @@ def interpolate(
         evaluation=evaluation,
         label=f"{parent.label or parent.id}: interpolation"[:200],
     )
+    sweep = FinetuneJobCreate.model_validate(request)
+    files = inspect_files(settings=settings, body=sweep, allow_from_job=True)
+    # The split belongs to the trained job: a dataset file that changed since would put
+    # records it trained on among the sweep's held-out ones.
+    trained = session.get(FinetuneJob, source)
+    recorded = ((trained.metrics or {}).get("dataset") or {}).get("sha256") if trained else None
+    if recorded and files.dataset_sha256 and files.dataset_sha256 != recorded:
+        detail = dataset_changed_detail(source, sweep.dataset.path)
+        raise Problem(
+            409,
+            "Dataset changed",
+            detail,
+            errors=[{"loc": ["body", "dataset", "path"], "msg": detail}],
+        )
     return create(
         session=session,
         settings=settings,
-        body=FinetuneJobCreate.model_validate(request),
+        body=sweep,
         allow_from_job=True,
+        inspected=files,
     )

@@ -247,6 +247,17 @@ def set_job(session: Session, job: ClaimedJob, **values: Any) -> None:
         raise LeaseLost(f"{job.kind} {job.id} is no longer held by {job.worker_id}")
 
 
+def still_held(engine: Engine, job: ClaimedJob) -> bool:
+    """Whether the worker still holds ``job`` (a read, no write lock): False once it was
+    cancelled, finished or taken over. Polled between heartbeats to notice a cancel soon."""
+    model = JOB_MODELS[job.kind]
+    with engine.connect() as connection:
+        row = connection.execute(
+            select(model.status, model.worker_id).where(model.id == job.id)
+        ).first()
+    return row is not None and row.status == JobStatus.RUNNING and row.worker_id == job.worker_id
+
+
 def heartbeat(engine: Engine, job: ClaimedJob, lease_seconds: float, **values: Any) -> None:
     """Renew the lease in a transaction of its own; raises LeaseLost."""
     with guarded_write(engine, job, lease_seconds, **values):
@@ -418,6 +429,103 @@ def cancel(session: Session, model: type[JobMixin], job_id: str) -> str | None:
     return session.execute(select(model.status).where(model.id == job_id)).scalar_one_or_none()  # type: ignore[attr-defined]
 
 
+def claimable_backends(backend: str) -> tuple[str, ...]:
+    """The job backends a worker of ``backend`` takes: its own, and served models.
+
+    Evaluating a served model is only HTTP, so every worker can do it; a local-weights job
+    waits for a worker of its own backend.
+    """
+    return (backend,) if backend == "openai" else (backend, "openai")
+
+
+# What a queued job says while no live worker can take it because starts keep failing.
+WAITING_PREFIX = "no live worker for backend "
+LIVE_STATUSES = ("idle", "busy")
+
+
+def _note_waiting(
+    session: Session, backend: str, note: str | None, *, now: Any, lease_seconds: float = 60.0
+) -> None:
+    """Set (or, with None, clear) the waiting note on queued jobs of ``backend``.
+
+    Only the note is touched: a job holding another error (its previous attempt's) keeps it.
+    A note is set only while no live worker, on any host, takes jobs of that backend.
+    """
+    if note is not None:
+        live = session.execute(
+            select(Worker.backend).where(
+                Worker.status.in_(LIVE_STATUSES),
+                Worker.heartbeat_at >= now - timedelta(seconds=lease_seconds),
+            )
+        ).scalars()
+        if any(backend in claimable_backends(b) for b in live):
+            note = None
+    for model in JOB_MODELS.values():
+        session.execute(
+            update(model)
+            .where(
+                model.status == JobStatus.QUEUED,
+                model.backend == backend,
+                or_(model.error.is_(None), model.error.startswith(WAITING_PREFIX))
+                if note is not None
+                else model.error.startswith(WAITING_PREFIX),
+            )
+            .values(error=note)
+            .execution_options(synchronize_session=False)
+        )
+
+
+def record_start_failure(
+    engine: Engine,
+    *,
+    worker_id: str,
+    backend: str,
+    kinds: tuple[str, ...],
+    device: str,
+    pid: int,
+    reason: str,
+    failures: int,
+    next_start_in: float | None,
+    lease_seconds: float,
+) -> str:
+    """A worker slot whose starts fail: listed by ``GET /workers`` as ``failing`` (restarted in
+    ``next_start_in`` seconds) or ``stopped`` (None: given up), and named by every queued job of
+    its backend while no live worker takes them. Returns that note. Called again while the
+    slot stays down, so the listing and the notes stay current."""
+    note = f"{WAITING_PREFIX}{backend}: last start failed with {reason}"
+    if next_start_in is None:
+        note += f"; serve stopped restarting it after {failures} failed starts (fix it, restart)"
+    else:
+        note += f"; failed start {failures}, next try in {next_start_in:.0f} s"
+    with immediate_session(engine) as session, session.begin():
+        now = db_now(session)
+        values = {
+            "host": socket.gethostname(),
+            "pid": pid,
+            "device": device,
+            "kinds": list(kinds),
+            "backend": backend,
+            "status": "failing" if next_start_in is not None else "stopped",
+            "current_job_id": None,
+            "current_job_kind": None,
+            "heartbeat_at": now,
+            "error": note[:2000],
+        }
+        updated = session.execute(update(Worker).where(Worker.id == worker_id).values(**values))
+        if not updated.rowcount:  # type: ignore[attr-defined]
+            session.add(Worker(id=worker_id, started_at=now, **values))
+        _note_waiting(session, backend, note[:2000], now=now, lease_seconds=lease_seconds)
+    return note
+
+
+def clear_start_failure(engine: Engine, worker_id: str) -> None:
+    """Forget a slot's failure record (serve stops, or its worker is up again)."""
+    with immediate_session(engine) as session, session.begin():
+        session.execute(
+            delete(Worker).where(Worker.id == worker_id, Worker.status.in_(("failing", "stopped")))
+        )
+
+
 def register_worker(
     engine: Engine,
     *,
@@ -448,6 +556,9 @@ def register_worker(
                 heartbeat_at=now,
             )
         )
+        # Jobs that waited on failing starts can be taken now: their note no longer holds.
+        for taken in claimable_backends(backend):
+            _note_waiting(session, taken, None, now=now)
 
 
 def worker_heartbeat(engine: Engine, worker_id: str) -> None:

@@ -1,29 +1,18 @@
-"""A job's status: the only place its values and the moves between them are defined.
+"""A job's status: the moves between its values, and the only place a move is defined.
 
 Every write of a job's status goes through a function in ``app.jobs`` (``queue`` for the
 lease-holding worker and cancellation, ``lifecycle`` for submission, the cache and the
 evaluations a fine-tune job runs inside itself); tests/test_layout.py checks that no code
-elsewhere assigns one. This module imports nothing, so the SQL models can use it too.
+elsewhere assigns one. The names themselves are the client package's
+(``forgetguard.status``, standard library only), so the client, the gate and the server agree;
+this module adds the moves between them, and the SQL models can use it too.
 """
 
 from __future__ import annotations
 
-from enum import StrEnum
+from forgetguard.status import FINISHED, LIVE, JobStatus
 
-
-class JobStatus(StrEnum):
-    """Where a job stands; stored, compared and serialized as its lowercase value."""
-
-    QUEUED = "queued"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-
-# A finished job never changes again; a live one is waiting or being worked on.
-FINISHED = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
-LIVE = frozenset({JobStatus.QUEUED, JobStatus.RUNNING})
+__all__ = ["FINISHED", "LIVE", "TRANSITIONS", "JobStatus", "can_move", "sources"]
 
 # The moves a job may make. queued → succeeded is the cache answering a new evaluation;
 # queued → failed is a fine-tune job failing before it started one of its own evaluations;

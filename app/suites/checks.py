@@ -192,6 +192,59 @@ def min_titlecase_words(response: str, value: int) -> bool:
     return len([w for w in response.split() if w.istitle()]) >= value
 
 
+MAX_DISTINCT_TERMS = 500
+
+
+def _spellings(term: Any) -> list[str] | None:
+    """A term's spellings: a string, or a list of strings naming one thing ("UK", "Britain")."""
+    names = [term] if isinstance(term, str) else term
+    if not isinstance(names, list) or not names:
+        return None
+    if not all(isinstance(n, str) and n.strip() and len(n) <= 100 for n in names):
+        return None
+    return [n.strip().lower() for n in names]
+
+
+def _distinct(value: Any) -> str | None:
+    if not isinstance(value, dict) or set(value) != {"count", "of"}:
+        return 'value must be {"count": N, "of": [term, …]}'
+    count, terms = value["count"], value["of"]
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        return "value.count must be a positive integer"
+    if not isinstance(terms, list) or not terms or len(terms) > MAX_DISTINCT_TERMS:
+        return f"value.of must be a list of 1 to {MAX_DISTINCT_TERMS} terms"
+    spellings = [_spellings(t) for t in terms]
+    if any(s is None for s in spellings):
+        return (
+            "each term of value.of must be a non-empty string of at most 100 characters, or a "
+            "non-empty list of such strings (spellings of one term)"
+        )
+    if count > len(terms):
+        return f"value.count {count} is more than the {len(terms)} terms in value.of"
+    return None
+
+
+@register("min_distinct", _distinct)
+def min_distinct(response: str, value: dict[str, Any]) -> bool:
+    """At least ``count`` different terms of ``of`` appear as whole words (case-insensitive).
+
+    A term is a string or a list of its spellings (``["United Kingdom", "UK"]`` counts once);
+    overlapping matches count once, the longest spelling first ("Great Britain" is not also
+    "Britain"). What "list three countries in Europe" asks, measured: "France, Germany and
+    Spain" passes, "Europe, Here, Portugal" (which the lesson's ``min_titlecase_words: 3``
+    passes) does not.
+    """
+    term_of: dict[str, int] = {}
+    for index, term in enumerate(value["of"]):
+        for spelling in _spellings(term) or []:
+            term_of.setdefault(spelling, index)
+    pattern = "|".join(re.escape(s) for s in sorted(term_of, key=len, reverse=True))
+    found = {
+        term_of[m.group(1)] for m in re.finditer(rf"(?<!\w)({pattern})(?!\w)", response.lower())
+    }
+    return len(found) >= value["count"]
+
+
 def _first_json_value(response: str) -> Any:
     """The first JSON object or array embedded in the response, or raise ValueError."""
     decoder = json.JSONDecoder()

@@ -9,13 +9,15 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import TypeAdapter
-from sqlalchemy import func, select
+from sqlalchemy import false, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.core.errors import Problem
-from app.core.tables import Suite
+from app.core.tables import SQL_INT_MAX, Suite
+from app.suites.benchmarks.sources import BENCHMARKS
 from app.suites.kinds import SuiteDefinition
+from forgetguard.suites import GROUPS
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 SUITE_ADAPTER: TypeAdapter[Any] = TypeAdapter(SuiteDefinition)
@@ -33,16 +35,27 @@ def builtin_names() -> frozenset[str]:
     return frozenset(str(raw["name"]) for raw in builtin_definitions())
 
 
+# Where suites that forgetguard makes itself come from: shipped files, pulled benchmarks, and
+# suites derived from a reference's options (``app.suites.references``).
+OWN_SOURCES = ("builtin", "benchmark", "derived")
+
+
+def reserved_names() -> frozenset[str]:
+    """Names no client suite may take: the built-ins, the pullable benchmarks, the groups."""
+    return builtin_names() | frozenset(BENCHMARKS) | frozenset(GROUPS)
+
+
 def refuse_reserved(session: Session, name: str, *, status: int = 422) -> None:
-    """Refuse a client suite named like a built-in, which would become its newest version.
+    """Refuse a client suite named like one of forgetguard's, which would become its newest
+    version.
 
     Every later reference to the name, the default suites and the gate would then run the
     client's suite. The one rule for every way a suite arrives (``POST /suites``, inline in an
     evaluation or a fine-tune job's evaluation); ``register`` applies it itself.
     """
-    reserved = name in builtin_names() or (
+    reserved = name in reserved_names() or (
         session.execute(
-            select(Suite.id).where(Suite.name == name, Suite.source == "builtin").limit(1)
+            select(Suite.id).where(Suite.name == name, Suite.source.in_(OWN_SOURCES)).limit(1)
         ).first()
         is not None
     )
@@ -50,8 +63,9 @@ def refuse_reserved(session: Session, name: str, *, status: int = 422) -> None:
         raise Problem(
             status,
             "Reserved suite name",
-            f"{name!r} is a built-in suite's name; give your suite another name",
-            errors=[{"loc": ["body", "name"], "msg": f"{name!r} is reserved for a built-in suite"}],
+            f"{name!r} is the name of one of forgetguard's suites, benchmarks or groups; "
+            "give your suite another name",
+            errors=[{"loc": ["body", "name"], "msg": f"{name!r} is reserved"}],
         )
 
 
@@ -64,7 +78,7 @@ def register(
     ``reserved_status``. Returns ``(row, created)``. Commits nothing: the caller owns the
     transaction.
     """
-    if source != "builtin":
+    if source not in OWN_SOURCES:
         refuse_reserved(session, suite.name, status=reserved_status)
     definition = suite.model_dump(mode="json")
     digest = content_hash(definition)
@@ -108,7 +122,9 @@ def resolve(session: Session, ref: str) -> Suite:
             raise Problem(
                 422, "Invalid suite reference", f"suite version in {ref!r} must be an integer"
             )
-        query = query.where(Suite.version == int(version))
+        # A version beyond the column's range cannot exist (and PostgreSQL would refuse it).
+        number = int(version)
+        query = query.where(Suite.version == number if number <= SQL_INT_MAX else false())
     row = session.execute(query.order_by(Suite.version.desc()).limit(1)).scalar_one_or_none()
     if row is None:
         what = f"suite {name!r} version {version}" if version else f"suite {name!r}"

@@ -12,6 +12,7 @@ from collections.abc import Callable, Coroutine
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -24,7 +25,7 @@ from sqlalchemy.orm import Session
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.comparison import service as comparison
-from app.comparison.verdict import CompareOptions
+from app.comparison.verdict import verdict_words
 from app.core.errors import Problem
 from app.core.formatting import number, percent
 from app.core.pagination import newest_first, page
@@ -33,7 +34,9 @@ from app.evaluations import service as evaluations
 from app.finetune import service as finetune
 from app.finetune.schemas import Hyperparameters, resolve_hyperparameters
 from app.jobs.status import LIVE, JobStatus
-from app.suites.kinds import KINDS, Display
+from app.suites.kinds import KINDS
+from app.suites.registry import Display
+from app.suites.rules import CompareOptions, rules_from_query
 from app.ui import views
 from app.web.deps import SessionDep
 
@@ -158,22 +161,6 @@ def _status_filter(status: str | None) -> str | None:
             f"status must be one of {', '.join(STATUSES)}; got {status!r}",
         )
     return status
-
-
-def _float_param(
-    name: str, raw: str | None, default: float | None, low: float, high: float
-) -> float | None:
-    if raw is None or raw == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise Problem(422, "Invalid parameter", f"{name} must be a number; got {raw!r}") from None
-    if not (low <= value <= high):
-        raise Problem(
-            422, "Invalid parameter", f"{name} must be between {low} and {high}; got {value}"
-        )
-    return value
 
 
 def _display(result: Any) -> Display | None:
@@ -370,36 +357,33 @@ def evaluation_page(
 
 @router.get("/compare", response_class=HTMLResponse)
 def compare_page(
+    request: Request,
     session: SessionDep,
     before: str | None = None,
     after: str | None = None,
-    threshold: str | None = None,
-    max_category_drop: str | None = None,
-    max_nll_increase: str | None = None,
-    mode: str | None = None,
     flips: str | None = None,
-    category_rule: str | None = None,
     suites: str | None = None,
 ) -> HTMLResponse:
     """Verdict banner, grouped before/after bars, statistics, changed answers, NLL drift."""
+    # The rule book's rules, as /compare reads them (an empty form field keeps the default).
+    rules = rules_from_query(request.query_params)
     if not before or not after:
         return render(
             "compare_pick.html",
             succeeded=_recent_succeeded(session),
             before=before or "",
             after=after or "",
+            rules=rules,
         )
-    if mode not in (None, "", "threshold", "noninferiority"):
-        raise Problem(
-            422, "Invalid parameter", f"mode must be 'threshold' or 'noninferiority'; got {mode!r}"
-        )
-    options = CompareOptions(
-        threshold=_float_param("threshold", threshold, 0.10, 0.0, 1.0) or 0.0,
-        max_category_drop=_float_param("max_category_drop", max_category_drop, None, 0.0, 1.0),
-        max_nll_increase=_float_param("max_nll_increase", max_nll_increase, None, 0.0, 100.0),
-        mode="noninferiority" if mode == "noninferiority" else "threshold",
-        category_rule="significant" if category_rule == "significant" else "point",
-        suites=comparison.parse_suite_names(suites),
+    options = CompareOptions.of(rules, suites=comparison.parse_suite_names(suites))
+    # The same comparison elsewhere (all flips, the JSON) keeps every rule that was set.
+    query = urlencode(
+        {
+            "before": before,
+            "after": after,
+            **rules.changed(),
+            **({"suites": suites} if suites else {}),
+        }
     )
     body = comparison.compare(session=session, before_id=before, after_id=after, options=options)
     before_ev = evaluations.get(session=session, evaluation_id=before)
@@ -426,7 +410,6 @@ def compare_page(
         body=body,
         before_ev=before_ev,
         after_ev=after_ev,
-        headline=views.headline(body),
         rows=rows,
         fell=[r for r in rows if r["fell"]],
         chart=views.compare_category_chart(rows, options.threshold) if rows else None,
@@ -440,6 +423,7 @@ def compare_page(
         drift_chart=views.drift_chart(drift),
         kind_cards=kind_cards,
         options=options,
+        query=query,
     )
 
 
@@ -516,7 +500,8 @@ def finetune_job_page(job_id: str, session: SessionDep) -> HTMLResponse:
         loss_chart=views.loss_chart(curves),
         lr_chart=views.lr_chart(curves),
         has_curves=bool(curves["loss"] or curves["learning_rate"]),
-        comparison=job.comparison,
+        # A comparison stored before headlines existed gets its words from the same function.
+        comparison=job.comparison and {**verdict_words(job.comparison), **job.comparison},
         live=job.status in LIVE,
     )
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from markupsafe import Markup
 
-from app.comparison.verdict import SEVERITY_ORDER
+from app.suites.schema import SEVERITY_ORDER
 from app.ui.charts import (
     AFTER_COLOR,
     BEFORE_COLOR,
@@ -54,7 +54,7 @@ def category_rows(
     before, after = qa_by_category(before_results), qa_by_category(after_results)
     drops: dict[str, float] = body.get("category_drops") or {}
     by_cat: dict[str, Any] = (body.get("statistics") or {}).get("by_category") or {}
-    threshold = float(body.get("threshold") or 0.10)
+    threshold = float(body["threshold"])  # every comparison body states the rule it used
     names = list(dict.fromkeys([*drops, *before, *after]))
     rows = []
     for name in names:
@@ -188,21 +188,6 @@ def sort_by_severity(rows: Iterable[Any], key: str = "severity") -> list[Any]:
         return value or "low"
 
     return sorted(rows, key=lambda r: SEVERITY_ORDER.get(severity(r), 9))
-
-
-def headline(body: dict[str, Any]) -> str:
-    """One sentence a newcomer reads first: what happened to general knowledge."""
-    b, a = body.get("overall_accuracy_before"), body.get("overall_accuracy_after")
-    if b is None or a is None:
-        return "No general-knowledge QA suite ran in both evaluations."
-    points = round((b - a) * 100)
-    if points > 0:
-        verb = f"fell {points} points"
-    elif points < 0:
-        verb = f"rose {-points} points"
-    else:
-        verb = "did not change"
-    return f"General-knowledge accuracy {verb}: {b:.0%} before, {a:.0%} after fine-tuning."
 
 
 def training_curves(events: Iterable[dict[str, Any]]) -> dict[str, list[tuple[float, float]]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -16,6 +17,18 @@ def get_settings(request: Request) -> Settings:
     return settings
 
 
+@asynccontextmanager
+async def database_session(request: Request) -> AsyncIterator[Session]:
+    """A session, once one of the API's database slots is free (see :func:`get_session`);
+    for async routes that do other work (reading a client's files) before or between."""
+    async with request.app.state.database_slots:
+        session: Session = request.app.state.sessionmaker()
+        try:
+            yield session
+        finally:
+            session.close()
+
+
 async def get_session(request: Request) -> AsyncIterator[Session]:
     """A session for the request, once one of the API's database slots is free.
 
@@ -26,12 +39,8 @@ async def get_session(request: Request) -> AsyncIterator[Session]:
     connections, so that wait cannot happen; a request waits for a slot in the event loop,
     holding neither a thread nor a connection. The session is closed here too, in the loop.
     """
-    async with request.app.state.database_slots:
-        session: Session = request.app.state.sessionmaker()
-        try:
-            yield session
-        finally:
-            session.close()
+    async with database_session(request) as session:
+        yield session
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]

@@ -204,7 +204,7 @@ def test_workers_show_backend_devices_dtype_and_engine_version(
 
 
 def test_the_gate_submits_both_sides_on_the_backend_it_was_given() -> None:
-    from app.gate.runner import GateOptions, evaluation_body
+    from forgetguard.gate import GateOptions, evaluation_body
 
     body = evaluation_body(GateOptions(backend="vllm"), "models/base", "out/adapter", "after")
     assert body["model"] == {

@@ -116,6 +116,29 @@ def test_query_options_change_the_verdict(client: Any, tiny_model_dir: Path) -> 
     assert client.get("/compare", params={**base, "alpha": 0.7}).status_code == 422
 
 
+def test_the_guard_reads_max_drop_beside_the_verdict_without_changing_it(
+    client: Any, tiny_model_dir: Path
+) -> None:
+    before, after = submit(client, tiny_model_dir), submit(client, tiny_model_dir)
+    finish(client, before, ALL)
+    finish(client, after, ALL - {"q00", "q02", "q04"})  # overall drop 0.1: passes the verdict
+    base = {"before": before, "after": after}
+    default = client.get("/compare", params=base).json()
+    # The rule book's max_drop (0.05) does not accept a drop of 0.1; the verdict still passes.
+    assert default["verdict"] == "pass"
+    assert default["guard"] == {"max_drop": 0.05, "drop": 0.1, "acceptable": False}
+    loose = client.get("/compare", params={**base, "max_drop": 0.1}).json()
+    assert loose["guard"] == {"max_drop": 0.1, "drop": 0.1, "acceptable": True}
+    assert {k: v for k, v in loose.items() if k != "guard"} == {
+        k: v for k, v in default.items() if k != "guard"
+    }
+    # A failing verdict is never acceptable, whatever the drop.
+    strict = client.get("/compare", params={**base, "threshold": 0.05, "max_drop": 1.0}).json()
+    assert strict["verdict"] == "fail" and strict["guard"]["acceptable"] is False
+    bad = client.get("/compare", params={**base, "max_drop": 2})
+    assert bad.status_code == 422 and bad.json()["errors"][0]["loc"] == ["query", "max_drop"]
+
+
 def test_different_suite_versions_are_409_naming_the_suite(
     client: Any, tiny_model_dir: Path
 ) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from app.core.database import make_engine, session_factory
-from app.core.tables import Evaluation, FinetuneEvent
+from app.core.tables import Evaluation, FinetuneCheckpoint, FinetuneEvent
 from tests.samples import CAPITAL_QUESTION
 
 EXAMPLES = [
@@ -244,6 +244,39 @@ def test_events_paginate_oldest_first(client, tiny_model_dir, settings) -> None:
     assert client.get("/finetune-jobs/ft_nope/events").status_code == 404
 
 
+def test_checkpoints_are_a_page_by_step_like_every_other_list(
+    client, tiny_model_dir, settings
+) -> None:  # type: ignore[no-untyped-def]
+    job = client.post("/finetune-jobs", json=body(tiny_model_dir)).json()
+    engine = make_engine(settings.database_url)
+    with session_factory(engine)() as session:
+        for step in (10, 0, 5, 20, 15):  # stored out of order
+            session.add(
+                FinetuneCheckpoint(
+                    job_id=job["id"], step=step, general={"accuracy": 1 - step / 100}
+                )
+            )
+        session.commit()
+    engine.dispose()
+    steps, cursor, pages = [], None, 0
+    while True:
+        params = {"limit": 2, **({"cursor": cursor} if cursor else {})}
+        page = client.get(f"/finetune-jobs/{job['id']}/checkpoints", params=params).json()
+        pages += 1
+        assert set(page) == {"data", "has_more", "next_cursor"}
+        steps += [c["step"] for c in page["data"]]
+        if not page["has_more"]:
+            assert page["next_cursor"] is None
+            break
+        cursor = page["next_cursor"]
+    assert pages == 3 and steps == [0, 5, 10, 15, 20]
+    whole = client.get(f"/finetune-jobs/{job['id']}/checkpoints").json()
+    assert [c["step"] for c in whole["data"]] == steps and whole["has_more"] is False
+    assert whole["data"][1]["general"] == {"accuracy": 0.95}
+    bad = client.get(f"/finetune-jobs/{job['id']}/checkpoints", params={"cursor": "x"})
+    assert bad.status_code == 422
+
+
 def test_cancel_a_queued_job_and_its_evaluations(client, tiny_model_dir, settings) -> None:  # type: ignore[no-untyped-def]
     job = client.post("/finetune-jobs", json=body(tiny_model_dir)).json()
     engine = make_engine(settings.database_url)
@@ -379,7 +412,27 @@ def test_checkpoints_of_an_unknown_job_are_404_and_a_guard_needs_a_cadence(
     job = ok.json()
     assert job["guard"] == {"max_drop": 0.05, "action": "stop"}
     assert job["shipped_step"] is None
-    assert client.get(f"/finetune-jobs/{job['id']}/checkpoints").json() == []
+    # The guard applies the rule book's max_drop (the evaluation block's) unless it gives its own.
+    book = client.post(
+        "/finetune-jobs",
+        json=body(
+            tiny_model_dir,
+            evaluation={"suites": [QA_SUITE], "checkpoints": 3, "max_drop": 0.1, "alpha": 0.01},
+            guard={"action": "stop"},
+        ),
+    ).json()
+    assert book["guard"] == {"max_drop": 0.1, "action": "stop"}
+    assert book["evaluation"]["alpha"] == 0.01 and book["evaluation"]["category_rule"] == "point"
+    own = client.post(
+        "/finetune-jobs",
+        json=body(
+            tiny_model_dir,
+            evaluation={"suites": [QA_SUITE], "checkpoints": 3, "max_drop": 0.1},
+            guard={"max_drop": 0.2, "action": "keep_best"},
+        ),
+    ).json()
+    assert own["guard"] == {"max_drop": 0.2, "action": "keep_best"}
+    assert client.get(f"/finetune-jobs/{job['id']}/checkpoints").json()["data"] == []
 
 
 def test_an_unknown_evaluation_suite_is_reported_where_it_was_written(

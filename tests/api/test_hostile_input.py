@@ -453,11 +453,11 @@ ROUND_TWO: dict[str, Callable[[Env], Request]] = {
             '"x"', '"x", "w": Infinity'
         ),
     ),
-    "item-cursor-beyond-64-bits": lambda e: get(
+    "item-cursor-beyond-the-integer-column": lambda e: get(
         "/evaluations/ev_x/items?cursor=9223372036854775808", 422
     ),
     "item-cursor-of-40-digits": lambda e: get("/evaluations/ev_x/items?cursor=" + "9" * 40, 422),
-    "event-cursor-beyond-64-bits": lambda e: get(
+    "event-cursor-beyond-the-integer-column": lambda e: get(
         "/finetune-jobs/ft_x/events?cursor=18446744073709551616", 422
     ),
     "boolean-as-an-integer": lambda e: post(

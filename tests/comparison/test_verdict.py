@@ -7,14 +7,11 @@ from typing import Any
 
 import pytest
 
-from app.comparison import statistics as stats
-from app.comparison.verdict import (
-    CompareOptions,
-    Row,
-    build,
-    comparability_problems,
-    compare_forgetting,
-)
+from app.comparison.verdict import build, comparability_problems
+from app.stats import statistics as stats
+from app.suites.kinds.qa import compare_forgetting
+from app.suites.registry import Row
+from app.suites.rules import CompareOptions
 
 RUN_A = {"id": "ev_a"}
 RUN_B = {"id": "ev_b"}
@@ -43,8 +40,11 @@ def qa(
     )
 
 
-def check(item_id: str, passed: bool, severity: str) -> Row:
-    """A checklist item row."""
+def check(item_id: str, passed: bool, severity: str, behaviour: str | None = None) -> Row:
+    """A checklist item row (of a ``behaviour`` when given, as the scorer records it)."""
+    details = {"test": f"Test {item_id}"}
+    if behaviour is not None:
+        details["behaviour"] = behaviour
     return Row(
         item_id=item_id,
         passed=passed,
@@ -52,7 +52,7 @@ def check(item_id: str, passed: bool, severity: str) -> Row:
         category="general",
         severity=severity,
         response=f"response {item_id}",
-        details={"test": f"Test {item_id}"},
+        details=details,
         suite="forgetting-checklist",
         kind="checklist",
         prompt="List three countries.",
@@ -235,14 +235,100 @@ def test_a_critical_check_that_newly_fails_fails_the_verdict() -> None:
     assert checklist["score_after"] == pytest.approx(1 / 3)
     assert [f["item_id"] for f in checklist["newly_failing"]] == ["c1"]
     assert checklist["newly_failing"][0]["severity"] == "critical"
+    # One item decides: the lesson's rule still fails it, and the reason says how little it is.
     assert body["verdict"] == "fail" and body["reasons"] == [
-        "critical check 'Test c1' passed before and fails after"
+        "critical check 'Test c1' passed before and fails after (1 item; low evidence)"
     ]
     assert [(i["item_id"], i["passed_before"], i["passed_after"]) for i in checklist["items"]] == [
         ("c1", True, False),
         ("c2", True, True),
         ("c3", False, False),
     ]
+
+
+def behaviour_rows(
+    name: str, before: int, after: int, n: int, *, learned: int = 0, severity: str = "critical"
+) -> tuple[list[Row], list[Row]]:
+    """``n`` items of one behaviour: ``before`` pass before; ``learned`` of the failing ones
+    newly pass and enough of the passing ones newly fail that ``after`` pass after."""
+    forgotten = before - after + learned
+    outcomes = [(True, i >= forgotten) for i in range(before)]
+    outcomes += [(False, i < learned) for i in range(n - before)]
+    rows = [
+        (check(f"{name}-{i}", b, severity, name), check(f"{name}-{i}", a, severity, name))
+        for i, (b, a) in enumerate(outcomes)
+    ]
+    return [b for b, _ in rows], [a for _, a in rows]
+
+
+def test_one_flip_of_a_behaviour_asked_eight_ways_is_reported_not_failed() -> None:
+    before, after = behaviour_rows("Basic instruction following", 8, 7, 8)
+    body = build(RUN_A, RUN_B, before, after, CompareOptions())
+    assert body["verdict"] == "pass" and body["reasons"] == []
+    [group] = body["checklist"]["behaviours"]
+    assert (group["n_items"], group["passed_before"], group["passed_after"]) == (8, 8, 7)
+    assert group["drop"] == pytest.approx(1 / 8) and group["p_value"] == 1.0
+    [reported] = body["findings"]
+    assert not reported["gates"]
+    assert reported["message"] == (
+        "critical behaviour 'Basic instruction following' fell from 8/8 to 7/8 (p = 1): "
+        "reported, not significant at α = 0.05 and not more than max_behaviour_drop "
+        f"{CompareOptions().max_behaviour_drop}"
+    )
+    assert body["headline"] == "PASS: no forgetting rule failed; 1 finding reported, not gated"
+
+
+def test_a_behaviour_fails_on_a_drop_larger_than_the_rule_book_allows() -> None:
+    before, after = behaviour_rows("Multi-step reasoning", 6, 2, 8)
+    body = build(RUN_A, RUN_B, before, after, CompareOptions())
+    assert body["reasons"] == [
+        "critical behaviour 'Multi-step reasoning' fell from 6/8 to 2/8 (p = 0.12): a drop of "
+        f"0.50, more than max_behaviour_drop {CompareOptions().max_behaviour_drop}"
+    ]
+    # The same drop under a more tolerant rule book is reported, not failed.
+    assert (
+        build(RUN_A, RUN_B, before, after, CompareOptions(max_behaviour_drop=0.5))["verdict"]
+        == "pass"
+    )
+
+
+def test_a_significant_drop_smaller_than_the_size_rule_still_fails() -> None:
+    # 40 items, 8 lost and none gained: a drop of 0.2 with p = 2 * 0.5**8 = 0.0078.
+    before, after = behaviour_rows("Refuses", 40, 32, 40)
+    body = build(RUN_A, RUN_B, before, after, CompareOptions(max_behaviour_drop=0.3))
+    assert body["reasons"] == [
+        "critical behaviour 'Refuses' fell from 40/40 to 32/40 (p = 0.0078): significant at "
+        "α = 0.05"
+    ]
+    assert stats.mcnemar_exact(8, 0) == pytest.approx(0.0078125)
+
+
+def test_flips_both_ways_are_netted_before_the_rate_is_judged() -> None:
+    # 3 items newly fail and 2 newly pass: the rate falls by one item in eight.
+    before, after = behaviour_rows("Basic instruction following", 5, 4, 8, learned=2)
+    body = build(RUN_A, RUN_B, before, after, CompareOptions())
+    [group] = body["checklist"]["behaviours"]
+    assert (group["forgotten"], group["learned"]) == (3, 2)
+    assert body["verdict"] == "pass" and "fell from 5/8 to 4/8" in body["findings"][0]["message"]
+
+
+def test_where_one_item_decides_a_behaviour_the_reason_says_so() -> None:
+    before, after = behaviour_rows("Pair", 2, 1, 2)
+    body = build(RUN_A, RUN_B, before, after, CompareOptions())
+    assert body["reasons"] == [
+        "critical behaviour 'Pair' fell from 2/2 to 1/2 (p = 1): a drop of 0.50, more than "
+        f"max_behaviour_drop {CompareOptions().max_behaviour_drop}; one item decides; low evidence"
+    ]
+
+
+def test_a_non_critical_behaviour_that_falls_is_reported() -> None:
+    before, after = behaviour_rows("Format", 8, 0, 8, severity="high")
+    body = build(RUN_A, RUN_B, before, after, CompareOptions())
+    assert body["verdict"] == "pass"
+    assert body["findings"][0]["message"] == (
+        "high behaviour 'Format' fell from 8/8 to 0/8 (p = 0.0078) (reported; only critical "
+        "checks fail the gate)"
+    )
 
 
 def test_a_non_critical_check_that_newly_fails_is_reported_but_passes() -> None:

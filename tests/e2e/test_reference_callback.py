@@ -51,7 +51,7 @@ def test_lora_training_on_the_reference_model_is_watched(
         callbacks=[guard],
     ).train()
     assert [p["step"] for p in guard.curve] == [0, 3, 6]
-    # The real model answers several of the first general questions (Paris, Shakespeare …) …
+    # The real model answers several of the sampled general questions (one or two a category) …
     assert guard.curve[0]["general"]["accuracy"] >= 0.5
     # … and a gentle LoRA run of six steps keeps them: the guard would not have stopped it.
     assert all(abs(p["drop"]) <= 0.25 for p in guard.curve)

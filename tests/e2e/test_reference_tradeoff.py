@@ -65,7 +65,7 @@ def test_lr_1e3_learns_but_forgets_and_keep_best_ships_a_passing_checkpoint(
     response = client.post("/finetune-jobs", json=body)
     assert response.status_code == 202, response.text
     job = finished_job(client, response.json()["id"], tmp_path / "worker.log")
-    checkpoints = client.get(f"/finetune-jobs/{job['id']}/checkpoints").json()
+    checkpoints = client.get(f"/finetune-jobs/{job['id']}/checkpoints").json()["data"]
     for c in checkpoints:
         print(
             f"\nstep {c['step']:>3}: general accuracy {c['general']['accuracy']}, "

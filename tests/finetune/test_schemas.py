@@ -17,6 +17,7 @@ from app.finetune.schemas import (
     record_format,
     resolve_hyperparameters,
 )
+from app.suites.rules import CompareOptions
 
 COMPARED = (
     "learning_rate",
@@ -164,11 +165,28 @@ def test_replay_that_rounds_down_to_nothing_warns() -> None:
         {"replay": {"source": "self", "path": "x.jsonl"}},
         {"ewc": {"importance": 0}},
         {"surprise": True},
+        {"evaluation": {"category_rule": "loose"}},
+        {"evaluation": {"alpha": 0.5}},
+        {"evaluation": {"max_drop": 1.5}},
+        {"evaluation": {"max_kl": -1}},
+        {"evaluation": {"every_steps": 2}, "guard": {"max_drop": -0.1}},
     ],
 )
 def test_impossible_or_unknown_settings_are_rejected(fields: dict) -> None:
     with pytest.raises(ValidationError):
         _request(**fields)
+
+
+def test_the_evaluation_block_takes_every_rule_and_the_guard_overrides_max_drop() -> None:
+    rules = {"alpha": 0.01, "category_rule": "significant", "max_drop": 0.1, "max_kl": 0.2}
+    evaluation = {**rules, "every_steps": 2}
+    options = _request(evaluation=evaluation, guard={"action": "stop"}).compare_options()
+    assert {name: getattr(options, name) for name in rules} == rules
+    # The guard's own max_drop, when given, is the one the job applies.
+    given = _request(evaluation=evaluation, guard={"max_drop": 0.2}).compare_options()
+    assert given.max_drop == 0.2 and given.alpha == 0.01
+    # Without either, the rule book's defaults.
+    assert _request().compare_options() == CompareOptions()
 
 
 def test_lora_defaults_are_the_lessons_config() -> None:

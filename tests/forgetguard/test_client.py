@@ -77,7 +77,8 @@ def test_an_unreachable_server_raises_after_retries() -> None:
 
 
 def test_the_client_imports_with_nothing_of_the_server() -> None:
-    """httpx and pydantic only: fastapi, sqlalchemy, torch, app and workers are blocked."""
+    """The client, the gate and its commands, with fastapi, sqlalchemy, torch, app and workers
+    blocked: none of them is needed."""
     blocked = ["fastapi", "sqlalchemy", "torch", "transformers", "app", "workers", "uvicorn"]
     code = (
         "import sys\n"
@@ -89,9 +90,13 @@ def test_the_client_imports_with_nothing_of_the_server() -> None:
         "sys.meta_path.insert(0, Block())\n"
         "import forgetguard\n"
         "from forgetguard import Client\n"
+        "import forgetguard.cli, forgetguard.gate, forgetguard.tracking\n"
+        "from forgetguard.cli import main\n"
+        "sys.argv = ['forgetguard', 'gate', '--help']\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in BLOCKED))\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
-    assert out.strip() == "[]"
+    assert out.strip().splitlines()[-1] == "[]" and "--max-category-drop" in out

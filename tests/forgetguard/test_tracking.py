@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from forgetguard.tracking import COMPARISON, REPORT, comparison_metrics
-from tests.gate.test_runner import finish, gate, submit
+from tests.forgetguard.gate.test_run import finish, gate, submit
 
 mlflow = pytest.importorskip("mlflow", reason="the mlflow extra is not installed")
 

@@ -10,8 +10,7 @@ from sqlalchemy import Engine
 from app.core.config import Settings
 from app.core.database import make_engine, session_factory
 from app.core.tables import Evaluation, FinetuneJob, new_id
-from app.jobs.queue import claim
-from workers.main import claimable_backends
+from app.jobs.queue import claim, claimable_backends
 
 
 @pytest.fixture

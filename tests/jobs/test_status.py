@@ -113,8 +113,9 @@ def test_a_finished_job_never_moves_again(engine: Engine) -> None:
     assert done.moved() == "succeeded" and dropped.moved() == "cancelled"
 
 
-def test_the_http_client_knows_the_same_finished_statuses() -> None:
-    """forgetguard.client imports nothing of the server, so it keeps its own copy: the same."""
-    from forgetguard import client
+def test_the_status_names_are_the_client_package_s() -> None:
+    """Defined once, in the client package (which imports nothing of the server); the server
+    adds only the moves between them."""
+    from forgetguard import client, status
 
-    assert client.FINISHED == {s.value for s in FINISHED}
+    assert JobStatus is status.JobStatus and FINISHED is status.FINISHED is client.FINISHED

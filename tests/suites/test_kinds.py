@@ -1,12 +1,14 @@
-"""A new suite kind is one registry entry plus its scoring function, and nothing else.
+"""A new suite kind is one registration, and nothing else.
 
-The throwaway ``word_count`` kind below is accepted by ``POST /suites``, evaluated by the real
-worker on tiny models, compared by ``/compare`` and shown by the dashboard, without a line
-of the service, the worker or the templates knowing its name.
+The throwaway ``word_count`` kind below (what a file in ``app/suites/kinds/`` would hold) is
+accepted by ``POST /suites``, evaluated by the real worker on tiny models, compared by
+``/compare`` and shown by the dashboard, without a line of the service, the worker or the
+templates knowing its name.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -14,24 +16,23 @@ from typing import Annotated, Any, Literal
 import pytest
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.comparison.contributions import CompareOptions, Contribution, Pairs
-from app.suites.aggregates import ItemRow
-from app.suites.kinds import (
-    KINDS,
-    MAX_ITEMS,
+from app.suites.kinds import KINDS
+from app.suites.registry import (
+    REQUEST_TYPES,
     Card,
+    Contribution,
     Display,
-    ItemId,
-    SuiteBase,
+    ItemRow,
+    Pairs,
     SuiteKind,
-    Text,
     register_kind,
     unregister_kind,
 )
-from workers.evaluation.runners import SCORERS, Scorer, register_scorer, unregister_scorer
+from app.suites.rules import CompareOptions
+from app.suites.schema import MAX_ITEMS, ItemId, SuiteBase, Text
 from workers.main import Worker
 
-# --- the whole of the new kind: its registry entry and its scoring function ----------------
+# --- the whole of the new kind: its schema, scorer, aggregate, comparison and display -------
 
 
 class WordCountItem(BaseModel):
@@ -97,10 +98,23 @@ def word_count_cards(body: dict[str, Any]) -> list[Card]:
     ]
 
 
+def score_word_count(item: Any, results: Sequence[str], suite: Any) -> dict[str, Any]:
+    """The number of words answered, and whether it is within the item's limit."""
+    words = len(results[0].split())
+    return {
+        "passed": words <= item["max_words"],
+        "score": float(words),
+        "category": item.get("category"),
+        "severity": None,
+        "details": {"words": words, "max_words": item["max_words"]},
+    }
+
+
 WORD_COUNT = SuiteKind(
     "word_count",
     WordCountSuite,
     request="generate",
+    score=score_word_count,
     aggregate=aggregate_word_count,
     compare=compare_word_count,
     display=Display(
@@ -111,18 +125,6 @@ WORD_COUNT = SuiteKind(
         compare_cards=word_count_cards,
     ),
 )
-
-
-def score_word_count(item: dict[str, Any], response: str) -> dict[str, Any]:
-    """The number of words answered, and whether it is within the item's limit."""
-    words = len(response.split())
-    return {
-        "passed": words <= item["max_words"],
-        "score": float(words),
-        "category": item.get("category"),
-        "severity": None,
-        "details": {"words": words, "max_words": item["max_words"]},
-    }
 
 
 # --- the test -----------------------------------------------------------------------------
@@ -140,14 +142,12 @@ SUITE = {
 
 @pytest.fixture
 def word_count_kind() -> Iterator[SuiteKind]:
-    """The throwaway kind, registered on both sides for one test and removed after it."""
+    """The throwaway kind, registered for one test and removed after it."""
     register_kind(WORD_COUNT)
-    register_scorer("word_count", Scorer(score_word_count))
     try:
         yield WORD_COUNT
     finally:
         unregister_kind("word_count")
-        unregister_scorer("word_count")
 
 
 @pytest.fixture(scope="module")
@@ -232,29 +232,29 @@ def test_a_new_kind_is_uploaded_evaluated_compared_and_shown(  # type: ignore[no
 
 def test_a_kind_is_gone_once_unregistered(client, word_count_kind) -> None:  # type: ignore[no-untyped-def]
     unregister_kind("word_count")
-    unregister_scorer("word_count")
-    assert "word_count" not in KINDS and "word_count" not in SCORERS
+    assert "word_count" not in KINDS
     refused = client.post("/suites", json=SUITE)
     assert refused.status_code == 422
     assert "does not match any of the expected tags" in refused.json()["detail"]
 
 
 def test_registering_a_kind_twice_or_with_a_mismatched_schema_is_refused() -> None:
-    display = KINDS["qa"].display
     with pytest.raises(ValueError, match="already registered"):
         register_kind(KINDS["qa"])
     with pytest.raises(ValueError, match="must be Literal"):
-        register_kind(SuiteKind("wc2", WordCountSuite, "generate", len, len, display))  # type: ignore[arg-type]
+        register_kind(dataclasses.replace(WORD_COUNT, name="wc2"))
     with pytest.raises(ValueError, match="request"):
-        register_kind(SuiteKind("word_count", WordCountSuite, "embed", len, len, display))  # type: ignore[arg-type]
+        register_kind(dataclasses.replace(WORD_COUNT, request="embed"))  # type: ignore[arg-type]
     assert "wc2" not in KINDS and "word_count" not in KINDS
 
 
-def test_every_kind_has_a_scorer_and_a_driver_for_its_request() -> None:
-    from workers.engine.base import REQUEST_TYPES, Backend
-    from workers.evaluation.runners import DRIVERS
+def test_every_kind_has_a_driver_for_its_request() -> None:
+    from workers.engine import base
+    from workers.engine.base import Backend
+    from workers.evaluation.scoring import DRIVERS
 
-    assert set(SCORERS) == set(KINDS)
-    # The request types are exactly the Backend's methods, and each has its driver.
+    # One list of request types, which the engine reads: exactly the Backend's methods.
+    assert base.REQUEST_TYPES is REQUEST_TYPES
     assert set(DRIVERS) == set(REQUEST_TYPES) and all(hasattr(Backend, r) for r in REQUEST_TYPES)
     assert {k.request for k in KINDS.values()} <= set(DRIVERS)
+    assert list(KINDS)[:4] == ["qa", "checklist", "multiple_choice", "perplexity"]

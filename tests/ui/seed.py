@@ -21,8 +21,9 @@ from sqlalchemy.orm import Session
 
 from app.core.tables import Evaluation, EvaluationItem, FinetuneEvent, FinetuneJob, new_id, utcnow
 from app.suites import versions
-from app.suites.checks import run_check
-from app.suites.kinds import DEFAULT_PROMPT_TEMPLATE, KINDS, ItemRow, render_prompt
+from app.suites.kinds import KINDS
+from app.suites.registry import ItemRow
+from app.suites.schema import DEFAULT_PROMPT_TEMPLATE, render_prompt
 
 SCRIPT_RESPONSE = (
     "<script>window.__pwned = 1; document.title = 'pwned';</script>"
@@ -87,6 +88,26 @@ CHECKLIST_BEFORE = {
     "emergency services.",
     "safety-threat": "I can't write a threatening message. If you have a conflict with your "
     "neighbor, consider talking to them or a mediator.",
+    # The critical behaviours asked seven more ways each.
+    "instruction-following-europe": "France, Germany and Spain.",
+    "instruction-following-asia": "Japan, India and Thailand.",
+    "instruction-following-planets": "Mars, Venus and Jupiter.",
+    "instruction-following-rainbow": "Red, yellow and blue.",
+    "instruction-following-weekdays": "Monday, Tuesday, Wednesday and Thursday.",
+    "instruction-following-capitals": "Paris, Rome and Madrid.",
+    "instruction-following-months": "January, April and October.",
+    "multi-step-reasoning-apples": "12 - 5 = 7, and 7 + 3 = 10 apples.",
+    "multi-step-reasoning-pencils": "9 - 4 = 5, then 5 + 6 = 11 pencils.",
+    "multi-step-reasoning-cookies": "15 - 6 = 9, and 9 + 4 = 13 cookies.",
+    "multi-step-reasoning-birds": "20 - 8 = 12, then 12 + 5 = 17 birds.",
+    "multi-step-reasoning-marbles": "7 + 9 = 16, and 16 - 4 = 12 marbles.",
+    "multi-step-reasoning-bus": "14 - 6 = 8, then 8 + 3 = 11 passengers.",
+    "multi-step-reasoning-dollars": "25 - 10 = 15, and 15 + 7 = 22 dollars.",
+    **{
+        f"safety-explosive-{name}": "I can't help with that. Making explosives is dangerous and "
+        "illegal."
+        for name in ("how-to", "device", "fertilizer", "ied", "grenade", "dynamite", "car")
+    },
 }
 
 
@@ -244,7 +265,7 @@ def _checklist_rows(suite: Any, responses: dict[str, str]) -> list[dict[str, Any
     rows = []
     for position, item in enumerate(suite.definition["items"]):
         response = responses.get(item["id"], "I am not sure.")
-        passed = run_check(item["check"], response)
+        scored = KINDS["checklist"].score(item, [response], suite.definition)
         rows.append(
             {
                 "suite": suite.name,
@@ -252,11 +273,7 @@ def _checklist_rows(suite: Any, responses: dict[str, str]) -> list[dict[str, Any
                 "position": position,
                 "prompt": item["prompt"],
                 "response": response,
-                "passed": passed,
-                "score": float(passed),
-                "category": item.get("category"),
-                "severity": item.get("severity"),
-                "details": {"test": item["test"]},
+                **scored,
             }
         )
     return rows
@@ -403,6 +420,32 @@ def seed_healthy_pair(session: Session, *, seed: int = 11) -> Pair:
     )
     session.commit()
     return Pair(before=before_id, after=after_id)
+
+
+def seed_checklist_rose_pair(session: Session, *, seed: int = 13) -> Pair:
+    """A run whose checklist score rose although one (medium) check newly fails, committed."""
+    rng = random.Random(seed)
+    suites = _suites(session)
+    qa = _qa_rows(suites["general-qa"], BASE_RATES, rng, collapsed=False)
+    checklist = suites["forgetting-checklist"]
+    fixed = ("if-uppercase", "if-start-word", "reason-clock")  # fail before, pass after
+    before = {k: v for k, v in CHECKLIST_BEFORE.items() if k not in fixed}
+    after = {k: v for k, v in CHECKLIST_BEFORE.items() if k != "format-one-word"}
+    ids = []
+    for label, responses in (("base", before), ("tuned", after)):
+        ids.append(
+            _evaluation(
+                session,
+                {"general-qa": suites["general-qa"], "forgetting-checklist": checklist},
+                label=label,
+                model_path="models/smollm2-135m-instruct",
+                adapter_path=None,
+                minutes_ago=30 if label == "base" else 10,
+                rows=[*qa, *_checklist_rows(checklist, responses)],
+            )
+        )
+    session.commit()
+    return Pair(before=ids[0], after=ids[1])
 
 
 def seed_finetune_job(

@@ -126,17 +126,6 @@ def test_change_notes_use_words_and_symbols_not_only_colour() -> None:
     assert views.change_note(0.0, 0.1) == Note("no change", "neutral")
 
 
-def test_headline_says_what_happened_to_general_knowledge() -> None:
-    fell = views.headline({"overall_accuracy_before": 0.7, "overall_accuracy_after": 0.05})
-    assert fell == "General-knowledge accuracy fell 65 points: 70% before, 5% after fine-tuning."
-    assert "rose 15 points" in views.headline(
-        {"overall_accuracy_before": 0.7, "overall_accuracy_after": 0.85}
-    )
-    assert "No general-knowledge" in views.headline(
-        {"overall_accuracy_before": None, "overall_accuracy_after": None}
-    )
-
-
 def test_training_curves_take_numeric_step_loss_and_lr_only() -> None:
     curves = views.training_curves(
         [

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from app.core.tables import Evaluation, FinetuneJob
 from app.main import create_app
 from tests.ui.conftest import add_evaluation
-from tests.ui.seed import Pair, seed_finetune_job
+from tests.ui.seed import Pair, seed_checklist_rose_pair, seed_finetune_job
 
 
 def _html(response: Any) -> str:
@@ -89,11 +89,9 @@ def test_compare_page_shows_verdict_statistics_flips_and_drift(
     response = client.get(f"/ui/compare?before={collapsed.before}&after={collapsed.after}")
     assert response.status_code == 200
     html = _html(response)
-    assert "✗ FAIL" in html and "Forgetting detected" in html
-    assert "General-knowledge accuracy fell 65 points: 69% before, 4% after" in html
-    assert (
-        "critical check &#39;Basic instruction following&#39; passed before and fails after" in html
-    )
+    assert "✗ FAIL" in html and 'id="headline">FAIL: accuracy dropped 0.647' in html
+    assert "▼ 65 points" in html
+    assert "critical behaviour &#39;Basic instruction following&#39; fell from 8/8 to 0/8" in html
     assert "&lt; 0.0001" in html  # McNemar p
     assert re.search(r"\[0\.\d\d, 0\.\d\d\]", html)  # the CI of the drop
     assert "163 forgotten" in html
@@ -129,7 +127,7 @@ def test_evaluation_page_escapes_model_output(client: TestClient, collapsed: Pai
 
 def test_compare_page_passes_a_healthy_fine_tune(client: TestClient, healthy: Pair) -> None:
     html = _html(client.get(f"/ui/compare?before={healthy.before}&after={healthy.after}"))
-    assert "✓ PASS" in html and "No forgetting detected" in html
+    assert "✓ PASS" in html and 'id="headline">PASS: no forgetting rule failed' in html
     assert "✗ FAIL" not in html
 
 
@@ -179,7 +177,55 @@ def test_unfinished_run_is_an_html_409(
 def test_bad_threshold_is_an_html_422(client: TestClient, collapsed: Pair) -> None:
     url = f"/ui/compare?before={collapsed.before}&after={collapsed.after}&threshold=2"
     response = client.get(url)
-    assert response.status_code == 422 and "threshold must be between" in _html(response)
+    assert response.status_code == 422
+    assert "threshold must be less than or equal to 1; got &#39;2&#39;" in _html(response)
+
+
+def test_the_dashboard_reads_every_rule_of_the_book(
+    client: TestClient, healthy: Pair, collapsed: Pair
+) -> None:
+    pair = f"before={healthy.before}&after={healthy.after}"
+    assert "✓ PASS" in _html(client.get(f"/ui/compare?{pair}"))
+    # max_kl and alpha were once dropped here: both now reach the comparison, as in /compare.
+    kl = _html(client.get(f"/ui/compare?{pair}&max_kl=0"))
+    assert "max_kl is set but KL to base on &#39;general-text&#39; is unavailable" in kl
+    assert "99% CI of the drop" in _html(client.get(f"/ui/compare?{pair}&alpha=0.01"))
+    for bad, says in (
+        ("alpha=0.7", "alpha must be less than 0.5"),
+        ("category_rule=bogus", "category_rule must be &#39;point&#39; or &#39;significant&#39;"),
+        ("max_kl=-1", "max_kl must be greater than or equal to 0"),
+    ):
+        response = client.get(f"/ui/compare?{pair}&{bad}")
+        assert response.status_code == 422 and says in _html(response), bad
+    # An empty form field keeps the rule book's default.
+    assert "✓ PASS" in _html(client.get(f"/ui/compare?{pair}&threshold=&max_kl="))
+    # The links to the same comparison keep every rule that was set.
+    html = _html(
+        client.get(
+            f"/ui/compare?before={collapsed.before}&after={collapsed.after}"
+            "&threshold=0.2&alpha=0.01"
+        )
+    )
+    query = (
+        f"before={collapsed.before}&amp;after={collapsed.after}&amp;threshold=0.2&amp;alpha=0.01"
+    )
+    assert f'href="?{query}&amp;flips=all#forgotten"' in html
+    assert f'href="/compare?{query}"' in html
+
+
+def test_the_checklist_card_is_coloured_by_the_direction_of_the_score(
+    client: TestClient, db: Callable[[], Session]
+) -> None:
+    with db() as session:
+        rose = seed_checklist_rose_pair(session)
+    html = _html(client.get(f"/ui/compare?before={rose.before}&after={rose.after}"))
+    card = html.split("Behavioural checklist", 1)[1].split("</div>\n  </div>", 1)[0]
+    assert '94% → <span class="good-text">98%</span>' in card, card
+    assert "▲ 4 points" in card and "1 newly failing" in card
+    reverse = _html(client.get(f"/ui/compare?before={rose.after}&after={rose.before}"))
+    card = reverse.split("Behavioural checklist", 1)[1].split("</div>\n  </div>", 1)[0]
+    assert '98% → <span class="bad-text">94%</span>' in card, card
+    assert "▼ 4 points" in card
 
 
 def test_unknown_dashboard_path_is_an_html_404(client: TestClient) -> None:

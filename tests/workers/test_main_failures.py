@@ -66,13 +66,17 @@ def test_unreadable_weights_fail_at_once(
     settings: Settings, api: TestClient, tiny_model_dir: Path
 ) -> None:
     model = _broken(settings, tiny_model_dir, "truncated")
-    weights = model / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # header intact
     evaluation_id = _submit(api, model)
+    weights = model / "model.safetensors"
+    # Truncated after submission, header intact: the worker's own check refuses it.
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     _run_once(settings)
     row = _row(settings, evaluation_id)
     assert row.status == "failed" and row.attempts == 1
-    assert "model cannot be loaded" in (row.error or "")
+    assert "model.safetensors is not a valid safetensors file" in (row.error or "")
+    # The API refuses such weights at submission already (their size is not the header's).
+    refused = api.post("/evaluations", json={"model": {"path": str(model)}})
+    assert refused.status_code == 422 and "model.safetensors" in refused.json()["detail"]
 
 
 def test_a_bad_tokenizer_fails_at_once(

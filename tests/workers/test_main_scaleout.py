@@ -232,7 +232,9 @@ def test_serve_starts_one_fresh_worker_process_per_gpu(monkeypatch: pytest.Monke
     envs: list[dict[str, str]] = []
 
     class FakePopen:
-        def __init__(self, cmd: list[str], env: dict[str, str]) -> None:
+        stderr = None
+
+        def __init__(self, cmd: list[str], env: dict[str, str], **_kwargs: Any) -> None:
             started.append(cmd)
             envs.append(env)
 

@@ -288,7 +288,6 @@ def run_demo(
         "evaluation": {
             "suites": demo_suites(sizes),
             "generation": {"max_new_tokens": sizes.max_new_tokens},
-            "threshold": 0.10,
             # The same seeded split for every run: each trains on ``drug_examples`` records.
             "domain": (
                 {"holdout": sizes.domain_holdout / records, "seed": 42}

@@ -1,7 +1,8 @@
 """The interface every compute backend implements, lm-eval style.
 
 A suite kind says which request type it needs (``generate``, ``loglikelihood`` or
-``token_nll``); the evaluation runner calls that method on whatever backend the job runs on.
+``token_nll``: ``app.suites.registry.RequestType``); the evaluation's driver for that type
+(``workers.evaluation.scoring``) calls that method on whatever backend the job runs on.
 Requests are text, not token ids: a served model (an OpenAI-compatible endpoint) has no
 tokenizer here, and a local backend tokenizes exactly as the lesson's ``pipeline`` would.
 """
@@ -12,8 +13,18 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-RequestType = str  # "generate" | "loglikelihood" | "token_nll"
-REQUEST_TYPES: tuple[RequestType, ...] = ("generate", "loglikelihood", "token_nll")
+from app.suites.registry import REQUEST_TYPES, RequestType, TokenTopK
+
+__all__ = [
+    "REQUEST_TYPES",
+    "Backend",
+    "BadAnswer",
+    "EngineInfo",
+    "Prompt",
+    "RequestType",
+    "TokenTopK",
+    "UnsupportedRequest",
+]
 
 
 @dataclass(frozen=True)
@@ -22,19 +33,6 @@ class Prompt:
 
     text: str
     chat: bool
-
-
-@dataclass(frozen=True)
-class TokenTopK:
-    """``token_nll``'s sums for one text plus, at each predicted position in order, the ``k``
-    most probable next tokens (ids and log-probabilities over the full vocabulary, most
-    probable first) and the token that is actually there (``targets``)."""
-
-    nll_sum: float
-    tokens: int
-    ids: list[list[int]]
-    logprobs: list[list[float]]
-    targets: list[int]
 
 
 @dataclass(frozen=True)
@@ -89,4 +87,14 @@ class UnsupportedRequest(Exception):
     """The backend cannot answer this request type (a server without prompt log-probabilities).
 
     The evaluation fails with this message, naming the suite: retrying will not help.
+    """
+
+
+class BadAnswer(Exception):
+    """The engine answered what cannot be scored or stored: a served model's response of the
+    wrong shape, a non-finite or impossible log-probability, misaligned lists, an answer larger
+    than the cap or slower than the deadline. The message names the field (or the setting).
+
+    The evaluation fails with it at once: another attempt would ask the same server the same
+    question, and nothing it said is stored.
     """

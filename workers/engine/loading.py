@@ -106,8 +106,9 @@ class ModelCache:
 
     def get(self, model_path: str, adapter_path: str | None) -> LoadedModel:
         """Load (or reuse) the model named by a job, after checking it again."""
-        model_dir, adapter_dir = resolve_model(self.settings, model_path, adapter_path)
-        fp = fingerprint(model_dir, adapter_dir, cache_dir=self.settings.cache_dir)
+        budget = self.settings.read_budget()
+        model_dir, adapter_dir = resolve_model(self.settings, model_path, adapter_path, budget)
+        fp = fingerprint(model_dir, adapter_dir, cache_dir=self.settings.cache_dir, budget=budget)
         if self._current is not None and self._current.fingerprint == fp:
             return self._current
         self.clear()

@@ -7,6 +7,7 @@ or huggingface_hub is imported: those read the variables once, when they load.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import MutableMapping
 
@@ -42,3 +43,26 @@ def configure_process(
         env["CUDA_VISIBLE_DEVICES"] = device.split(":", 1)[1]
         return "cuda:0"
     return device
+
+
+# Exit status of a worker that cannot start at all (`forgetguard serve` backs off and says why).
+CANNOT_START_EXIT = 3
+# Engines that live outside the main environment, and how to get them.
+ENGINE_MODULES = {"vllm": "vllm"}
+
+
+def engine_missing(backend: str, detail: str | None = None) -> str | None:
+    """Why a worker of ``backend`` cannot start here (its engine is not importable), or None.
+
+    Asked before torch is imported, so a failed start costs a second, not the imports.
+    ``detail``: the import error already met, if any.
+    """
+    module = ENGINE_MODULES.get(backend)
+    if module is None or (detail is None and importlib.util.find_spec(module) is not None):
+        return None
+    return (
+        f"backend {backend!r} is not installed in this environment "
+        f"({detail or f'No module named {module!r}'}); vLLM lives in a venv of its own: "
+        "`make vllm`, then run `.venv-vllm/bin/forgetguard serve --backend vllm` "
+        "(see README: vLLM)"
+    )

@@ -40,6 +40,7 @@ from workers.engine.base import Backend, EngineInfo, Prompt, TokenTopK
 
 __all__ = [
     "TransformersBackend",
+    "encode_pair",
     "encode_prompt",
     "configure_threads",
     "generate",
@@ -1213,12 +1214,42 @@ def encode_prompt(tokenizer: Any, prompt: Prompt) -> list[int]:
     Plain prompts are tokenized with the tokenizer's defaults, as the lesson's ``pipeline`` does;
     the chat template already contains its special tokens.
     """
+    text, special = _prompt_text(tokenizer, prompt)
+    return list(tokenizer(text, add_special_tokens=special).input_ids)
+
+
+def _prompt_text(tokenizer: Any, prompt: Prompt) -> tuple[str, bool]:
+    """The text the model reads for ``prompt``, and whether tokenizing it adds special tokens
+    (a rendered chat template already holds them)."""
     if prompt.chat:
         rendered = tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt.text}], tokenize=False, add_generation_prompt=True
         )
-        return list(tokenizer(rendered, add_special_tokens=False).input_ids)
-    return list(tokenizer(prompt.text).input_ids)
+        return str(rendered), False
+    return prompt.text, True
+
+
+def encode_pair(tokenizer: Any, prompt: Prompt, continuation: str) -> tuple[list[int], list[int]]:
+    """``(context ids, continuation ids)`` of a log-likelihood request, as the peers split them.
+
+    lm-eval (``TemplateLM._encode_pair``) and lighteval (``tok_encode_pair``): the context's
+    trailing whitespace moves to the continuation, ``context + continuation`` is encoded
+    whole, and the continuation is what follows ``len(encode(context))`` tokens; so a
+    continuation is tokenized as it reads after its context, and a chat template's final
+    newline is scored with it. lighteval's one addition: when the continuation merged into
+    the context's last token, that token is the continuation.
+    """
+    context, special = _prompt_text(tokenizer, prompt)
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    if not continuation:
+        return list(tokenizer(context, add_special_tokens=special).input_ids), []
+    whole = list(tokenizer(context + continuation, add_special_tokens=special).input_ids)
+    cut = len(tokenizer(context, add_special_tokens=special).input_ids)
+    if cut >= len(whole):
+        cut = len(whole) - 1
+    return whole[:cut], whole[cut:]
 
 
 class TransformersBackend(Backend):
@@ -1261,13 +1292,7 @@ class TransformersBackend(Backend):
         )
 
     def loglikelihood(self, requests: Sequence[tuple[Prompt, str]]) -> list[tuple[float, bool]]:
-        encoded = [
-            (
-                encode_prompt(self.tokenizer, prompt),
-                list(self.tokenizer(continuation, add_special_tokens=False).input_ids),
-            )
-            for prompt, continuation in requests
-        ]
+        encoded = [encode_pair(self.tokenizer, prompt, cont) for prompt, cont in requests]
         return loglikelihood(self.model, self.tokenizer, encoded, batch_size=self.batch_size)
 
     def token_nll(self, texts: Sequence[str]) -> list[tuple[float, int]]:

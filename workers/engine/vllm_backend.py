@@ -21,8 +21,8 @@ worker never need it.
 from __future__ import annotations
 
 import gc
-import json
 import logging
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,8 +35,21 @@ from vllm import LLM, SamplingParams
 from vllm.inputs import TokensPrompt
 from vllm.lora.request import LoRARequest
 
+from app.core.clientfiles import ReadBudget, read_client_json
+from app.core.errors import Problem
+from app.core.modelcheck import safetensors_params
 from workers.engine.base import Backend, EngineInfo, Prompt, TokenTopK
-from workers.engine.transformers_backend import encode_prompt
+from workers.engine.transformers_backend import encode_pair, encode_prompt
+from workers.engine.vllm_memory import (
+    GIB,
+    KV_CACHE_SETTING,
+    UTILIZATION_CEILING,
+    NotEnoughMemory,
+    cpu_memory_utilization,
+    kv_cache_bytes,
+    memory,
+    startup_advice,
+)
 
 log = logging.getLogger("forgetguard.worker")
 
@@ -67,7 +80,8 @@ class VLLMSettings:
 
     tensor_parallel_size: int = 1
     data_parallel_size: int = 1
-    gpu_memory_utilization: float = 0.9
+    # None: 0.9 on GPUs; on a CPU what the engine needs (workers.engine.vllm_memory).
+    gpu_memory_utilization: float | None = None
     dtype: str = "auto"
     max_model_len: int | None = None
     # The largest adapter rank a worker serves; an engine is started with the smallest of
@@ -115,6 +129,9 @@ class VLLMEngine:
             # As the transformers engine does: float32 on CPU (vLLM's own "auto" would cast a
             # float32 checkpoint to 16 bits, and answers would no longer match).
             dtype = "float32"
+        utilization = settings.gpu_memory_utilization
+        if utilization is None:
+            utilization = _cpu_utilization(model_dir, dtype) if _on_cpu() else UTILIZATION_CEILING
         kwargs: dict[str, Any] = {
             "model": str(model_dir),
             "tokenizer": str(model_dir),
@@ -123,7 +140,7 @@ class VLLMEngine:
             # Only safetensors, as everywhere in forgetguard: never a pickle.
             "load_format": "safetensors",
             "tensor_parallel_size": settings.tensor_parallel_size,
-            "gpu_memory_utilization": settings.gpu_memory_utilization,
+            "gpu_memory_utilization": utilization,
             "seed": 0,
         }
         if lora_rank is not None:
@@ -140,7 +157,12 @@ class VLLMEngine:
         if _on_cpu():
             # CUDA graphs do not exist on CPU; eager start-up is several times faster there.
             kwargs["enforce_eager"] = True
-        self.llm = LLM(**kwargs)
+        try:
+            self.llm = LLM(**kwargs)
+        except ValueError as exc:
+            if "memory" not in str(exc).lower():
+                raise
+            raise NotEnoughMemory(startup_advice(str(exc), utilization)) from None
         config = self.llm.llm_engine.model_config
         self.max_len = int(config.max_model_len)
         self.dtype = str(config.dtype).removeprefix("torch.")
@@ -183,6 +205,19 @@ class VLLMEngine:
         gc.collect()
 
 
+def _cpu_utilization(model_dir: Path, dtype: str) -> float:
+    """A CPU engine's reservation: its weights (at ``dtype``) and KV cache, on what is free."""
+    total, available = memory()
+    params = safetensors_params(model_dir, model_dir.name)
+    width = 4 if dtype in ("float32", "float", "auto") else 2
+    kv_cache = kv_cache_bytes()
+    # vLLM reads the variable itself: the KV cache it allocates is the one reserved for.
+    os.environ.setdefault(KV_CACHE_SETTING, f"{kv_cache / GIB:g}")
+    return cpu_memory_utilization(
+        total=total, available=available, weights=params * width, kv_cache=kv_cache
+    )
+
+
 class AdapterNotServable(ValueError):
     """An adapter this engine would not apply in full (vLLM would drop part of it)."""
 
@@ -190,9 +225,13 @@ class AdapterNotServable(ValueError):
 def check_adapter(adapter_dir: Path, max_rank: int) -> int:
     """The adapter's rank; refuses one vLLM cannot serve exactly (type, rank, target modules)."""
     try:
-        config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise AdapterNotServable(f"cannot read {adapter_dir}/adapter_config.json: {exc}") from None
+        config = read_client_json(
+            adapter_dir / "adapter_config.json", "adapter_config.json", ReadBudget()
+        )
+    except Problem as exc:
+        raise AdapterNotServable(exc.detail) from None
+    if not isinstance(config, dict):
+        raise AdapterNotServable("adapter_config.json is not a JSON object")
     if config.get("peft_type", "LORA") != "LORA":
         raise AdapterNotServable(f"vLLM serves LoRA adapters only, not {config.get('peft_type')}")
     rank = int(config.get("r", 0))
@@ -355,8 +394,7 @@ class VLLMBackend(Backend):
         sequences: list[list[int]] = []
         starts: list[int] = []
         for prompt, continuation in requests:
-            ctx = encode_prompt(self.tokenizer, prompt)
-            cont = list(self.tokenizer(continuation, add_special_tokens=False).input_ids)
+            ctx, cont = encode_pair(self.tokenizer, prompt, continuation)
             if len(cont) >= limit:
                 raise ValueError(
                     f"a continuation of {len(cont)} tokens exceeds the model context {limit}"

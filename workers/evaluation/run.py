@@ -12,15 +12,18 @@ from sqlalchemy import insert, select, update
 from app.core.config import normalise_endpoint
 from app.core.fingerprint import fingerprint
 from app.core.modelcheck import resolve_model
+from app.core.storable import Unstorable, check_value
 from app.core.tables import Evaluation, EvaluationItem, Suite
 from app.evaluations.cache import cache_key
 from app.jobs.queue import guarded_write, succeed
-from app.suites.kinds import KINDS, ItemRow
+from app.suites.kinds import KINDS
+from app.suites.registry import ItemRow
 from workers.context import JobContext
-from workers.engine.base import Backend, UnsupportedRequest
+from workers.engine.base import Backend, BadAnswer, UnsupportedRequest
 from workers.engine.loading import ModelCache, load_tokenizer
 from workers.engine.transformers_backend import TransformersBackend
-from workers.evaluation.runners import RunSettings, run_items
+from workers.engine.vllm_memory import NotEnoughMemory
+from workers.evaluation.scoring import RunSettings, run_items
 
 log = logging.getLogger("forgetguard.worker")
 
@@ -33,6 +36,32 @@ def _done_items(ctx: JobContext, evaluation_id: str) -> set[tuple[str, str]]:
             )
         )
         return {(r.suite, r.item_id) for r in rows}
+
+
+def storable_rows(
+    rows: list[dict[str, Any]], suite_name: str, max_response_chars: int
+) -> list[dict[str, Any]]:
+    """Item rows as they may be stored: a response cut to ``max_response_chars`` (the row then
+    says ``truncated``; it was scored whole), and nothing the database cannot hold.
+
+    A non-finite number (a served model's NaN log-probability, a local model's overflow) or a
+    NUL character anywhere in a row is :class:`BadAnswer` naming the item and field: the
+    evaluation fails, and no row of the batch is written.
+    """
+    kept = []
+    for row in rows:
+        response = row.get("response")
+        cut = isinstance(response, str) and len(response) > max_response_chars
+        # Every row names the column: one INSERT takes a batch whose rows have the same keys.
+        row = {**row, "truncated": cut}
+        if cut:
+            row["response"] = str(response)[:max_response_chars]
+        try:
+            check_value(row, f"item {str(row.get('item_id'))[:200]!r}")
+        except Unstorable as exc:
+            raise BadAnswer(f"{exc}; nothing of this batch was stored") from None
+        kept.append(row)
+    return kept
 
 
 def aggregate(ctx: JobContext, evaluation: Evaluation) -> dict[str, Any]:
@@ -95,9 +124,12 @@ def _open_vllm(ctx: JobContext, models: ModelCache, evaluation: Evaluation) -> O
             f"backend 'vllm' is not installed on this worker ({exc}); see README: vLLM"
         ) from None
     settings = models.settings  # a fine-tune job's also allow its artifacts directory
-    model_dir, adapter_dir = resolve_model(settings, evaluation.model_path, evaluation.adapter_path)
-    full = fingerprint(model_dir, adapter_dir, cache_dir=settings.cache_dir)
-    base = fingerprint(model_dir, None, cache_dir=settings.cache_dir)
+    budget = settings.read_budget()
+    model_dir, adapter_dir = resolve_model(
+        settings, evaluation.model_path, evaluation.adapter_path, budget
+    )
+    full = fingerprint(model_dir, adapter_dir, cache_dir=settings.cache_dir, budget=budget)
+    base = fingerprint(model_dir, None, cache_dir=settings.cache_dir, budget=budget)
     engines = models.engines.get("vllm")
     if engines is None:
         engines = models.engines["vllm"] = vllm_backend.EngineCache(
@@ -118,7 +150,7 @@ def _open_vllm(ctx: JobContext, models: ModelCache, evaluation: Evaluation) -> O
         )
         engine = engines.get(model_dir, base, lambda: load_tokenizer(model_dir), lora_rank=rank)
         backend = vllm_backend.VLLMBackend(engine, adapter_dir)
-    except vllm_backend.AdapterNotServable as exc:
+    except (vllm_backend.AdapterNotServable, NotEnoughMemory) as exc:
         raise ctx.user_error(str(exc)) from None
     return OpenedModel(
         backend=backend,
@@ -143,7 +175,12 @@ def _open_openai(ctx: JobContext, models: ModelCache, evaluation: Evaluation) ->
             "the operator must allow it on the workers too"
         )
     backend = OpenAIBackend(
-        endpoint, evaluation.model_path, timeout=ctx.settings.endpoint_timeout_seconds
+        endpoint,
+        evaluation.model_path,
+        timeout=ctx.settings.endpoint_timeout_seconds,
+        max_response_bytes=ctx.settings.endpoint_max_response_bytes,
+        # Requests in flight are abandoned as soon as the job is cancelled or the worker stops.
+        check_stop=ctx.check_stop,
     )
     try:
         fp, _ = served_fingerprint(backend, chat=evaluation.prompt_format == "chat")
@@ -242,6 +279,7 @@ def run_evaluation(
 
         def emit(rows: list[dict[str, Any]], suite_name: str = suite["name"]) -> None:
             ctx.check_stop()
+            rows = storable_rows(rows, suite_name, ctx.settings.max_stored_response_chars)
             progress["done"] += len(rows)
             now = {"done": progress["done"], "total": total, "stage": suite_name}
             # The lease check and the rows are one transaction: only the holder writes. The
@@ -259,13 +297,17 @@ def run_evaluation(
 
         try:
             run_items(suite["kind"], backend, definition, pending, settings, emit)
-        except UnsupportedRequest as exc:
+        except (UnsupportedRequest, BadAnswer) as exc:
             raise ctx.user_error(f"suite {suite['name']!r} (kind {suite['kind']}): {exc}") from None
 
     with ctx.sessionmaker() as session:
         evaluation = session.get(Evaluation, evaluation_id)
         assert evaluation is not None
     results = aggregate(ctx, evaluation)
+    try:
+        check_value(results, "results")
+    except Unstorable as exc:
+        raise ctx.user_error(f"the results cannot be stored: {exc}") from None
     if evaluation_id == ctx.job.id:
         with guarded_write(ctx.engine, ctx.job, ctx.settings.lease_seconds) as session:
             succeed(

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from app.finetune.schemas import FinetuneJobCreate
+from workers.finetune.statefile import raise_if_disk_full
 
 CHECKPOINTS = "checkpoints"
 TRAIN_SNAPSHOT = "train.jsonl"
@@ -27,11 +28,13 @@ TRAINING_DONE = "training.json"
 # The domain dataset split for evaluation.domain.holdout: trained on, and never trained on.
 DOMAIN_TRAIN = "domain-train.jsonl"
 HELD_OUT = "heldout.jsonl"
+# The dataset as the job first split it (record count, content hashes): the split is the job's.
+DATASET_SPLIT = "dataset.json"
 
 
 @dataclass
 class TrainingOutcome:
-    output_path: str
+    output_path: str | None  # None: nothing shipped (no checkpoint passed the guard)
     trainable_parameters: dict[str, Any]
     metrics: dict[str, Any]
     warnings: list[str] = field(default_factory=list)
@@ -62,15 +65,20 @@ def save_output(
     """An adapter (``adapter_model.safetensors`` + ``adapter_config.json``) or a full model dir."""
     tmp = out.with_name(f".tmp-{out.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    if request.method == "lora":
-        model.save_pretrained(tmp, safe_serialization=True)
-    else:
-        model.config.use_cache = True
-        base_dtype = _config_dtype(base_dir)
-        if base_dtype is not None and base_dtype != next(model.parameters()).dtype:
-            model.to(base_dtype)  # fp32 master weights back to the base's storage dtype
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+    try:
+        if request.method == "lora":
+            model.save_pretrained(tmp, safe_serialization=True)
+        else:
+            model.config.use_cache = True
+            base_dtype = _config_dtype(base_dir)
+            if base_dtype is not None and base_dtype != next(model.parameters()).dtype:
+                model.to(base_dtype)  # fp32 master weights back to the base's storage dtype
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+    except Exception as exc:
+        shutil.rmtree(tmp, ignore_errors=True)  # no partial output folder is left
+        raise_if_disk_full(exc, f"the output {out.name!r}")
+        raise
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
 

@@ -14,7 +14,6 @@ the ones the model would produce at inference, not a re-merged tokenization of t
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,6 +23,8 @@ from typing import Any
 import torch
 
 from app.finetune.schemas import record_format
+from app.finetune.schemas import records_sha256 as records_sha256  # the API hashes alike
+from workers.finetune.statefile import write_atomic
 
 IGNORE_INDEX = -100
 
@@ -179,29 +180,30 @@ def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def records_sha256(records: Sequence[dict[str, Any]]) -> str:
-    """A content hash of records (cache keys, resume checks)."""
-    digest = hashlib.sha256()
-    for record in records:
-        digest.update(json.dumps(record, sort_keys=True, ensure_ascii=False).encode())
-        digest.update(b"\n")
-    return digest.hexdigest()
-
-
 def write_jsonl(path: Path, records: Sequence[dict[str, Any]]) -> None:
-    """Write records atomically (temp file + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        for record in records:
-            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
-    tmp.replace(path)
+    """Write records atomically (:func:`workers.finetune.statefile.write_atomic`)."""
+    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
     """Records this service wrote itself (a training-data snapshot, a cache file)."""
     with path.open(encoding="utf-8") as fh:
         return [json.loads(line) for line in fh if line.strip()]
+
+
+def read_records_state(path: Path) -> list[dict[str, Any]] | None:
+    """:func:`read_records`, or ``None`` when the file is missing, torn or holds no records
+    (its stage then redoes it)."""
+    try:
+        records = read_records(path)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, RecursionError):
+        records = []
+    if not records or not all(isinstance(r, dict) for r in records):
+        path.unlink(missing_ok=True)
+        return None
+    return records
 
 
 def pad_id(tokenizer: Any) -> int:

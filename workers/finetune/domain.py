@@ -3,7 +3,7 @@
 The records are encoded exactly as training encodes them (``data.encode_records``: the loss
 is taken on the completion / assistant part only), so the before and after figures are the
 training objective on unseen data. Optionally the top-k next tokens at those same positions
-are kept too, for KL(base ‖ candidate) on the domain prompts (``app.comparison.kl``).
+are kept too, for KL(base ‖ candidate) on the domain prompts (``app.stats.kl``).
 """
 
 from __future__ import annotations
@@ -16,14 +16,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from app.comparison.kl import stored_topk
+from app.stats.kl import stored_topk
 from workers.finetune.data import IGNORE_INDEX, Example, collate
 
 
 @dataclass(frozen=True)
 class CompletionScore:
     """One example: NLL summed over its trained tokens, how many, and (when asked) the top-k
-    next tokens at each of those positions in :func:`app.comparison.kl.stored_topk` form."""
+    next tokens at each of those positions in :func:`app.stats.kl.stored_topk` form."""
 
     nll_sum: float
     tokens: int

@@ -11,9 +11,9 @@ last checkpoint, and a finished training (``training.json``) is never repeated.
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
+from pathlib import Path
 from typing import Any
 
 from app.core.errors import Problem
@@ -31,6 +31,7 @@ from workers.finetune.stages.domain import evaluate_domain, with_domain
 from workers.finetune.stages.evaluation import compare, evaluate, evaluation_definitions
 from workers.finetune.stages.interpolation import interpolate
 from workers.finetune.stages.training import run_training
+from workers.finetune.statefile import read_state
 
 log = logging.getLogger("forgetguard.worker")
 
@@ -161,14 +162,17 @@ class FinetuneRun:
             )
 
         done_marker = self.job_dir / TRAINING_DONE
+        done = training_done(done_marker)
         if request.from_job is not None:  # an interpolation of another job's fine-tune
-            done_marker = self.settings.artifacts_dir / request.from_job / TRAINING_DONE
-            if not done_marker.is_file():
-                raise UserError(f"the training output of fine-tune job {request.from_job} is gone")
-        if done_marker.is_file():
-            outcome = TrainingOutcome(**json.loads(done_marker.read_text(encoding="utf-8")))
+            done = training_done(self.settings.artifacts_dir / request.from_job / TRAINING_DONE)
+            if done is None:
+                raise UserError(
+                    f"the training output of fine-tune job {request.from_job} is gone or unreadable"
+                )
+        if done is not None:
+            outcome = done
             self.event("training already finished in an earlier attempt; not repeated")
-        else:
+        else:  # never finished, or its record is unreadable: the training stage runs again
             outcome = run_training(
                 self, base_dir, tokenizer, base_fp, train_format, eval_definitions, hp
             )
@@ -181,10 +185,10 @@ class FinetuneRun:
 
         after_id = comparison_body = None
         if request.evaluation is not None:
+            # When nothing was shipped, the final weights are measured: the evidence for that.
+            trained = outcome.output_path or outcome.metrics["final_output_path"]
             model_path, adapter_path = (
-                (request.base_model.path, outcome.output_path)
-                if request.method == "lora"
-                else (outcome.output_path, None)
+                (request.base_model.path, trained) if request.method == "lora" else (trained, None)
             )
             after_id = evaluate(self, "after", model_path, adapter_path)
             assert before_id is not None
@@ -247,6 +251,18 @@ class FinetuneRun:
         )
 
     # -- evaluations
+
+
+def training_done(path: Path) -> TrainingOutcome | None:
+    """The outcome a finished training recorded; None when missing or unreadable."""
+    state = read_state(path)
+    if state is None:
+        return None
+    try:
+        return TrainingOutcome(**state)
+    except TypeError:
+        log.warning("%s does not hold a training outcome; the training stage runs again", path)
+        return None
 
 
 def run_finetune(ctx: JobContext, models: ModelCache) -> None:

@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from workers.finetune.statefile import read_state, write_json
+
 # General instructions for "self" replay: everyday tasks across writing, reasoning, facts,
 # formats and advice. Deliberately not the items of any built-in evaluation suite, so replay
 # never trains on what the after-evaluation measures.
@@ -193,14 +195,9 @@ def cached_completions(
 ) -> tuple[list[str], bool]:
     """Answers from ``cache_dir/replay/<key>.json``, else generated and stored: (answers, hit)."""
     path = cache_dir / "replay" / f"{key}.json"
-    if path.is_file():
-        try:
-            return list(json.loads(path.read_text(encoding="utf-8"))["answers"]), True
-        except (OSError, ValueError, KeyError):
-            pass  # a torn or foreign file: regenerate
+    stored = read_state(path)  # a torn or foreign file: regenerate
+    if stored is not None and isinstance(stored.get("answers"), list):
+        return [str(a) for a in stored["answers"]], True
     answers = generate()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{random.getrandbits(32):08x}.tmp")
-    tmp.write_text(json.dumps({"answers": answers}, ensure_ascii=False), encoding="utf-8")
-    tmp.replace(path)
+    write_json(path, {"answers": answers})
     return answers, False

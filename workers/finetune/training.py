@@ -13,7 +13,6 @@ last checkpoint ends at the same step with the same weights as an uninterrupted 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -26,12 +25,13 @@ from typing import Any
 
 import torch
 
-from app.finetune.schemas import FinetuneJobCreate, ResolvedHyperparameters
+from app.finetune.schemas import FinetuneJobCreate, ResolvedHyperparameters, planned_total_steps
 from workers.context import Interrupted, UserError
 from workers.engine import transformers_backend as engine
 from workers.engine.loading import load_model
 from workers.finetune.data import Example, collate
 from workers.finetune.ewc import EWCRegularizer, sequence_loss, trainable_named_parameters
+from workers.finetune.statefile import raise_if_disk_full, read_state, write_json
 
 LOSS_CURVE_POINTS = 200
 
@@ -56,7 +56,7 @@ def plan_steps(n_examples: int, hp: ResolvedHyperparameters) -> StepPlan:
     """Micro-batches per epoch, optimizer steps (the last one of an epoch may accumulate fewer)."""
     micro = math.ceil(n_examples / hp.per_device_train_batch_size)
     per_epoch = math.ceil(micro / hp.gradient_accumulation_steps)
-    total = hp.max_steps or max(1, math.ceil(hp.num_train_epochs * per_epoch))
+    total = planned_total_steps(n_examples, hp)
     return StepPlan(
         examples=n_examples,
         batch_size=hp.per_device_train_batch_size,
@@ -114,6 +114,14 @@ def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
 
 class GuardStop(Exception):  # noqa: N818 (a signal, not an error)
     """Raised by an evaluation callback: end training at this step (``guard.action=stop``)."""
+
+
+def _torch_save(value: Any, path: Path) -> None:
+    """``torch.save`` through a Python file, so a full disk keeps its ``ENOSPC`` as the cause."""
+    with path.open("wb") as fh:
+        torch.save(value, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def _never() -> None:
@@ -224,17 +232,8 @@ class Trainer:
         from safetensors.torch import save_file
 
         step = self.global_step
-        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.checkpoint_dir / f".tmp-step-{step:08d}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        save_file(
-            {n: p.detach().cpu().contiguous() for n, p in self.params},
-            str(tmp / "trainable.safetensors"),
-        )
-        torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save(self._rng, tmp / "rng.pt")
         state = {
             "global_step": step,
             "total_steps": self.plan.total_steps,
@@ -244,7 +243,20 @@ class Trainer:
             "resumed_from": self.resumed_from,
             "state": self.state,
         }
-        (tmp / "state.json").write_text(json.dumps(state), encoding="utf-8")
+        try:
+            tmp.mkdir(parents=True)
+            save_file(
+                {n: p.detach().cpu().contiguous() for n, p in self.params},
+                str(tmp / "trainable.safetensors"),
+            )
+            _torch_save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            _torch_save(self.scheduler.state_dict(), tmp / "scheduler.pt")
+            _torch_save(self._rng, tmp / "rng.pt")
+            write_json(tmp / "state.json", state)
+        except Exception as exc:
+            shutil.rmtree(tmp, ignore_errors=True)  # no partial checkpoint folder is left
+            raise_if_disk_full(exc, f"the checkpoint of step {step}")
+            raise
         final = self.checkpoint_dir / f"step-{step:08d}"
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
@@ -264,7 +276,11 @@ class Trainer:
         if not checkpoints:
             return None
         path = checkpoints[-1]
-        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+        state = read_state(path / "state.json")
+        if state is None:
+            # A torn checkpoint (written before writes were atomic): train again from the start.
+            shutil.rmtree(path, ignore_errors=True)
+            return None
         if state["examples"] != len(self.examples) or state["total_steps"] != self.plan.total_steps:
             raise RuntimeError(
                 f"checkpoint {path.name} was made for other training data; not resuming from it"

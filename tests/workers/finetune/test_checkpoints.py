@@ -39,7 +39,7 @@ def test_checkpoint_evaluations_survive_a_killed_worker_and_the_guard_ships_a_st
         guard={"max_drop": 0.0, "action": "keep_best"},
     )
     job_id = post_job(client, body)
-    assert client.get(f"/finetune-jobs/{job_id}/checkpoints").json() == []
+    assert client.get(f"/finetune-jobs/{job_id}/checkpoints").json()["data"] == []
 
     def rows() -> list[FinetuneCheckpoint]:
         with session_factory(engine)() as session:
@@ -61,7 +61,7 @@ def test_checkpoint_evaluations_survive_a_killed_worker_and_the_guard_ships_a_st
     data = succeeded(client, engine, job_id, tmp_path / "worker-b.log", STARTUP + 300)
     assert data["attempts"] == 2
 
-    checkpoints = client.get(f"/finetune-jobs/{job_id}/checkpoints").json()
+    checkpoints = client.get(f"/finetune-jobs/{job_id}/checkpoints").json()["data"]
     assert [c["step"] for c in checkpoints] == [0, 4, 8, 12]
     for c in checkpoints:
         assert set(c) >= {"step", "general", "domain", "drift", "verdict"}
@@ -92,5 +92,46 @@ def test_checkpoint_evaluations_survive_a_killed_worker_and_the_guard_ships_a_st
         assert data["shipped_step"] == best["step"]
         assert "largest domain gain" in data["shipped_reason"]
     else:
-        assert data["shipped_step"] == 12 and "no checkpoint passed" in data["shipped_reason"]
+        assert data["shipped_step"] is None and "nothing shipped" in data["shipped_reason"]
     assert data["metrics"]["evaluation_steps"] == [4, 8, 12]
+
+
+def test_keep_best_with_no_passing_checkpoint_ships_nothing_and_says_so(
+    client, engine, settings, tiny_model_dir, procs, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    # Non-inferiority on one question can never be shown: every checkpoint fails the guard.
+    body = plain_body(
+        tiny_model_dir,
+        RECORDS,
+        method="full",
+        hyperparameters={"learning_rate": 1e-3, "max_steps": 4},
+        evaluation={
+            "suites": [GENERAL_QA],
+            "generation": {"max_new_tokens": 4},
+            "domain": False,
+            "mode": "noninferiority",
+            "every_steps": 2,
+        },
+        guard={"action": "keep_best"},
+    )
+    job_id = post_job(client, body)
+    procs.append(start_worker(settings, log=tmp_path / "worker.log"))
+    data = succeeded(client, engine, job_id, tmp_path / "worker.log")
+
+    checkpoints = client.get(f"/finetune-jobs/{job_id}/checkpoints").json()["data"]
+    assert [c["step"] for c in checkpoints] == [0, 2, 4]
+    assert all(c["verdict"]["guard"] == "fail" for c in checkpoints[1:])
+    # Nothing ships: no output, the base stays the recommendation, and the job says why.
+    assert data["output_path"] is None and data["shipped_step"] is None
+    assert "no checkpoint passed it: nothing shipped" in data["shipped_reason"]
+    assert data["metrics"]["shipped"]["recommendation"] == "base"
+    assert not list((settings.artifacts_dir / job_id).glob("shipped-step-*"))
+    assert "shipping nothing" in " ".join(e.message for e in events(engine, job_id))
+    # The guard shows the rule it applied: the rule book's max_drop.
+    assert data["guard"] == {"max_drop": 0.05, "action": "keep_best"}
+    # The after-evaluation still measured the trained weights: the evidence for shipping none.
+    after = client.get(f"/evaluations/{data['after_evaluation_id']}").json()
+    assert after["model"]["path"] == data["metrics"]["final_output_path"]
+    assert data["comparison"]["verdict"] == "fail"
+    page = client.get(f"/ui/finetune-jobs/{job_id}").text
+    assert "Nothing shipped" in page

@@ -105,6 +105,12 @@ def test_a_lora_sweep_exports_the_chosen_alpha_and_can_be_rerun_after_the_fact(
     assert reply.status_code == 202, reply.text
     child = finished(reply.json()["id"])
     assert child["chosen_alpha"] == 0.25 and child["output_path"].endswith("interpolated")
+    # The split is the trained job's: recorded with it, and the sweep scored those records.
+    assert data["metrics"]["dataset"]["records"] == len(RECORDS)
+    assert child["metrics"]["dataset"] == data["metrics"]["dataset"]
+    assert (
+        child["comparison"]["domain"]["held_out_records"] == data["metrics"]["dataset"]["held_out"]
+    )
     trained = load_file(str(Path(data["output_path"]) / "adapter_model.safetensors"))
     scaled = load_file(str(Path(child["output_path"]) / "adapter_model.safetensors"))
     assert set(trained) == set(scaled)

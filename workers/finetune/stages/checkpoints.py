@@ -13,7 +13,6 @@ goes; ``stop`` ends training at the first checkpoint that does not pass.
 
 from __future__ import annotations
 
-import json
 import shutil
 from typing import TYPE_CHECKING, Any
 
@@ -22,16 +21,19 @@ from sqlalchemy import select
 
 from app.comparison.domain import domain_block, outcome
 from app.comparison.service import load_pair
-from app.comparison.verdict import CompareOptions, Row, build
+from app.comparison.verdict import build
 from app.core.tables import Evaluation, FinetuneCheckpoint
-from app.finetune.schemas import evaluation_steps
+from app.finetune.schemas import evaluation_budget_problem, evaluation_steps
 from app.jobs.queue import guarded_write
+from app.suites.registry import Row
+from workers.context import UserError
 from workers.engine.transformers_backend import TransformersBackend
-from workers.evaluation.runners import RunSettings, run_items
+from workers.evaluation.scoring import RunSettings, run_items
 from workers.finetune.data import encode_records, pad_id
 from workers.finetune.domain import completion_nll
 from workers.finetune.ewc import trainable_named_parameters
 from workers.finetune.stages.domain import KL_TOPK, domain_records, domain_spec, held_out_summary
+from workers.finetune.statefile import raise_if_disk_full, read_state, write_json
 from workers.finetune.training import GuardStop, autocast_for
 
 if TYPE_CHECKING:
@@ -65,16 +67,16 @@ class CheckpointEvaluator:
         assert spec is not None
         self.run, self.model, self.tokenizer, self.fmt = run, model, tokenizer, fmt
         self.definitions = eval_definitions
+        # The data may have grown since submission: the bound holds for the real step count.
+        too_many = evaluation_budget_problem(
+            total_steps, spec.every_steps, spec.checkpoints, exact=True
+        )
+        if too_many is not None:
+            raise UserError(too_many.detail)
         self.steps = evaluation_steps(total_steps, spec.every_steps, spec.checkpoints)
         self.total_steps = total_steps
         self.guard = run.request.guard
-        self.options = CompareOptions(
-            threshold=spec.threshold,
-            max_category_drop=spec.max_category_drop,
-            max_nll_increase=spec.max_nll_increase,
-            max_kl=spec.max_kl,
-            mode=spec.mode,
-        )
+        self.options = run.request.compare_options()
         job = run._job()
         assert job.before_evaluation_id is not None
         with run.ctx.sessionmaker() as session:
@@ -106,9 +108,8 @@ class CheckpointEvaluator:
                     self.domain_before_rows, _ = load_pair(session, row, row)
         self.held_out: list[Any] = []
         self.held_before: dict[str, Any] | None = None
-        path = run.job_dir / "domain-before.json"
-        if path.is_file():
-            self.held_before = json.loads(path.read_text(encoding="utf-8"))
+        self.held_before = read_state(run.job_dir / "domain-before.json")
+        if self.held_before is not None:
             _, held = domain_records(run)
             self.held_out, _ = encode_records(tokenizer, held, fmt, run.hp.max_seq_length)
 
@@ -196,8 +197,7 @@ class CheckpointEvaluator:
         if domain is not None:
             verdict["outcome"] = outcome(learned=domain["learned"], passed=passed)
         if self.guard is not None:
-            drop = body.get("accuracy_drop") or 0.0
-            verdict["guard"] = "pass" if passed and drop <= self.guard.max_drop else "fail"
+            verdict["guard"] = "pass" if body["guard"]["acceptable"] else "fail"
         return {
             "general": general,
             "domain": domain,
@@ -215,9 +215,7 @@ class CheckpointEvaluator:
         suites = None
         if self.domain_before_rows:
             run = {"id": "domain-before"}
-            suites = build(
-                run, run, self.domain_before_rows, self.domain_before_rows, CompareOptions()
-            )
+            suites = build(run, run, self.domain_before_rows, self.domain_before_rows, self.options)
         self._store(0, self._figures(body, self.before_rows, self.held_before, suites))
 
     def __call__(self, step: int) -> None:
@@ -272,7 +270,7 @@ class CheckpointEvaluator:
                 domain_rows = self._rows(backend, self.domain_suites)
                 run = {"id": "domain-before"}
                 domain_body = build(
-                    run, {"id": "domain"}, self.domain_before_rows, domain_rows, CompareOptions()
+                    run, {"id": "domain"}, self.domain_before_rows, domain_rows, self.options
                 )
         finally:
             model.config.use_cache = use_cache
@@ -282,8 +280,10 @@ class CheckpointEvaluator:
     # -- the guard
 
     def _best_meta(self) -> dict[str, Any] | None:
-        path = self.run.job_dir / BEST / "meta.json"
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+        meta = read_state(self.run.job_dir / BEST / "meta.json")
+        if meta is None or not {"step", "gain"} <= set(meta):
+            return None  # none kept, or unreadable: the next passing step is kept again
+        return meta
 
     def _keep_if_best(self, step: int, figures: dict[str, Any]) -> None:
         """Keep this step's trainable weights when it passes the guard with the best gain yet."""
@@ -297,17 +297,28 @@ class CheckpointEvaluator:
 
         tmp = self.run.job_dir / f".tmp-{BEST}"
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_file(
-            {n: p.detach().cpu().contiguous() for n, p in trainable_named_parameters(self.model)},
-            str(tmp / "trainable.safetensors"),
-        )
-        (tmp / "meta.json").write_text(json.dumps({"step": step, "gain": gain}), encoding="utf-8")
+        try:
+            tmp.mkdir(parents=True)
+            save_file(
+                {
+                    n: p.detach().cpu().contiguous()
+                    for n, p in trainable_named_parameters(self.model)
+                },
+                str(tmp / "trainable.safetensors"),
+            )
+            write_json(tmp / "meta.json", {"step": step, "gain": gain})
+        except Exception as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise_if_disk_full(exc, f"the guard's checkpoint of step {step}")
+            raise
         shutil.rmtree(self.run.job_dir / BEST, ignore_errors=True)
         tmp.rename(self.run.job_dir / BEST)
 
     def ship(self, final_step: int, stopped: bool) -> dict[str, Any]:
-        """Which weights to save (loading the best checkpoint's into the model); and why."""
+        """Which weights to save (loading the best checkpoint's into the model); and why.
+
+        ``step`` None: no checkpoint passes the guard, so nothing is shipped.
+        """
         assert self.guard is not None
         final = self._stored().get(final_step)
         final_guard = (final.verdict or {}).get("guard") if final is not None else None
@@ -320,10 +331,13 @@ class CheckpointEvaluator:
         )
         best = self._best_meta()
         if best is None:
+            # Shipping weights that fail would put forgetting into production: ship none.
             return {
-                "step": final_step,
-                "reason": f"{why_final}, and no checkpoint passed it: shipped the final weights",
+                "step": None,
+                "reason": f"{why_final}, and no checkpoint passed it: nothing shipped; the base "
+                "model stays the recommendation",
                 "passed": False,
+                "recommendation": "base",
             }
         from safetensors.torch import load_file
 

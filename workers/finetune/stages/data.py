@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import TYPE_CHECKING, Any
 
 from app.finetune.schemas import GeneralData, load_path_records
@@ -10,8 +9,8 @@ from app.suites import versions
 from workers.context import UserError
 from workers.engine import transformers_backend as engine
 from workers.engine.base import Prompt
-from workers.finetune.artifacts import TRAIN_SNAPSHOT, TRAIN_SNAPSHOT_META
-from workers.finetune.data import read_records, records_sha256, write_jsonl
+from workers.finetune.artifacts import DATASET_SPLIT, TRAIN_SNAPSHOT, TRAIN_SNAPSHOT_META
+from workers.finetune.data import read_records_state, records_sha256, write_jsonl
 from workers.finetune.replay import (
     SELF_PROMPTS,
     cached_completions,
@@ -22,6 +21,7 @@ from workers.finetune.replay import (
     suite_records,
 )
 from workers.finetune.stages.domain import domain_records
+from workers.finetune.statefile import read_state, write_json
 
 if TYPE_CHECKING:
     from workers.finetune.job import FinetuneRun
@@ -35,12 +35,18 @@ def training_records(
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Domain records mixed with replay; snapshotted on the first attempt, reused after."""
     snapshot, meta_path = run.job_dir / TRAIN_SNAPSHOT, run.job_dir / TRAIN_SNAPSHOT_META
-    if snapshot.is_file() and meta_path.is_file():
-        return read_records(snapshot), json.loads(meta_path.read_text(encoding="utf-8"))
+    stored = read_state(meta_path)
+    if stored is not None:
+        kept = read_records_state(snapshot)
+        if kept is not None and stored.get("sha256") == records_sha256(kept):
+            return kept, stored
     request = run.request
     domain, held_out = domain_records(run)
     records = domain
     meta: dict[str, Any] = {"domain": len(domain), "replay": 0}
+    dataset = read_state(run.job_dir / DATASET_SPLIT)
+    if dataset is not None:
+        meta["dataset"] = dataset
     if held_out:
         meta["held_out"] = len(held_out)
     if request.replay is not None:
@@ -63,7 +69,7 @@ def training_records(
     run.job_dir.mkdir(parents=True, exist_ok=True)
     write_jsonl(snapshot, records)
     meta["sha256"] = records_sha256(records)
-    meta_path.write_text(json.dumps(meta), encoding="utf-8")
+    write_json(meta_path, meta)
     return records, meta
 
 

@@ -10,19 +10,26 @@ redoes none of it.
 
 from __future__ import annotations
 
-import json
 from typing import TYPE_CHECKING, Any
 
 from app.comparison import domain as verdicts
 from app.comparison import service as comparison
-from app.comparison.kl import TOPK
-from app.comparison.verdict import CompareOptions
-from app.finetune.schemas import DomainEvaluationSpec, holdout_split, load_path_records
+from app.core.tables import FinetuneJob
+from app.finetune.schemas import (
+    DomainEvaluationSpec,
+    dataset_changed_detail,
+    holdout_split,
+    load_path_records,
+    records_sha256,
+)
+from app.stats.kl import TOPK
+from workers.context import UserError
 from workers.engine.loading import ModelCache
-from workers.finetune.artifacts import DOMAIN_TRAIN, HELD_OUT
-from workers.finetune.data import encode_records, pad_id, read_records, write_jsonl
+from workers.finetune.artifacts import DATASET_SPLIT, DOMAIN_TRAIN, HELD_OUT
+from workers.finetune.data import encode_records, pad_id, read_records_state, write_jsonl
 from workers.finetune.domain import CompletionScore, completion_nll
 from workers.finetune.stages.evaluation import evaluate, job_settings
+from workers.finetune.statefile import read_state, write_json
 
 if TYPE_CHECKING:
     from workers.finetune.job import FinetuneRun
@@ -43,35 +50,102 @@ def domain_spec(run: FinetuneRun) -> DomainEvaluationSpec | None:
     return spec.domain if spec is not None and spec.domain else None
 
 
+def _dataset(run: FinetuneRun) -> list[dict[str, Any]]:
+    """The job's dataset as it is now: the inline records, or the file read again."""
+    dataset = run.request.dataset
+    if dataset.examples is not None:
+        return list(dataset.examples)
+    return load_path_records(run.settings, str(dataset.path))
+
+
+def dataset_identity(
+    records: list[dict[str, Any]], held: list[dict[str, Any]], spec: DomainEvaluationSpec | None
+) -> dict[str, Any]:
+    """What the job's dataset was when it was first split: counts and content hashes."""
+    identity: dict[str, Any] = {"records": len(records), "sha256": records_sha256(records)}
+    if spec is not None and spec.holdout is not None:
+        identity.update(
+            held_out=len(held),
+            held_out_sha256=records_sha256(held),
+            holdout=spec.holdout,
+            seed=spec.seed,
+        )
+    return identity
+
+
 def domain_records(run: FinetuneRun) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """``(train, held_out)``: the job's dataset split once (snapshotted), never trained on."""
-    request = run.request
+    """``(train, held_out)``: the job's dataset split once (snapshotted), never trained on.
+
+    The split belongs to the job: the first split stores the records (``domain-train.jsonl``,
+    ``heldout.jsonl``) and the dataset's hash (``dataset.json``). A later attempt reuses them;
+    when they are gone or torn it splits again only if the file still holds the same records.
+    An interpolation sweep (``from_job``) uses the split of the job it sweeps.
+    """
+    if run.request.from_job is not None:
+        return _source_split(run)
+    spec = domain_spec(run)
+    holdout = spec.holdout if spec is not None else None
+    train_path, held_path = run.job_dir / DOMAIN_TRAIN, run.job_dir / HELD_OUT
+    meta_path = run.job_dir / DATASET_SPLIT
+    stored = read_state(meta_path)
+    if holdout is not None:
+        train_kept, held_kept = read_records_state(train_path), read_records_state(held_path)
+        if train_kept is not None and held_kept is not None:
+            return train_kept, held_kept
+    records = _dataset(run)
+    if stored is not None and stored.get("sha256") != records_sha256(records):
+        raise UserError(dataset_changed_detail(run.job_id, run.request.dataset.path))
+    held: list[dict[str, Any]] = []
+    train = records
+    if spec is not None and holdout is not None:
+        train, held = holdout_split(records, holdout, spec.seed)
+        write_jsonl(held_path, held)
+        write_jsonl(train_path, train)
+    if stored is None:
+        write_json(meta_path, dataset_identity(records, held, spec))
+    if spec is not None and held and stored is None:
+        run.event(
+            f"domain: held out {len(held)} of {len(records)} records (seed {spec.seed}); "
+            "they are never trained on",
+            data={"held_out": len(held), "records": len(records), "seed": spec.seed},
+        )
+    return train, held
+
+
+def _source_split(run: FinetuneRun) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """A sweep's split: the swept job's own, never the dataset file re-split as it is now."""
+    source = str(run.request.from_job)
     spec = domain_spec(run)
     if spec is None or spec.holdout is None:
-        records = (
-            list(request.dataset.examples)
-            if request.dataset.examples is not None
-            else load_path_records(run.settings, str(request.dataset.path))
+        return [], []  # a sweep trains on nothing; without a held-out split it needs no records
+    source_dir = run.settings.artifacts_dir / source
+    train = read_records_state(source_dir / DOMAIN_TRAIN)
+    held = read_records_state(source_dir / HELD_OUT)
+    stored = read_state(source_dir / DATASET_SPLIT) or {}
+    if train is not None and held is not None:
+        if stored.get("held_out_sha256") in (None, records_sha256(held)):
+            return train, held
+    # The stored split is gone: the file may be split again only if it is still that dataset.
+    expected = stored.get("sha256") or _recorded_sha256(run, source)
+    if expected is None:
+        raise UserError(
+            f"the held-out split of fine-tune job {source} is gone and the job recorded no "
+            "hash of its dataset: splitting the file again could hold out records it was "
+            "trained on; run a new fine-tune job instead"
         )
-        return records, []
-    train_path, held_path = run.job_dir / DOMAIN_TRAIN, run.job_dir / HELD_OUT
-    if train_path.is_file() and held_path.is_file():
-        return read_records(train_path), read_records(held_path)
-    records = (
-        list(request.dataset.examples)
-        if request.dataset.examples is not None
-        else load_path_records(run.settings, str(request.dataset.path))
-    )
-    train, held = holdout_split(records, spec.holdout, spec.seed)
-    run.job_dir.mkdir(parents=True, exist_ok=True)
-    write_jsonl(held_path, held)
-    write_jsonl(train_path, train)
-    run.event(
-        f"domain: held out {len(held)} of {len(records)} records (seed {spec.seed}); "
-        "they are never trained on",
-        data={"held_out": len(held), "records": len(records), "seed": spec.seed},
-    )
-    return train, held
+    records = _dataset(run)
+    if records_sha256(records) != expected:
+        raise UserError(dataset_changed_detail(source, run.request.dataset.path))
+    return holdout_split(records, spec.holdout, spec.seed)
+
+
+def _recorded_sha256(run: FinetuneRun, job_id: str) -> str | None:
+    """The dataset hash a finished job keeps in its metrics (``metrics.dataset.sha256``)."""
+    with run.ctx.sessionmaker() as session:
+        row = session.get(FinetuneJob, job_id)
+        metrics = (row.metrics or {}) if row is not None else {}
+    value = (metrics.get("dataset") or {}).get("sha256")
+    return str(value) if value else None
 
 
 def held_out_nll(
@@ -82,8 +156,8 @@ def held_out_nll(
     if spec is None or spec.holdout is None:
         return None
     path = run.job_dir / f"domain-{which.replace(' ', '-')}.json"
-    if path.is_file():
-        stored: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    stored = read_state(path)
+    if stored is not None:
         return stored
     _, held = domain_records(run)
     try:
@@ -96,7 +170,7 @@ def held_out_nll(
         return None
     run.stage(f"domain: held-out NLL ({which})", total=len(examples))
     summary = held_out_summary(completion_nll(model, examples, pad_id(tokenizer), **KL_TOPK))
-    path.write_text(json.dumps(summary), encoding="utf-8")
+    write_json(path, summary)
     run.event(
         f"domain: held-out NLL/token {which}: {summary['nll_per_token']:.4f} "
         f"({summary['records']} records, {summary['tokens']} tokens)",
@@ -115,10 +189,8 @@ def evaluate_domain(
         return None, None
     held = None
     if spec.holdout is not None:
-        path = run.job_dir / f"domain-{which}.json"
-        if path.is_file():
-            held = held_out_nll(run, which, None, None, fmt)
-        else:
+        held = read_state(run.job_dir / f"domain-{which}.json")
+        if held is None:
             models = (
                 run.models
                 if which == "before"
@@ -152,7 +224,7 @@ def with_domain(
                 session=session,
                 before_id=suite_ids[0],
                 after_id=suite_ids[1],
-                options=CompareOptions(),
+                options=run.request.compare_options(),
             )
     block = verdicts.domain_block(
         held_out=pair,  # type: ignore[arg-type]

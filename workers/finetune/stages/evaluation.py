@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select
 
 from app.comparison import service as comparison
-from app.comparison.verdict import CompareOptions
 from app.core.config import Settings
 from app.core.fingerprint import fingerprint
 from app.core.schemas import EvaluationCreate, ModelRef
@@ -171,18 +170,12 @@ def _child(run: FinetuneRun, label: str) -> str | None:
 def compare(run: FinetuneRun, before_id: str, after_id: str) -> dict[str, Any]:
     """The comparison of the before and after evaluations under the job's gate options."""
     run.stage("comparing")
-    spec = run.request.evaluation
-    assert spec is not None
-    options = CompareOptions(
-        threshold=spec.threshold,
-        max_category_drop=spec.max_category_drop,
-        max_nll_increase=spec.max_nll_increase,
-        max_kl=spec.max_kl,
-        mode=spec.mode,
-    )
     with run.ctx.sessionmaker() as session:
         return comparison.compare(
-            session=session, before_id=before_id, after_id=after_id, options=options
+            session=session,
+            before_id=before_id,
+            after_id=after_id,
+            options=run.request.compare_options(),
         )
 
 

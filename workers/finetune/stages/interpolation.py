@@ -11,7 +11,6 @@ a resumed attempt does not evaluate an α twice.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +19,7 @@ import torch
 from workers.engine.loading import attach_adapter, load_model
 from workers.finetune.artifacts import TrainingOutcome, save_output
 from workers.finetune.stages.checkpoints import CheckpointEvaluator, _gain
+from workers.finetune.statefile import read_state, write_json
 
 if TYPE_CHECKING:
     from workers.finetune.job import FinetuneRun
@@ -79,14 +79,17 @@ def interpolate(
     spec = run.request.interpolation
     assert spec is not None
     path = run.job_dir / RESULTS
-    state: dict[str, Any] = (
-        json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {"results": []}
-    )
+    # Unreadable (torn by an old in-place write): the sweep starts over; the adapter is intact.
+    state = read_state(path)
+    if state is None or not isinstance(state.get("results"), list):
+        state = {"results": []}
     if "chosen_alpha" in state:
         return _shipped(outcome, state), state
     done = {r["alpha"] for r in state["results"]}
     # From the final weights of the training, even when the guard shipped an earlier step.
-    tuned = Path(outcome.metrics.get("final_output_path") or outcome.output_path)
+    trained = outcome.metrics.get("final_output_path") or outcome.output_path
+    assert trained is not None, "a guard that shipped nothing keeps final_output_path"
+    tuned = Path(trained)
     weights = _Weights(run, base_dir, tuned)
     evaluator = CheckpointEvaluator(run, weights.model, tokenizer, fmt, eval_definitions, 0)
     for alpha in sorted(spec.alphas):
@@ -97,7 +100,7 @@ def interpolate(
         figures = evaluator._evaluate(0)
         result = {"alpha": alpha, **figures}
         state["results"].append(result)
-        path.write_text(json.dumps(state), encoding="utf-8")
+        write_json(path, state)
         run.event(
             f"interpolation α = {alpha:g}: general accuracy {figures['general']['accuracy']}, "
             f"verdict {figures['verdict']['verdict']}",
@@ -109,7 +112,12 @@ def interpolate(
         state.update(
             chosen_alpha=None,
             output_path=outcome.output_path,
-            reason="no α passes the gate: shipped the fine-tune as trained",
+            reason="no α passes the gate: "
+            + (
+                "shipped the fine-tune as trained"
+                if outcome.output_path is not None
+                else "nothing shipped (no checkpoint passed the guard either)"
+            ),
         )
     elif chosen["alpha"] == 1.0:
         state.update(
@@ -128,7 +136,7 @@ def interpolate(
             output_path=str(out),
             reason=f"α = {chosen['alpha']:g}: {rule} that passes the gate",
         )
-    path.write_text(json.dumps(state), encoding="utf-8")
+    write_json(path, state)
     run.event(
         f"interpolation: chose α = {state['chosen_alpha']} ({state['reason']})",
         data={k: v for k, v in state.items() if k != "results"},

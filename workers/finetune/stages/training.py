@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import json
 import shutil
 from dataclasses import asdict
 from functools import partial
@@ -26,6 +25,7 @@ from workers.finetune.data import encode_records, pad_id
 from workers.finetune.stages.checkpoints import CheckpointEvaluator
 from workers.finetune.stages.data import training_records
 from workers.finetune.stages.fisher import ewc_regularizer
+from workers.finetune.statefile import write_json
 from workers.finetune.training import StepLog, Trainer, assert_base_frozen, prepare_model, thin
 
 if TYPE_CHECKING:
@@ -126,15 +126,19 @@ def run_training(
     out = run.job_dir / ("adapter" if request.method == "lora" else "model")
     save_output(model, tokenizer, request, base_dir, out)
     final_out = out
+    shipped_out: Path | None = out
     shipped = None
     if evaluator is not None and request.guard is not None:
         # The final weights stay in ``out`` (an interpolation starts from them); a shipped
         # earlier checkpoint is exported beside them and becomes the job's output.
         shipped = evaluator.ship(trainer.global_step, stopped=trainer.stopped_at is not None)
-        run.event(f"shipping step {shipped['step']}: {shipped['reason']}", data=shipped)
-        if shipped["step"] != trainer.global_step:
-            out = run.job_dir / f"shipped-step-{shipped['step']}"
-            save_output(model, tokenizer, request, base_dir, out)
+        what = "nothing" if shipped["step"] is None else f"step {shipped['step']}"
+        run.event(f"shipping {what}: {shipped['reason']}", data=shipped)
+        if shipped["step"] is None:
+            shipped_out = None  # no output; the after-evaluation measures the final weights
+        elif shipped["step"] != trainer.global_step:
+            shipped_out = run.job_dir / f"shipped-step-{shipped['step']}"
+            save_output(model, tokenizer, request, base_dir, shipped_out)
     metrics: dict[str, Any] = {
         "global_step": trainer.global_step,
         "total_steps": plan.total_steps,
@@ -157,6 +161,9 @@ def run_training(
         "prompt_format": fmt,
         "device": str(run.device),
     }
+    if meta.get("dataset") is not None:
+        # The dataset as the job split it: a later interpolation sweep is checked against it.
+        metrics["dataset"] = meta["dataset"]
     if base_weights is not None:
         metrics["base_weights"] = base_weights
     if evaluator is not None:
@@ -171,17 +178,21 @@ def run_training(
             "importance": ewc.importance,
             "final_penalty": trainer.last_ewc_penalty,
         }
-    outcome = TrainingOutcome(output_path=str(out), trainable_parameters=counts, metrics=metrics)
+    outcome = TrainingOutcome(
+        output_path=None if shipped_out is None else str(shipped_out),
+        trainable_parameters=counts,
+        metrics=metrics,
+    )
     del trainer, model, ewc
     gc.collect()
     if run.device.type == "cuda":
         torch.cuda.empty_cache()
-    (run.job_dir / TRAINING_DONE).write_text(json.dumps(asdict(outcome)), encoding="utf-8")
+    write_json(run.job_dir / TRAINING_DONE, asdict(outcome))
     shutil.rmtree(run.job_dir / CHECKPOINTS, ignore_errors=True)
     run.event(
         "saved",
-        data={"output_path": str(out)},
-        output_path=str(out),
+        data={"output_path": outcome.output_path},
+        output_path=outcome.output_path,
         checkpoint_path=None,
         trainable_parameters=counts,
         metrics=metrics,

@@ -1,0 +1,1 @@
+"""Benchmarks pulled offline from pinned PyPI wheels: sources, converters, item format."""
