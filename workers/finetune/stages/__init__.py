@@ -1,4 +1,5 @@
-"""The stages a fine-tune job runs, in order: evaluation, data, Fisher, training.
+"""The stages a fine-tune job runs, in order: evaluation, domain, data, ewc (the Fisher),
+training, checkpoints, interpolation.
 
 Each stage is a function of the running job (:class:`workers.finetune.job.FinetuneRun`), whose
 ``event``/``warn``/``stage`` record progress under the job's lease; the mechanics they use

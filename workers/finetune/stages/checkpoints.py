@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from sqlalchemy import select
 
-from app.comparison.domain import domain_block, outcome
+from app.comparison.learned import domain_block, outcome
 from app.comparison.service import load_pair
 from app.comparison.verdict import build
 from app.core.tables import Evaluation, FinetuneCheckpoint
@@ -30,8 +30,8 @@ from workers.context import UserError
 from workers.engine.transformers_backend import TransformersBackend
 from workers.evaluation.scoring import RunSettings, run_items
 from workers.finetune.data import encode_records, pad_id
-from workers.finetune.domain import completion_nll
 from workers.finetune.ewc import trainable_named_parameters
+from workers.finetune.holdout import completion_nll
 from workers.finetune.stages.domain import KL_TOPK, domain_records, domain_spec, held_out_summary
 from workers.finetune.statefile import raise_if_disk_full, read_state, write_json
 from workers.finetune.training import GuardStop, autocast_for

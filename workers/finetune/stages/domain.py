@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from app.comparison import domain as verdicts
+from app.comparison import learned as verdicts
 from app.comparison import service as comparison
 from app.core.tables import FinetuneJob
 from app.finetune.schemas import (
@@ -27,7 +27,7 @@ from workers.context import UserError
 from workers.engine.loading import ModelCache
 from workers.finetune.artifacts import DATASET_SPLIT, DOMAIN_TRAIN, HELD_OUT
 from workers.finetune.data import encode_records, pad_id, read_records_state, write_jsonl
-from workers.finetune.domain import CompletionScore, completion_nll
+from workers.finetune.holdout import CompletionScore, completion_nll
 from workers.finetune.stages.evaluation import evaluate, job_settings
 from workers.finetune.statefile import read_state, write_json
 
@@ -41,7 +41,7 @@ KL_TOPK: dict[str, Any] = {"topk": TOPK, "topk_examples": 256}
 
 
 def held_out_summary(scores: list[CompletionScore]) -> dict[str, Any]:
-    """:func:`app.comparison.domain.nll_summary` of :func:`completion_nll`'s scores."""
+    """:func:`app.comparison.learned.nll_summary` of :func:`completion_nll`'s scores."""
     return verdicts.nll_summary([(s.nll_sum, s.tokens) for s in scores], [s.topk for s in scores])
 
 

@@ -24,7 +24,7 @@ from workers.finetune.artifacts import (
 from workers.finetune.data import encode_records, pad_id
 from workers.finetune.stages.checkpoints import CheckpointEvaluator
 from workers.finetune.stages.data import training_records
-from workers.finetune.stages.fisher import ewc_regularizer
+from workers.finetune.stages.ewc import ewc_regularizer
 from workers.finetune.statefile import write_json
 from workers.finetune.training import StepLog, Trainer, assert_base_frozen, prepare_model, thin
 

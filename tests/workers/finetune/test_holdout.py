@@ -9,8 +9,8 @@ from tests.conftest import start_worker
 from tests.workers.finetune.jobs import plain_body, post_job, succeeded
 from workers.engine.loading import load_model, load_tokenizer
 from workers.finetune.data import collate, encode_records, pad_id, read_records
-from workers.finetune.domain import completion_nll
 from workers.finetune.ewc import sequence_loss
+from workers.finetune.holdout import completion_nll
 
 RECORDS = [
     {"prompt": f"What is drug {name}?", "completion": f"Drug {name} treats {use}."}
@@ -64,7 +64,7 @@ def test_completion_nll_is_the_training_loss_per_record(tiny_model_dir) -> None:
 def test_completion_top_k_covers_the_scored_positions_and_gives_kl_to_base(  # type: ignore[no-untyped-def]
     tiny_model_dir,
 ) -> None:
-    from app.comparison.domain import held_out_kl, nll_summary
+    from app.comparison.learned import held_out_kl, nll_summary
 
     tokenizer = load_tokenizer(tiny_model_dir)
     model = load_model(tiny_model_dir, torch.device("cpu"))

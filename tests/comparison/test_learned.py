@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from app.comparison.domain import OUTCOMES, domain_block, nll_summary, outcome, outcome_line
+from app.comparison.learned import OUTCOMES, domain_block, nll_summary, outcome, outcome_line
 
 
 def test_nll_summary_weighs_by_tokens() -> None:
