@@ -32,17 +32,29 @@ def submit(
         assert isinstance(row, Evaluation), "only evaluations are answered from the cache"
         now = utcnow()
         row.status = JobStatus.SUCCEEDED
-        row.cached_from = cached.id
-        row.results = cached.results
-        row.model_fingerprint = cached.model_fingerprint
-        row.engine = cached.engine
-        total = cached.progress.get("total", 0)
-        row.progress = {"done": total, "total": total, "stage": "done (cached)"}
+        for name, value in cached_copy(cached).items():
+            setattr(row, name, value)
         # Created, started and finished in the same instant: never "started" before "created".
         row.created_at = now
         row.started_at = now
         row.finished_at = now
     session.add(row)
+
+
+def cached_copy(source: Evaluation) -> dict[str, Any]:
+    """What an evaluation answered from ``source`` (a succeeded run, same cache key) takes.
+
+    At submission (:func:`submit`) or when a worker claims one that waited for an identical
+    run; the items stay with the source.
+    """
+    total = source.progress.get("total", 0)
+    return {
+        "cached_from": source.id,
+        "results": source.results,
+        "model_fingerprint": source.model_fingerprint,
+        "engine": source.engine,
+        "progress": {"done": total, "total": total, "stage": "done (cached)"},
+    }
 
 
 def start_child(row: Evaluation) -> None:

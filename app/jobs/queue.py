@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Engine, and_, delete, func, or_, select, text, update
-from sqlalchemy.orm import Session
+from sqlalchemy import Engine, and_, delete, exists, func, or_, select, text, true, update
+from sqlalchemy.orm import Session, aliased
 
 from app.core.database import immediate_session
 from app.core.tables import Claim, Evaluation, FinetuneJob, JobMixin, Worker, utcnow
@@ -109,6 +109,26 @@ def _expire_leases(session: Session, model: type[JobMixin], now: Any) -> None:
     )
 
 
+def _not_waiting(model: type[JobMixin]) -> Any:
+    """An evaluation that may take the cache waits while an identical one runs.
+
+    Identical means the same cache key (model fingerprint, suite contents, prompt format,
+    generation, backend): two such runs give the same numbers, so the later one waits for the
+    running one and is then answered from it (the worker checks the cache before it loads a
+    model, :func:`app.evaluations.cache.find_source`). If the running one fails or is
+    cancelled, the waiting one is claimable again and runs itself. Fine-tune jobs never wait.
+    """
+    if model is not Evaluation:
+        return true()
+    running = aliased(Evaluation)
+    identical_running = exists().where(
+        running.cache_key == Evaluation.cache_key,
+        running.status == JobStatus.RUNNING,
+        running.id != Evaluation.id,
+    )
+    return or_(~Evaluation.use_cache, Evaluation.cache_key.is_(None), ~identical_running)
+
+
 def claim(
     engine: Engine,
     *,
@@ -120,7 +140,8 @@ def claim(
     """Atomically take the oldest claimable job of the given kinds, or return None.
 
     Only jobs whose ``backend`` is one of ``backends`` (the engines this worker runs) are
-    taken: a vLLM job waits for a vLLM worker instead of running on another engine.
+    taken: a vLLM job waits for a vLLM worker instead of running on another engine. An
+    evaluation identical to a running one waits for it (:func:`_not_waiting`).
     """
     with immediate_session(engine) as session, session.begin():
         now = db_now(session)
@@ -134,6 +155,7 @@ def claim(
                     model.status == JobStatus.QUEUED,
                     or_(model.not_before.is_(None), model.not_before <= now),
                     model.backend.in_(backends),
+                    _not_waiting(model),
                 )
                 .order_by(model.created_at, model.id)
                 .limit(1)

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import update
 
-from app.core.tables import Evaluation
+from app.core.tables import Evaluation, EvaluationItem
 from app.evaluations.cache import effective_prompt_format, has_chat_template
 from tests.conftest import start_worker
 from tests.stored import qa_row, store_finished
@@ -218,3 +219,40 @@ def test_a_run_that_recorded_less_than_its_kind_now_records_is_no_source(
     assert (
         cache_key(suites=qa, **common) == "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
     )
+
+
+@pytest.mark.slow
+@pytest.mark.one_db
+def test_identical_evaluations_submitted_a_second_apart_share_one_run(
+    client: Any, settings: Any, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    workers = [start_worker(settings, log=tmp_path / f"worker-{n}.log") for n in (1, 2)]
+    try:
+        generation = {"max_new_tokens": 4}
+        first = post(client, tiny_model_dir, generation=generation)
+        time.sleep(1.0)
+        second = post(client, tiny_model_dir, generation=generation)
+        assert first["status"] == second["status"] == "queued"  # nothing to copy yet
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            states = [client.get(f"/evaluations/{e['id']}").json() for e in (first, second)]
+            if all(s["status"] in ("succeeded", "failed", "cancelled") for s in states):
+                break
+            time.sleep(0.5)
+        logs = "".join((tmp_path / f"worker-{n}.log").read_text()[-2000:] for n in (1, 2))
+        ran, copied = states
+        assert ran["status"] == copied["status"] == "succeeded", logs
+        # The second waited for the first (two idle workers) and was answered from it.
+        assert copied["cached_from"] == ran["id"] and ran["cached_from"] is None
+        assert copied["results"] == ran["results"]
+        with client.app.state.sessionmaker() as session:
+            counts = {
+                e["id"]: session.query(EvaluationItem).filter_by(evaluation_id=e["id"]).count()
+                for e in (first, second)
+            }
+        assert counts == {first["id"]: len(SUITE["items"]), second["id"]: 0}
+    finally:
+        for worker in workers:
+            worker.terminate()
+        for worker in workers:
+            worker.wait(timeout=60)

@@ -349,3 +349,37 @@ def test_a_cancel_that_reads_first_is_not_refused_by_a_worker_s_commit(engine) -
     assert outcome in (["renewed"], ["lost"])
     with session_factory(engine)() as s:
         assert s.get(Evaluation, job_id).status == "cancelled"
+
+
+def _queue_identical(
+    engine, n: int, *, key: str = "sha256:same", use_cache: bool = True
+) -> list[str]:  # type: ignore[no-untyped-def]
+    ids = _queue(engine, n)
+    with session_factory(engine)() as session, session.begin():
+        session.execute(
+            update(Evaluation)
+            .where(Evaluation.id.in_(ids))
+            .values(cache_key="sha256:same", use_cache=use_cache)
+        )
+    return ids
+
+
+def test_an_evaluation_identical_to_a_running_one_waits_for_it(engine) -> None:  # type: ignore[no-untyped-def]
+    first, second = _queue_identical(engine, 2)
+    (other,) = _queue(engine, 1)
+    running = claim(engine, worker_id="w1", kinds=("evaluation",), lease_seconds=60)
+    assert running is not None and running.id == first
+    # The identical one waits; a different one behind it is taken meanwhile.
+    taken = claim(engine, worker_id="w2", kinds=("evaluation",), lease_seconds=60)
+    assert taken is not None and taken.id == other
+    assert claim(engine, worker_id="w3", kinds=("evaluation",), lease_seconds=60) is None
+    # Once the running one ends (here: fails for good), the waiting one runs itself.
+    assert fail(engine, running, "boom", retryable=False) == "failed"
+    again = claim(engine, worker_id="w3", kinds=("evaluation",), lease_seconds=60)
+    assert again is not None and again.id == second
+
+
+def test_an_evaluation_that_refuses_the_cache_never_waits(engine) -> None:  # type: ignore[no-untyped-def]
+    first, second = _queue_identical(engine, 2, use_cache=False)
+    assert claim(engine, worker_id="w1", kinds=("evaluation",), lease_seconds=60).id == first
+    assert claim(engine, worker_id="w2", kinds=("evaluation",), lease_seconds=60).id == second

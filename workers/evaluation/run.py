@@ -14,7 +14,8 @@ from app.core.fingerprint import fingerprint
 from app.core.modelcheck import resolve_model
 from app.core.storable import Unstorable, check_value
 from app.core.tables import Evaluation, EvaluationItem, Suite
-from app.evaluations.cache import cache_key
+from app.evaluations.cache import cache_key, find_source
+from app.jobs.lifecycle import cached_copy
 from app.jobs.queue import guarded_write, succeed
 from app.suites.kinds import KINDS
 from app.suites.registry import ItemRow
@@ -205,6 +206,26 @@ BACKENDS: dict[str, Opener] = {
 }
 
 
+def _answered_from_cache(ctx: JobContext, evaluation: Evaluation) -> dict[str, Any] | None:
+    """Finish the claimed evaluation as a copy of an identical run that succeeded meanwhile.
+
+    An evaluation that waited in the queue for an identical running one (the claim lets it
+    wait, ``app.jobs.queue``) is answered here, without loading a model: the source's
+    results, or None when there is no such run. The key is the one set at submission, as for
+    a copy made at submission.
+    """
+    if not evaluation.use_cache or evaluation.cache_key is None:
+        return None
+    with guarded_write(ctx.engine, ctx.job, ctx.settings.lease_seconds) as session:
+        source = find_source(session, evaluation.cache_key)
+        if source is None:
+            return None
+        copy = cached_copy(source)
+        succeed(session, ctx.job, **copy)
+    log.info("evaluation %s: answered from identical run %s", evaluation.id, source.id)
+    return dict(copy["results"] or {})
+
+
 def run_evaluation(
     ctx: JobContext,
     models: ModelCache,
@@ -221,6 +242,11 @@ def run_evaluation(
             s["name"]: session.get(Suite, s["id"]).definition  # type: ignore[union-attr]
             for s in evaluation.suites
         }
+
+    if evaluation_id == ctx.job.id:
+        copied = _answered_from_cache(ctx, evaluation)
+        if copied is not None:
+            return copied
 
     ctx.set_stage("loading model")
     opener = BACKENDS.get(evaluation.backend)
