@@ -12,7 +12,7 @@ from app.core.database import session_factory
 from app.core.tables import FinetuneCheckpoint
 from tests.conftest import start_worker, wait_for
 from tests.workers.finetune.jobs import STARTUP, events, plain_body, post_job, succeeded
-from tests.workers.finetune.test_domain import DOMAIN_QA, GENERAL_QA, RECORDS
+from tests.workers.finetune.test_holdout import DOMAIN_QA, GENERAL_QA, RECORDS
 
 pytestmark = [pytest.mark.slow, pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)]
 

@@ -12,7 +12,7 @@ import torch
 
 from tests.conftest import start_worker
 from tests.workers.finetune.jobs import plain_body, post_job, succeeded
-from tests.workers.finetune.test_domain import GENERAL_QA, RECORDS
+from tests.workers.finetune.test_holdout import GENERAL_QA, RECORDS
 from workers.engine.loading import load_model
 from workers.finetune.stages.interpolation import _Weights, choose
 
