@@ -438,7 +438,7 @@ def finetune(
     dataset: Annotated[
         str | None, typer.Option(help="Training data: a JSONL path under a data root.")
     ] = None,
-    method: Annotated[str | None, typer.Option(help="lora (default) or full.")] = None,
+    method: Annotated[str | None, typer.Option(help="lora (default), qlora or full.")] = None,
     preset: Annotated[str | None, typer.Option(help="safe (default) or risky.")] = None,
     suite: SuitesOpt = None,
     wait: WaitOpt = False,

@@ -199,24 +199,27 @@ def settings_env(settings: Settings) -> dict[str, str]:
     return env
 
 
-def _spawn(settings: Settings, args: list[str], log: Path | None) -> subprocess.Popen[bytes]:
-    """``forgetguard <args>`` in a child process, its output appended to ``log`` (or dropped)."""
+def _spawn(
+    settings: Settings, args: list[str], log: Path | None, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """``forgetguard <args>`` in a child process, its output appended to ``log`` (or dropped).
+
+    ``env``: more environment variables for the child, beside the settings'."""
     command = [sys.executable, "-m", "app.cli", *args]
+    child_env = {**settings_env(settings), **(env or {})}
     if log is None:
-        return subprocess.Popen(
-            command, env=settings_env(settings), cwd=REPO, stdout=subprocess.DEVNULL
-        )
+        return subprocess.Popen(command, env=child_env, cwd=REPO, stdout=subprocess.DEVNULL)
     with log.open("ab") as out:  # the child keeps its own descriptor
         return subprocess.Popen(
-            command, env=settings_env(settings), cwd=REPO, stdout=out, stderr=subprocess.STDOUT
+            command, env=child_env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT
         )
 
 
 def start_worker(
-    settings: Settings, *extra: str, log: Path | None = None
+    settings: Settings, *extra: str, log: Path | None = None, env: dict[str, str] | None = None
 ) -> subprocess.Popen[bytes]:
-    """A real ``forgetguard worker`` process on the CPU."""
-    return _spawn(settings, ["worker", "--device", "cpu", *extra], log)
+    """A real ``forgetguard worker`` process on the CPU (``env``: more environment variables)."""
+    return _spawn(settings, ["worker", "--device", "cpu", *extra], log, env)
 
 
 def free_port() -> int:

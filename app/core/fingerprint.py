@@ -22,6 +22,11 @@ from app.core.clientfiles import (
     hash_client_file,
     open_client_file,
 )
+from app.core.quantization import (
+    BASE_QUANTIZATION_FILE,
+    adapter_quantization,
+    with_quantization,
+)
 
 HASHED_FILES = (
     "config.json",
@@ -32,6 +37,7 @@ HASHED_FILES = (
     "chat_template.jinja",
     "chat_template.json",
     "adapter_config.json",
+    BASE_QUANTIZATION_FILE,
 )
 
 
@@ -76,7 +82,8 @@ def fingerprint(
     cache_dir: Path | None = None,
     budget: ReadBudget | None = None,
 ) -> str:
-    """``sha256:…`` over the model's (and adapter's) config, tokenizer and weight hashes.
+    """``sha256:…`` over the model's (and adapter's) config, tokenizer and weight hashes;
+    ``sha256:…+nf4`` when the adapter's base is loaded quantized (``app.core.quantization``).
 
     ``budget``: the caller's reads of the client's files (a default one when None).
     """
@@ -85,4 +92,7 @@ def fingerprint(
     if adapter_dir is not None:
         content["adapter"] = _directory_entries(adapter_dir, cache_dir, budget)
     canonical = json.dumps(content, sort_keys=True).encode()
-    return "sha256:" + hashlib.sha256(canonical).hexdigest()
+    return with_quantization(
+        "sha256:" + hashlib.sha256(canonical).hexdigest(),
+        adapter_quantization(adapter_dir, budget),
+    )

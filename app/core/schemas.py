@@ -148,6 +148,11 @@ class SuiteRun(BaseModel):
     kind: str
     content_hash: str
     item_count: int
+    reused_from: str | None = Field(
+        default=None,
+        description="the earlier run of the same model, suite content and settings whose "
+        "answers to this suite were copied instead of generated again (the per-suite cache)",
+    )
 
 
 def iso_utc(value: datetime | None) -> str | None:

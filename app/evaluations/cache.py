@@ -6,6 +6,11 @@ generation settings are equal. ``cache_key`` hashes exactly those; the API sets 
 submission and the worker sets it again when it fingerprints the model it loaded, so a run
 queued with ``"cache": false`` still becomes a source for later ones.
 
+The same holds suite by suite: each entry of an evaluation's suite snapshot gets the key of
+that suite alone (``suite_keys``), and an evaluation that shares only some suites with an
+earlier run of the same model copies those suites' item rows (``reuse_suite``) and runs the
+rest: a fine-tune whose base was evaluated on a subset of its suites runs only the others.
+
 No torch here: the API imports this module.
 """
 
@@ -17,11 +22,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import insert, literal, select
 from sqlalchemy.orm import Session
 
 from app.core.clientfiles import ReadBudget, read_client_file
-from app.core.tables import Evaluation
+from app.core.tables import Evaluation, EvaluationItem
 from app.jobs.status import JobStatus
 from app.suites.kinds import KINDS
 
@@ -111,3 +116,60 @@ def find_source(session: Session, key: str) -> Evaluation | None:
         .order_by(Evaluation.finished_at.desc(), Evaluation.id)
         .limit(1)
     ).scalar_one_or_none()
+
+
+# How many of a model's newest runs are searched for a suite to reuse.
+SUITE_SOURCE_SCAN = 200
+
+
+def suite_keys(
+    *,
+    fingerprint: str,
+    suites: Sequence[Mapping[str, Any]],
+    prompt_format: str,
+    generation: Mapping[str, Any],
+    backend: str = "transformers",
+) -> dict[str, str]:
+    """Each suite's own cache key (its name -> the ``cache_key`` of that suite alone)."""
+    return {
+        str(s["name"]): cache_key(
+            fingerprint=fingerprint,
+            suites=[s],
+            prompt_format=prompt_format,
+            generation=generation,
+            backend=backend,
+        )
+        for s in suites
+    }
+
+
+def find_suite_source(
+    session: Session, *, fingerprint: str, key: str, exclude: str
+) -> Evaluation | None:
+    """The newest succeeded run (itself, not a copy) of this model with a suite keyed ``key``."""
+    candidates = session.scalars(
+        select(Evaluation)
+        .where(
+            Evaluation.model_fingerprint == fingerprint,
+            Evaluation.status == JobStatus.SUCCEEDED,
+            Evaluation.cached_from.is_(None),
+            Evaluation.id != exclude,
+        )
+        .order_by(Evaluation.finished_at.desc(), Evaluation.id)
+        .limit(SUITE_SOURCE_SCAN)
+    )
+    for row in candidates:
+        if any(s.get("cache_key") == key for s in row.suites):
+            return row
+    return None
+
+
+def reuse_suite(session: Session, *, source_id: str, target_id: str, suite: str) -> int:
+    """Copy ``source_id``'s item rows of ``suite`` into ``target_id``; returns how many."""
+    table = EvaluationItem.__table__
+    columns = [c.name for c in table.columns if c.name not in ("id", "evaluation_id")]
+    rows = select(literal(target_id), *(table.c[c] for c in columns)).where(
+        table.c.evaluation_id == source_id, table.c.suite == suite
+    )
+    copied = session.execute(insert(EvaluationItem).from_select(["evaluation_id", *columns], rows))
+    return int(copied.rowcount)  # type: ignore[attr-defined]

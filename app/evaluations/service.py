@@ -15,6 +15,7 @@ from app.core.errors import Problem
 from app.core.fingerprint import fingerprint
 from app.core.modelcheck import resolve_model
 from app.core.pagination import ascending_after, newest_page, trim
+from app.core.quantization import adapter_quantization, backend_refusal
 from app.core.schemas import (
     EnginePublic,
     EvaluationCreate,
@@ -61,6 +62,7 @@ def public(row: Evaluation) -> EvaluationPublic:
                 kind=s["kind"],
                 content_hash=s["content_hash"],
                 item_count=s["items"],
+                reused_from=s.get("reused_from"),
             )
             for s in row.suites
         ],
@@ -172,6 +174,14 @@ def inspect_model(*, settings: Settings, body: EvaluationCreate) -> LocalModel |
         raise Problem(
             422, "Unreadable model", f"cannot read {body.model.path!r}: {exc.strerror}"
         ) from None
+    refusal = backend_refusal(body.model.backend, adapter_quantization(adapter_dir, budget))
+    if refusal is not None:
+        raise Problem(
+            422,
+            "Backend cannot load this adapter",
+            refusal,
+            errors=[{"loc": ["body", "model", "backend"], "msg": refusal}],
+        )
     # Resolve the worker's default now (chat iff the tokenizer has a template) so the key is exact.
     prompt_format = cache.effective_prompt_format(body.prompt_format, model_dir, budget)
     return LocalModel(fingerprint=model_fingerprint, prompt_format=prompt_format)

@@ -25,6 +25,7 @@ from app.core.clientfiles import ReadBudget, check_regular, read_client_file
 from app.core.config import Settings
 from app.core.errors import Problem
 from app.core.paths import resolve_under
+from app.core.quantization import QUANTIZED_BACKENDS, Quantization
 from app.core.schemas import (
     GenerationSettings,
     JobTimestamps,
@@ -37,7 +38,7 @@ from app.core.schemas import (
 from app.suites.kinds import SuiteDefinition
 from app.suites.rules import CompareOptions, CompareRules
 
-Method = Literal["lora", "full"]
+Method = Literal["lora", "qlora", "full"]
 PresetName = Literal["safe", "risky"]
 SchedulerName = Literal["linear", "cosine", "constant", "constant_with_warmup"]
 PromptFormat = Literal["chat", "plain"]
@@ -61,11 +62,12 @@ TRAINING_ARGUMENTS_DEFAULTS: dict[str, Any] = {
 FORGETGUARD_DEFAULTS: dict[str, Any] = {"max_seq_length": 512, "checkpoint_every_steps": 10}
 
 # The lesson's ``safe_args`` and ``risky_args``. ``learning_rate`` may depend on the method:
-# the lesson's safe 2e-5 is a full fine-tuning rate; LoRA's safe rate is its 2e-4.
+# the lesson's safe 2e-5 is a full fine-tuning rate; LoRA's safe rate is its 2e-4, which is
+# also the top of its QLoRA range.
 PRESETS: dict[str, dict[str, Any]] = {
     "safe": {
         "num_train_epochs": 3.0,
-        "learning_rate": {"full": 2e-5, "lora": 2e-4},
+        "learning_rate": {"full": 2e-5, "lora": 2e-4, "qlora": 2e-4},
         "per_device_train_batch_size": 4,
         "gradient_accumulation_steps": 4,
         "warmup_ratio": 0.05,
@@ -87,6 +89,11 @@ LR_RULE_OF_THUMB: dict[str, tuple[float, float]] = {
     "qlora": (1e-4, 2e-4),
 }
 METHOD_WORDS = {"full": "full fine-tuning", "lora": "LoRA", "qlora": "QLoRA"}
+# Methods that train LoRA adapters on a frozen base (``full`` trains every weight).
+ADAPTER_METHODS = frozenset({"lora", "qlora"})
+# How a method loads its frozen base, for training and for every evaluation of its adapter
+# (absent: as stored). QLoRA: 4-bit NormalFloat through bitsandbytes.
+BASE_QUANTIZATION: dict[str, Quantization] = {"qlora": "nf4"}
 
 MAX_RECORDS = 200_000
 # Checkpoint evaluations one job may ask for, however it asks: ``evaluation.checkpoints`` up
@@ -608,12 +615,24 @@ class FinetuneJobCreate(_Request):
 
     @model_validator(mode="after")
     def _method_settings(self) -> FinetuneJobCreate:
-        if self.method == "full" and self.lora is not None:
+        if not self.adapter and self.lora is not None:
             raise ValueError(
-                "'lora' settings were given but method is 'full'; drop them or use method 'lora'"
+                f"'lora' settings were given but method is {self.method!r}; drop them or use "
+                f"method {' or '.join(repr(m) for m in sorted(ADAPTER_METHODS))}"
             )
-        if self.method == "lora" and self.lora is None:
+        if self.adapter and self.lora is None:
             self.lora = LoraSpec()
+        if (
+            self.quantization is not None
+            and self.evaluation is not None
+            and self.evaluation.backend not in QUANTIZED_BACKENDS
+        ):
+            raise ValueError(
+                f"method {self.method!r} trains on a {self.quantization} base, and evaluation "
+                f"backend {self.evaluation.backend!r} cannot load that base with its adapter "
+                "the way training used it; use evaluation.backend "
+                f"{' or '.join(repr(b) for b in QUANTIZED_BACKENDS)}"
+            )
         if self.guard is not None and (
             self.evaluation is None
             or (self.evaluation.every_steps is None and self.evaluation.checkpoints is None)
@@ -625,6 +644,16 @@ class FinetuneJobCreate(_Request):
         if self.interpolation is not None and self.evaluation is None:
             raise ValueError("'interpolation' chooses by evaluation: it needs 'evaluation'")
         return self
+
+    @property
+    def adapter(self) -> bool:
+        """Whether the method trains LoRA adapters on a frozen base (its output: an adapter)."""
+        return self.method in ADAPTER_METHODS
+
+    @property
+    def quantization(self) -> Quantization | None:
+        """How the frozen base is loaded for training and evaluation (None: as stored)."""
+        return BASE_QUANTIZATION.get(self.method)
 
     def compare_options(self) -> CompareOptions:
         """The job's rules for every comparison it makes; a guard's ``max_drop`` overrides."""

@@ -108,6 +108,12 @@ class Row(ItemRow):
     kind: str = ""
     prompt: str = ""
 
+    @classmethod
+    def written(cls, row: Mapping[str, Any], suite: str, kind: str) -> Row:
+        """From an item row as a run writes it (``run_items``), of ``suite`` (a ``kind``)."""
+        fields = {name: row[name] for name in ItemRow.__slots__}
+        return cls(**fields, suite=suite, kind=kind, prompt=row["prompt"])
+
 
 Pairs = Sequence[tuple[Row, Row]]  # the same item before and after
 

@@ -148,7 +148,9 @@ class _Gate:
         if not isinstance(base, str) or not base:
             raise GateError(f"fine-tune job {job_id} does not say which base model it tuned")
         self.say(f"evaluating {job_id}'s output {one_line(output, 300)} on the requested suites")
-        if job.method == "lora":
+        # A full fine-tune's output is a model folder; every other method's an adapter on the
+        # base (a QLoRA adapter's folder says the server loads that base in NF4).
+        if job.method is not None and job.method != "full":
             return self.submit_models(base, base, output)
         return self.submit_models(base, output, None)
 

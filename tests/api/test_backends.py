@@ -182,6 +182,35 @@ def test_an_adapter_that_changed_nothing_is_flagged(client: Any, tiny_model_dir:
     assert not any("the adapter changed nothing" in w for w in normal.get("warnings", []))
 
 
+def test_a_qlora_adapter_is_fingerprinted_nf4_and_refused_on_vllm(
+    client: Any, settings: Settings, tiny_model_dir: Path
+) -> None:
+    from safetensors.torch import save_file
+    from torch import zeros
+
+    adapter = settings.model_roots[-1] / "qlora-adapter"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+    save_file({"lora_A": zeros(1)}, str(adapter / "adapter_model.safetensors"))
+    (adapter / "base_quantization.json").write_text('{"quantization": "nf4"}')
+    model = {"path": str(tiny_model_dir), "adapter_path": str(adapter)}
+
+    plain = client.post("/evaluations", json={"model": model, "suites": [QA_SUITE]})
+    assert plain.status_code == 202, plain.text
+    fingerprint = plain.json()["model"]["fingerprint"]
+    assert fingerprint.startswith("sha256:") and fingerprint.endswith("+nf4")
+    served = client.post(
+        "/evaluations", json={"model": {**model, "backend": "vllm"}, "suites": [QA_SUITE]}
+    )
+    assert served.status_code == 422, served.text
+    assert served.headers["content-type"] == "application/problem+json"
+    assert "nf4" in served.json()["detail"] and "'transformers'" in served.json()["detail"]
+    (adapter / "base_quantization.json").write_text('{"quantization": "int3"}')
+    unknown = client.post("/evaluations", json={"model": model, "suites": [QA_SUITE]})
+    assert unknown.status_code == 422 and "'int3'" in unknown.json()["detail"]
+    assert _count(client) == 1
+
+
 def test_workers_show_backend_devices_dtype_and_engine_version(
     client: Any, settings: Settings
 ) -> None:

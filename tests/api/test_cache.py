@@ -256,3 +256,54 @@ def test_identical_evaluations_submitted_a_second_apart_share_one_run(
             worker.terminate()
         for worker in workers:
             worker.wait(timeout=60)
+
+
+OTHER_SUITE = {
+    "name": "cache-qa-more",
+    "kind": "qa",
+    "items": [{"id": "m1", "question": "What is the capital of Spain?", "answers": ["Madrid"]}],
+}
+
+
+def _items(client: Any, evaluation_id: str, suite: str) -> list[dict[str, Any]]:
+    """The item rows of one suite of an evaluation, without their own ids."""
+    with client.app.state.sessionmaker() as session:
+        rows = session.query(EvaluationItem).filter_by(evaluation_id=evaluation_id, suite=suite)
+        return sorted(
+            (
+                {c: getattr(r, c) for c in ("item_id", "position", "prompt", "response", "passed")}
+                for r in rows
+            ),
+            key=lambda r: r["position"],
+        )
+
+
+@pytest.mark.slow
+@pytest.mark.one_db
+def test_a_suite_already_answered_by_the_same_model_is_reused_and_the_rest_run(
+    client: Any, settings: Any, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    log = tmp_path / "worker.log"
+
+    def run(**extra: Any) -> dict[str, Any]:
+        queued = post(client, tiny_model_dir, generation={"max_new_tokens": 4}, **extra)
+        worker = start_worker(settings, "--once", log=log)
+        assert worker.wait(timeout=240) == 0, log.read_text()[-3000:]
+        done = client.get(f"/evaluations/{queued['id']}").json()
+        assert done["status"] == "succeeded", done
+        return dict(done)
+
+    first = run()
+    both = [SUITE, OTHER_SUITE]
+    second = run(suites=both)  # a superset: a new whole-evaluation key, so no copy at submission
+    assert second["cached_from"] is None
+    reused = {s["name"]: s["reused_from"] for s in second["suites"]}
+    assert reused == {"cache-qa": first["id"], "cache-qa-more": None}
+    assert f"suite cache-qa reused from run {first['id']} (2 items)" in log.read_text()
+    assert _items(client, second["id"], "cache-qa") == _items(client, first["id"], "cache-qa")
+    assert len(_items(client, second["id"], "cache-qa-more")) == 1  # generated
+
+    # Reused answers score exactly as answers generated again would.
+    fresh = run(suites=both, cache=False)
+    assert all(s["reused_from"] is None for s in fresh["suites"])
+    assert fresh["results"] == second["results"]

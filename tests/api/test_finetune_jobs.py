@@ -115,6 +115,27 @@ def test_impossible_hyperparameters_are_422(client, tiny_model_dir) -> None:  # 
         assert response.status_code == 422, (extra, response.text)
 
 
+def test_a_qlora_job_is_queued_unless_vllm_would_evaluate_it(client, tiny_model_dir) -> None:  # type: ignore[no-untyped-def]
+    response = client.post(
+        "/finetune-jobs",
+        json=body(tiny_model_dir, method="qlora", evaluation={"suites": [QA_SUITE]}),
+    )
+    assert response.status_code == 202, response.text
+    job = response.json()
+    assert job["method"] == "qlora" and job["lora"]["r"] == 16 and job["warnings"] == []
+    assert job["hyperparameters"]["learning_rate"] == 2e-4
+    refused = client.post(
+        "/finetune-jobs",
+        json=body(
+            tiny_model_dir, method="qlora", evaluation={"suites": [QA_SUITE], "backend": "vllm"}
+        ),
+    )
+    assert refused.status_code == 422, refused.text
+    assert refused.headers["content-type"].startswith("application/problem+json")
+    assert "backend 'vllm' cannot load that base" in json.dumps(refused.json()["errors"])
+    assert [j["id"] for j in client.get("/finetune-jobs").json()["data"]] == [job["id"]]
+
+
 def test_empty_dataset_is_422(client, tiny_model_dir, settings) -> None:  # type: ignore[no-untyped-def]
     response = client.post(
         "/finetune-jobs", json={**body(tiny_model_dir), "dataset": {"examples": []}}

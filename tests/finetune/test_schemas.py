@@ -142,6 +142,27 @@ def test_the_risky_preset_warns_and_safe_does_not() -> None:
     assert _request(method="lora", preset="safe").warnings(20) == []
 
 
+def test_qlora_is_lora_on_an_nf4_base_with_its_own_rule_of_thumb() -> None:
+    request = _request(method="qlora")
+    assert request.adapter and request.quantization == "nf4"
+    assert request.lora is not None and request.lora.r == 16  # the lesson's LoRA defaults
+    assert request.resolved().learning_rate == 2e-4  # safe: the top of QLoRA's 1e-4 to 2e-4
+    assert request.warnings(20) == []
+    [warning] = _request(method="qlora", hyperparameters={"learning_rate": 3e-4}).warnings(20)
+    assert "above the lesson's rule of thumb for QLoRA (0.0001 to 0.0002)" in warning
+    assert _request(method="lora").quantization is None
+    assert not _request(method="full").adapter
+
+
+def test_qlora_evaluated_on_vllm_is_refused() -> None:
+    with pytest.raises(ValidationError, match="backend 'vllm' cannot load that base"):
+        _request(method="qlora", evaluation={"backend": "vllm"})
+    assert _request(method="lora", evaluation={"backend": "vllm"}).evaluation is not None
+    assert _request(method="qlora", evaluation=None).evaluation is None
+    with pytest.raises(ValidationError, match="'lora' or 'qlora'"):
+        _request(method="full", lora={"r": 8})
+
+
 def test_replay_that_rounds_down_to_nothing_warns() -> None:
     request = _request(method="lora", replay={"source": "self", "fraction": 0.1})
     assert any("replay adds no examples" in w for w in request.warnings(5))

@@ -29,7 +29,16 @@ from tests.conftest import REPO, qa_suite, run_checked, start_worker, wait_for
 
 DOCKER = REPO / "docker"
 # Everything that only a worker may import (the API image carries none of it).
-WORKER_ONLY = ("torch", "transformers", "peft", "accelerate", "safetensors", "tokenizers", "gguf")
+WORKER_ONLY = (
+    "torch",
+    "transformers",
+    "peft",
+    "accelerate",
+    "safetensors",
+    "tokenizers",
+    "gguf",
+    "bitsandbytes",
+)
 STARTUP_TIMEOUT = 180.0  # two workers importing torch on a busy 2-core machine
 
 

@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from app.core.config import Settings
 from app.core.fingerprint import fingerprint
 from app.core.modelcheck import resolve_model
+from app.core.quantization import Quantization, adapter_quantization
 from workers.context import UserError
 from workers.engine.transformers_backend import select_dtype
 
@@ -65,18 +66,35 @@ def load_tokenizer(model_dir: Path) -> Any:
     return tokenizer
 
 
-def load_model(model_dir: Path, device: torch.device, *, dtype: torch.dtype | None = None) -> Any:
-    """A causal LM from safetensors only, on ``device``, in eval mode."""
+def load_model(
+    model_dir: Path,
+    device: torch.device,
+    *,
+    dtype: torch.dtype | None = None,
+    quantization: Quantization | None = None,
+) -> Any:
+    """A causal LM from safetensors only, on ``device``, in eval mode; with ``quantization``
+    its linear layers in 4 bits (bitsandbytes; a UserError when this worker cannot)."""
+    dtype = dtype or select_dtype(device)
+    extra: dict[str, Any] = {}
+    if quantization is not None:
+        from workers.engine import quantization as quantized
+
+        extra = quantized.load_kwargs(quantization, device, dtype)
     try:
         model: Any = AutoModelForCausalLM.from_pretrained(
             model_dir,
-            dtype=dtype or select_dtype(device),
+            dtype=dtype,
             use_safetensors=True,
             trust_remote_code=False,
             local_files_only=True,
+            **extra,
         )
     except _LOAD_ERRORS as exc:
         raise _unloadable("model", model_dir, exc) from exc
+    if quantization is not None:
+        quantized.keep_canonical_layout(model)
+        return model.eval()  # placed by device_map: a 4-bit model is not moved with .to()
     return model.to(device).eval()
 
 
@@ -119,7 +137,10 @@ class ModelCache:
             self.device,
         )
         tokenizer = load_tokenizer(model_dir)
-        model = load_model(model_dir, self.device)
+        # A QLoRA adapter runs on the 4-bit base it was trained on (its fingerprint says +nf4).
+        model = load_model(
+            model_dir, self.device, quantization=adapter_quantization(adapter_dir, budget)
+        )
         if adapter_dir is not None:
             model = attach_adapter(model, adapter_dir)
         self._current = LoadedModel(model, tokenizer, fp, model_dir, adapter_dir, self.device)

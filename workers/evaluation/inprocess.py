@@ -41,18 +41,7 @@ def run_suites(
         items = list(enumerate(definition["items"]))
         run_items(definition["kind"], backend, definition, items, settings, rows.extend)
         out.extend(
-            Row(
-                r["item_id"],
-                r["passed"],
-                r["score"],
-                r["category"],
-                r["severity"],
-                r["response"],
-                r["details"],
-                definition["name"],
-                definition["kind"],
-                r["prompt"],
-            )
+            Row.written(r, definition["name"], definition["kind"])
             for r in sorted(rows, key=lambda r: r["position"])
         )
     return out

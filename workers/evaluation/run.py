@@ -12,9 +12,16 @@ from sqlalchemy import insert, select, update
 from app.core.config import normalise_endpoint
 from app.core.fingerprint import fingerprint
 from app.core.modelcheck import resolve_model
+from app.core.quantization import adapter_quantization, backend_refusal
 from app.core.storable import Unstorable, check_value
 from app.core.tables import Evaluation, EvaluationItem, Suite
-from app.evaluations.cache import cache_key, find_source
+from app.evaluations.cache import (
+    cache_key,
+    find_source,
+    find_suite_source,
+    reuse_suite,
+    suite_keys,
+)
 from app.jobs.lifecycle import cached_copy
 from app.jobs.queue import guarded_write, succeed
 from app.suites.kinds import KINDS
@@ -129,6 +136,10 @@ def _open_vllm(ctx: JobContext, models: ModelCache, evaluation: Evaluation) -> O
     model_dir, adapter_dir = resolve_model(
         settings, evaluation.model_path, evaluation.adapter_path, budget
     )
+    # Refused at submission too; checked again here because the folder may have changed since.
+    refusal = backend_refusal("vllm", adapter_quantization(adapter_dir, budget))
+    if refusal is not None:
+        raise ctx.user_error(refusal)
     full = fingerprint(model_dir, adapter_dir, cache_dir=settings.cache_dir, budget=budget)
     base = fingerprint(model_dir, None, cache_dir=settings.cache_dir, budget=budget)
     engines = models.engines.get("vllm")
@@ -226,6 +237,39 @@ def _answered_from_cache(ctx: JobContext, evaluation: Evaluation) -> dict[str, A
     return dict(copy["results"] or {})
 
 
+def _reuse_suites(
+    ctx: JobContext, evaluation_id: str, model_fingerprint: str, snapshot: list[dict[str, Any]]
+) -> None:
+    """Copy the item rows of each suite not yet begun that an earlier run of this model
+    answered with the same content and settings (the per-suite cache, ``app.evaluations.cache``);
+    the snapshot names the run each reused suite came from."""
+    begun = {suite for suite, _ in _done_items(ctx, evaluation_id)}
+    for entry in snapshot:
+        if entry["name"] in begun:
+            continue
+        with guarded_write(ctx.engine, ctx.job, ctx.settings.lease_seconds) as session:
+            key = entry["cache_key"]
+            source = find_suite_source(
+                session, fingerprint=model_fingerprint, key=key, exclude=evaluation_id
+            )
+            if source is None:
+                continue
+            copied = reuse_suite(
+                session, source_id=source.id, target_id=evaluation_id, suite=entry["name"]
+            )
+            entry["reused_from"] = source.id
+            session.execute(
+                update(Evaluation).where(Evaluation.id == evaluation_id).values(suites=snapshot)
+            )
+        log.info(
+            "evaluation %s: suite %s reused from run %s (%d items)",
+            evaluation_id,
+            entry["name"],
+            source.id,
+            copied,
+        )
+
+
 def run_evaluation(
     ctx: JobContext,
     models: ModelCache,
@@ -261,20 +305,25 @@ def run_evaluation(
         )
     # The cache key is set from what was actually loaded, so even a run queued with
     # "cache": false (or a model changed since submission) becomes an exact cache source.
-    key = cache_key(
-        fingerprint=opened.fingerprint,
-        suites=evaluation.suites,
-        prompt_format=prompt_format,
-        generation=evaluation.generation,
-        backend=evaluation.backend,
-    )
+    inputs: dict[str, Any] = {
+        "fingerprint": opened.fingerprint,
+        "suites": evaluation.suites,
+        "prompt_format": prompt_format,
+        "generation": evaluation.generation,
+        "backend": evaluation.backend,
+    }
+    keys = suite_keys(**inputs)
+    snapshot = [{**s, "cache_key": keys[s["name"]]} for s in evaluation.suites]
     ctx.update_job(
         evaluation_id,
         model_fingerprint=opened.fingerprint,
         prompt_format=prompt_format,
-        cache_key=key,
+        cache_key=cache_key(**inputs),
         engine=opened.engine(),
+        suites=snapshot,
     )
+    if evaluation.use_cache:
+        _reuse_suites(ctx, evaluation_id, opened.fingerprint, snapshot)
     backend = opened.backend
     settings = RunSettings(
         prompt_format=prompt_format,

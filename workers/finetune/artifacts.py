@@ -3,7 +3,7 @@
 A job directory holds the training-data snapshot (``train.jsonl`` + ``train.json``), the
 held-out domain split (``heldout.jsonl``, never trained on) and its NLL before and after, the
 checkpoints of an unfinished training, the finished training's outcome (``training.json``)
-and the output: ``adapter/`` for LoRA, ``model/`` for a full fine-tune.
+and the output: ``adapter/`` for LoRA and QLoRA, ``model/`` for a full fine-tune.
 """
 
 from __future__ import annotations
@@ -18,13 +18,18 @@ from typing import Any
 
 import torch
 
+from app.core.quantization import BASE_QUANTIZATION_FILE, marker
 from app.finetune.schemas import FinetuneJobCreate
-from workers.finetune.statefile import raise_if_disk_full
+from workers.engine.transformers_backend import select_dtype
+from workers.finetune.statefile import raise_if_disk_full, write_json
 
 CHECKPOINTS = "checkpoints"
 TRAIN_SNAPSHOT = "train.jsonl"
 TRAIN_SNAPSHOT_META = "train.json"
 TRAINING_DONE = "training.json"
+# The answers of the last checkpoint evaluation, by suite: the after-evaluation of the same
+# weights takes them instead of generating them again (stages.checkpoints, stages.evaluation).
+FINAL_ANSWERS = "final-answers.json"
 # The domain dataset split for evaluation.domain.holdout: trained on, and never trained on.
 DOMAIN_TRAIN = "domain-train.jsonl"
 HELD_OUT = "heldout.jsonl"
@@ -62,12 +67,15 @@ def base_checksum(model: torch.nn.Module) -> str:
 def save_output(
     model: Any, tokenizer: Any, request: FinetuneJobCreate, base_dir: Path, out: Path
 ) -> None:
-    """An adapter (``adapter_model.safetensors`` + ``adapter_config.json``) or a full model dir."""
+    """An adapter (``adapter_model.safetensors`` + ``adapter_config.json``, and for QLoRA
+    ``base_quantization.json``: its base is loaded in NF4) or a full model dir."""
     tmp = out.with_name(f".tmp-{out.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        if request.method == "lora":
+        if request.adapter:
             model.save_pretrained(tmp, safe_serialization=True)
+            if request.quantization is not None:
+                write_json(tmp / BASE_QUANTIZATION_FILE, marker(request.quantization))
         else:
             model.config.use_cache = True
             base_dtype = _config_dtype(base_dir)
@@ -81,6 +89,20 @@ def save_output(
         raise
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
+
+
+def reloads_exactly(model: Any, request: FinetuneJobCreate, base_dir: Path) -> bool:
+    """Whether an evaluation of the saved output computes with the very weights in memory.
+
+    Evaluations load in ``select_dtype(device)``. The model must train in that dtype, and its
+    output must hold the values trained: an adapter does (its base is frozen); a full model
+    does unless :func:`save_output` casts it back to the base's storage dtype.
+    """
+    trained = model.get_input_embeddings().weight.dtype
+    if trained != select_dtype(model.device):
+        return False
+    stored = _config_dtype(base_dir)
+    return bool(request.adapter) or stored is None or stored == trained
 
 
 def _config_dtype(model_dir: Path) -> torch.dtype | None:

@@ -24,11 +24,17 @@ from app.jobs import lifecycle
 from app.jobs.queue import LeaseLost, guarded_write, set_job, succeed
 from app.jobs.status import JobStatus
 from workers.context import Interrupted, JobContext, UserError
+from workers.engine import quantization as quantized
 from workers.engine.loading import ModelCache, load_tokenizer, resolve_model
 from workers.finetune.artifacts import CHECKPOINTS, TRAINING_DONE, TrainingOutcome
 from workers.finetune.data import effective_format
 from workers.finetune.stages.domain import evaluate_domain, with_domain
-from workers.finetune.stages.evaluation import compare, evaluate, evaluation_definitions
+from workers.finetune.stages.evaluation import (
+    compare,
+    evaluate,
+    evaluation_definitions,
+    final_answers,
+)
 from workers.finetune.stages.interpolation import interpolate
 from workers.finetune.stages.training import run_training
 from workers.finetune.statefile import read_state
@@ -141,6 +147,9 @@ class FinetuneRun:
                 f"attempt {self.ctx.job.attempt}: continuing where the last attempt stopped",
                 data={"attempt": self.ctx.job.attempt},
             )
+        if request.quantization is not None:
+            # Before anything else: a worker without bitsandbytes refuses the job at once.
+            quantized.require(request.quantization, self.device)
         try:
             base_dir, _ = resolve_model(self.settings, request.base_model.path, None)
         except Problem as exc:
@@ -177,6 +186,9 @@ class FinetuneRun:
                 self, base_dir, tokenizer, base_fp, train_format, eval_definitions, hp
             )
 
+        # What the last checkpoint evaluation answered, when the after-evaluation measures
+        # the same weights (not an interpolation of them).
+        answers = final_answers(self, outcome) if request.interpolation is None else None
         if request.interpolation is not None and request.evaluation is not None:
             self.models.clear()
             outcome, _ = interpolate(
@@ -188,11 +200,13 @@ class FinetuneRun:
             # When nothing was shipped, the final weights are measured: the evidence for that.
             trained = outcome.output_path or outcome.metrics["final_output_path"]
             model_path, adapter_path = (
-                (request.base_model.path, trained) if request.method == "lora" else (trained, None)
+                (request.base_model.path, trained) if request.adapter else (trained, None)
             )
-            after_id = evaluate(self, "after", model_path, adapter_path)
+            after_id = evaluate(self, "after", model_path, adapter_path, answers=answers)
             assert before_id is not None
-            domain_after = evaluate_domain(self, "after", model_path, adapter_path, train_format)
+            domain_after = evaluate_domain(
+                self, "after", model_path, adapter_path, train_format, answers=answers
+            )
             comparison_body = compare(self, before_id, after_id)
             comparison_body = with_domain(
                 self,

@@ -399,16 +399,17 @@ class Trainer:
 def prepare_model(
     base_dir: Path, device: torch.device, request: FinetuneJobCreate, seed: int
 ) -> Any:
-    """The base model ready to train: fp32 for full fine-tuning; LoRA adapters on a frozen base."""
+    """The base model ready to train: fp32 for full fine-tuning; LoRA adapters on a frozen base
+    (for QLoRA a 4-bit NF4 base, whose layers compute in the load dtype)."""
     dtype = (
         torch.float32
-        if request.method == "full" or device.type != "cuda"
+        if not request.adapter or device.type != "cuda"
         else engine.select_dtype(device)
     )
-    model = load_model(base_dir, device, dtype=dtype)
+    model = load_model(base_dir, device, dtype=dtype, quantization=request.quantization)
     model.config.use_cache = False  # no KV cache while training
     torch.manual_seed(seed)  # LoRA's initialization, dropout
-    if request.method == "full":
+    if not request.adapter:
         for param in model.parameters():
             param.requires_grad_(True)
         return model

@@ -4,6 +4,7 @@ rows per evaluated step, served by the API, not redone after a SIGKILL, the ship
 from __future__ import annotations
 
 import signal
+from pathlib import Path
 
 import pytest
 from sqlalchemy import select
@@ -135,3 +136,65 @@ def test_keep_best_with_no_passing_checkpoint_ships_nothing_and_says_so(
     assert data["comparison"]["verdict"] == "fail"
     page = client.get(f"/ui/finetune-jobs/{job_id}").text
     assert "Nothing shipped" in page
+
+
+def test_the_after_evaluation_takes_the_answers_of_the_final_checkpoint_evaluation(
+    client, engine, settings, tiny_model_dir, procs, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    import torch
+
+    from app.core.tables import EvaluationItem
+    from workers.engine.loading import attach_adapter, load_model, load_tokenizer
+    from workers.evaluation.inprocess import run_suites
+
+    body = plain_body(
+        tiny_model_dir,
+        RECORDS,
+        method="lora",
+        hyperparameters={"learning_rate": 1e-3, "max_steps": 4},
+        evaluation={
+            "suites": [GENERAL_QA],
+            "generation": {"max_new_tokens": 4},
+            "domain": {"holdout": 0.3, "suites": [DOMAIN_QA]},
+            "every_steps": 2,
+        },
+    )
+    job_id = post_job(client, body)
+    procs.append(start_worker(settings, log=tmp_path / "worker.log"))
+    data = succeeded(client, engine, job_id, tmp_path / "worker.log")
+
+    # The after and domain-after evaluations of the final weights are the step-4 evaluation's.
+    took = [
+        e.message
+        for e in events(engine, job_id)
+        if "the answers of the checkpoint evaluation at step 4 (the same weights)" in e.message
+    ]
+    assert len(took) == 2 and GENERAL_QA["name"] in took[0] and DOMAIN_QA["name"] in took[1]
+    final = client.get(f"/finetune-jobs/{job_id}/checkpoints").json()["data"][-1]
+    assert final["step"] == 4
+    assert final["general"]["accuracy"] == data["comparison"]["overall_accuracy_after"]
+
+    # Taken, not made up: the saved weights, evaluated afresh, give the same answers.
+    model = attach_adapter(
+        load_model(tiny_model_dir, torch.device("cpu")), Path(data["output_path"])
+    )
+    after = client.get(f"/evaluations/{data['after_evaluation_id']}").json()
+    fresh = run_suites(
+        model,
+        load_tokenizer(tiny_model_dir),
+        [GENERAL_QA],
+        prompt_format=after["prompt_format"],
+        max_new_tokens=4,
+    )
+    with session_factory(engine)() as session:
+        stored = session.scalars(
+            select(EvaluationItem)
+            .where(
+                EvaluationItem.evaluation_id == data["after_evaluation_id"],
+                EvaluationItem.suite == GENERAL_QA["name"],
+            )
+            .order_by(EvaluationItem.position)
+        ).all()
+        assert [(r.item_id, r.response, r.passed) for r in stored] == [
+            (r.item_id, r.response, r.passed) for r in fresh
+        ]

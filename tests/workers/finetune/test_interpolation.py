@@ -49,7 +49,8 @@ def test_full_weights_are_the_straight_line_between_base_and_tuned(
             param.add_(0.5)
     tuned.save_pretrained(tuned_dir)
     base = dict(load_model(tiny_model_dir, CPU).named_parameters())
-    run = SimpleNamespace(device=CPU, request=SimpleNamespace(method="full"))
+    request = SimpleNamespace(method="full", adapter=False, quantization=None)
+    run = SimpleNamespace(device=CPU, request=request)
     weights = _Weights(run, tiny_model_dir, tuned_dir)  # type: ignore[arg-type]
     for alpha in (0.0, 0.25, 1.0):
         weights.set(alpha)

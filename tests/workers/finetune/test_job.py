@@ -17,6 +17,7 @@ from app.core.tables import Evaluation
 from tests.conftest import start_worker, wait_for
 from tests.samples import CAPITAL_QUESTION, MEDICINE_RECORDS
 from tests.workers.finetune.jobs import STARTUP, events, job, post_job, succeeded
+from workers.finetune.stages.training import HOLD_AFTER_STEP
 
 pytestmark = [pytest.mark.slow, pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)]
 
@@ -53,6 +54,11 @@ def steps(engine: Engine, job_id: str) -> list[int]:
         for e in events(engine, job_id)
         if e.message.startswith("step ") and e.data and "loss" in e.data
     ]
+
+
+def hold_after(step: int) -> dict[str, str]:
+    """The worker's environment to wait after recording ``step`` until a signal reaches it."""
+    return {HOLD_AFTER_STEP: str(step)}
 
 
 def checkpoint_step(engine: Engine, job_id: str) -> int:
@@ -146,15 +152,15 @@ def test_a_killed_worker_s_job_resumes_from_its_checkpoint(
     job_id = submit(
         client, tiny_model_dir, evaluation=True, max_steps=total, checkpoint_every_steps=5
     )
-    procs.append(start_worker(fast_lease, log=tmp_path / "worker-a.log"))
-    wait_for(
-        lambda: checkpoint_step(engine, job_id) >= 10, STARTUP + 120, 0.3, "a checkpoint at step 10"
-    )
+    # The worker holds after step 12 (a hook, not a timer): killed there on any machine load,
+    # its last checkpoint is step 10's and steps 11-12 are lost with it.
+    procs.append(start_worker(fast_lease, log=tmp_path / "worker-a.log", env=hold_after(12)))
+    wait_for(lambda: 12 in steps(engine, job_id), STARTUP + 120, 0.3, "step 12")
     procs[0].send_signal(signal.SIGKILL)
     procs[0].wait(timeout=30)
     killed_at = max(steps(engine, job_id))
     saved = checkpoint_step(engine, job_id)
-    assert 10 <= saved <= killed_at < total
+    assert (saved, killed_at) == (10, 12)
 
     procs.append(start_worker(fast_lease, log=tmp_path / "worker-b.log"))
     wait_for(
@@ -184,14 +190,15 @@ def test_sigterm_checkpoints_the_last_step_and_releases_the_job(
     client, settings, engine, tiny_model_dir, procs, tmp_path
 ) -> None:  # type: ignore[no-untyped-def]
     job_id = submit(client, tiny_model_dir, max_steps=30, checkpoint_every_steps=1000)
-    procs.append(start_worker(settings, log=tmp_path / "worker-a.log"))
-    wait_for(lambda: len(steps(engine, job_id)) >= 4, STARTUP, 0.3, "training steps")
+    procs.append(start_worker(settings, log=tmp_path / "worker-a.log", env=hold_after(4)))
+    wait_for(lambda: 4 in steps(engine, job_id), STARTUP, 0.3, "step 4")
     procs[0].send_signal(signal.SIGTERM)
     assert procs[0].wait(timeout=120) == 0
     stopped = job(engine, job_id)
     assert stopped.status == "queued" and stopped.attempts == 0  # released, not failed
-    saved = checkpoint_step(engine, job_id)
-    assert saved == max(steps(engine, job_id))  # the last finished step, not a periodic one
+    # The last finished step, not a periodic one: step 4, where the worker held for the signal.
+    assert checkpoint_step(engine, job_id) == max(steps(engine, job_id)) == 4
+    saved = 4
     assert stopped.checkpoint_path and Path(stopped.checkpoint_path).is_dir()
 
     procs.append(start_worker(settings, log=tmp_path / "worker-b.log"))

@@ -178,12 +178,9 @@ def test_a_torn_sweep_state_restarts_the_sweep(
         def __init__(self, *_: Any) -> None:
             pass
 
-        def _evaluate(self, step: int) -> dict[str, Any]:
-            return {
-                "general": {"accuracy": 1.0},
-                "domain": None,
-                "verdict": {"verdict": "pass"},
-            }
+        def measure(self, step: int) -> tuple[dict[str, Any], dict[str, Any]]:
+            figures = {"general": {"accuracy": 1.0}, "domain": None, "verdict": {"verdict": "pass"}}
+            return figures, {}
 
     monkeypatch.setattr(interpolation, "_Weights", Weights)
     monkeypatch.setattr(interpolation, "CheckpointEvaluator", Evaluator)

@@ -29,6 +29,7 @@ from app.suites.registry import Row
 from workers.context import UserError
 from workers.engine.transformers_backend import TransformersBackend
 from workers.evaluation.scoring import RunSettings, run_items
+from workers.finetune.artifacts import FINAL_ANSWERS
 from workers.finetune.data import encode_records, pad_id
 from workers.finetune.ewc import trainable_named_parameters
 from workers.finetune.holdout import completion_nll
@@ -62,6 +63,8 @@ class CheckpointEvaluator:
         fmt: str,
         eval_definitions: list[dict[str, Any]],
         total_steps: int,
+        *,
+        keep_final_answers: bool = False,
     ) -> None:
         spec = run.request.evaluation
         assert spec is not None
@@ -77,6 +80,9 @@ class CheckpointEvaluator:
         self.total_steps = total_steps
         self.guard = run.request.guard
         self.options = run.request.compare_options()
+        # When the saved output reloads as these weights and the after-evaluation uses the
+        # same engine, the last checkpoint evaluation's answers are the after-evaluation's.
+        self.keep_final_answers = keep_final_answers and spec.backend == "transformers"
         job = run._job()
         assert job.before_evaluation_id is not None
         with run.ctx.sessionmaker() as session:
@@ -142,8 +148,11 @@ class CheckpointEvaluator:
 
     # -- evaluation
 
-    def _rows(self, backend: TransformersBackend, suites: list[dict[str, Any]]) -> list[Row]:
-        out: list[Row] = []
+    def _answers(
+        self, backend: TransformersBackend, suites: list[dict[str, Any]]
+    ) -> dict[str, list[dict[str, Any]]]:
+        """Each suite's item rows, in item order, as an evaluation stores them."""
+        out: dict[str, list[dict[str, Any]]] = {}
         for definition in suites:
             collected: list[dict[str, Any]] = []
 
@@ -153,22 +162,16 @@ class CheckpointEvaluator:
 
             items = list(enumerate(definition["items"]))
             run_items(definition["kind"], backend, definition, items, self.settings, emit)
-            for r in sorted(collected, key=lambda r: r["position"]):
-                out.append(
-                    Row(
-                        r["item_id"],
-                        r["passed"],
-                        r["score"],
-                        r["category"],
-                        r["severity"],
-                        r["response"],
-                        r["details"],
-                        definition["name"],
-                        definition["kind"],
-                        r["prompt"],
-                    )
-                )
+            out[definition["name"]] = sorted(collected, key=lambda r: r["position"])
         return out
+
+    @staticmethod
+    def _rows(suites: list[dict[str, Any]], answers: dict[str, list[dict[str, Any]]]) -> list[Row]:
+        return [
+            Row.written(r, definition["name"], definition["kind"])
+            for definition in suites
+            for r in answers[definition["name"]]
+        ]
 
     def _figures(
         self, body: dict[str, Any], rows: list[Row], held: dict[str, Any] | None, domain_body: Any
@@ -220,37 +223,47 @@ class CheckpointEvaluator:
 
     def __call__(self, step: int) -> None:
         stored = self._stored()
+        answers = None
         if step not in stored:
             self.run.stage(
                 f"checkpoint evaluation at step {step}", done=step, total=self.total_steps
             )
-            figures = self._evaluate(step)
+            figures, answers = self.measure(step)
             self._keep_if_best(step, figures)
-            self._store(step, figures)
-            self.run.event(
-                f"checkpoint evaluation at step {step}: general accuracy "
-                f"{figures['general']['accuracy']}, verdict {figures['verdict']['verdict']}",
-                data={"step": step, **figures},
-            )
-            verdict = figures["verdict"]
         else:
-            verdict = stored[step].verdict or {}
-        if (
+            figures = {"verdict": stored[step].verdict or {}}
+        verdict = figures["verdict"]
+        stops = (
             self.guard is not None
             and self.guard.action == "stop"
             and verdict.get("guard") == "fail"
             and step < self.total_steps
-        ):
+        )
+        if answers is not None:
+            if (step == self.total_steps or stops) and self.keep_final_answers:
+                # Training ends at this step: the after-evaluation of these weights takes
+                # these answers (written before the row, so a stored row implies the file).
+                write_json(self.run.job_dir / FINAL_ANSWERS, {"step": step, "suites": answers})
+            self._store(step, figures)
+            self.run.event(
+                f"checkpoint evaluation at step {step}: general accuracy "
+                f"{figures['general']['accuracy']}, verdict {verdict['verdict']}",
+                data={"step": step, **figures},
+            )
+        if stops:
             raise GuardStop(step)
 
-    def _evaluate(self, step: int) -> dict[str, Any]:
+    def measure(self, step: int) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
+        """The weights in memory, evaluated as step ``step``: its figures (a checkpoint row),
+        and every suite's item rows."""
         model = self.model
         was_training, use_cache = model.training, model.config.use_cache
         model.eval()
         model.config.use_cache = True
         try:
             backend = TransformersBackend(model, self.tokenizer)
-            rows = self._rows(backend, self.definitions)
+            answers = self._answers(backend, self.definitions)
+            rows = self._rows(self.definitions, answers)
             after = {"id": f"step-{step}"}
             body = build(self.before_run, after, self.before_rows, rows, self.options)
             held = None
@@ -267,7 +280,9 @@ class CheckpointEvaluator:
                 )
             domain_body = None
             if self.domain_suites:
-                domain_rows = self._rows(backend, self.domain_suites)
+                domain_answers = self._answers(backend, self.domain_suites)
+                answers.update(domain_answers)
+                domain_rows = self._rows(self.domain_suites, domain_answers)
                 run = {"id": "domain-before"}
                 domain_body = build(
                     run, {"id": "domain"}, self.domain_before_rows, domain_rows, self.options
@@ -275,7 +290,7 @@ class CheckpointEvaluator:
         finally:
             model.config.use_cache = use_cache
             model.train(was_training)
-        return self._figures(body, rows, held, domain_body)
+        return self._figures(body, rows, held, domain_body), answers
 
     # -- the guard
 

@@ -181,9 +181,16 @@ def held_out_nll(
 
 
 def evaluate_domain(
-    run: FinetuneRun, which: str, model_path: str, adapter_path: str | None, fmt: str
+    run: FinetuneRun,
+    which: str,
+    model_path: str,
+    adapter_path: str | None,
+    fmt: str,
+    *,
+    answers: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any] | None, str | None]:
-    """Held-out NLL and the domain suites' evaluation of one model (``before`` or ``after``)."""
+    """Held-out NLL and the domain suites' evaluation of one model (``before`` or ``after``;
+    ``answers`` as for ``evaluate``)."""
     spec = domain_spec(run)
     if spec is None:
         return None, None
@@ -201,7 +208,12 @@ def evaluate_domain(
     suite_id = None
     if spec.suites:
         suite_id = evaluate(
-            run, f"domain {which}", model_path, adapter_path, suites=[str(s) for s in spec.suites]
+            run,
+            f"domain {which}",
+            model_path,
+            adapter_path,
+            suites=[str(s) for s in spec.suites],
+            answers=answers,
         )
     return held, suite_id
 

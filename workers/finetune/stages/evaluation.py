@@ -5,13 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select
+from sqlalchemy import insert, select
 
 from app.comparison import service as comparison
 from app.core.config import Settings
 from app.core.fingerprint import fingerprint
 from app.core.schemas import EvaluationCreate, ModelRef
-from app.core.tables import Evaluation, FinetuneEvent
+from app.core.tables import Evaluation, EvaluationItem, FinetuneEvent
 from app.evaluations import service as evaluations
 from app.jobs import lifecycle
 from app.jobs.queue import guarded_write, set_job
@@ -19,7 +19,9 @@ from app.jobs.status import JobStatus
 from app.suites import versions
 from workers.context import JobContext, UserError
 from workers.engine.loading import ModelCache, resolve_model
-from workers.evaluation.run import run_evaluation
+from workers.evaluation.run import run_evaluation, storable_rows
+from workers.finetune.artifacts import FINAL_ANSWERS, TrainingOutcome
+from workers.finetune.statefile import read_state
 
 if TYPE_CHECKING:
     from workers.finetune.job import FinetuneRun
@@ -68,11 +70,14 @@ def evaluate(
     adapter_path: str | None,
     *,
     suites: list[str] | None = None,
+    answers: dict[str, Any] | None = None,
 ) -> str:
     """Create (or find) one of the job's evaluations, run it to the end; returns its id.
 
     ``before`` and ``after`` run the general suites and are the job's own columns; any other
     ``which`` (e.g. ``domain before``) runs ``suites`` and is found again by its label.
+    ``answers``: the last checkpoint evaluation's (:func:`final_answers`), taken as the item
+    rows of the suites it answered.
     """
     column = f"{which}_evaluation_id" if which in ("before", "after") else None
     spec = run.request.evaluation
@@ -130,6 +135,8 @@ def evaluate(
         raise UserError(
             f"the {which} evaluation {evaluation_id} is {status}; nothing to compare without it"
         )
+    if answers is not None:
+        _take_answers(run, which, evaluation_id, snapshot, answers)
     run.stage(f"{which} evaluation", data={"evaluation_id": evaluation_id})
     models = run.models if from_base else ModelCache(settings, run.device)
     # One vLLM engine per worker: the after-evaluation's adapter is served on the base's.
@@ -154,6 +161,62 @@ def evaluate(
         data={"evaluation_id": evaluation_id, "results": headline(results)},
     )
     return evaluation_id
+
+
+def final_answers(run: FinetuneRun, outcome: TrainingOutcome) -> dict[str, Any] | None:
+    """The last checkpoint evaluation's answers, when the after-evaluation measures the same
+    weights: those of the step training ended at, not an earlier step the guard shipped."""
+    saved = read_state(run.job_dir / FINAL_ANSWERS)
+    if saved is None or saved.get("step") != outcome.metrics.get("global_step"):
+        return None
+    shipped = outcome.metrics.get("shipped") or {}
+    if shipped.get("step") not in (None, saved["step"]):
+        return None
+    return saved
+
+
+def _take_answers(
+    run: FinetuneRun,
+    which: str,
+    evaluation_id: str,
+    snapshot: list[dict[str, Any]],
+    answers: dict[str, Any],
+) -> None:
+    """Store ``answers`` as the item rows of each suite of the evaluation not yet begun: the
+    final checkpoint evaluation and the after-evaluation of the same weights are one run."""
+    limit = run.settings.max_stored_response_chars
+    with guarded_write(run.ctx.engine, run.ctx.job, run.settings.lease_seconds) as session:
+        begun = set(
+            session.scalars(
+                select(EvaluationItem.suite)
+                .where(EvaluationItem.evaluation_id == evaluation_id)
+                .distinct()
+            )
+        )
+        taken = []
+        for suite in snapshot:
+            rows = answers["suites"].get(suite["name"])
+            if rows is None or suite["name"] in begun or len(rows) != suite["items"]:
+                continue
+            session.execute(
+                insert(EvaluationItem),
+                [
+                    {"evaluation_id": evaluation_id, "suite": suite["name"], **row}
+                    for row in storable_rows(rows, suite["name"], limit)
+                ],
+            )
+            taken.append(suite["name"])
+        if taken:
+            session.add(
+                FinetuneEvent(
+                    job_id=run.job_id,
+                    level="info",
+                    message=f"{which} evaluation {evaluation_id}: the answers of the checkpoint "
+                    f"evaluation at step {answers['step']} (the same weights) for "
+                    f"{', '.join(taken)}, not generated again",
+                    data={"evaluation_id": evaluation_id, "step": answers["step"], "suites": taken},
+                )
+            )
 
 
 def _child(run: FinetuneRun, label: str) -> str | None:

@@ -43,8 +43,11 @@ class _Weights:
 
     def __init__(self, run: FinetuneRun, base_dir: Path, output: Path) -> None:
         device = run.device
-        if run.request.method == "lora":
-            self.model = attach_adapter(load_model(base_dir, device, dtype=torch.float32), output)
+        if run.request.adapter:
+            base = load_model(
+                base_dir, device, dtype=torch.float32, quantization=run.request.quantization
+            )
+            self.model = attach_adapter(base, output)
             self.tuned = {
                 n: p.detach().clone() for n, p in self.model.named_parameters() if "lora_B" in n
             }
@@ -97,7 +100,7 @@ def interpolate(
             continue
         run.stage(f"interpolation: evaluating α = {alpha:g}")
         weights.set(alpha)
-        figures = evaluator._evaluate(0)
+        figures, _ = evaluator.measure(0)
         result = {"alpha": alpha, **figures}
         state["results"].append(result)
         write_json(path, state)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import os
 import shutil
 from dataclasses import asdict
 from functools import partial
@@ -19,6 +20,7 @@ from workers.finetune.artifacts import (
     TrainingOutcome,
     base_checksum,
     parameter_counts,
+    reloads_exactly,
     save_output,
 )
 from workers.finetune.data import encode_records, pad_id
@@ -30,6 +32,11 @@ from workers.finetune.training import StepLog, Trainer, assert_base_frozen, prep
 
 if TYPE_CHECKING:
     from workers.finetune.job import FinetuneRun
+
+# Fault injection for tests that signal a real worker at a known step rather than on a timer:
+# with this set to N, the worker waits after recording step N until it is told to stop (SIGTERM)
+# or killed. Never set in production; nothing else reads it.
+HOLD_AFTER_STEP = "FORGETGUARD_HOLD_AFTER_STEP"
 
 
 def run_training(
@@ -64,7 +71,7 @@ def run_training(
     run.models.clear()  # the evaluation copy of the base model is not needed while training
     model = prepare_model(base_dir, run.device, request, hp.seed)
     counts = parameter_counts(model)
-    checksum_before = base_checksum(model) if request.method == "lora" else None
+    checksum_before = base_checksum(model) if request.adapter else None
     ewc = (
         ewc_regularizer(run, model, tokenizer, base_fp, fmt, eval_definitions)
         if request.ewc is not None
@@ -88,7 +95,13 @@ def run_training(
     spec = request.evaluation
     if spec is not None and (spec.every_steps is not None or spec.checkpoints is not None):
         evaluator = CheckpointEvaluator(
-            run, model, tokenizer, fmt, eval_definitions, plan.total_steps
+            run,
+            model,
+            tokenizer,
+            fmt,
+            eval_definitions,
+            plan.total_steps,
+            keep_final_answers=reloads_exactly(model, request, base_dir),
         )
         trainer.evaluate_steps = frozenset(evaluator.steps)
         trainer.on_evaluate = evaluator
@@ -110,7 +123,7 @@ def run_training(
     trainer.train()
 
     base_weights = None
-    if request.method == "lora":
+    if request.adapter:
         assert_base_frozen(model)
         checksum_after = base_checksum(model)
         base_weights = {
@@ -123,7 +136,7 @@ def run_training(
                 f"LoRA training changed the frozen base: {checksum_before} → {checksum_after}"
             )
     run.stage("saving", done=plan.total_steps, total=plan.total_steps)
-    out = run.job_dir / ("adapter" if request.method == "lora" else "model")
+    out = run.job_dir / ("adapter" if request.adapter else "model")
     save_output(model, tokenizer, request, base_dir, out)
     final_out = out
     shipped_out: Path | None = out
@@ -166,6 +179,9 @@ def run_training(
         metrics["dataset"] = meta["dataset"]
     if base_weights is not None:
         metrics["base_weights"] = base_weights
+    if request.quantization is not None:
+        # The base trained on, and evaluated after training with the adapter (fingerprint +nf4).
+        metrics["quantization"] = request.quantization
     if evaluator is not None:
         metrics["evaluation_steps"] = evaluator.steps
     if trainer.stopped_at is not None:
@@ -213,6 +229,9 @@ def _on_step(run: FinetuneRun, entry: StepLog) -> None:
         data=data,
         progress={"done": entry.step, "total": entry.total_steps, "stage": "training"},
     )
+    if os.environ.get(HOLD_AFTER_STEP) == str(entry.step):
+        while not (run.ctx.stop.wait(0.1) or run.ctx.lease_lost.is_set()):
+            pass
 
 
 def _on_checkpoint(run: FinetuneRun, step: int, path: Path) -> None:
