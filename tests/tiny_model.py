@@ -4,7 +4,8 @@
 safetensors weights, tokenizer files with a ChatML chat template) in well under a second.
 ``teach_tiny_model(path, texts, steps)`` overfits it on a few texts so that it answers
 known prompts with EOS-terminated continuations of different lengths, which is what
-early-stopping tests need (a random model never emits EOS).
+early-stopping tests need (a random model never emits EOS). ``build_lora_adapter(model_dir,
+path, seed=…)`` saves a LoRA adapter of it with random weights (each seed answers differently).
 """
 
 from __future__ import annotations
@@ -179,3 +180,17 @@ if __name__ == "__main__":  # pragma: no cover - manual helper: python -m tests.
     if "--teach" in sys.argv:
         teach_tiny_model(out, qa_texts())
     print(out)
+
+
+def build_lora_adapter(model_dir: Path, path: Path, *, seed: int, r: int = 4) -> Path:
+    """Save a LoRA adapter of the model at ``model_dir`` with random, non-zero weights at
+    ``path``: deterministic for a given ``seed``, and another seed answers differently."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    config = LoraConfig(
+        r=r, lora_alpha=2 * r, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+    )
+    get_peft_model(model, config).save_pretrained(path)
+    return Path(path)

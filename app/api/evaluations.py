@@ -10,7 +10,13 @@ from sqlalchemy.orm import Session
 
 from app.core.config import Settings
 from app.core.pagination import Cursor, Limit, SeqCursor, StatusFilter
-from app.core.schemas import EvaluationCreate, EvaluationPublic, ItemPublic, Page
+from app.core.schemas import (
+    EvaluationCreate,
+    EvaluationGroupPublic,
+    EvaluationPublic,
+    ItemPublic,
+    Page,
+)
 from app.evaluations import service
 from app.jobs.status import FINISHED
 from app.web.deps import SessionDep, SettingsDep, database_session
@@ -24,12 +30,17 @@ router = APIRouter(prefix="/evaluations", tags=["evaluations"])
 @router.post(
     "",
     status_code=202,
-    response_model=EvaluationPublic,
+    response_model=EvaluationPublic | EvaluationGroupPublic,
     responses={
+        202: {
+            "description": "queued: the evaluation, or with `model.adapters` the group of "
+            "evaluations, one per adapter",
+        },
         200: {
-            "model": EvaluationPublic,
-            "description": "answered from the cache (cached_from set), or an idempotent replay",
-        }
+            "model": EvaluationPublic | EvaluationGroupPublic,
+            "description": "answered from the cache (cached_from set; with `model.adapters`: "
+            "every adapter's), or an idempotent replay",
+        },
     },
 )
 async def post_evaluation(
@@ -38,18 +49,31 @@ async def post_evaluation(
     settings: SettingsDep,
     response: Response,
     idem: IdempotencyDep,
-) -> EvaluationPublic:
+) -> EvaluationPublic | EvaluationGroupPublic:
     """Queue an evaluation; 202 with ``Location: /evaluations/{id}``.
 
     A cache hit is a finished resource, not accepted work: 200 with the evaluation already
     ``succeeded`` and ``cached_from`` set. A repeated ``Idempotency-Key`` with the same body
-    answers 200 with the original evaluation.
+    answers 200 with the original evaluation. With ``model.adapters``: one evaluation per
+    adapter of the base, answered as their group (``Location: /evaluations?group={id}``).
     """
     replay = None
     if idem.key is not None:
         async with database_session(request) as session:
             replay = await run_in_threadpool(idem.existing, session)
     # The model folder is read before a database slot is taken, in a pool of its own.
+    if body.model.adapters is not None:
+        found = (
+            None
+            if replay is not None
+            else await run_file_work(
+                request, service.inspect_adapters, settings=settings, body=body
+            )
+        )
+        async with database_session(request) as session:
+            return await run_in_threadpool(
+                _submit_group, session, settings, body, found, response, idem
+            )
     inspected = (
         None
         if replay is not None
@@ -80,6 +104,29 @@ def _submit(
     return evaluation
 
 
+def _submit_group(
+    session: Session,
+    settings: Settings,
+    body: EvaluationCreate,
+    inspected: list[service.LocalModel] | None,
+    response: Response,
+    idem: Idempotency,
+) -> EvaluationGroupPublic:
+    group_id, created = idem.create_once(
+        session,
+        lambda: service.create_group(
+            session=session, settings=settings, body=body, inspected=inspected
+        ),
+    )
+    answer(response, created=created, location=f"/evaluations?group={group_id}")
+    group = service.get_group(
+        session=session, group_id=group_id, adapters=body.model.adapters or ()
+    )
+    if all(evaluation.cached_from is not None for evaluation in group.data):
+        response.status_code = 200
+    return group
+
+
 @router.get("", response_model=Page[EvaluationPublic])
 def list_evaluations(
     session: SessionDep,
@@ -87,10 +134,17 @@ def list_evaluations(
     cursor: Cursor = None,
     status: StatusFilter = None,
     model_path: Annotated[str | None, Query(max_length=4096)] = None,
+    group: Annotated[str | None, Query(max_length=40)] = None,
 ) -> Page[EvaluationPublic]:
-    """Newest first; filter by ``status`` and ``model_path``."""
+    """Newest first; filter by ``status``, ``model_path`` and ``group`` (the evaluations one
+    request with ``model.adapters`` queued)."""
     return service.list_page(
-        session=session, limit=limit, cursor=cursor, status=status, model_path=model_path
+        session=session,
+        limit=limit,
+        cursor=cursor,
+        status=status,
+        model_path=model_path,
+        group=group,
     )
 
 

@@ -332,14 +332,20 @@ def resolve_model(
     check_model_size(model_dir, model_path, max_params=settings.max_model_params, budget=budget)
     adapter_dir = None
     if adapter_path is not None:
-        adapter_dir = resolve_under(
-            adapter_path,
-            roots,
-            what="adapter",
-            env_var="FORGETGUARD_MODEL_ROOTS",
-        )
-        check_adapter_dir(adapter_dir, adapter_path, budget)
+        adapter_dir = resolve_adapter(settings, adapter_path, budget)
     return model_dir, adapter_dir
+
+
+def resolve_adapter(settings: Settings, adapter_path: str, budget: ReadBudget) -> Path:
+    """Roots (403) and loadability (422) of one adapter directory; the resolved directory."""
+    adapter_dir = resolve_under(
+        adapter_path,
+        settings.resolved_model_read_roots,
+        what="adapter",
+        env_var="FORGETGUARD_MODEL_ROOTS",
+    )
+    check_adapter_dir(adapter_dir, adapter_path, budget)
+    return adapter_dir
 
 
 def _tensor_names(directory: Path, budget: ReadBudget) -> list[str]:

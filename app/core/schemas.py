@@ -53,14 +53,19 @@ BackendName = Literal["transformers", "vllm", "openai"]
 LOCAL_BACKENDS: tuple[str, ...] = ("transformers", "vllm")
 EndpointStr = Annotated[str, Field(min_length=1, max_length=2048)]
 ServedModelName = Annotated[str, Field(min_length=1, max_length=256)]
+# Adapters of one base evaluated by one request (checkpoints, sweep points): one evaluation
+# each, all queued at once, so a worker loads the base once and switches adapters.
+MAX_ADAPTERS = 32
 
 
 class ModelRef(_Request):
-    """A local model directory (+ adapter), or a model served at an allow-listed endpoint."""
+    """A local model directory (+ one adapter, or several to evaluate each), or a model served
+    at an allow-listed endpoint."""
 
     backend: BackendName = "transformers"
     path: PathStr | None = None
     adapter_path: PathStr | None = None
+    adapters: list[PathStr] | None = Field(None, min_length=1, max_length=MAX_ADAPTERS)
     endpoint: EndpointStr | None = None
     model: ServedModelName | None = None
 
@@ -72,10 +77,11 @@ class ModelRef(_Request):
                     'backend "openai" needs "endpoint" (the server\'s base URL, e.g. '
                     'http://host:8000/v1) and "model" (the name the server serves)'
                 )
-            if self.path is not None or self.adapter_path is not None:
+            if self.path is not None or self.adapter_path is not None or self.adapters:
                 raise ValueError(
-                    'backend "openai" evaluates the served model: "path" and "adapter_path" '
-                    'do not apply (serve the adapter on the server and name it in "model")'
+                    'backend "openai" evaluates the served model: "path", "adapter_path" and '
+                    '"adapters" do not apply (serve the adapter on the server and name it in '
+                    '"model")'
                 )
         else:
             if self.path is None:
@@ -84,7 +90,27 @@ class ModelRef(_Request):
                 raise ValueError(
                     '"endpoint" and "model" are only for backend "openai" (a served model)'
                 )
+        if self.adapters is not None:
+            if self.adapter_path is not None:
+                raise ValueError(
+                    'give "adapter_path" (one adapter) or "adapters" (one evaluation per '
+                    "adapter), not both"
+                )
+            repeated = sorted({a for a in self.adapters if self.adapters.count(a) > 1})
+            if repeated:
+                raise ValueError(
+                    f'"adapters" lists {", ".join(map(repr, repeated))} more than once'
+                )
         return self
+
+    def one_per_adapter(self) -> list[ModelRef]:
+        """The model of each evaluation this names: one per adapter of ``adapters``, else itself."""
+        if self.adapters is None:
+            return [self]
+        return [
+            self.model_copy(update={"adapter_path": adapter, "adapters": None})
+            for adapter in self.adapters
+        ]
 
 
 class GenerationSettings(_Request):
@@ -113,6 +139,13 @@ class EvaluationCreate(_Request):
     label: Annotated[str, Field(max_length=200)] | None = None
     cache: bool = True
 
+    def one_per_adapter(self) -> list[EvaluationCreate]:
+        """The evaluations this request asks for: one per adapter of ``model.adapters``, else
+        itself (see :meth:`ModelRef.one_per_adapter`)."""
+        if self.model.adapters is None:
+            return [self]
+        return [self.model_copy(update={"model": m}) for m in self.model.one_per_adapter()]
+
 
 class Progress(BaseModel):
     done: int
@@ -131,6 +164,10 @@ class EnginePublic(BaseModel):
     # probe of fixed prompts, because the weights are not here to hash.
     weights_hashed: bool = True
     fingerprint_basis: str | None = None
+    # True when the worker already had the base model loaded (an earlier evaluation of the same
+    # base, such as another adapter of the same request) and only switched adapters; None for
+    # a served model, or one recorded before this was.
+    base_reused: bool | None = None
 
 
 class ModelPublic(BaseModel):
@@ -191,6 +228,17 @@ class EvaluationPublic(JobTimestamps):
     cached_from: str | None
     attempts: int
     error: str | None
+    # The request that queued it with others: one evaluation per adapter of ``model.adapters``
+    # (``GET /evaluations?group=`` lists them); None for an evaluation queued alone.
+    group: str | None = None
+
+
+class EvaluationGroupPublic(BaseModel):
+    """What ``POST /evaluations`` with ``model.adapters`` queued: one evaluation per adapter,
+    in the order the adapters were listed, each with its own id, status, cache and items."""
+
+    group: str
+    data: list[EvaluationPublic]
 
 
 class ItemPublic(BaseModel):

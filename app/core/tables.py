@@ -93,6 +93,7 @@ class Evaluation(JobMixin, Base):
         Index("ix_evaluations_claim", "status", "created_at"),
         Index("ix_evaluations_cache_key", "cache_key", "status"),
         Index("ix_evaluations_model_path", "model_path"),
+        Index("ix_evaluations_group", "group_id"),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
@@ -115,6 +116,8 @@ class Evaluation(JobMixin, Base):
     # What the worker ran it on: {"backend", "device", "dtype", "version", "weights_hashed",
     # "fingerprint_basis"}; /compare refuses pairs whose backend or dtype differ.
     engine: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    # The request that queued it with others (one evaluation per adapter of one base).
+    group_id: Mapped[str | None] = mapped_column(String(40), default=None)
 
 
 class EvaluationItem(Base):

@@ -3,6 +3,7 @@ all call these; none of them knows HTTP."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -10,15 +11,17 @@ from typing import Any
 from sqlalchemy import case, select
 from sqlalchemy.orm import Session
 
+from app.core.clientfiles import ReadBudget
 from app.core.config import Settings, normalise_endpoint
 from app.core.errors import Problem
 from app.core.fingerprint import fingerprint
-from app.core.modelcheck import resolve_model
+from app.core.modelcheck import resolve_adapter, resolve_model
 from app.core.pagination import ascending_after, newest_page, trim
 from app.core.quantization import adapter_quantization, backend_refusal
 from app.core.schemas import (
     EnginePublic,
     EvaluationCreate,
+    EvaluationGroupPublic,
     EvaluationPublic,
     ItemPublic,
     ModelPublic,
@@ -72,6 +75,7 @@ def public(row: Evaluation) -> EvaluationPublic:
         cached_from=row.cached_from,
         attempts=row.attempts,
         error=row.error,
+        group=row.group_id,
         created_at=row.created_at,
         started_at=row.started_at,
         finished_at=row.finished_at,
@@ -84,6 +88,25 @@ def get(*, session: Session, evaluation_id: str) -> Evaluation:
     if row is None:
         raise Problem(404, "Evaluation not found", f"evaluation {evaluation_id!r} does not exist")
     return row
+
+
+def get_group(
+    *, session: Session, group_id: str, adapters: Sequence[str] = ()
+) -> EvaluationGroupPublic:
+    """The evaluations one request queued together (404 when none), in the order of
+    ``adapters`` (the request's list) where given, else in the order they were queued."""
+    rows = list(
+        session.scalars(
+            select(Evaluation)
+            .where(Evaluation.group_id == group_id)
+            .order_by(Evaluation.created_at, Evaluation.id)
+        )
+    )
+    if not rows:
+        raise Problem(404, "Evaluation group not found", f"group {group_id!r} does not exist")
+    order = {path: n for n, path in enumerate(adapters)}
+    rows.sort(key=lambda r: order.get(r.adapter_path or "", len(order)))
+    return EvaluationGroupPublic(group=group_id, data=[public(r) for r in rows])
 
 
 def resolve_suites(
@@ -160,20 +183,56 @@ def inspect_model(*, settings: Settings, body: EvaluationCreate) -> LocalModel |
     if body.model.backend == "openai":
         return None
     assert body.model.path is not None  # the schema requires it for local backends
+    assert body.model.adapters is None, "one evaluation per adapter: inspect_adapters"
     budget = settings.read_budget()
     model_dir, adapter_dir = resolve_model(
         settings, body.model.path, body.model.adapter_path, budget
     )
-    # Hash before touching the database: a first hash of large weights takes seconds, and
-    # SQLite refuses a write from a transaction whose snapshot went stale meanwhile.
-    try:
-        model_fingerprint = fingerprint(
-            model_dir, adapter_dir, cache_dir=settings.cache_dir, budget=budget
-        )
-    except OSError as exc:
-        raise Problem(
-            422, "Unreadable model", f"cannot read {body.model.path!r}: {exc.strerror}"
-        ) from None
+    return LocalModel(
+        fingerprint=_fingerprint(settings, body, model_dir, adapter_dir, budget),
+        # The worker's default now (chat iff the tokenizer has a template), so the key is exact.
+        prompt_format=cache.effective_prompt_format(body.prompt_format, model_dir, budget),
+    )
+
+
+def inspect_adapters(*, settings: Settings, body: EvaluationCreate) -> list[LocalModel]:
+    """:func:`inspect_model` for each adapter of ``body.model.adapters``, in order.
+
+    The base is checked once, then each adapter as an ``adapter_path`` is (roots: 403;
+    loadability: 422, its ``errors`` naming the adapter's place in the list), all within one
+    read budget: the whole request is one read of the client's files.
+    """
+    assert body.model.path is not None and body.model.adapters is not None
+    budget = settings.read_budget()
+    model_dir, _ = resolve_model(settings, body.model.path, None, budget)
+    prompt_format = cache.effective_prompt_format(body.prompt_format, model_dir, budget)
+    found = []
+    for index, adapter in enumerate(body.model.adapters):
+        try:
+            adapter_dir = resolve_adapter(settings, adapter, budget)
+            model_fingerprint = _fingerprint(settings, body, model_dir, adapter_dir, budget)
+        except Problem as exc:
+            raise Problem(
+                exc.status,
+                exc.title,
+                exc.detail,
+                errors=[{"loc": ["body", "model", "adapters", index], "msg": exc.detail}],
+                headers=exc.headers,
+                **exc.extra,
+            ) from None
+        found.append(LocalModel(fingerprint=model_fingerprint, prompt_format=prompt_format))
+    return found
+
+
+def _fingerprint(
+    settings: Settings,
+    body: EvaluationCreate,
+    model_dir: Path,
+    adapter_dir: Path | None,
+    budget: ReadBudget,
+) -> str:
+    """The fingerprint of the base + adapter, once the backend is known to load the adapter
+    (a QLoRA adapter's NF4 base: not on vLLM)."""
     refusal = backend_refusal(body.model.backend, adapter_quantization(adapter_dir, budget))
     if refusal is not None:
         raise Problem(
@@ -182,9 +241,13 @@ def inspect_model(*, settings: Settings, body: EvaluationCreate) -> LocalModel |
             refusal,
             errors=[{"loc": ["body", "model", "backend"], "msg": refusal}],
         )
-    # Resolve the worker's default now (chat iff the tokenizer has a template) so the key is exact.
-    prompt_format = cache.effective_prompt_format(body.prompt_format, model_dir, budget)
-    return LocalModel(fingerprint=model_fingerprint, prompt_format=prompt_format)
+    shown = body.model.path
+    # Hashed before touching the database: a first hash of large weights takes seconds, and
+    # SQLite refuses a write from a transaction whose snapshot went stale meanwhile.
+    try:
+        return fingerprint(model_dir, adapter_dir, cache_dir=settings.cache_dir, budget=budget)
+    except OSError as exc:
+        raise Problem(422, "Unreadable model", f"cannot read {shown!r}: {exc.strerror}") from None
 
 
 def create(
@@ -213,6 +276,60 @@ def create(
     snapshot = resolve_suites(
         session=session, suites=list(body.suites), benchmarks_dir=settings.benchmarks_dir
     )
+    return _create_local(
+        session=session,
+        settings=settings,
+        body=body,
+        local=local,
+        snapshot=snapshot,
+        finetune_job_id=finetune_job_id,
+    )
+
+
+def create_group(
+    *,
+    session: Session,
+    settings: Settings,
+    body: EvaluationCreate,
+    inspected: list[LocalModel] | None = None,
+) -> str:
+    """Queue one evaluation per adapter of ``body.model.adapters`` (caller commits); returns
+    the id of their group.
+
+    Each is an ordinary evaluation of the base with that adapter (its own fingerprint, cache
+    answer, items and comparison); they share the suite versions resolved once here, and are
+    queued together, so a worker takes them one after another with the base loaded once.
+    ``inspected``: what :func:`inspect_adapters` already read (read here when None).
+    """
+    found = inspected or inspect_adapters(settings=settings, body=body)
+    snapshot = resolve_suites(
+        session=session, suites=list(body.suites), benchmarks_dir=settings.benchmarks_dir
+    )
+    group_id = new_id("eg")
+    for one, local in zip(body.one_per_adapter(), found, strict=True):
+        _create_local(
+            session=session,
+            settings=settings,
+            body=one,
+            local=local,
+            snapshot=[dict(s) for s in snapshot],
+            group_id=group_id,
+        )
+    return group_id
+
+
+def _create_local(
+    *,
+    session: Session,
+    settings: Settings,
+    body: EvaluationCreate,
+    local: LocalModel,
+    snapshot: list[dict[str, Any]],
+    finetune_job_id: str | None = None,
+    group_id: str | None = None,
+) -> Evaluation:
+    """Queue (or answer from the cache) one evaluation of a local model already inspected."""
+    assert body.model.adapters is None, "one evaluation per adapter: create_group"
     # exclude_none: an unset batch_size leaves the stored settings (and cache keys) as before.
     generation = body.generation.model_dump(exclude_none=True)
     prompt_format = local.prompt_format
@@ -239,6 +356,7 @@ def create(
         progress={"done": 0, "total": sum(s["items"] for s in snapshot), "stage": "queued"},
         max_attempts=settings.max_attempts,
         finetune_job_id=finetune_job_id,
+        group_id=group_id,
     )
     source = cache.find_source(session, key) if body.cache else None
     lifecycle.submit(session, row, cached=source)
@@ -319,13 +437,16 @@ def list_page(
     cursor: str | None,
     status: str | None = None,
     model_path: str | None = None,
+    group: str | None = None,
 ) -> Page[EvaluationPublic]:
-    """Newest first, filtered by ``status`` and ``model_path``."""
+    """Newest first, filtered by ``status``, ``model_path`` and ``group``."""
     query = select(Evaluation)
     if status:
         query = query.where(Evaluation.status == status)
     if model_path:
         query = query.where(Evaluation.model_path == model_path)
+    if group:
+        query = query.where(Evaluation.group_id == group)
     return newest_page(session, query, Evaluation, cursor, limit, public)
 
 

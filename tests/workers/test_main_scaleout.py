@@ -168,11 +168,14 @@ def test_model_cache_keeps_one_model_loaded_across_jobs(
     )
     cache = ModelCache(settings, torch.device("cpu"))
     first = cache.get(str(tiny_model_dir), None)
-    assert cache.get(str(tiny_model_dir), None) is first  # same fingerprint: not loaded again
+    assert not first.base_reused
+    same = cache.get(str(tiny_model_dir), None)
+    assert same.model is first.model and same.base_reused  # same fingerprint: not loaded again
     switched = cache.get(str(other), None)
-    assert switched is not first and switched.fingerprint != first.fingerprint
+    assert switched.model is not first.model and switched.fingerprint != first.fingerprint
     again = cache.get(str(tiny_model_dir), None)
-    assert again is not first and again.fingerprint == first.fingerprint  # one model at a time
+    assert again.model is not first.model and again.fingerprint == first.fingerprint
+    assert not again.base_reused and cache.base_loads == 3  # one model at a time
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)

@@ -7,7 +7,7 @@ here, right before loading, because the file system may have changed since submi
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,8 @@ class LoadedModel:
     model_dir: Path
     adapter_dir: Path | None
     device: torch.device
+    # Whether the base was already loaded (only the adapter switched, or nothing at all).
+    base_reused: bool = False
 
 
 def load_tokenizer(model_dir: Path) -> Any:
@@ -98,18 +100,77 @@ def load_model(
     return model.to(device).eval()
 
 
-def attach_adapter(model: Any, adapter_dir: Path) -> Any:
+def attach_adapter(model: Any, adapter_dir: Path, name: str = "default") -> Any:
     """Apply a peft adapter; its config is read as data (its base model name is ignored)."""
     from peft import PeftModel
 
     try:
-        return PeftModel.from_pretrained(model, adapter_dir, is_trainable=False).eval()
+        return PeftModel.from_pretrained(
+            model, adapter_dir, adapter_name=name, is_trainable=False
+        ).eval()
     except _LOAD_ERRORS as exc:
         raise _unloadable("adapter", adapter_dir, exc) from exc
 
 
+def _adapter_name(adapter_fingerprint: str) -> str:
+    # peft keeps adapters in ModuleDicts: a name without dots, unique per adapter content.
+    return "fg_" + adapter_fingerprint.removeprefix("sha256:")[:16]
+
+
+def switch_adapter(model: Any, adapter_dir: Path, name: str) -> Any:
+    """``model`` (a PeftModel over the loaded base) answering through ``adapter_dir`` only.
+
+    peft's adapter switching: the new adapter is loaded beside the current one and made the
+    active one, then the old one is deleted, so the base stays loaded and one adapter at a
+    time is held. Only the active adapter computes, so the answers are those of
+    ``PeftModel.from_pretrained(base, adapter_dir)``. An adapter of another peft type than
+    the loaded one cannot sit beside it: it gets the base back first (:func:`detach_adapters`).
+    """
+    from peft import PeftConfig
+
+    try:
+        wanted = PeftConfig.from_pretrained(str(adapter_dir)).peft_type
+    except _LOAD_ERRORS as exc:
+        raise _unloadable("adapter", adapter_dir, exc) from exc
+    if wanted != model.peft_type:
+        base = detach_adapters(model)
+        if base is None:
+            return None
+        return attach_adapter(base, adapter_dir, name)
+    old = [n for n in model.peft_config if n != name]
+    try:
+        if name not in model.peft_config:
+            model.load_adapter(adapter_dir, adapter_name=name, is_trainable=False)
+        model.set_adapter(name, inference_mode=True)
+    except _LOAD_ERRORS as exc:
+        raise _unloadable("adapter", adapter_dir, exc) from exc
+    for previous in old:
+        model.delete_adapter(previous)
+    return model.eval()
+
+
+def detach_adapters(model: Any) -> Any | None:
+    """The base model under a PeftModel with every adapter removed, unmerged (its weights as
+    loaded), or None when peft cannot remove this kind of adapter (then reload the base)."""
+    if model.active_peft_config.is_prompt_learning:
+        return model.get_base_model()  # prompt learning never touches the base's modules
+    try:
+        base = model.unload()
+    except (AttributeError, ValueError, NotImplementedError):
+        return None
+    # As loaded: peft froze the base's parameters when it wrapped them.
+    for parameter in base.parameters():
+        parameter.requires_grad_(True)
+    return base.eval()
+
+
 class ModelCache:
-    """Keeps the most recently used model, so consecutive jobs on one model load it once.
+    """Keeps the most recently used base model, so consecutive jobs on one base load it once.
+
+    Jobs with different adapters on the same base (a request's ``adapters``, checkpoints of
+    one fine-tune) switch adapters on the loaded base instead of loading it again
+    (:func:`switch_adapter`); a job without an adapter gets the base back unmerged.
+    ``base_loads`` counts the bases this process loaded, each logged as ``loaded base …``.
 
     ``engines`` holds what other backends keep across jobs (a started vLLM engine, under
     its backend's name); anything there with a ``close()`` is closed by :meth:`clear` on a
@@ -120,35 +181,78 @@ class ModelCache:
         self.settings = settings
         self.device = device
         self._current: LoadedModel | None = None
+        self._base_fingerprint: str | None = None
+        self.base_loads = 0
         self.engines: dict[str, Any] = {}
 
     def get(self, model_path: str, adapter_path: str | None) -> LoadedModel:
         """Load (or reuse) the model named by a job, after checking it again."""
         budget = self.settings.read_budget()
         model_dir, adapter_dir = resolve_model(self.settings, model_path, adapter_path, budget)
-        fp = fingerprint(model_dir, adapter_dir, cache_dir=self.settings.cache_dir, budget=budget)
-        if self._current is not None and self._current.fingerprint == fp:
-            return self._current
-        self.clear()
-        log.info(
-            "loading %s%s on %s",
-            model_path,
-            f" + {adapter_path}" if adapter_path else "",
-            self.device,
+        cache_dir = self.settings.cache_dir
+        base_fp = fingerprint(model_dir, None, cache_dir=cache_dir, budget=budget)
+        fp = (
+            base_fp
+            if adapter_dir is None
+            else fingerprint(model_dir, adapter_dir, cache_dir=cache_dir, budget=budget)
         )
+        # A 4-bit base is another loaded model than the same weights unquantized.
+        quantization = adapter_quantization(adapter_dir, budget)
+        base_key = base_fp if quantization is None else f"{base_fp}+{quantization}"
+        current = self._current
+        if current is not None and self._base_fingerprint == base_key:
+            if current.fingerprint != fp:
+                current = self._switch(current, fp, adapter_dir, adapter_path)
+            if current is not None:
+                self._current = replace(
+                    current, fingerprint=fp, adapter_dir=adapter_dir, base_reused=True
+                )
+                return self._current
+        self.clear()
+        log.info("loading base %s on %s", model_path, self.device)
         tokenizer = load_tokenizer(model_dir)
         # A QLoRA adapter runs on the 4-bit base it was trained on (its fingerprint says +nf4).
-        model = load_model(
-            model_dir, self.device, quantization=adapter_quantization(adapter_dir, budget)
-        )
+        model = load_model(model_dir, self.device, quantization=quantization)
+        self.base_loads += 1
+        log.info("loaded base %s (base loads in this worker: %d)", model_path, self.base_loads)
+        self._base_fingerprint = base_key
         if adapter_dir is not None:
-            model = attach_adapter(model, adapter_dir)
+            log.info("attaching adapter %s", adapter_path)
+            model = attach_adapter(model, adapter_dir, _adapter_name(fp))
         self._current = LoadedModel(model, tokenizer, fp, model_dir, adapter_dir, self.device)
         return self._current
+
+    def _switch(
+        self, current: LoadedModel, fp: str, adapter_dir: Path | None, adapter_path: str | None
+    ) -> LoadedModel | None:
+        """The loaded base with ``adapter_dir`` (None: none) instead of the current adapter;
+        None when it must be loaded again. A failed switch drops the base (it may be half
+        changed), and the error fails the job as a load error would."""
+        from peft import PeftModel
+
+        model = current.model
+        log.info(
+            "base kept loaded; %s",
+            f"switching to adapter {adapter_path}" if adapter_path else "adapters removed",
+        )
+        try:
+            if adapter_dir is None:
+                model = detach_adapters(model)
+            elif isinstance(model, PeftModel):
+                model = switch_adapter(model, adapter_dir, _adapter_name(fp))
+            else:
+                model = attach_adapter(model, adapter_dir, _adapter_name(fp))
+        except BaseException:
+            self.clear()
+            raise
+        if model is None:
+            return None
+        return replace(current, model=model)
 
     def clear(self) -> None:
         """Drop the cached model (before training, or when switching models)."""
         self._current = None
+        self._base_fingerprint = None
         if self.device.type == "cuda":
             for engine in self.engines.values():
                 close = getattr(engine, "close", None)

@@ -5,13 +5,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import insert, select, update
 
-from app.core.config import normalise_endpoint
+from app.core.config import Settings, normalise_endpoint
+from app.core.errors import Problem
 from app.core.fingerprint import fingerprint
-from app.core.modelcheck import resolve_model
+from app.core.modelcheck import resolve_adapter, resolve_model
 from app.core.quantization import adapter_quantization, backend_refusal
 from app.core.storable import Unstorable, check_value
 from app.core.tables import Evaluation, EvaluationItem, Suite
@@ -24,6 +26,7 @@ from app.evaluations.cache import (
 )
 from app.jobs.lifecycle import cached_copy
 from app.jobs.queue import guarded_write, succeed
+from app.jobs.status import JobStatus
 from app.suites.kinds import KINDS
 from app.suites.registry import ItemRow
 from workers.context import JobContext
@@ -99,13 +102,18 @@ class OpenedModel:
     # Beyond EngineInfo: whether the weights were hashed, and what the fingerprint covers.
     weights_hashed: bool = True
     fingerprint_basis: str = "config, tokenizer files and the sha256 of every weight file"
+    # Whether the worker already had the base loaded (None: no base here, a served model).
+    base_reused: bool | None = None
 
     def engine(self) -> dict[str, Any]:
-        return {
+        info = {
             **asdict(self.backend.info()),
             "weights_hashed": self.weights_hashed,
             "fingerprint_basis": self.fingerprint_basis,
         }
+        if self.base_reused is not None:
+            info["base_reused"] = self.base_reused
+        return info
 
 
 Opener = Callable[[JobContext, ModelCache, Evaluation], OpenedModel]
@@ -121,6 +129,7 @@ def _open_transformers(ctx: JobContext, models: ModelCache, evaluation: Evaluati
         ),
         fingerprint=loaded.fingerprint,
         has_chat_template=bool(getattr(loaded.tokenizer, "chat_template", None)),
+        base_reused=loaded.base_reused,
     )
 
 
@@ -160,6 +169,17 @@ def _open_vllm(ctx: JobContext, models: ModelCache, evaluation: Evaluation) -> O
             if adapter_dir is None
             else vllm_backend.check_adapter(adapter_dir, settings.vllm_max_lora_rank)
         )
+        if rank is not None:
+            # The engine is started once for the largest rank of the adapters queued with
+            # this one, so switching to them (LoRARequests) never restarts it.
+            for sibling in group_adapter_dirs(ctx, settings, evaluation):
+                try:
+                    rank = max(
+                        rank, vllm_backend.check_adapter(sibling, settings.vllm_max_lora_rank)
+                    )
+                except vllm_backend.AdapterNotServable:
+                    continue  # its own evaluation fails saying why
+        started = engines.current
         engine = engines.get(model_dir, base, lambda: load_tokenizer(model_dir), lora_rank=rank)
         backend = vllm_backend.VLLMBackend(engine, adapter_dir)
     except (vllm_backend.AdapterNotServable, NotEnoughMemory) as exc:
@@ -168,7 +188,35 @@ def _open_vllm(ctx: JobContext, models: ModelCache, evaluation: Evaluation) -> O
         backend=backend,
         fingerprint=full,
         has_chat_template=bool(getattr(engine.tokenizer, "chat_template", None)),
+        base_reused=engine is started,
     )
+
+
+def group_adapter_dirs(ctx: JobContext, settings: Settings, evaluation: Evaluation) -> list[Path]:
+    """The adapters of the other unfinished evaluations queued with this one (same base),
+    each checked as an ``adapter_path`` is; any that fails the check is left out (its own
+    evaluation fails saying why)."""
+    if evaluation.group_id is None:
+        return []
+    with ctx.sessionmaker() as session:
+        paths = session.scalars(
+            select(Evaluation.adapter_path).where(
+                Evaluation.group_id == evaluation.group_id,
+                Evaluation.id != evaluation.id,
+                Evaluation.model_path == evaluation.model_path,
+                Evaluation.status.in_((JobStatus.QUEUED, JobStatus.RUNNING)),
+            )
+        ).all()
+    budget = settings.read_budget()
+    found = []
+    for path in paths:
+        if path is None:
+            continue
+        try:
+            found.append(resolve_adapter(settings, path, budget))
+        except Problem:
+            continue
+    return found
 
 
 def _open_openai(ctx: JobContext, models: ModelCache, evaluation: Evaluation) -> OpenedModel:
