@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -12,6 +13,12 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.core.config import Settings
 from app.core.tables import Evaluation, FinetuneJob
 from app.jobs.queue import JOB_MODELS, ClaimedJob, LeaseLost, guarded_write, set_job
+
+# Fault injection for tests that signal a real worker at a known point instead of on a timer:
+# with HOLD_AT="<point>:<n>" the worker, once it has passed ``n`` at ``point`` ("step": a
+# fine-tune's optimizer steps recorded; "items": an evaluation's items stored), waits until it is
+# told to stop (SIGTERM) or killed. Never set in production; nothing else reads it.
+HOLD_AT = "FORGETGUARD_HOLD_AT"
 
 
 class Interrupted(Exception):
@@ -39,6 +46,14 @@ class JobContext:
             )
         if self.stop.is_set():
             raise Interrupted("worker is shutting down")
+
+    def hold_at(self, point: str, count: int) -> None:
+        """Wait here for a stop when :data:`HOLD_AT` names this point and ``count`` reached it."""
+        name, _, at = os.environ.get(HOLD_AT, "").partition(":")
+        if name != point or not at.isdigit() or count < int(at):
+            return
+        while not (self.stop.wait(0.1) or self.lease_lost.is_set()):
+            pass
 
     def user_error(self, message: str) -> UserError:
         return UserError(message)

@@ -21,6 +21,7 @@ from app.core.database import make_engine, session_factory
 from app.core.tables import Claim, Evaluation, EvaluationItem, Worker
 from app.main import create_app
 from tests.conftest import REPO, qa_suite, settings_env, wait_for
+from workers.context import HOLD_AT
 
 pytestmark = pytest.mark.slow
 
@@ -128,7 +129,14 @@ def test_sigterm_releases_the_busy_job_and_another_worker_completes_it(
 ) -> None:
     grace = 30.0
     job_id = submit(settings, tiny_model_dir, [qa_suite("long", 240)], max_new_tokens=48)
-    first = spawn(settings, tmp_path / "first.log", FORGETGUARD_SHUTDOWN_GRACE_SECONDS=str(grace))
+    # The first worker holds once 8 items are stored (a hook, not a timer): the signal reaches
+    # it mid-evaluation on any machine load.
+    first = spawn(
+        settings,
+        tmp_path / "first.log",
+        FORGETGUARD_SHUTDOWN_GRACE_SECONDS=str(grace),
+        **{HOLD_AT: "items:8"},
+    )
     second: subprocess.Popen[bytes] | None = None
     try:
         wait_for(

@@ -417,6 +417,7 @@ def run_evaluation(
                 )
             if on_progress:
                 on_progress(progress["done"], total)
+            ctx.hold_at("items", progress["done"])
 
         try:
             run_items(suite["kind"], backend, definition, pending, settings, emit)

@@ -17,7 +17,7 @@ from app.core.tables import Evaluation
 from tests.conftest import start_worker, wait_for
 from tests.samples import CAPITAL_QUESTION, MEDICINE_RECORDS
 from tests.workers.finetune.jobs import STARTUP, events, job, post_job, succeeded
-from workers.finetune.stages.training import HOLD_AFTER_STEP
+from workers.context import HOLD_AT
 
 pytestmark = [pytest.mark.slow, pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)]
 
@@ -58,7 +58,7 @@ def steps(engine: Engine, job_id: str) -> list[int]:
 
 def hold_after(step: int) -> dict[str, str]:
     """The worker's environment to wait after recording ``step`` until a signal reaches it."""
-    return {HOLD_AFTER_STEP: str(step)}
+    return {HOLD_AT: f"step:{step}"}
 
 
 def checkpoint_step(engine: Engine, job_id: str) -> int:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import os
 import shutil
 from dataclasses import asdict
 from functools import partial
@@ -32,11 +31,6 @@ from workers.finetune.training import StepLog, Trainer, assert_base_frozen, prep
 
 if TYPE_CHECKING:
     from workers.finetune.job import FinetuneRun
-
-# Fault injection for tests that signal a real worker at a known step rather than on a timer:
-# with this set to N, the worker waits after recording step N until it is told to stop (SIGTERM)
-# or killed. Never set in production; nothing else reads it.
-HOLD_AFTER_STEP = "FORGETGUARD_HOLD_AFTER_STEP"
 
 
 def run_training(
@@ -229,9 +223,7 @@ def _on_step(run: FinetuneRun, entry: StepLog) -> None:
         data=data,
         progress={"done": entry.step, "total": entry.total_steps, "stage": "training"},
     )
-    if os.environ.get(HOLD_AFTER_STEP) == str(entry.step):
-        while not (run.ctx.stop.wait(0.1) or run.ctx.lease_lost.is_set()):
-            pass
+    run.ctx.hold_at("step", entry.step)
 
 
 def _on_checkpoint(run: FinetuneRun, step: int, path: Path) -> None:
