@@ -286,6 +286,8 @@ def verdict_words(body: Mapping[str, Any]) -> dict[str, str]:
         parts.append(f"accuracy {before:.3f} → {after:.3f} (threshold {body.get('threshold')})")
     if reported:
         parts.append(f"{_plural(reported, 'finding')} reported, not gated")
+    if body.get("same_run"):
+        parts.append("same run compared with itself")  # a pass that proves nothing: say so
     return {"headline": "; ".join(parts), "recommendation": LESSON_PRESERVED}
 
 
