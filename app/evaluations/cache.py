@@ -122,25 +122,10 @@ def find_source(session: Session, key: str) -> Evaluation | None:
 SUITE_SOURCE_SCAN = 200
 
 
-def suite_keys(
-    *,
-    fingerprint: str,
-    suites: Sequence[Mapping[str, Any]],
-    prompt_format: str,
-    generation: Mapping[str, Any],
-    backend: str = "transformers",
-) -> dict[str, str]:
-    """Each suite's own cache key (its name -> the ``cache_key`` of that suite alone)."""
-    return {
-        str(s["name"]): cache_key(
-            fingerprint=fingerprint,
-            suites=[s],
-            prompt_format=prompt_format,
-            generation=generation,
-            backend=backend,
-        )
-        for s in suites
-    }
+def suite_keys(*, suites: Sequence[Mapping[str, Any]], **inputs: Any) -> dict[str, str]:
+    """Each suite's own cache key: its name -> :func:`cache_key` of that suite alone, with the
+    same other ``inputs`` (fingerprint, prompt format, generation, backend)."""
+    return {str(s["name"]): cache_key(suites=[s], **inputs) for s in suites}
 
 
 def find_suite_source(

@@ -112,6 +112,20 @@ def test_qlora_trains_adapters_on_a_frozen_nf4_base_and_exports_them(
         assert torch.allclose(model(**batch).logits, loaded.model(**batch).logits, atol=1e-5)
 
 
+def qlora_job(model: Path, preset: str | None = None, **hyperparameters: Any) -> dict[str, Any]:
+    """A QLoRA job on the medicine records, evaluated on ``QA`` before and after."""
+    body: dict[str, Any] = {
+        "base_model": {"path": str(model)},
+        "dataset": {"examples": MEDICINE_RECORDS},
+        "method": "qlora",
+        "hyperparameters": hyperparameters,
+        "evaluation": {"suites": [QA], "generation": {"max_new_tokens": 4}},
+    }
+    if preset is not None:
+        body["preset"] = preset
+    return body
+
+
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_a_qlora_job_evaluates_its_adapter_on_the_nf4_base(
     client: Any, settings: Settings, tiny_model_dir: Path
@@ -119,15 +133,7 @@ def test_a_qlora_job_evaluates_its_adapter_on_the_nf4_base(
     from workers.main import Worker
 
     job_id = post_job(
-        client,
-        {
-            "base_model": {"path": str(tiny_model_dir)},
-            "dataset": {"examples": MEDICINE_RECORDS},
-            "method": "qlora",
-            "preset": "risky",
-            "hyperparameters": {"max_steps": 4, "learning_rate": 2e-4},
-            "evaluation": {"suites": [QA], "generation": {"max_new_tokens": 4}},
-        },
+        client, qlora_job(tiny_model_dir, preset="risky", max_steps=4, learning_rate=2e-4)
     )
     assert Worker(settings, device="cpu", once=True, worker_id="inproc").run() == 0
     data = client.get(f"/finetune-jobs/{job_id}").json()
@@ -167,16 +173,7 @@ def test_a_worker_without_bitsandbytes_fails_a_qlora_job_once_saying_why(
 ) -> None:
     from workers.main import Worker
 
-    job_id = post_job(
-        client,
-        {
-            "base_model": {"path": str(tiny_model_dir)},
-            "dataset": {"examples": MEDICINE_RECORDS},
-            "method": "qlora",
-            "hyperparameters": {"max_steps": 2},
-            "evaluation": {"suites": [QA], "generation": {"max_new_tokens": 4}},
-        },
-    )
+    job_id = post_job(client, qlora_job(tiny_model_dir, max_steps=2))
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)
     assert Worker(settings, device="cpu", once=True, worker_id="inproc").run() == 0
     data = client.get(f"/finetune-jobs/{job_id}").json()
