@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
 from app.comparison import service
-from app.suites.rules import CompareOptions, RulesQuery
+from app.suites.rules import RULE_QUERY_PARAMETERS, CompareOptions, rules_from_query
 from app.web.response_cache import FinishedCache
 
 router = APIRouter(tags=["compare"])
@@ -32,12 +32,15 @@ def _compare_json(
     return data
 
 
-@router.get("/compare", response_model=dict[str, Any])
+@router.get(
+    "/compare",
+    response_model=dict[str, Any],
+    openapi_extra={"parameters": RULE_QUERY_PARAMETERS},
+)
 async def compare(
     request: Request,
     before: Annotated[str, Query(min_length=1, max_length=40)],
     after: Annotated[str, Query(min_length=1, max_length=40)],
-    rules: Annotated[RulesQuery, Query()],
     suites: Annotated[str | None, Query(max_length=2000)] = None,
     noise_floor: Annotated[str | None, Query(min_length=1, max_length=40)] = None,
     allow_backend_mismatch: bool = False,
@@ -53,7 +56,7 @@ async def compare(
     turns the difference into a warning.
     """
     options = CompareOptions.of(
-        rules,
+        rules_from_query(request.query_params),
         suites=service.parse_suite_names(suites),
         noise_floor=noise_floor,
         allow_backend_mismatch=allow_backend_mismatch,

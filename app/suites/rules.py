@@ -4,15 +4,17 @@
 default. ``CompareOptions`` adds what only the server needs to compute a comparison: the
 bootstrap's seed and size, which suites to compare, a noise-floor run, and whether runs on
 different engines may be compared. Suite kinds, the comparison and fine-tune jobs read this.
-``RulesQuery`` is the rule book as ``GET /compare``'s query parameters; ``rules_from_query``
-reads it from the dashboard's query string (an empty form field keeps a rule's default).
+``rules_from_query`` reads the rules from a query string (``GET /compare``'s and the
+dashboard's; an empty form field keeps a rule's default), and ``RULE_QUERY_PARAMETERS``
+documents them as OpenAPI query parameters. The route reads them itself rather than through
+FastAPI's query-parameter models, whose handling of an all-default model differs by version.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
-from pydantic import ConfigDict, ValidationError
+from pydantic import ValidationError
 
 from app.core.errors import Problem
 from forgetguard.rules import RULE_NAMES, CategoryRule, CompareRules, Mode
@@ -23,7 +25,7 @@ __all__ = [
     "CompareOptions",
     "CompareRules",
     "Mode",
-    "RulesQuery",
+    "RULE_QUERY_PARAMETERS",
     "rules_from_query",
 ]
 
@@ -52,10 +54,27 @@ class CompareOptions(CompareRules):
         return cls(**{name: getattr(rules, name) for name in CompareRules.model_fields}, **how)
 
 
-class RulesQuery(CompareRules):
-    """The rule book as query parameters: the other parameters of a query are not rules."""
+def _query_parameters() -> list[dict[str, object]]:
+    """Each rule as an OpenAPI query parameter, its schema and description the rule book's."""
+    schema = CompareRules.model_json_schema()
+    parameters = []
+    for name, prop in schema["properties"].items():
+        prop = dict(prop)
+        description = prop.pop("description", "")
+        prop.pop("title", None)
+        parameters.append(
+            {
+                "name": name,
+                "in": "query",
+                "required": False,
+                "description": description,
+                "schema": prop,
+            }
+        )
+    return parameters
 
-    model_config = ConfigDict(extra="ignore")
+
+RULE_QUERY_PARAMETERS = _query_parameters()
 
 
 def rules_from_query(params: Mapping[str, str]) -> CompareRules:
