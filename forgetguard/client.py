@@ -48,6 +48,7 @@ __all__ = [
     "Client",
     "Comparison",
     "Evaluation",
+    "EvaluationGroup",
     "FinetuneJob",
     "ForgetguardError",
     "JobFailed",
@@ -172,9 +173,13 @@ class _View(BaseModel):
 
 
 class Progress(_View):
+    """The current stage's ``done`` of ``total``; the whole job's ``percent`` and ETA."""
+
     done: int = 0
     total: int = 0
     stage: str = ""
+    percent: float | None = None
+    eta_seconds: float | None = None
 
 
 class SuiteRun(_View):
@@ -198,6 +203,18 @@ class Evaluation(_View):
     results: dict[str, Any] | None = None
     cached_from: str | None = None
     error: str | None = None
+
+
+class EvaluationGroup(_View):
+    """The evaluations one ``POST /evaluations`` with ``model.adapters`` queued, in the order
+    the adapters were listed (``GET /evaluations?group=``)."""
+
+    group: str
+    data: list[Evaluation] = []
+
+    @property
+    def ids(self) -> list[str]:
+        return [evaluation.id for evaluation in self.data]
 
 
 class FinetuneJob(_View):
@@ -373,6 +390,31 @@ def idempotency_key(body: Mapping[str, Any], *, environ: Mapping[str, str] | Non
     content = {"body": body, "run": run, "files": files}
     canonical = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return "fg-" + hashlib.sha256(canonical.encode()).hexdigest()[:48]
+
+
+def _evaluation_body(
+    model: dict[str, Any],
+    *,
+    suites: Sequence[str | Mapping[str, Any]] | None,
+    prompt_format: str | None,
+    max_new_tokens: int | None,
+    label: str | None,
+    cache: bool,
+    generation: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    """A ``POST /evaluations`` body: only what the caller set (the server has the defaults)."""
+    body: dict[str, Any] = {"model": model, "cache": cache}
+    if suites is not None:
+        body["suites"] = [s if isinstance(s, str) else dict(s) for s in suites]
+    if prompt_format is not None:
+        body["prompt_format"] = prompt_format
+    if generation or max_new_tokens is not None:
+        body["generation"] = dict(generation or {})
+        if max_new_tokens is not None:
+            body["generation"]["max_new_tokens"] = max_new_tokens
+    if label is not None:
+        body["label"] = label
+    return body
 
 
 class Client:
@@ -585,21 +627,53 @@ class Client:
     ) -> Evaluation:
         """Queue an evaluation (``POST /evaluations``); ``model`` adds fields such as a backend,
         ``generation`` settings beside ``max_new_tokens``."""
-        body: dict[str, Any] = {
-            "model": {"path": model_path, "adapter_path": adapter_path, **(model or {})},
-            "cache": cache,
-        }
-        if suites is not None:
-            body["suites"] = [s if isinstance(s, str) else dict(s) for s in suites]
-        if prompt_format is not None:
-            body["prompt_format"] = prompt_format
-        if generation or max_new_tokens is not None:
-            body["generation"] = dict(generation or {})
-            if max_new_tokens is not None:
-                body["generation"]["max_new_tokens"] = max_new_tokens
-        if label is not None:
-            body["label"] = label
+        body = _evaluation_body(
+            {"path": model_path, "adapter_path": adapter_path, **(model or {})},
+            suites=suites,
+            prompt_format=prompt_format,
+            max_new_tokens=max_new_tokens,
+            label=label,
+            cache=cache,
+            generation=generation,
+        )
         return self.submit_evaluation(body, idempotency_key=idempotency_key)
+
+    def evaluate_adapters(
+        self,
+        model_path: str,
+        adapters: Sequence[str],
+        *,
+        suites: Sequence[str | Mapping[str, Any]] | None = None,
+        prompt_format: str | None = None,
+        max_new_tokens: int | None = None,
+        label: str | None = None,
+        cache: bool = True,
+        model: Mapping[str, Any] | None = None,
+        generation: Mapping[str, Any] | None = None,
+        idempotency_key: str | None = None,
+    ) -> EvaluationGroup:
+        """Queue one evaluation per adapter of one base (``model.adapters``): a worker loads
+        the base once and switches adapters. Wait on ``group.ids``; :meth:`evaluation_group`
+        reads the group again."""
+        body = _evaluation_body(
+            {"path": model_path, "adapters": list(adapters), **(model or {})},
+            suites=suites,
+            prompt_format=prompt_format,
+            max_new_tokens=max_new_tokens,
+            label=label,
+            cache=cache,
+            generation=generation,
+        )
+        data = self._post("/evaluations", body, idempotency_key)
+        return self._view(EvaluationGroup, data, "POST", "/evaluations")
+
+    def evaluation_group(self, group_id: str) -> EvaluationGroup:
+        """``GET /evaluations?group=``: the group's evaluations, newest first as every
+        listing is (each one's ``model["adapter_path"]`` says which adapter it ran)."""
+        params = {"group": group_id, "limit": 500}
+        page = self._get_object("/evaluations", params=params)
+        group = {"group": group_id, "data": page.get("data", [])}
+        return self._view(EvaluationGroup, group, "GET", "/evaluations")
 
     def submit_evaluation(
         self, body: Mapping[str, Any], *, idempotency_key: str | None = None

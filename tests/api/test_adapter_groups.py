@@ -211,3 +211,19 @@ def test_the_openapi_schema_says_what_is_accepted_and_answered(client: Any) -> N
         "#/components/schemas/EvaluationPublic",
         "#/components/schemas/EvaluationGroupPublic",
     }
+
+
+def test_the_python_client_queues_and_reads_a_group(
+    client: Any, tiny_model_dir: Path, adapters: list[str]
+) -> None:
+    from forgetguard import Client, EvaluationGroup
+
+    fg = Client("http://testserver", http=client)  # TestClient is an httpx.Client
+    group = fg.evaluate_adapters(str(tiny_model_dir), adapters, suites=[SUITE], label="sweep")
+    assert isinstance(group, EvaluationGroup) and group.group.startswith("eg_")
+    assert [e.model["adapter_path"] for e in group.data] == adapters
+    assert {e.label for e in group.data} == {"sweep"}
+    again = fg.evaluation_group(group.group)
+    assert sorted(again.ids) == sorted(group.ids)
+    assert {e.model["adapter_path"] for e in again.data} == set(adapters)
+    assert fg.evaluation_group("eg_none").data == []
