@@ -506,7 +506,7 @@ def status(
     Exit 0 queued, running or succeeded (with a passing comparison, for a fine-tune job);
     1 the job's comparison detected forgetting; 2 failed, cancelled or any error.
     """
-    from forgetguard.gate.progress import describe
+    from forgetguard.gate.progress import counts, describe
 
     with _errors_exit_2(), _client(server, timeout) as fg:
         job = fg.get(job_id)
@@ -517,8 +517,7 @@ def status(
     if as_json:
         _print_json(job.model_dump(mode="json"))
     else:
-        counts = f" {job.progress.done}/{job.progress.total}" if job.progress.total else ""
-        typer.echo(describe("", job) + counts)
+        typer.echo(describe("", job) + counts(job))
     raise typer.Exit(code)
 
 

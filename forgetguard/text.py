@@ -66,3 +66,12 @@ def xml_text(value: Any, limit: int | None = None) -> str:
         else _escape(c)
         for c in text
     )
+
+
+def duration(seconds: float) -> str:
+    """``42s``, ``3m 05s``, ``2h 07m``: a wait, a run or an ETA, as people read them."""
+    minutes, secs = divmod(max(0, int(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    if hours:
+        return f"{hours}h {minutes:02d}m"
+    return f"{minutes}m {secs:02d}s" if minutes else f"{secs}s"

@@ -77,6 +77,9 @@ class Settings(BaseSettings):
 
     lease_seconds: float = 60.0
     heartbeat_seconds: float = 10.0
+    # A running fine-tune job stores its progress (percent, ETA) at most this often between
+    # its events; each store renews the lease.
+    progress_seconds: float = Field(1.0, ge=0)
     max_attempts: int = 3
     poll_seconds: float = 1.0
     # A worker given SIGTERM finishes its current batch, releases the job and exits within this.

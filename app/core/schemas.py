@@ -148,9 +148,15 @@ class EvaluationCreate(_Request):
 
 
 class Progress(BaseModel):
+    """Where a job is: its current stage's ``done`` of ``total``, and, once a worker runs
+    it, the whole job's ``percent`` and ``eta_seconds`` (null until the rates of the work
+    ahead are measured) across all its stages."""
+
     done: int
     total: int
     stage: str
+    percent: float | None = None
+    eta_seconds: float | None = None
 
 
 class EnginePublic(BaseModel):

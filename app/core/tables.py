@@ -178,6 +178,8 @@ class FinetuneJob(JobMixin, Base):
     metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     # The backend its evaluations run on: only a worker of that backend claims the job.
     backend: Mapped[str] = mapped_column(String(16), default="transformers")
+    # Resolved at submission: {"hyperparameters": {...}, "planned_steps": n}; None before 0007.
+    resolved: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
 
 
 class FinetuneEvent(Base):

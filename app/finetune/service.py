@@ -28,6 +28,7 @@ from app.finetune.schemas import (
     GeneralData,
     Hyperparameters,
     InterpolationSpec,
+    ResolvedHyperparameters,
     dataset_changed_detail,
     evaluation_budget_problem,
     holdout_count,
@@ -45,6 +46,24 @@ from app.jobs.status import JobStatus
 from app.suites import versions
 
 
+def hyperparameters(row: FinetuneJob) -> ResolvedHyperparameters:
+    """The job's training settings, as resolved when it was queued (jobs queued before they
+    were stored are resolved from their request, as then)."""
+    if row.resolved is not None:
+        return ResolvedHyperparameters.model_validate(row.resolved["hyperparameters"])
+    request = row.request
+    return resolve_hyperparameters(
+        request["method"], request["preset"], Hyperparameters(**request["hyperparameters"])
+    )
+
+
+def planned_steps(row: FinetuneJob) -> int | None:
+    """The optimizer steps the dataset planned at submission; the worker learns the exact
+    count once its data is prepared (replay records, truncation). None before they were
+    stored."""
+    return None if row.resolved is None else row.resolved.get("planned_steps")
+
+
 def public(row: FinetuneJob) -> FinetuneJobPublic:
     """The API view of a fine-tune job (inline records are counted, not echoed)."""
     request = row.request
@@ -56,9 +75,7 @@ def public(row: FinetuneJob) -> FinetuneJobPublic:
         base_model={"path": row.base_model_path},
         method=request["method"],
         preset=request["preset"],
-        hyperparameters=resolve_hyperparameters(
-            request["method"], request["preset"], Hyperparameters(**request["hyperparameters"])
-        ).model_dump(),
+        hyperparameters=hyperparameters(row).model_dump(),
         lora=request.get("lora"),
         replay=summarize_source(request.get("replay")),
         ewc=summarize_source(request.get("ewc")),
@@ -140,21 +157,28 @@ def _domain_defaults(session: Session, spec: FinetuneEvaluationSpec, n_records: 
         )
 
 
-def _check_evaluation_budget(body: FinetuneJobCreate, n_records: int) -> None:
-    """Bound the checkpoint evaluations a cadence derives (422), from the dataset as inspected.
+def _planned_steps(body: FinetuneJobCreate, n_records: int, hp: ResolvedHyperparameters) -> int:
+    """The optimizer steps the dataset as inspected plans.
 
     The examples trained on: the dataset less its held-out split, plus the replay records
     (at most ``int(domain × fraction)``); ``max_steps`` when set fixes the count outright.
     """
     spec = body.evaluation
-    if spec is None or spec.every_steps is None:
-        return
     domain = n_records
-    if spec.domain and spec.domain.holdout is not None:
+    if spec is not None and spec.domain and spec.domain.holdout is not None:
         domain -= holdout_count(n_records, spec.domain.holdout)
     examples = domain + (int(domain * body.replay.fraction) if body.replay is not None else 0)
-    hp = body.resolved()
-    total = planned_total_steps(max(1, examples), hp)
+    return planned_total_steps(max(1, examples), hp)
+
+
+def _check_evaluation_budget(
+    body: FinetuneJobCreate, n_records: int, hp: ResolvedHyperparameters
+) -> None:
+    """Bound the checkpoint evaluations a cadence derives (422), from the dataset as inspected."""
+    spec = body.evaluation
+    if spec is None or spec.every_steps is None:
+        return
+    total = _planned_steps(body, n_records, hp)
     problem = evaluation_budget_problem(
         total, spec.every_steps, spec.checkpoints, exact=hp.max_steps is not None
     )
@@ -239,6 +263,7 @@ def create(
     """
     files = inspected or inspect_files(settings=settings, body=body, allow_from_job=allow_from_job)
     n_records = files.records
+    hp = body.resolved()  # once: stored with the job, which trains with these
     if body.evaluation is not None:
         # Pin suite versions (inline suites are registered): before and after run the same ones.
         body.evaluation.suites = list(
@@ -252,11 +277,10 @@ def create(
             )
         )
         _domain_defaults(session, body.evaluation, n_records)
-        _check_evaluation_budget(body, n_records)
+        _check_evaluation_budget(body, n_records, hp)
     _pin_general_source(session, settings, body.replay, "replay")
     _pin_general_source(session, settings, body.ewc, "ewc")
     warnings = body.warnings(n_records)
-    hp = body.resolved()
     row = FinetuneJob(
         id=new_id("ft"),
         label=body.label,
@@ -266,6 +290,10 @@ def create(
         progress={"done": 0, "total": 0, "stage": "queued"},
         max_attempts=settings.max_attempts,
         warnings=warnings,
+        resolved={
+            "hyperparameters": hp.model_dump(mode="json"),
+            "planned_steps": _planned_steps(body, n_records, hp),
+        },
     )
     lifecycle.submit(session, row)
     session.flush()

@@ -32,13 +32,13 @@ from app.core.pagination import newest_first, page
 from app.core.tables import Evaluation, EvaluationItem, FinetuneEvent, FinetuneJob
 from app.evaluations import service as evaluations
 from app.finetune import service as finetune
-from app.finetune.schemas import Hyperparameters, resolve_hyperparameters
 from app.jobs.status import LIVE, JobStatus
 from app.suites.kinds import KINDS
 from app.suites.registry import Display
 from app.suites.rules import CompareOptions, rules_from_query
 from app.ui import views
 from app.web.deps import SessionDep
+from forgetguard.text import duration
 
 HERE = Path(__file__).resolve().parent
 STATIC_DIR = HERE / "static"
@@ -76,14 +76,7 @@ def _when(value: datetime | None) -> str:
 def _duration(start: datetime | None, end: datetime | None) -> str:
     if start is None or end is None:
         return "—"
-    seconds = int((end - start).total_seconds())
-    minutes, seconds = divmod(seconds, 60)
-    hours, minutes = divmod(minutes, 60)
-    return (
-        f"{hours}h {minutes:02d}m"
-        if hours
-        else (f"{minutes}m {seconds:02d}s" if minutes else f"{seconds}s")
-    )
+    return duration((end - start).total_seconds())
 
 
 def make_environment() -> Environment:
@@ -96,7 +89,9 @@ def make_environment() -> Environment:
         lstrip_blocks=True,
     )
     env.filters.update(pct=percent, num=number, pvalue=_pvalue, when=_when)
-    env.globals.update(duration=_duration, LIVE=LIVE, REFRESH_SECONDS=REFRESH_SECONDS)
+    env.globals.update(
+        duration=_duration, seconds=duration, LIVE=LIVE, REFRESH_SECONDS=REFRESH_SECONDS
+    )
     return env
 
 
@@ -487,11 +482,7 @@ def finetune_job_page(job_id: str, session: SessionDep) -> HTMLResponse:
         request_=request,
         method=request.get("method", "—"),
         # The values the job trains with (preset + overrides), not only what was overridden.
-        hyperparameters=resolve_hyperparameters(
-            request.get("method", "lora"),
-            request.get("preset", "safe"),
-            Hyperparameters(**(request.get("hyperparameters") or {})),
-        ).model_dump(),
+        hyperparameters=finetune.hyperparameters(job).model_dump(),
         options={k: request.get(k) for k in ("preset", "lora", "replay", "ewc") if request.get(k)},
         warnings=warnings,
         # A warning the job also logged as an event is listed once.

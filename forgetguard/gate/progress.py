@@ -20,7 +20,7 @@ from rich.progress import (
 
 from forgetguard.client import Evaluation, FinetuneJob
 from forgetguard.status import JobStatus
-from forgetguard.text import one_line
+from forgetguard.text import duration, one_line
 
 
 def describe(role: str, job: Evaluation | FinetuneJob) -> str:
@@ -34,9 +34,16 @@ def describe(role: str, job: Evaluation | FinetuneJob) -> str:
     return f"{prefix}{one_line(job.id, 80)}{cached}: {status}"
 
 
-def _elapsed(seconds: float) -> str:
-    minutes, secs = divmod(int(seconds), 60)
-    return f"{minutes}m {secs:02d}s" if minutes else f"{secs}s"
+def counts(job: Evaluation | FinetuneJob) -> str:
+    """`` 12/40, 37% of the job, ETA 2m 05s``: the stage's count, then the whole job's
+    figure while it runs (the ETA once the worker has measured the work ahead)."""
+    progress = job.progress
+    out = f" {progress.done}/{progress.total}" if progress.total else ""
+    if job.status == JobStatus.RUNNING and progress.percent is not None:
+        out += f", {progress.percent:.0f}% of the job"
+        if progress.eta_seconds is not None:
+            out += f", ETA {duration(progress.eta_seconds)}"
+    return out
 
 
 class WaitDisplay:
@@ -106,9 +113,8 @@ class WaitDisplay:
             now = self.clock()
             last_line, last_time = self.shown.get(role, ("", -float("inf")))
             if line != last_line or now - last_time >= self.every:
-                counts = f" {done or 0}/{total}" if total else ""
                 self.console.print(
-                    f"{line}{counts}, {_elapsed(now - self.started)}",
+                    f"{line}{counts(job)}, {duration(now - self.started)}",
                     markup=False,
                     highlight=False,
                     soft_wrap=True,

@@ -31,7 +31,13 @@ def test_post_evaluation_queues_and_points_to_it(client, tiny_model_dir) -> None
     data = response.json()
     assert response.headers["location"] == f"/evaluations/{data['id']}"
     assert data["status"] == "queued" and data["label"] == "base"
-    assert data["progress"] == {"done": 0, "total": 2, "stage": "queued"}
+    assert data["progress"] == {
+        "done": 0,
+        "total": 2,
+        "stage": "queued",
+        "percent": None,  # a worker measures these
+        "eta_seconds": None,
+    }
     assert data["suites"][0]["name"] == "tiny-qa" and data["suites"][0]["content_hash"].startswith(
         "sha256:"
     )

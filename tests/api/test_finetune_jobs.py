@@ -491,3 +491,41 @@ def test_the_default_method_is_stated_in_the_response(client, tiny_model_dir) ->
     job = client.post("/finetune-jobs", json=body(tiny_model_dir)).json()
     assert job["method"] == "lora" and job["lora"]["target_modules"] == ["q_proj", "v_proj"]
     assert job["hyperparameters"]["learning_rate"] == 2e-4  # the safe preset's LoRA rate
+
+
+def test_hyperparameters_are_resolved_once_at_submission_and_stored(
+    client, settings, tiny_model_dir
+) -> None:  # type: ignore[no-untyped-def]
+    from app.core.tables import FinetuneJob
+    from app.finetune.schemas import FinetuneJobCreate, planned_total_steps
+
+    sent = body(tiny_model_dir, method="lora", preset="safe", hyperparameters={"max_steps": 7})
+    job = client.post("/finetune-jobs", json=sent).json()
+    engine = make_engine(settings.database_url)
+    try:
+        with session_factory(engine)() as session:
+            row = session.get(FinetuneJob, job["id"])
+            assert row is not None and row.resolved is not None
+            expected = FinetuneJobCreate.model_validate(sent).resolved()
+            assert row.resolved["hyperparameters"] == expected.model_dump(mode="json")
+            assert row.resolved["planned_steps"] == planned_total_steps(3, expected) == 7
+            # What was stored is what the job trains with and shows, whatever the presets
+            # say later: a job queued under other defaults keeps them.
+            row.resolved = {
+                **row.resolved,
+                "hyperparameters": {**row.resolved["hyperparameters"], "learning_rate": 0.123},
+            }
+            session.commit()
+        assert (
+            client.get(f"/finetune-jobs/{job['id']}").json()["hyperparameters"]["learning_rate"]
+            == 0.123
+        )
+        with session_factory(engine)() as session:  # a job queued before they were stored
+            row = session.get(FinetuneJob, job["id"])
+            assert row is not None
+            row.resolved = None
+            session.commit()
+        shown = client.get(f"/finetune-jobs/{job['id']}").json()["hyperparameters"]
+        assert shown == expected.model_dump(mode="json")
+    finally:
+        engine.dispose()

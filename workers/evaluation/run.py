@@ -35,6 +35,7 @@ from workers.engine.loading import ModelCache, load_tokenizer
 from workers.engine.transformers_backend import TransformersBackend
 from workers.engine.vllm_memory import NotEnoughMemory
 from workers.evaluation.scoring import RunSettings, run_items
+from workers.progress import Phase, Tracker
 
 log = logging.getLogger("forgetguard.worker")
 
@@ -381,6 +382,10 @@ def run_evaluation(
     done = _done_items(ctx, evaluation_id)
     total = sum(len(defn["items"]) for defn in suites.values())
     progress = {"done": len(done)}
+    tracker = Tracker([Phase("items", "items", total, len(done))])
+    tracker.at("items")  # the clock starts: the items after this are measured
+    if on_progress:
+        on_progress(len(done), total)
 
     for suite in evaluation.suites:
         definition = suites[suite["name"]]
@@ -404,7 +409,7 @@ def run_evaluation(
             ctx.check_stop()
             rows = storable_rows(rows, suite_name, ctx.settings.max_stored_response_chars)
             progress["done"] += len(rows)
-            now = {"done": progress["done"], "total": total, "stage": suite_name}
+            now = tracker.at("items", done=progress["done"], stage=suite_name)
             # The lease check and the rows are one transaction: only the holder writes. The
             # evaluation is the claimed job, or one run inside the fine-tune job holding it.
             with guarded_write(ctx.engine, ctx.job, ctx.settings.lease_seconds) as session:
@@ -438,6 +443,6 @@ def run_evaluation(
                 session,
                 ctx.job,
                 results=results,
-                progress={"done": total, "total": total, "stage": "done"},
+                progress={**tracker.at("items", done=total), "stage": "done"},
             )
     return results

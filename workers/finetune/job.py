@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import logging
 import shutil
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from app.core.errors import Problem
 from app.core.fingerprint import fingerprint
 from app.core.tables import FinetuneEvent, FinetuneJob, utcnow
-from app.finetune.schemas import FinetuneJobCreate
+from app.finetune import service as jobs
+from app.finetune.schemas import FinetuneJobCreate, evaluation_count
 from app.jobs import lifecycle
 from app.jobs.queue import LeaseLost, guarded_write, set_job, succeed
 from app.jobs.status import JobStatus
@@ -38,8 +40,28 @@ from workers.finetune.stages.evaluation import (
 from workers.finetune.stages.interpolation import interpolate
 from workers.finetune.stages.training import run_training
 from workers.finetune.statefile import read_state
+from workers.progress import Phase, Tracker
 
 log = logging.getLogger("forgetguard.worker")
+
+Store = Literal["now", "throttled", "no"]
+
+
+def plan(request: FinetuneJobCreate, planned_steps: int | None, items: int) -> list[Phase]:
+    """The phases a job expects at its start (``items``: its general suites' items); each
+    gets its exact size when it begins, and work found on the way joins the plan then."""
+    steps = planned_steps or 0
+    spec = request.evaluation
+    training = Phase("training", "steps", steps)
+    if spec is None:
+        return [training]
+    checkpoints = evaluation_count(steps, spec.every_steps, spec.checkpoints)
+    return [
+        Phase("before evaluation", "items", items),
+        training,
+        *([Phase("checkpoint evaluations", "items", checkpoints * items)] if checkpoints else []),
+        Phase("after evaluation", "items", items),
+    ]
 
 
 class FinetuneRun:
@@ -55,7 +77,10 @@ class FinetuneRun:
             assert row is not None, f"fine-tune job {self.job_id} vanished"
             self.request = FinetuneJobCreate.model_validate(row.request)
             self.max_attempts = row.max_attempts
-        self.hp = self.request.resolved()
+            self.hp = jobs.hyperparameters(row)
+            self.planned_steps = jobs.planned_steps(row)
+        self.tracker = Tracker([])  # planned in _run, once the suites' sizes are known
+        self._progress_written = 0.0
         self.job_dir = self.settings.artifacts_dir / self.job_id
         self.device = models.device
 
@@ -88,14 +113,40 @@ class FinetuneRun:
         log.warning("finetune %s: %s", self.job_id, message)
 
     def stage(
-        self, stage: str, *, done: int = 0, total: int = 0, data: dict[str, Any] | None = None
+        self,
+        stage: str,
+        *,
+        phase: str | None = None,
+        done: int | None = None,
+        total: int | None = None,
+        unit: str = "items",
+        data: dict[str, Any] | None = None,
     ) -> None:
-        self.event(
-            f"stage: {stage}",
-            data={"stage": stage, **(data or {})},
-            progress={"done": done, "total": total, "stage": stage},
+        """An event for the stage beginning; ``phase`` (default: the stage) is its part of
+        the job's progress, counted in ``unit``."""
+        progress = self.tracker.at(
+            phase or stage, done=done, total=total, unit=unit, stage=stage, measured=False
         )
+        self.event(f"stage: {stage}", data={"stage": stage, **(data or {})}, progress=progress)
+        self._progress_written = time.monotonic()
         log.info("finetune %s: %s", self.job_id, stage)
+
+    def progress(
+        self, phase: str, *, unit: str = "items", store: Store = "throttled", **at: Any
+    ) -> dict[str, Any]:
+        """Move ``phase`` (:meth:`Tracker.at`'s arguments) and return the job's progress,
+        stored (renewing the lease) ``now``, at most every ``settings.progress_seconds``
+        (``throttled``), or by the caller with an event of its own (``no``)."""
+        progress = self.tracker.at(phase, unit=unit, **at)
+        now = time.monotonic()
+        due = now - self._progress_written >= self.settings.progress_seconds
+        if store == "now" or (store == "throttled" and due):
+            self._progress_written = now
+            with guarded_write(
+                self.ctx.engine, self.ctx.job, self.settings.lease_seconds, progress=progress
+            ):
+                pass
+        return progress
 
     def _job(self) -> FinetuneJob:
         with self.ctx.sessionmaker() as session:
@@ -161,6 +212,9 @@ class FinetuneRun:
         except ValueError as exc:
             raise UserError(str(exc)) from None
         eval_definitions = evaluation_definitions(self)
+        self.tracker = Tracker(
+            plan(request, self.planned_steps, sum(len(d["items"]) for d in eval_definitions))
+        )
 
         before_id = None
         domain_before: tuple[dict[str, Any] | None, str | None] = (None, None)
@@ -180,6 +234,7 @@ class FinetuneRun:
                 )
         if done is not None:
             outcome = done
+            self.tracker.skip("training", "checkpoint evaluations")
             self.event("training already finished in an earlier attempt; not repeated")
         else:  # never finished, or its record is unreadable: the training stage runs again
             outcome = run_training(
@@ -253,7 +308,13 @@ class FinetuneRun:
                 trainable_parameters=outcome.trainable_parameters,
                 metrics=outcome.metrics,
                 checkpoint_path=None,
-                progress={"done": steps, "total": steps, "stage": "done"},
+                progress={
+                    "done": steps,
+                    "total": steps,
+                    "stage": "done",
+                    "percent": 100.0,
+                    "eta_seconds": 0.0,
+                },
             ):
                 raise LeaseLost(
                     f"finetune {self.job_id} is no longer held by {self.ctx.job.worker_id}"

@@ -97,7 +97,13 @@ def test_all_kinds_score_and_aggregate(client, tiny_model_dir, prompt_format) ->
     assert worker.run() == 0
     ev = client.get(f"/evaluations/{created['id']}").json()
     assert ev["status"] == "succeeded", ev["error"]
-    assert ev["progress"] == {"done": 9, "total": 9, "stage": "done"}
+    assert ev["progress"] == {
+        "done": 9,
+        "total": 9,
+        "stage": "done",
+        "percent": 100.0,
+        "eta_seconds": 0.0,
+    }
     assert ev["prompt_format"] == prompt_format and ev["model"]["fingerprint"].startswith("sha256:")
     res = ev["results"]
 

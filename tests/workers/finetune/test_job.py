@@ -209,3 +209,73 @@ def test_sigterm_checkpoints_the_last_step_and_releases_the_job(
     assert done.status == "succeeded", done.error
     assert done.metrics is not None and done.metrics["resumed_from_steps"] == [saved]
     assert done.metrics["global_step"] == 30
+
+
+def test_job_progress_is_one_figure_that_follows_its_evaluation_and_training(
+    client, settings, engine, tiny_model_dir, procs, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    """The job's percent runs across stages (never back), its count follows the evaluation it
+    is running item by item, and the ETA appears once the work ahead has a measured rate."""
+    suite = {
+        "name": "tiny-progress",
+        "kind": "qa",
+        "items": [
+            {"id": f"q{i}", "question": f"What is {i} plus one?", "answers": [str(i + 1)]}
+            for i in range(24)
+        ],
+    }
+    body: dict[str, Any] = {
+        "base_model": {"path": str(tiny_model_dir)},
+        "dataset": {"examples": MEDICINE_RECORDS},
+        "method": "lora",
+        "preset": "risky",
+        "hyperparameters": {"learning_rate": 2e-4, "max_steps": 12},
+        "evaluation": {"suites": [suite], "generation": {"max_new_tokens": 4}},
+    }
+    job_id = post_job(client, body)
+    every = {"FORGETGUARD_PROGRESS_SECONDS": "0"}
+
+    def progress() -> dict[str, Any]:
+        return dict(job(engine, job_id).progress)
+
+    # Held after 8 items of the before-evaluation: the job says so, not just its child.
+    procs.append(start_worker(settings, log=tmp_path / "a.log", env={HOLD_AT: "items:8", **every}))
+    wait_for(lambda: progress().get("done", 0) >= 8, STARTUP, 0.3, "8 items in the job's progress")
+    evaluating = progress()
+    assert evaluating["stage"].startswith("before evaluation")
+    assert evaluating["total"] == 24
+    assert 0 < evaluating["percent"] < 100
+    procs[-1].send_signal(signal.SIGTERM)
+    assert procs[-1].wait(timeout=120) == 0
+
+    # Held at step 6: items and steps both measured in this attempt, so the ETA is known.
+    procs.append(start_worker(settings, log=tmp_path / "b.log", env={**hold_after(6), **every}))
+    wait_for(lambda: progress().get("stage") == "training" and progress()["done"] >= 6, STARTUP)
+    training = progress()
+    assert (training["done"], training["total"]) == (6, 12)
+    assert evaluating["percent"] <= training["percent"] < 100
+    assert training["eta_seconds"] is not None and training["eta_seconds"] > 0
+    procs[-1].send_signal(signal.SIGTERM)
+    assert procs[-1].wait(timeout=120) == 0
+
+    procs.append(start_worker(settings, log=tmp_path / "c.log", env=every))
+    data = succeeded(client, engine, job_id, tmp_path / "c.log")
+    assert data["progress"]["percent"] == 100.0 and data["progress"]["eta_seconds"] == 0.0
+
+
+def test_the_worker_trains_with_the_hyperparameters_stored_at_submission(
+    client, settings, engine, tiny_model_dir, procs, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    from app.core.tables import FinetuneJob
+
+    job_id = submit(client, tiny_model_dir, max_steps=6)
+    with session_factory(engine)() as session:  # as if the presets changed since: 3 steps
+        row = session.get(FinetuneJob, job_id)
+        assert row is not None and row.resolved is not None
+        hp = {**row.resolved["hyperparameters"], "max_steps": 3}
+        row.resolved = {"hyperparameters": hp, "planned_steps": 3}
+        session.commit()
+    procs.append(start_worker(settings, log=tmp_path / "worker.log"))
+    data = succeeded(client, engine, job_id, tmp_path / "worker.log")
+    assert data["metrics"]["total_steps"] == 3
+    assert data["hyperparameters"]["max_steps"] == 3

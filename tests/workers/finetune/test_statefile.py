@@ -26,6 +26,7 @@ from workers.finetune import statefile
 from workers.finetune.artifacts import TRAINING_DONE, save_output
 from workers.finetune.job import training_done
 from workers.finetune.statefile import DiskFull, read_state, write_atomic, write_json
+from workers.progress import Tracker
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -175,6 +176,8 @@ def test_a_torn_sweep_state_restarts_the_sweep(
             self.alpha = alpha
 
     class Evaluator:
+        items = 2
+
         def __init__(self, *_: Any) -> None:
             pass
 
@@ -190,6 +193,7 @@ def test_a_torn_sweep_state_restarts_the_sweep(
         job_dir=tmp_path,
         stage=lambda *a, **k: None,
         event=lambda message, **k: events.append(message),
+        tracker=Tracker([]),
     )
     (tmp_path / interpolation.RESULTS).write_text("", encoding="utf-8")  # an old torn write
     outcome = TrainingOutcome(str(tmp_path / "adapter"), trainable_parameters={}, metrics={})

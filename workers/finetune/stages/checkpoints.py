@@ -55,6 +55,9 @@ def _gain(domain: dict[str, Any] | None) -> float:
 class CheckpointEvaluator:
     """Called by the trainer at each evaluated step with the model as it is in memory."""
 
+    # The job's progress phase its evaluations count in (an interpolation names its own).
+    phase = "checkpoint evaluations"
+
     def __init__(
         self,
         run: FinetuneRun,
@@ -119,6 +122,16 @@ class CheckpointEvaluator:
             _, held = domain_records(run)
             self.held_out, _ = encode_records(tokenizer, held, fmt, run.hp.max_seq_length)
 
+    @property
+    def items(self) -> int:
+        """Items one evaluation answers: the general suites' and the domain suites'."""
+        return sum(len(d["items"]) for d in [*self.definitions, *self.domain_suites])
+
+    def plan(self) -> None:
+        """Size the job's progress phase: the steps to evaluate, those stored done."""
+        stored = len(set(self._stored()) & set(self.steps))
+        self.run.tracker.resize(self.phase, len(self.steps) * self.items, done=stored * self.items)
+
     @staticmethod
     def _definition(session: Any, snapshot: dict[str, Any]) -> dict[str, Any]:
         from app.core.tables import Suite
@@ -159,6 +172,7 @@ class CheckpointEvaluator:
             def emit(rows: list[dict[str, Any]], into: list[dict[str, Any]] = collected) -> None:
                 self.run.ctx.check_stop()
                 into.extend(rows)
+                self.run.progress(self.phase, add=len(rows))
 
             items = list(enumerate(definition["items"]))
             run_items(definition["kind"], backend, definition, items, self.settings, emit)
@@ -225,9 +239,7 @@ class CheckpointEvaluator:
         stored = self._stored()
         answers = None
         if step not in stored:
-            self.run.stage(
-                f"checkpoint evaluation at step {step}", done=step, total=self.total_steps
-            )
+            self.run.stage(f"checkpoint evaluation at step {step}", phase=self.phase)
             figures, answers = self.measure(step)
             self._keep_if_best(step, figures)
         else:

@@ -136,12 +136,14 @@ def answer_pending(
     key = completion_cache_key(base_fp, prompts, fmt, spec.max_new_tokens)
 
     def generate() -> list[str]:
-        run.stage("base model answering general prompts", total=len(prompts))
+        phase = "base model answering general prompts"
+        run.stage(phase, total=len(prompts), unit="prompts")
         loaded = run.models.get(run.request.base_model.path, None)
         backend = engine.TransformersBackend(loaded.model, loaded.tokenizer)
 
         def progress(index: int, _text: str) -> None:
             run.ctx.check_stop()
+            run.progress(phase, unit="prompts", add=1)
 
         texts = backend.generate(
             [Prompt(p, fmt == "chat") for p in prompts],

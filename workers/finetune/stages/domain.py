@@ -168,7 +168,8 @@ def held_out_nll(
     if not examples:
         run.warn("domain: no held-out record has tokens to score; no domain NLL")
         return None
-    run.stage(f"domain: held-out NLL ({which})", total=len(examples))
+    phase = f"domain: held-out NLL ({which})"
+    run.stage(phase, total=len(examples), unit="examples")
     summary = held_out_summary(completion_nll(model, examples, pad_id(tokenizer), **KL_TOPK))
     write_json(path, summary)
     run.event(
@@ -176,6 +177,7 @@ def held_out_nll(
         f"({summary['records']} records, {summary['tokens']} tokens)",
         data={k: v for k, v in summary.items() if k not in ("per_record", "topk")}
         | {"which": which},
+        progress=run.progress(phase, unit="examples", done=len(examples), store="no"),
     )
     return summary
 

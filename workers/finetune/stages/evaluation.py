@@ -29,16 +29,30 @@ if TYPE_CHECKING:
 
 @dataclass
 class StageContext(JobContext):
-    """A JobContext whose stage names carry a prefix ("before evaluation: general-qa")."""
+    """A JobContext for an evaluation the job runs: its stages are the job's phase ``phase``
+    ("before evaluation: general-qa"), and its progress the job's."""
 
-    prefix: str = ""
+    phase: str = ""
+    run: FinetuneRun | None = None
 
     def set_stage(self, stage: str, *, done: int | None = None, total: int | None = None) -> None:
-        super().set_stage(f"{self.prefix}: {stage}", done=done, total=total)
+        assert self.run is not None
+        self.run.progress(
+            self.phase,
+            done=done,
+            total=total,
+            stage=f"{self.phase}: {stage}",
+            store="now",
+            measured=False,
+        )
 
 
-def prefixed(ctx: JobContext, prefix: str) -> JobContext:
-    return StageContext(**{f.name: getattr(ctx, f.name) for f in fields(JobContext)}, prefix=prefix)
+def in_phase(run: FinetuneRun, phase: str) -> StageContext:
+    """The job's context, for an evaluation that is the job's phase ``phase``."""
+    ctx = run.ctx
+    return StageContext(
+        **{f.name: getattr(ctx, f.name) for f in fields(JobContext)}, phase=phase, run=run
+    )
 
 
 def job_settings(settings: Settings) -> Settings:
@@ -129,7 +143,8 @@ def evaluate(
         current = session.get(Evaluation, evaluation_id)
         assert current is not None
         status, snapshot = current.status, current.suites
-    if status == JobStatus.SUCCEEDED:
+    if status == JobStatus.SUCCEEDED:  # an earlier attempt's, or answered from the cache
+        run.tracker.skip(f"{which} evaluation")
         return evaluation_id
     if status != JobStatus.RUNNING:
         raise UserError(
@@ -137,12 +152,20 @@ def evaluate(
         )
     if answers is not None:
         _take_answers(run, which, evaluation_id, snapshot, answers)
-    run.stage(f"{which} evaluation", data={"evaluation_id": evaluation_id})
+    phase = f"{which} evaluation"
+    run.stage(phase, total=sum(s["items"] for s in snapshot), data={"evaluation_id": evaluation_id})
     models = run.models if from_base else ModelCache(settings, run.device)
     # One vLLM engine per worker: the after-evaluation's adapter is served on the base's.
     models.engines = run.models.engines
+    begun = False
+
+    def on_progress(done: int, total: int) -> None:
+        nonlocal begun  # the first report counts what was done before (resumed, taken)
+        run.progress(phase, done=done, total=total, measured=begun)
+        begun = True
+
     results = run_evaluation(
-        prefixed(run.ctx, f"{which} evaluation"), models, evaluation_id=evaluation_id
+        in_phase(run, phase), models, evaluation_id=evaluation_id, on_progress=on_progress
     )
     with guarded_write(run.ctx.engine, run.ctx.job, run.settings.lease_seconds) as session:
         total = sum(s["items"] for s in snapshot)

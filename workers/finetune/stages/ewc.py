@@ -61,18 +61,18 @@ def ewc_regularizer(
         examples, _ = encode_records(tokenizer, records, fmt, run.hp.max_seq_length)
         if not examples:
             raise UserError("ewc: no general example has tokens to compute the Fisher on")
-        run.stage("ewc: computing the Fisher information", total=len(examples))
+        phase = "ewc: computing the Fisher information"
+        run.stage(phase, total=len(examples), unit="examples")
         beat = time.monotonic()
 
         def on_sample(index: int) -> None:
             nonlocal beat
             run.ctx.check_stop()
+            progress = run.progress(phase, unit="examples", done=index, store="no")
             if time.monotonic() - beat > 2.0:
                 beat = time.monotonic()
                 run.event(
-                    f"ewc: Fisher sample {index}/{len(examples)}",
-                    level="debug",
-                    progress={"done": index, "total": len(examples), "stage": "ewc: fisher"},
+                    f"ewc: Fisher sample {index}/{len(examples)}", level="debug", progress=progress
                 )
 
         fisher = per_sample_fisher(
@@ -86,5 +86,6 @@ def ewc_regularizer(
         run.event(
             f"ewc: Fisher information from {len(examples)} per-sample gradients",
             data={"samples": len(examples), "key": key},
+            progress=run.progress(phase, unit="examples", done=len(examples), store="no"),
         )
     return EWCRegularizer(model, fisher, spec.importance)

@@ -95,10 +95,13 @@ def interpolate(
     tuned = Path(trained)
     weights = _Weights(run, base_dir, tuned)
     evaluator = CheckpointEvaluator(run, weights.model, tokenizer, fmt, eval_definitions, 0)
+    evaluator.phase = "interpolation evaluations"
+    pending = [alpha for alpha in spec.alphas if alpha not in done]
+    run.tracker.resize(evaluator.phase, len(pending) * evaluator.items)
     for alpha in sorted(spec.alphas):
         if alpha in done:
             continue
-        run.stage(f"interpolation: evaluating α = {alpha:g}")
+        run.stage(f"interpolation: evaluating α = {alpha:g}", phase=evaluator.phase)
         weights.set(alpha)
         figures, _ = evaluator.measure(0)
         result = {"alpha": alpha, **figures}

@@ -107,10 +107,13 @@ def run_training(
             data={"step": resumed, "total_steps": plan.total_steps},
         )
         checksum_before = trainer.state.get("base_checksum", checksum_before)
+    if evaluator is not None:  # its exact size, now that the steps are known
+        evaluator.plan()
     run.stage(
         "training",
         done=trainer.global_step,
         total=plan.total_steps,
+        unit="steps",
         data={"plan": asdict(plan), "trainable_parameters": counts},
     )
     run.event("trainable parameters", data=counts, trainable_parameters=counts)
@@ -129,7 +132,7 @@ def run_training(
             raise RuntimeError(
                 f"LoRA training changed the frozen base: {checksum_before} → {checksum_after}"
             )
-    run.stage("saving", done=plan.total_steps, total=plan.total_steps)
+    run.stage("saving", phase="training", unit="steps")
     out = run.job_dir / ("adapter" if request.adapter else "model")
     save_output(model, tokenizer, request, base_dir, out)
     final_out = out
@@ -218,11 +221,10 @@ def _on_step(run: FinetuneRun, entry: StepLog) -> None:
         f"step {entry.step}/{entry.total_steps}: loss {entry.loss:.4f}, "
         f"lr {entry.learning_rate:.3g}"
     )
-    run.event(
-        message,
-        data=data,
-        progress={"done": entry.step, "total": entry.total_steps, "stage": "training"},
+    progress = run.progress(
+        "training", unit="steps", done=entry.step, total=entry.total_steps, store="no"
     )
+    run.event(message, data=data, progress=progress)
     run.ctx.hold_at("step", entry.step)
 
 
