@@ -2,8 +2,9 @@
 
 A job is a plan of phases, each counted in its own unit: an evaluation's items, a training's
 optimizer steps. :class:`Tracker` measures how many seconds one unit of each kind takes in
-this attempt (every second between two reports goes to the unit of the phase reported, so
-loading a model is paid for by the units after it), and from those rates reads
+this attempt (the seconds between two reports go to the unit of the phase reported; a report
+with ``measured=False``, as at a stage's start, restarts the clock, so loading a model or
+preparing data is not counted as work per unit), and from those rates reads
 
 - ``percent``: the share of the whole job's estimated time done, across every phase (never
   going back when a new measurement re-weighs the phases);
