@@ -387,13 +387,15 @@ def _submit_sharded(
 ) -> None:
     """Queue ``row`` (or answer it from ``cached``); with ``count`` > 1 and no cache answer,
     as a sharded evaluation: ``count`` shard jobs are queued in its place."""
-    total = int(row.progress["total"])
-    if count > 1 and count > total:
+    most = shards.max_shards([int(suite["items"]) for suite in row.suites])
+    if count > 1 and count > most:
         raise Problem(
             422,
-            "More shards than items",
-            f"shards={count} but the evaluation has {total} items; each shard needs one",
-            errors=[{"loc": ["body", "shards"], "msg": f"at most {total}"}],
+            "More shards than blocks of items",
+            f"shards={count}, but this evaluation's items make {most} blocks of up to "
+            f"{shards.BLOCK} (a shard scores whole blocks, so that its batches are an "
+            f"unsharded run's); use at most {most}",
+            errors=[{"loc": ["body", "shards"], "msg": f"at most {most}"}],
         )
     if count > 1 and cached is None:
         row.shard_count = count

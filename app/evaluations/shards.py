@@ -25,20 +25,45 @@ from app.core.tables import Evaluation, new_id
 from app.jobs.status import JobStatus
 
 # What a shard records about the engine that must be the same on every shard for their
-# answers to be one run's: another engine, version or dtype computes other numbers.
-ENGINE_FIELDS = ("backend", "dtype", "version", "weights_hashed")
+# answers to be one run's: another engine, version, dtype or kind of device (CPU or CUDA
+# kernels) computes other numbers. Which GPU of a kind, or whether the base was already
+# loaded, does not.
+ENGINE_FIELDS = ("backend", "dtype", "version", "weights_hashed", "device kind")
 
 
-def owns(ordinal: int, *, index: int, count: int) -> bool:
-    """Whether shard ``index`` of ``count`` scores the item at ``ordinal`` (its place among
-    all the evaluation's items, suites in order): every ``count``-th item, so each shard gets
-    a like share of every suite whatever the suites' sizes and costs."""
-    return ordinal % count == index
+# Items are dealt to shards in blocks of this many consecutive items of a suite: the items a
+# scoring driver puts in one pass (``workers.evaluation.scoring.CHUNK`` is this). A shard's
+# passes then hold exactly the items of an unsharded run's passes, so the batches, their
+# padding and hence every log-likelihood are the same to the last bit, not just close.
+BLOCK = 32
 
 
-def slice_size(total: int, *, index: int, count: int) -> int:
-    """How many of ``total`` items shard ``index`` of ``count`` scores."""
-    return len(range(index, total, count))
+def blocks(size: int) -> int:
+    """How many blocks a suite of ``size`` items has (the last may be short)."""
+    return -(-size // BLOCK)
+
+
+def positions(sizes: Sequence[int], *, index: int, count: int) -> list[list[int]]:
+    """The item positions shard ``index`` of ``count`` scores in each suite (``sizes``: the
+    evaluation's suites' item counts, in order): every ``count``-th block of the evaluation,
+    counted across its suites, so each shard gets a like share of every suite whatever the
+    suites' sizes and costs. The shards' slices are disjoint and cover every item."""
+    found: list[list[int]] = []
+    first = 0  # the evaluation-wide number of the suite's first block
+    for size in sizes:
+        found.append([p for p in range(size) if (first + p // BLOCK) % count == index])
+        first += blocks(size)
+    return found
+
+
+def slice_size(sizes: Sequence[int], *, index: int, count: int) -> int:
+    """How many items shard ``index`` of ``count`` scores."""
+    return sum(map(len, positions(sizes, index=index, count=count)))
+
+
+def max_shards(sizes: Sequence[int]) -> int:
+    """The most shards an evaluation of suites of ``sizes`` items can have: one block each."""
+    return sum(blocks(size) for size in sizes)
 
 
 def new_shards(parent: Evaluation, count: int) -> list[Evaluation]:
@@ -47,7 +72,7 @@ def new_shards(parent: Evaluation, count: int) -> list[Evaluation]:
     A shard never takes the cache and has no cache key of its own: it answers part of the
     parent, so it must neither wait for an identical run nor ever be one's source.
     """
-    total = int(parent.progress["total"])
+    sizes = [int(suite["items"]) for suite in parent.suites]
     return [
         Evaluation(
             id=new_id("ev"),
@@ -64,7 +89,7 @@ def new_shards(parent: Evaluation, count: int) -> list[Evaluation]:
             use_cache=False,
             progress={
                 "done": 0,
-                "total": slice_size(total, index=index, count=count),
+                "total": slice_size(sizes, index=index, count=count),
                 "stage": "queued",
             },
             max_attempts=parent.max_attempts,
@@ -131,7 +156,8 @@ def disagreement(shards: Iterable[Evaluation]) -> str | None:
     them), or None when they agree."""
     seen: dict[str, tuple[Any, ...]] = {}
     for shard in shards:
-        engine = shard.engine or {}
+        engine = dict(shard.engine or {})
+        engine["device kind"] = str(engine.get("device") or "").split(":")[0]
         seen[f"shard {shard.shard_index}"] = (
             shard.model_fingerprint,
             shard.prompt_format,

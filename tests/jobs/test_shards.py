@@ -14,13 +14,13 @@ from sqlalchemy import Engine, select, update
 from app.core.config import Settings
 from app.core.database import make_engine, session_factory
 from app.core.tables import Evaluation
-from app.evaluations.shards import owns, slice_size
+from app.evaluations.shards import BLOCK, disagreement, max_shards, positions, slice_size
 from app.jobs import queue
 from app.jobs.lifecycle import succeed_sharded
 from tests.conftest import qa_suite
 
 
-def _body(model_dir: Path, shards: Any, size: int = 10) -> dict[str, Any]:
+def _body(model_dir: Path, shards: Any, size: int = 100) -> dict[str, Any]:
     return {
         "model": {"path": str(model_dir)},
         "suites": [qa_suite("shard-a", size), qa_suite("shard-b", 3)],
@@ -56,16 +56,18 @@ def _claim(engine: Engine, worker: str) -> queue.ClaimedJob | None:
     return queue.claim(engine, worker_id=worker, kinds=("evaluation",), lease_seconds=60)
 
 
-def test_every_item_belongs_to_exactly_one_shard() -> None:
-    for count in (1, 2, 3, 4, 7):
-        for total in (1, 5, 13, 500):
-            owners = [
-                [i for i in range(count) if owns(n, index=i, count=count)] for n in range(total)
-            ]
-            assert all(len(found) == 1 for found in owners)
-            assert [slice_size(total, index=i, count=count) for i in range(count)] == [
-                sum(1 for found in owners if found == [i]) for i in range(count)
-            ]
+@pytest.mark.parametrize("sizes", [[1], [5, 3], [100, 3], [350, 150], [32, 64, 1, 33]])
+def test_shards_deal_whole_blocks_and_every_item_to_exactly_one_shard(sizes: list[int]) -> None:
+    for count in range(1, max_shards(sizes) + 1):
+        dealt = [positions(sizes, index=i, count=count) for i in range(count)]
+        for suite, size in enumerate(sizes):
+            owners = [[i for i in range(count) if p in dealt[i][suite]] for p in range(size)]
+            assert all(len(found) == 1 for found in owners), (sizes, count)
+            # A block (the drivers' pass) never straddles two shards.
+            for start in range(0, size, BLOCK):
+                assert len({tuple(o) for o in owners[start : start + BLOCK]}) == 1
+        assert all(dealt[i] != [[]] * len(sizes) for i in range(count))  # none left idle
+        assert sum(slice_size(sizes, index=i, count=count) for i in range(count)) == sum(sizes)
 
 
 def test_a_sharded_evaluation_queues_its_shards_and_only_they_are_claimed(
@@ -73,11 +75,12 @@ def test_a_sharded_evaluation_queues_its_shards_and_only_they_are_claimed(
 ) -> None:
     created = _sharded(client, tiny_model_dir)
     assert created["status"] == "queued" and created["shard_of"] is None
-    assert created["progress"] == {"done": 0, "total": 13, "stage": "queued"}
+    assert created["progress"] == {"done": 0, "total": 103, "stage": "queued"}
     shards = created["shards"]
     assert shards["total"] == 4 and shards["done"] == 0
     assert [s["index"] for s in shards["data"]] == [0, 1, 2, 3]
-    assert [s["progress"]["total"] for s in shards["data"]] == [4, 3, 3, 3]
+    # Blocks of 32: shard-a's 0-31, 32-63, 64-95, 96-99, then shard-b's 3 items, dealt in turn.
+    assert [s["progress"]["total"] for s in shards["data"]] == [35, 32, 32, 4]
     # The list shows the evaluation, its shards only inside it.
     listed = client.get("/evaluations").json()["data"]
     assert [e["id"] for e in listed] == [created["id"]]
@@ -107,7 +110,7 @@ def test_a_sharded_evaluation_queues_its_shards_and_only_they_are_claimed(
 
 @pytest.mark.parametrize(
     ("shards", "where"),
-    [(0, "shards"), (65, "shards"), ("4", "shards"), (2.5, "shards"), (14, "shards")],
+    [(0, "shards"), (65, "shards"), ("4", "shards"), (2.5, "shards"), (6, "shards")],
 )
 def test_a_bad_shards_value_is_a_422_naming_it(
     client: Any, tiny_model_dir: Path, shards: Any, where: str
@@ -125,36 +128,45 @@ def _finish_all_but(engine: Engine, jobs: list[queue.ClaimedJob], left: int) -> 
             assert queue.succeed_shard(session, job) is None
 
 
+def _finish_together(
+    engine: Engine, jobs: list[queue.ClaimedJob]
+) -> tuple[list[str | None], list[BaseException]]:
+    """Each job's shard succeeds in a thread of its own, all released at the same moment; the
+    one told it was last merges. Returns what each was told, and any errors."""
+    start = threading.Barrier(len(jobs))
+    told: list[str | None] = []
+    errors: list[BaseException] = []
+
+    def finish(job: queue.ClaimedJob) -> None:
+        try:
+            start.wait()
+            with queue.guarded_write(engine, job, 60) as session:
+                parent = queue.succeed_shard(session, job)
+                told.append(parent)
+                if parent is not None:
+                    succeed_sharded(
+                        session, parent, now=queue.db_now(session), results={"merged": 1}
+                    )
+        except BaseException as exc:  # reported by the test, in its own thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=finish, args=(job,)) for job in jobs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    return told, errors
+
+
 def test_the_last_shard_to_succeed_is_told_to_merge_once_even_when_two_finish_together(
     client: Any, engine: Engine, tiny_model_dir: Path
 ) -> None:
-    for _round in range(3):
+    for _round in range(10):
         created = _sharded(client, tiny_model_dir)
         jobs = [job for job in (_claim(engine, f"w{n}") for n in range(4)) if job is not None]
         assert len(jobs) == 4
         _finish_all_but(engine, jobs, 2)
-        start = threading.Barrier(2)
-        told: list[str | None] = []
-        errors: list[BaseException] = []
-
-        def finish(job: queue.ClaimedJob) -> None:
-            try:
-                start.wait()
-                with queue.guarded_write(engine, job, 60) as session:
-                    parent = queue.succeed_shard(session, job)
-                    told.append(parent)
-                    if parent is not None:
-                        succeed_sharded(
-                            session, parent, now=queue.db_now(session), results={"merged": 1}
-                        )
-            except BaseException as exc:  # reported below, in the test's thread
-                errors.append(exc)
-
-        threads = [threading.Thread(target=finish, args=(job,)) for job in jobs[2:]]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=60)
+        told, errors = _finish_together(engine, jobs[2:])
         assert not errors, errors
         assert sorted(told, key=lambda parent: parent is None) == [created["id"], None]
         shown = client.get(f"/evaluations/{created['id']}").json()
@@ -243,3 +255,27 @@ def test_an_evaluation_answered_from_the_cache_queues_no_shards(
     again = client.post("/evaluations", json={**_body(tiny_model_dir, 4), "cache": True})
     assert again.status_code == 200, again.text
     assert again.json()["cached_from"] == created["id"] and again.json()["shards"] is None
+
+
+def test_shards_on_another_model_or_engine_are_not_merged() -> None:
+    def shard(index: int, fingerprint: str, dtype: str, device: str) -> Evaluation:
+        return Evaluation(
+            id=f"ev_{index}",
+            shard_index=index,
+            model_fingerprint=fingerprint,
+            prompt_format="plain",
+            engine={"backend": "transformers", "dtype": dtype, "device": device, "version": "5"},
+        )
+
+    # Which GPU of a kind a shard ran on changes nothing; CPU or CUDA kernels do.
+    same = [shard(0, "sha256:a", "float32", "cuda:0"), shard(1, "sha256:a", "float32", "cuda:1")]
+    assert disagreement(same) is None
+    devices = [shard(0, "sha256:a", "float32", "cpu"), shard(1, "sha256:a", "float32", "cuda:0")]
+    found = disagreement(devices)
+    assert found is not None and "device kind cuda" in found
+    other_model = [shard(0, "sha256:a", "float32", "cpu"), shard(1, "sha256:b", "float32", "cpu")]
+    found = disagreement(other_model)
+    assert found is not None and "shard 1: fingerprint sha256:b" in found
+    other_dtype = [shard(0, "sha256:a", "float32", "cpu"), shard(1, "sha256:a", "bfloat16", "cpu")]
+    found = disagreement(other_dtype)
+    assert found is not None and "dtype bfloat16" in found
