@@ -200,3 +200,55 @@ def test_four_shards_over_two_workers_equal_the_unsharded_run_and_survive_a_sigk
     todo = re.search(rf"evaluation {killed.id}: shards-qa, (\d+) of 350 items to do", log_b)
     assert todo is not None, log_b[-3000:]
     assert int(todo.group(1)) == slice_qa - stored_by_a
+
+
+def test_cancelling_a_sharded_evaluation_stops_the_worker_on_its_shard(
+    settings: Settings, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    engine = make_engine(settings.database_url)
+    log = tmp_path / "worker.log"
+    worker = None
+    try:
+        with TestClient(create_app(settings)) as client:
+            body = {**_body(tiny_model_dir, shards=2), "suites": [qa_suite("cancel-qa", 64)]}
+            response = client.post("/evaluations", json=body)
+            assert response.status_code == 202, response.text
+            parent = response.json()["id"]
+            worker = start_worker(
+                settings,
+                "--kinds",
+                "evaluation",
+                "--worker-id",
+                "worker-c",
+                log=log,
+                env={HOLD_AT: f"items:{HOLD_AFTER}"},
+            )
+            held = wait_for(
+                lambda: next(
+                    (s for s in _shards(engine, parent) if s.progress["done"] >= HOLD_AFTER),
+                    None,
+                ),
+                STARTUP_TIMEOUT,
+                what="the worker to store items of a shard",
+            )
+            cancelled = client.post(f"/evaluations/{parent}/cancel")
+            assert cancelled.status_code == 200, cancelled.text
+            assert cancelled.json()["status"] == "cancelled"
+            assert {s["status"] for s in cancelled.json()["shards"]["data"]} == {"cancelled"}
+
+            def idle() -> bool:
+                listed = client.get("/workers").json()["data"]
+                return any(w["id"] == "worker-c" and w["status"] == "idle" for w in listed)
+
+            # The worker notices within a poll, stops without writing more, takes nothing else.
+            wait_for(idle, 60, what="the worker to stop its cancelled shard")
+            stored = _items(client, parent)
+            assert len(stored) == int(held.progress["done"])
+            other = next(s for s in _shards(engine, parent) if s.id != held.id)
+            assert _claims(engine, other.id) == []
+            assert f"evaluation {held.id}: stopped" in log.read_text()
+    finally:
+        if worker is not None and worker.poll() is None:
+            worker.send_signal(signal.SIGTERM)
+            assert worker.wait(timeout=60) == 0
+        engine.dispose()
