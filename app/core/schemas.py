@@ -141,8 +141,15 @@ class EvaluationCreate(_Request):
     label: Annotated[str, Field(max_length=200)] | None = None
     cache: bool = True
     # Split the run into this many shard jobs of the same queue (1: not sharded); each scores
-    # every N-th item, and the results are computed once from all of them (docs: sharding).
-    shards: int = Field(1, ge=1, le=MAX_SHARDS)
+    # every N-th block of items, and the results are computed once from all of them.
+    shards: int = Field(
+        1,
+        ge=1,
+        le=MAX_SHARDS,
+        description="shard jobs to split the evaluation into, claimed by any workers "
+        "(1: not sharded; at most one per block of 32 items); the items and results are "
+        "those of an unsharded run",
+    )
 
     def one_per_adapter(self) -> list[EvaluationCreate]:
         """The evaluations this request asks for: one per adapter of ``model.adapters``, else

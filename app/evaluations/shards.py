@@ -3,11 +3,11 @@
 The evaluation the user asked for (the parent) is never claimed itself. Each of its N shards
 is an ordinary evaluation job (its own lease, attempts, backoff and resume) with the parent's
 model, suites, prompt format and generation settings, that scores one slice of the items and
-stores the rows under the parent's id. The slices are fixed by the item's ordinal alone (every
-N-th item of the evaluation, suites in order), so they are disjoint, cover every item, and do
-not depend on which worker runs what. The shard that finishes last computes the parent's
-results from all the stored rows, with the code an unsharded run uses (``app.jobs`` owns the
-status moves: ``queue.succeed_shard``, ``lifecycle.succeed_sharded``).
+stores the rows under the parent's id. The slices are fixed by the items' places alone (every
+N-th block of ``BLOCK`` items of the evaluation, suites in order), so they are disjoint, cover
+every item, and do not depend on which worker runs what. The shard that finishes last computes
+the parent's results from all the stored rows, with the code an unsharded run uses
+(``app.jobs`` owns the status moves: ``queue.succeed_shard``, ``lifecycle.succeed_sharded``).
 
 No torch here: the API imports this module.
 """
@@ -33,8 +33,9 @@ ENGINE_FIELDS = ("backend", "dtype", "version", "weights_hashed", "device kind")
 
 # Items are dealt to shards in blocks of this many consecutive items of a suite: the items a
 # scoring driver puts in one pass (``workers.evaluation.scoring.CHUNK`` is this). A shard's
-# passes then hold exactly the items of an unsharded run's passes, so the batches, their
-# padding and hence every log-likelihood are the same to the last bit, not just close.
+# passes then hold exactly the items of an unsharded run's passes, so its batches and their
+# padding are the same, and so are its log-likelihoods (dealt item by item instead, the
+# multiple-choice log-likelihoods of the tiny test model differed in their last digits).
 BLOCK = 32
 
 
