@@ -139,3 +139,8 @@ class Tracker:
         self._shown = max(self._shown, round(percent, 1))
         eta = 0.0 if left == 0 else round(left, 1) if known and measured else None
         return {"percent": self._shown, "eta_seconds": eta}
+
+
+def finished(total: int) -> dict[str, Any]:
+    """The progress of a job that is done: ``total`` of ``total``, 100 %, nothing left."""
+    return {"done": total, "total": total, "stage": "done", "percent": 100.0, "eta_seconds": 0.0}

@@ -98,7 +98,9 @@ def _submit(
         ),
     )
     answer(response, created=created, location=f"/evaluations/{evaluation_id}")
-    evaluation = service.public(service.get(session=session, evaluation_id=evaluation_id))
+    evaluation = service.view(
+        session=session, row=service.get(session=session, evaluation_id=evaluation_id)
+    )
     if evaluation.cached_from is not None:
         response.status_code = 200
     return evaluation
@@ -166,7 +168,7 @@ async def get_evaluation(evaluation_id: str, request: Request) -> Response:
 def _load_public(sessionmaker: Any, finished: FinishedCache, evaluation_id: str) -> bytes:
     with sessionmaker() as session:
         row = service.get(session=session, evaluation_id=evaluation_id)
-        body = service.public(row).model_dump_json().encode()
+        body = service.view(session=session, row=row).model_dump_json().encode()
     if row.status in FINISHED:
         finished.put(evaluation_id, body)
     return body

@@ -56,6 +56,8 @@ ServedModelName = Annotated[str, Field(min_length=1, max_length=256)]
 # Adapters of one base evaluated by one request (checkpoints, sweep points): one evaluation
 # each, all queued at once, so a worker loads the base once and switches adapters.
 MAX_ADAPTERS = 32
+# Shard jobs one evaluation may be split into (``"shards": N``), each claimed by any worker.
+MAX_SHARDS = 64
 
 
 class ModelRef(_Request):
@@ -138,6 +140,16 @@ class EvaluationCreate(_Request):
     generation: GenerationSettings = Field(default_factory=GenerationSettings)
     label: Annotated[str, Field(max_length=200)] | None = None
     cache: bool = True
+    # Split the run into this many shard jobs of the same queue (1: not sharded); each scores
+    # every N-th block of items, and the results are computed once from all of them.
+    shards: int = Field(
+        1,
+        ge=1,
+        le=MAX_SHARDS,
+        description="shard jobs to split the evaluation into, claimed by any workers "
+        "(1: not sharded; at most one per block of 32 items); the items and results are "
+        "those of an unsharded run",
+    )
 
     def one_per_adapter(self) -> list[EvaluationCreate]:
         """The evaluations this request asks for: one per adapter of ``model.adapters``, else
@@ -221,6 +233,26 @@ class JobTimestamps(BaseModel):
         return iso_utc(value)
 
 
+class ShardPublic(BaseModel):
+    """One shard job of a sharded evaluation: its own status, attempts and progress."""
+
+    index: int
+    id: str
+    status: Status
+    attempts: int
+    progress: Progress
+    worker_id: str | None
+    error: str | None
+
+
+class ShardsPublic(BaseModel):
+    """A sharded evaluation's shard jobs: how many, how many succeeded, each one."""
+
+    total: int
+    done: int
+    data: list[ShardPublic]
+
+
 class EvaluationPublic(JobTimestamps):
     id: str
     status: Status
@@ -237,6 +269,10 @@ class EvaluationPublic(JobTimestamps):
     # The request that queued it with others: one evaluation per adapter of ``model.adapters``
     # (``GET /evaluations?group=`` lists them); None for an evaluation queued alone.
     group: str | None = None
+    # A sharded evaluation (``"shards": N``): its shard jobs; None when not sharded.
+    shards: ShardsPublic | None = None
+    # A shard job itself (``GET /evaluations/{id}`` of one): the evaluation it is a slice of.
+    shard_of: str | None = None
 
 
 class EvaluationGroupPublic(BaseModel):

@@ -94,6 +94,7 @@ class Evaluation(JobMixin, Base):
         Index("ix_evaluations_cache_key", "cache_key", "status"),
         Index("ix_evaluations_model_path", "model_path"),
         Index("ix_evaluations_group", "group_id"),
+        Index("ix_evaluations_shard_of", "shard_of"),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
@@ -118,6 +119,13 @@ class Evaluation(JobMixin, Base):
     engine: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     # The request that queued it with others (one evaluation per adapter of one base).
     group_id: Mapped[str | None] = mapped_column(String(40), default=None)
+    # Sharding (``"shards": N``): the evaluation the user asked for has ``shard_count`` N and
+    # is never claimed itself; each of its N shards is a job of its own (``shard_of`` the
+    # parent, ``shard_index`` 0..N-1) that scores one slice of the items and stores the rows
+    # under the parent. Both are None for an evaluation that is not sharded.
+    shard_of: Mapped[str | None] = mapped_column(String(40), default=None)
+    shard_index: Mapped[int | None] = mapped_column(Integer, default=None)
+    shard_count: Mapped[int | None] = mapped_column(Integer, default=None)
 
 
 class EvaluationItem(Base):

@@ -16,7 +16,7 @@ from app.core.config import Settings, normalise_endpoint
 from app.core.errors import Problem
 from app.core.fingerprint import fingerprint
 from app.core.modelcheck import resolve_adapter, resolve_model
-from app.core.pagination import ascending_after, newest_page, trim
+from app.core.pagination import ascending_after, newest_first, page, trim
 from app.core.quantization import adapter_quantization, backend_refusal
 from app.core.schemas import (
     EnginePublic,
@@ -30,7 +30,7 @@ from app.core.schemas import (
     SuiteRun,
 )
 from app.core.tables import Evaluation, EvaluationItem, new_id
-from app.evaluations import cache
+from app.evaluations import cache, shards
 from app.jobs import lifecycle
 from app.jobs.queue import begin_write
 from app.jobs.queue import cancel as cancel_job
@@ -43,13 +43,15 @@ from forgetguard.suites import expand
 ORDINAL_STRIDE = 1_000_000
 
 
-def public(row: Evaluation) -> EvaluationPublic:
-    """The API view of an evaluation row."""
+def public(row: Evaluation, shard_rows: Sequence[Evaluation] | None = None) -> EvaluationPublic:
+    """The API view of an evaluation row; a sharded one's needs its ``shard_rows``
+    (:func:`view` reads them)."""
+    sharded = row.shard_count is not None and row.shard_of is None
     return EvaluationPublic(
         id=row.id,
         status=row.status,
         label=row.label,
-        progress=Progress(**row.progress),
+        progress=Progress(**shards.progress(row, shard_rows or [])),
         model=ModelPublic(
             path=row.model_path,
             adapter_path=row.adapter_path,
@@ -76,10 +78,27 @@ def public(row: Evaluation) -> EvaluationPublic:
         attempts=row.attempts,
         error=row.error,
         group=row.group_id,
+        shards=shards.summary(shard_rows or []) if sharded else None,
+        shard_of=row.shard_of,
         created_at=row.created_at,
         started_at=row.started_at,
         finished_at=row.finished_at,
     )
+
+
+def view(*, session: Session, row: Evaluation) -> EvaluationPublic:
+    """:func:`public`, with a sharded evaluation's shards read from the database."""
+    if row.shard_count is None or row.shard_of is not None:
+        return public(row)
+    return public(row, shards.shards_of(session, [row.id])[row.id])
+
+
+def views(*, session: Session, rows: Sequence[Evaluation]) -> list[EvaluationPublic]:
+    """:func:`view` of many rows, the shards of all of them read in one query."""
+    found = shards.shards_of(
+        session, [r.id for r in rows if r.shard_count is not None and r.shard_of is None]
+    )
+    return [public(r, found.get(r.id)) for r in rows]
 
 
 def get(*, session: Session, evaluation_id: str) -> Evaluation:
@@ -106,7 +125,7 @@ def get_group(
         raise Problem(404, "Evaluation group not found", f"group {group_id!r} does not exist")
     order = {path: n for n, path in enumerate(adapters)}
     rows.sort(key=lambda r: order.get(r.adapter_path or "", len(order)))
-    return EvaluationGroupPublic(group=group_id, data=[public(r) for r in rows])
+    return EvaluationGroupPublic(group=group_id, data=views(session=session, rows=rows))
 
 
 def resolve_suites(
@@ -359,8 +378,30 @@ def _create_local(
         group_id=group_id,
     )
     source = cache.find_source(session, key) if body.cache else None
-    lifecycle.submit(session, row, cached=source)
+    _submit_sharded(session, row, body.shards, cached=source)
     return row
+
+
+def _submit_sharded(
+    session: Session, row: Evaluation, count: int, *, cached: Evaluation | None
+) -> None:
+    """Queue ``row`` (or answer it from ``cached``); with ``count`` > 1 and no cache answer,
+    as a sharded evaluation: ``count`` shard jobs are queued in its place."""
+    most = shards.max_shards([int(suite["items"]) for suite in row.suites])
+    if count > 1 and count > most:
+        raise Problem(
+            422,
+            "More shards than blocks of items",
+            f"shards={count}, but this evaluation's items make {most} blocks of up to "
+            f"{shards.BLOCK} (a shard scores whole blocks, so that its batches are an "
+            f"unsharded run's); use at most {most}",
+            errors=[{"loc": ["body", "shards"], "msg": f"at most {most}"}],
+        )
+    if count > 1 and cached is None:
+        row.shard_count = count
+        for shard in shards.new_shards(row, count):
+            lifecycle.submit(session, shard)
+    lifecycle.submit(session, row, cached=cached)
 
 
 def allowed_endpoint(settings: Settings, endpoint: str) -> str:
@@ -426,7 +467,7 @@ def _create_served(
         max_attempts=settings.max_attempts,
         finetune_job_id=finetune_job_id,
     )
-    lifecycle.submit(session, row, cached=None)
+    _submit_sharded(session, row, body.shards, cached=None)
     return row
 
 
@@ -439,15 +480,22 @@ def list_page(
     model_path: str | None = None,
     group: str | None = None,
 ) -> Page[EvaluationPublic]:
-    """Newest first, filtered by ``status``, ``model_path`` and ``group``."""
-    query = select(Evaluation)
+    """Newest first, filtered by ``status``, ``model_path`` and ``group``; shard jobs are
+    shown inside their evaluation, not listed."""
+    query = select(Evaluation).where(Evaluation.shard_of.is_(None))
     if status:
         query = query.where(Evaluation.status == status)
     if model_path:
         query = query.where(Evaluation.model_path == model_path)
     if group:
         query = query.where(Evaluation.group_id == group)
-    return newest_page(session, query, Evaluation, cursor, limit, public)
+    rows = list(session.execute(newest_first(query, Evaluation, cursor, limit)).scalars())
+    rows, next_cursor = page(rows, limit)
+    return Page(
+        data=views(session=session, rows=rows),
+        next_cursor=next_cursor,
+        has_more=next_cursor is not None,
+    )
 
 
 def list_items(
@@ -509,7 +557,14 @@ def cancel(*, session: Session, evaluation_id: str) -> EvaluationPublic:
     row = get(session=session, evaluation_id=evaluation_id)
     if row.status in (JobStatus.SUCCEEDED, JobStatus.FAILED):
         raise Problem(409, "Already finished", f"evaluation {evaluation_id} already {row.status}")
+    if row.shard_of is not None:
+        raise Problem(
+            409,
+            "A shard is cancelled with its evaluation",
+            f"evaluation {evaluation_id} is shard {row.shard_index} of {row.shard_of}; "
+            f"cancel {row.shard_of}, which cancels all its shards",
+        )
     cancel_job(session, Evaluation, evaluation_id)
     session.commit()
     session.refresh(row)
-    return public(row)
+    return view(session=session, row=row)

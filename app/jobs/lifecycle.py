@@ -1,4 +1,5 @@
-"""Status writes that are not a worker's own lease: submission, the cache, child evaluations.
+"""Status writes that are not a worker's own lease: submission, the cache, child evaluations,
+and the parent of a sharded evaluation (which is never claimed: its shards are).
 
 A fine-tune job runs its before/after evaluations inside itself, under its own lease: they are
 never visible as queued (a worker would claim them as jobs of their own), they succeed when the
@@ -12,7 +13,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from app.core.tables import Evaluation, FinetuneJob, utcnow
@@ -100,5 +101,79 @@ def end_children(
             Evaluation.status.in_(sources(status)),
         )
         .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def start_sharded(session: Session, parent_id: str, *, now: datetime) -> None:
+    """A sharded evaluation is running once one of its shards is claimed (no-op after)."""
+    session.execute(
+        update(Evaluation)
+        .where(Evaluation.id == parent_id, Evaluation.status == JobStatus.QUEUED)
+        .values(status=JobStatus.RUNNING, started_at=now)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def succeed_sharded(session: Session, parent_id: str, *, now: datetime, **values: Any) -> bool:
+    """Record a sharded evaluation's merged results; False when it is no longer running.
+
+    Called in the transaction of its last shard's success, which holds the parent's row
+    (``queue.succeed_shard``).
+    """
+    finished = session.execute(
+        update(Evaluation)
+        .where(Evaluation.id == parent_id, Evaluation.status == JobStatus.RUNNING)
+        .values(status=JobStatus.SUCCEEDED, finished_at=now, error=None, **values)
+        .execution_options(synchronize_session=False)
+    ).rowcount  # type: ignore[attr-defined]
+    return bool(finished == 1)
+
+
+def end_shards(session: Session, parent_id: str, *, now: datetime) -> None:
+    """The unfinished shards of ``parent_id`` are cancelled (the parent was cancelled or
+    failed: nothing they could add would be used). Always before the parent's own row is
+    written, so every transaction takes shard rows before their parent's (no lock cycles)."""
+    session.execute(
+        update(Evaluation)
+        .where(
+            Evaluation.shard_of == parent_id,
+            Evaluation.status.in_(sources(JobStatus.CANCELLED)),
+        )
+        .values(status=JobStatus.CANCELLED, finished_at=now, lease_expires_at=None)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def fail_sharded(session: Session, shard_ids: Sequence[str], *, now: datetime, error: str) -> None:
+    """Shards that failed for good (attempts used up, or an error retrying cannot cure) fail
+    their parent, saying which shard and why; the parent's other shards are cancelled."""
+    failed = session.execute(
+        select(Evaluation.shard_of, Evaluation.shard_index, Evaluation.shard_count).where(
+            Evaluation.id.in_(list(shard_ids)), Evaluation.shard_of.is_not(None)
+        )
+    ).all()
+    for parent_id, index, count in failed:
+        fail_parent(
+            session, str(parent_id), now=now, error=f"shard {index} of {count} failed: {error}"
+        )
+
+
+def fail_parent(session: Session, parent_id: str, *, now: datetime, error: str) -> None:
+    """A sharded evaluation fails (a shard failed for good, or its shards' answers cannot be
+    merged); its unfinished shards are cancelled first."""
+    end_shards(session, parent_id, now=now)
+    progress = session.execute(
+        select(Evaluation.progress).where(Evaluation.id == parent_id)
+    ).scalar_one_or_none()
+    session.execute(
+        update(Evaluation)
+        .where(Evaluation.id == parent_id, Evaluation.status.in_(sources(JobStatus.FAILED)))
+        .values(
+            status=JobStatus.FAILED,
+            finished_at=now,
+            error=error[:2000],
+            progress={**(progress or {}), "stage": "failed"},
+        )
         .execution_options(synchronize_session=False)
     )

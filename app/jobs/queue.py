@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session, aliased
 
 from app.core.database import immediate_session
 from app.core.tables import Claim, Evaluation, FinetuneJob, JobMixin, Worker, utcnow
-from app.jobs.lifecycle import end_children
+from app.jobs.lifecycle import end_children, end_shards, fail_sharded, start_sharded
 from app.jobs.status import JobStatus, sources
 
 JOB_MODELS: dict[str, type[Evaluation] | type[FinetuneJob]] = {
@@ -84,18 +84,19 @@ def _expire_leases(session: Session, model: type[JobMixin], now: Any) -> None:
     expired = and_(model.status == JobStatus.RUNNING, model.lease_expires_at < now)
     last_try = and_(expired, model.attempts >= model.max_attempts)
     error = "lease expired: the worker stopped heartbeating on its last allowed attempt"
-    if model is FinetuneJob:
-        dying = list(session.execute(select(model.id).where(last_try)).scalars())
-        if dying:
-            end_children(
-                session, dying, JobStatus.FAILED, now=now, error=f"fine-tune job failed: {error}"
-            )
+    dying = list(session.execute(select(model.id).where(last_try)).scalars())  # type: ignore[attr-defined]
+    if dying and model is FinetuneJob:
+        end_children(
+            session, dying, JobStatus.FAILED, now=now, error=f"fine-tune job failed: {error}"
+        )
     session.execute(
         update(model)
         .where(last_try)
         .values(status=JobStatus.FAILED, finished_at=now, lease_expires_at=None, error=error)
         .execution_options(synchronize_session=False)
     )
+    if dying and model is Evaluation:  # a shard that failed for good fails its evaluation
+        fail_sharded(session, dying, now=now, error=error)
     session.execute(
         update(model)
         .where(expired)
@@ -129,6 +130,13 @@ def _not_waiting(model: type[JobMixin]) -> Any:
     return or_(~Evaluation.use_cache, Evaluation.cache_key.is_(None), ~identical_running)
 
 
+def _claimable(model: type[JobMixin]) -> Any:
+    """A sharded evaluation is never claimed itself: its shards are (``app.evaluations.shards``)."""
+    if model is not Evaluation:
+        return true()
+    return or_(Evaluation.shard_count.is_(None), Evaluation.shard_of.is_not(None))
+
+
 def claim(
     engine: Engine,
     *,
@@ -155,6 +163,7 @@ def claim(
                     model.status == JobStatus.QUEUED,
                     or_(model.not_before.is_(None), model.not_before <= now),
                     model.backend.in_(backends),
+                    _claimable(model),
                     _not_waiting(model),
                 )
                 .order_by(model.created_at, model.id)
@@ -180,6 +189,12 @@ def claim(
             if row is None:
                 continue
             job_id, attempt = row
+            if model is Evaluation:
+                parent = session.execute(
+                    select(Evaluation.shard_of).where(Evaluation.id == job_id)
+                ).scalar_one()
+                if parent is not None:  # its evaluation runs from its first shard's claim on
+                    start_sharded(session, parent, now=now)
             session.add(
                 Claim(
                     job_kind=kind,
@@ -341,6 +356,35 @@ def succeed(session: Session, job: ClaimedJob, **values: Any) -> bool:
     )
 
 
+def succeed_shard(session: Session, job: ClaimedJob, **values: Any) -> str | None:
+    """Mark the held shard job succeeded (with ``values``) inside the caller's transaction;
+    returns its parent's id when it was the last shard to succeed (the caller then merges,
+    ``lifecycle.succeed_sharded``, in the same transaction), else None.
+
+    The parent's row is locked before the shards are counted (PostgreSQL's row lock; SQLite's
+    ``BEGIN IMMEDIATE`` serialises the whole transaction): two shards finishing at once are
+    counted one after the other, and exactly one of them sees every shard succeeded.
+    """
+    if not succeed(session, job, **values):
+        raise LeaseLost(f"{job.kind} {job.id} is no longer held by {job.worker_id}")
+    parent = session.execute(
+        select(Evaluation.shard_of).where(Evaluation.id == job.id)
+    ).scalar_one()
+    if parent is None:
+        return None
+    locked = session.execute(
+        select(Evaluation.status).where(Evaluation.id == parent).with_for_update()
+    ).scalar_one_or_none()
+    if locked != JobStatus.RUNNING:
+        return None
+    # A statement of its own, after the lock: under READ COMMITTED it sees every shard whose
+    # success committed before the lock was granted.
+    statuses = session.execute(
+        select(Evaluation.status).where(Evaluation.shard_of == parent)
+    ).scalars()
+    return parent if all(s == JobStatus.SUCCEEDED for s in statuses) else None
+
+
 def fail(engine: Engine, job: ClaimedJob, error: str, *, retryable: bool) -> str:
     """Record a failed attempt: retry later with backoff, or fail for good. Returns the status."""
     model = JOB_MODELS[job.kind]
@@ -372,6 +416,8 @@ def fail(engine: Engine, job: ClaimedJob, error: str, *, retryable: bool) -> str
                 error=error,
                 progress={**(row.progress or {}), "stage": "failed"},
             )
+            if isinstance(row, Evaluation) and row.shard_of is not None:
+                fail_sharded(session, [job.id], now=now, error=error)
         return status
 
 
@@ -418,9 +464,12 @@ def begin_write(session: Session) -> None:
 def cancel(session: Session, model: type[JobMixin], job_id: str) -> str | None:
     """Cancel a queued or running job; returns the resulting status (None if not found).
 
-    A fine-tune job's own before/after evaluations stop with it.
+    A fine-tune job's own before/after evaluations stop with it, and a sharded evaluation's
+    shards with it (cancelled first: shard rows are always locked before their parent's).
     """
     now = db_now(session)
+    if model is Evaluation:
+        end_shards(session, job_id, now=now)
     result = session.execute(
         update(model)
         .where(model.id == job_id, model.status.in_(sources(JobStatus.CANCELLED)))  # type: ignore[attr-defined]

@@ -190,7 +190,7 @@ def home(
     """
     status = _status_filter(status)
     show_cached = cached == "show"
-    query = select(Evaluation)
+    query = select(Evaluation).where(Evaluation.shard_of.is_(None))  # shards: in their evaluation
     if status:
         query = query.where(Evaluation.status == status)
     hidden = 0
@@ -243,7 +243,9 @@ def finetune_jobs_page(
 
 
 def _recent_succeeded(session: Session, limit: int = 100) -> list[Evaluation]:
-    query = select(Evaluation).where(Evaluation.status == JobStatus.SUCCEEDED)
+    query = select(Evaluation).where(
+        Evaluation.status == JobStatus.SUCCEEDED, Evaluation.shard_of.is_(None)
+    )
     return list(session.execute(newest_first(query, Evaluation, None, limit)).scalars())[:limit]
 
 

@@ -190,6 +190,7 @@ class DatabaseCollector(Collector):
                 Evaluation.finished_at >= since,
                 Evaluation.started_at.is_not(None),
                 Evaluation.cached_from.is_(None),  # answered from the cache: nothing was computed
+                Evaluation.shard_of.is_(None),  # a shard's items are its evaluation's
             )
         ).one()
         rate = GaugeMetricFamily(

@@ -8,7 +8,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import func, insert, select, update
+from sqlalchemy.orm import Session
 
 from app.core.config import Settings, normalise_endpoint
 from app.core.errors import Problem
@@ -17,6 +18,7 @@ from app.core.modelcheck import resolve_adapter, resolve_model
 from app.core.quantization import adapter_quantization, backend_refusal
 from app.core.storable import Unstorable, check_value
 from app.core.tables import Evaluation, EvaluationItem, Suite
+from app.evaluations import shards
 from app.evaluations.cache import (
     cache_key,
     find_source,
@@ -24,8 +26,8 @@ from app.evaluations.cache import (
     reuse_suite,
     suite_keys,
 )
-from app.jobs.lifecycle import cached_copy
-from app.jobs.queue import guarded_write, succeed
+from app.jobs.lifecycle import cached_copy, fail_parent, succeed_sharded
+from app.jobs.queue import db_now, guarded_write, succeed, succeed_shard
 from app.jobs.status import JobStatus
 from app.suites.kinds import KINDS
 from app.suites.registry import ItemRow
@@ -35,7 +37,7 @@ from workers.engine.loading import ModelCache, load_tokenizer
 from workers.engine.transformers_backend import TransformersBackend
 from workers.engine.vllm_memory import NotEnoughMemory
 from workers.evaluation.scoring import RunSettings, run_items
-from workers.progress import Phase, Tracker
+from workers.progress import Phase, Tracker, finished
 
 log = logging.getLogger("forgetguard.worker")
 
@@ -76,20 +78,23 @@ def storable_rows(
     return kept
 
 
-def aggregate(ctx: JobContext, evaluation: Evaluation) -> dict[str, Any]:
-    """Results per suite, computed from the stored item rows (so counts always match the rows)."""
+def aggregate(session: Session, evaluation: Evaluation) -> dict[str, Any]:
+    """Results per suite, computed from the stored item rows (so counts always match the rows).
+
+    The one place results are computed: at the end of an unsharded run, and when the last
+    shard of a sharded one merges (every suite-wide number, from all the rows at once).
+    """
     results = {}
-    with ctx.sessionmaker() as session:
-        for suite in evaluation.suites:
-            rows = session.execute(
-                select(EvaluationItem)
-                .where(
-                    EvaluationItem.evaluation_id == evaluation.id,
-                    EvaluationItem.suite == suite["name"],
-                )
-                .order_by(EvaluationItem.position)
-            ).scalars()
-            results[suite["name"]] = KINDS[suite["kind"]].aggregate([ItemRow.of(r) for r in rows])
+    for suite in evaluation.suites:
+        rows = session.execute(
+            select(EvaluationItem)
+            .where(
+                EvaluationItem.evaluation_id == evaluation.id,
+                EvaluationItem.suite == suite["name"],
+            )
+            .order_by(EvaluationItem.position)
+        ).scalars()
+        results[suite["name"]] = KINDS[suite["kind"]].aggregate([ItemRow.of(r) for r in rows])
     return results
 
 
@@ -363,11 +368,14 @@ def run_evaluation(
     }
     keys = suite_keys(**inputs)
     snapshot = [{**s, "cache_key": keys[s["name"]]} for s in evaluation.suites]
+    # A shard answers part of its evaluation: it has no cache key of its own (it must never
+    # be a cache source, nor make an identical run wait); the merge sets the evaluation's.
+    shard = evaluation.shard_of is not None
     ctx.update_job(
         evaluation_id,
         model_fingerprint=opened.fingerprint,
         prompt_format=prompt_format,
-        cache_key=cache_key(**inputs),
+        cache_key=None if shard else cache_key(**inputs),
         engine=opened.engine(),
         suites=snapshot,
     )
@@ -379,20 +387,24 @@ def run_evaluation(
         max_new_tokens=int(evaluation.generation.get("max_new_tokens", 50)),
         stop=tuple(evaluation.generation.get("stop", ())),
     )
-    done = _done_items(ctx, evaluation_id)
-    total = sum(len(defn["items"]) for defn in suites.values())
-    progress = {"done": len(done)}
-    tracker = Tracker([Phase("items", "items", total, len(done))])
+    # Where the item rows go: the evaluation itself, or for a shard, the evaluation it is a
+    # slice of (every shard's rows together are that evaluation's, as if it ran unsharded).
+    store_id = evaluation.shard_of or evaluation_id
+    done = _done_items(ctx, store_id)
+    mine = _slice(evaluation, suites)
+    total = len(mine)
+    progress = {"done": sum(1 for key in mine if key in done)}
+    tracker = Tracker([Phase("items", "items", total, progress["done"])])
     tracker.at("items")  # the clock starts: the items after this are measured
     if on_progress:
-        on_progress(len(done), total)
+        on_progress(progress["done"], total)
 
     for suite in evaluation.suites:
         definition = suites[suite["name"]]
         pending = [
             (pos, item)
             for pos, item in enumerate(definition["items"])
-            if (suite["name"], item["id"]) not in done
+            if (suite["name"], item["id"]) in mine and (suite["name"], item["id"]) not in done
         ]
         if not pending:
             continue
@@ -418,7 +430,7 @@ def run_evaluation(
                 )
                 session.execute(
                     insert(EvaluationItem),
-                    [{"evaluation_id": evaluation_id, "suite": suite_name, **row} for row in rows],
+                    [{"evaluation_id": store_id, "suite": suite_name, **row} for row in rows],
                 )
             if on_progress:
                 on_progress(progress["done"], total)
@@ -429,20 +441,101 @@ def run_evaluation(
         except (UnsupportedRequest, BadAnswer) as exc:
             raise ctx.user_error(f"suite {suite['name']!r} (kind {suite['kind']}): {exc}") from None
 
+    if shard:
+        return _finish_shard(ctx, finished(total))
     with ctx.sessionmaker() as session:
         evaluation = session.get(Evaluation, evaluation_id)
         assert evaluation is not None
-    results = aggregate(ctx, evaluation)
+        results = aggregate(session, evaluation)
     try:
         check_value(results, "results")
     except Unstorable as exc:
         raise ctx.user_error(f"the results cannot be stored: {exc}") from None
     if evaluation_id == ctx.job.id:
         with guarded_write(ctx.engine, ctx.job, ctx.settings.lease_seconds) as session:
-            succeed(
-                session,
-                ctx.job,
-                results=results,
-                progress={**tracker.at("items", done=total), "stage": "done"},
-            )
+            succeed(session, ctx.job, results=results, progress=finished(total))
+    return results
+
+
+def _slice(evaluation: Evaluation, suites: dict[str, Any]) -> set[tuple[str, str]]:
+    """The (suite, item id) pairs this evaluation scores: all of them, or a shard's slice
+    (:func:`app.evaluations.shards.positions`: whole blocks of the drivers' passes)."""
+    items = [suites[suite["name"]]["items"] for suite in evaluation.suites]
+    if evaluation.shard_of is None:
+        kept = [range(len(found)) for found in items]
+    else:
+        kept = shards.positions(  # type: ignore[assignment]
+            [len(found) for found in items],
+            index=int(evaluation.shard_index or 0),
+            count=int(evaluation.shard_count or 1),
+        )
+    return {
+        (suite["name"], found[position]["id"])
+        for suite, found, owned in zip(evaluation.suites, items, kept, strict=True)
+        for position in owned
+    }
+
+
+def _finish_shard(ctx: JobContext, progress: dict[str, Any]) -> dict[str, Any]:
+    """The shard's slice is stored: it succeeds, and if it was the last of its evaluation's
+    shards, the evaluation's results are computed here, from all the stored rows, in the
+    same transaction (``succeed_shard`` holds the evaluation's row meanwhile). Returns the
+    evaluation's results, or {} when other shards are still to finish."""
+    with guarded_write(ctx.engine, ctx.job, ctx.settings.lease_seconds) as session:
+        parent_id = succeed_shard(session, ctx.job, progress=progress)
+        if parent_id is None:
+            log.info("evaluation %s: shard done; others still running", ctx.job.id)
+            return {}
+        results = _merge(session, parent_id)
+    return results
+
+
+def _merge(session: Session, parent_id: str) -> dict[str, Any]:
+    """Finish a sharded evaluation whose shards all succeeded: its results from all stored
+    rows (``aggregate``, as an unsharded run), and what its shards recorded of the model and
+    engine; or fail it when the shards' answers are not one run's. Returns the results."""
+    parent = session.get(Evaluation, parent_id)
+    assert parent is not None
+    now = db_now(session)
+    shard_rows = shards.shards_of(session, [parent_id])[parent_id]
+    stored = session.execute(
+        select(func.count()).where(EvaluationItem.evaluation_id == parent_id)
+    ).scalar_one()
+    total = int(parent.progress["total"])
+    problem = shards.disagreement(shard_rows)
+    if problem is None and stored != total:
+        problem = f"the shards stored {stored} item rows of {total}"
+    results: dict[str, Any] = {}
+    if problem is None:
+        results = aggregate(session, parent)
+        try:
+            check_value(results, "results")
+        except Unstorable as exc:
+            problem = f"the results cannot be stored: {exc}"
+    if problem is not None:
+        fail_parent(session, parent_id, now=now, error=problem)
+        log.warning("evaluation %s: merge failed: %s", parent_id, problem)
+        return {}
+    engine = {k: v for k, v in (shard_rows[0].engine or {}).items() if k != "base_reused"}
+    # Each suite's cache key, as an unsharded run records it (the per-suite cache).
+    snapshot = [dict(s) for s in shard_rows[0].suites]
+    succeed_sharded(
+        session,
+        parent_id,
+        now=now,
+        results=results,
+        progress=finished(total),
+        model_fingerprint=shard_rows[0].model_fingerprint,
+        prompt_format=shard_rows[0].prompt_format,
+        engine=engine,
+        suites=snapshot,
+        cache_key=cache_key(
+            fingerprint=str(shard_rows[0].model_fingerprint),
+            suites=snapshot,
+            prompt_format=str(shard_rows[0].prompt_format),
+            generation=parent.generation,
+            backend=parent.backend,
+        ),
+    )
+    log.info("evaluation %s: %d shards merged", parent_id, len(shard_rows))
     return results

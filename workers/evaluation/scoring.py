@@ -13,13 +13,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from app.evaluations.shards import BLOCK
 from app.suites.kinds import KINDS
 from app.suites.registry import Item, Request, RequestType, Suite, SuiteKind
 from workers.engine.base import Backend, Prompt
 
 Emit = Callable[[list[dict[str, Any]]], None]
 FLUSH_EVERY = 8  # rows per database write while generating: resumable, not chatty
-CHUNK = 32  # items per log-likelihood pass between database writes
+# Items per log-likelihood pass between database writes; a shard is dealt whole passes, so
+# its batches are an unsharded run's (``app.evaluations.shards.BLOCK``).
+CHUNK = BLOCK
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ from workers.finetune.stages.evaluation import (
 from workers.finetune.stages.interpolation import interpolate
 from workers.finetune.stages.training import run_training
 from workers.finetune.statefile import read_state
-from workers.progress import Phase, Tracker
+from workers.progress import Phase, Tracker, finished
 
 log = logging.getLogger("forgetguard.worker")
 
@@ -308,13 +308,7 @@ class FinetuneRun:
                 trainable_parameters=outcome.trainable_parameters,
                 metrics=outcome.metrics,
                 checkpoint_path=None,
-                progress={
-                    "done": steps,
-                    "total": steps,
-                    "stage": "done",
-                    "percent": 100.0,
-                    "eta_seconds": 0.0,
-                },
+                progress=finished(steps),
             ):
                 raise LeaseLost(
                     f"finetune {self.job_id} is no longer held by {self.ctx.job.worker_id}"

@@ -22,6 +22,7 @@ from workers.engine.loading import ModelCache, resolve_model
 from workers.evaluation.run import run_evaluation, storable_rows
 from workers.finetune.artifacts import FINAL_ANSWERS, TrainingOutcome
 from workers.finetune.statefile import read_state
+from workers.progress import finished
 
 if TYPE_CHECKING:
     from workers.finetune.job import FinetuneRun
@@ -169,13 +170,10 @@ def evaluate(
     )
     with guarded_write(run.ctx.engine, run.ctx.job, run.settings.lease_seconds) as session:
         total = sum(s["items"] for s in snapshot)
-        finished = lifecycle.succeed_child(
-            session,
-            evaluation_id,
-            results=results,
-            progress={"done": total, "total": total, "stage": "done"},
+        ended = lifecycle.succeed_child(
+            session, evaluation_id, results=results, progress=finished(total)
         )
-    if not finished:
+    if not ended:
         raise UserError(
             f"the {which} evaluation {evaluation_id} was cancelled; nothing to compare to"
         )
