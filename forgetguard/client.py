@@ -401,9 +401,12 @@ def _evaluation_body(
     label: str | None,
     cache: bool,
     generation: Mapping[str, Any] | None,
+    shards: int | None = None,
 ) -> dict[str, Any]:
     """A ``POST /evaluations`` body: only what the caller set (the server has the defaults)."""
     body: dict[str, Any] = {"model": model, "cache": cache}
+    if shards is not None:
+        body["shards"] = shards
     if suites is not None:
         body["suites"] = [s if isinstance(s, str) else dict(s) for s in suites]
     if prompt_format is not None:
@@ -623,10 +626,12 @@ class Client:
         cache: bool = True,
         model: Mapping[str, Any] | None = None,
         generation: Mapping[str, Any] | None = None,
+        shards: int | None = None,
         idempotency_key: str | None = None,
     ) -> Evaluation:
         """Queue an evaluation (``POST /evaluations``); ``model`` adds fields such as a backend,
-        ``generation`` settings beside ``max_new_tokens``."""
+        ``generation`` settings beside ``max_new_tokens``; ``shards`` splits it into that many
+        jobs that several workers run (one evaluation, as if unsharded)."""
         body = _evaluation_body(
             {"path": model_path, "adapter_path": adapter_path, **(model or {})},
             suites=suites,
@@ -635,6 +640,7 @@ class Client:
             label=label,
             cache=cache,
             generation=generation,
+            shards=shards,
         )
         return self.submit_evaluation(body, idempotency_key=idempotency_key)
 

@@ -285,3 +285,20 @@ def test_shards_on_another_model_or_engine_are_not_merged() -> None:
     other_dtype = [shard(0, "sha256:a", "float32", "cpu"), shard(1, "sha256:a", "bfloat16", "cpu")]
     found = disagreement(other_dtype)
     assert found is not None and "dtype bfloat16" in found
+
+
+def test_the_python_client_queues_a_sharded_evaluation(client: Any, tiny_model_dir: Path) -> None:
+    from forgetguard import Client
+
+    fg = Client("http://testserver", http=client)  # TestClient is an httpx.Client
+    body = _body(tiny_model_dir, 2)
+    queued = fg.evaluate(
+        str(tiny_model_dir),
+        suites=body["suites"],
+        prompt_format="plain",
+        max_new_tokens=4,
+        cache=False,
+        shards=2,
+    )
+    shown = client.get(f"/evaluations/{queued.id}").json()
+    assert shown["shards"]["total"] == 2 and len(shown["shards"]["data"]) == 2
