@@ -130,7 +130,7 @@ def _not_waiting(model: type[JobMixin]) -> Any:
     return or_(~Evaluation.use_cache, Evaluation.cache_key.is_(None), ~identical_running)
 
 
-def _claimable(model: type[JobMixin]) -> Any:
+def claimable(model: type[JobMixin]) -> Any:
     """A sharded evaluation is never claimed itself: its shards are (``app.evaluations.shards``)."""
     if model is not Evaluation:
         return true()
@@ -163,7 +163,7 @@ def claim(
                     model.status == JobStatus.QUEUED,
                     or_(model.not_before.is_(None), model.not_before <= now),
                     model.backend.in_(backends),
-                    _claimable(model),
+                    claimable(model),
                     _not_waiting(model),
                 )
                 .order_by(model.created_at, model.id)

@@ -28,7 +28,7 @@ from sqlalchemy import ColumnElement, and_, case, func, select
 from sqlalchemy.orm import Session
 
 from app.core.tables import Claim, Evaluation, EvaluationItem, Worker
-from app.jobs.queue import JOB_MODELS, db_now
+from app.jobs.queue import JOB_MODELS, claimable, db_now
 from app.jobs.status import JobStatus
 
 # Job durations run from seconds (a cached evaluation) to hours (a full fine-tune).
@@ -129,7 +129,9 @@ class DatabaseCollector(Collector):
 
     def _queue(self, now: datetime) -> Iterable[Metric]:
         depth = GaugeMetricFamily(
-            "forgetguard_queue_depth", "Jobs by kind and status.", labels=["kind", "status"]
+            "forgetguard_queue_depth",
+            "Jobs a worker takes, by kind and status (a sharded evaluation counts as its shards).",
+            labels=["kind", "status"],
         )
         oldest = GaugeMetricFamily(
             "forgetguard_queue_oldest_age_seconds",
@@ -139,13 +141,17 @@ class DatabaseCollector(Collector):
         for kind, model in JOB_MODELS.items():
             counts: dict[str, int] = dict(
                 self.session.execute(
-                    select(model.status, func.count()).group_by(model.status)
+                    select(model.status, func.count())
+                    .where(claimable(model))
+                    .group_by(model.status)
                 ).all()
             )
             for status in JobStatus:
                 depth.add_metric([kind, status.value], float(counts.get(status, 0)))
             first = self.session.execute(
-                select(func.min(model.created_at)).where(model.status == JobStatus.QUEUED)
+                select(func.min(model.created_at)).where(
+                    model.status == JobStatus.QUEUED, claimable(model)
+                )
             ).scalar_one()
             oldest.add_metric([kind], max(0.0, (now - first).total_seconds()) if first else 0.0)
         return (depth, oldest)

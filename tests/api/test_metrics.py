@@ -254,3 +254,21 @@ def test_metrics_failures_by_reason_and_lease_expirations(client, populated) -> 
 )
 def test_failure_reasons_are_a_small_fixed_set(error: str | None, reason: str) -> None:
     assert classify_failure(error) == reason
+
+
+def test_a_sharded_evaluation_counts_in_the_queue_as_its_shards(client, tiny_model_dir) -> None:  # type: ignore[no-untyped-def]
+    from tests.conftest import qa_suite
+
+    response = client.post(
+        "/evaluations",
+        json={
+            "model": {"path": str(tiny_model_dir)},
+            "suites": [qa_suite("metrics-shards", 96)],
+            "cache": False,
+            "shards": 3,
+        },
+    )
+    assert response.status_code == 202, response.text
+    samples = _samples(client.get("/metrics").text)
+    # Three shard jobs a worker can take; the evaluation they make up is never claimed.
+    assert _value(samples, "forgetguard_queue_depth", kind="evaluation", status="queued") == 3
