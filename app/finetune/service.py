@@ -168,7 +168,7 @@ def _planned_steps(body: FinetuneJobCreate, n_records: int, hp: ResolvedHyperpar
     if spec is not None and spec.domain and spec.domain.holdout is not None:
         domain -= holdout_count(n_records, spec.domain.holdout)
     examples = domain + (int(domain * body.replay.fraction) if body.replay is not None else 0)
-    return planned_total_steps(max(1, examples), hp)
+    return planned_total_steps(max(1, examples), hp, body.resources.processes)
 
 
 def _check_evaluation_budget(
