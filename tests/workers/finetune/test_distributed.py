@@ -157,3 +157,95 @@ def test_a_stopped_group_checkpoints_and_resumes_to_the_same_weights(
     assert [s.step for s in steps] == list(range(6, STEPS + 1))
     for name, tensor in uninterrupted.items():
         assert torch.equal(resumed[name], tensor), name  # exactly: same batches, same sums
+
+
+def _group_processes(spec: Path) -> list[int]:
+    """Live processes (torchrun and its ranks) started for the job whose spec is ``spec``."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
+            state = (proc / "stat").read_text().split()[2]
+        except OSError:
+            continue
+        if str(spec) in cmdline and state != "Z":
+            found.append(int(proc.name))
+    return found
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_killed_two_process_job_resumes_to_the_weights_of_an_uninterrupted_one(
+    client, settings, fast_lease, engine, tiny_model_dir, procs, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    """Real workers with ``--processes 2``: SIGKILLed while it holds after step 4 (its last
+    checkpoint: step 3), the job's two ranks die with it; another worker resumes it from step
+    3, and its adapter equals, bit for bit, the one an uninterrupted twin job exports."""
+    import signal
+
+    from safetensors.torch import load_file
+
+    from tests.conftest import start_worker, wait_for
+    from tests.workers.finetune.jobs import STARTUP, events, job, post_job
+    from workers.context import HOLD_AT
+
+    settings.max_processes = 2
+    request = {
+        "base_model": {"path": str(tiny_model_dir)},
+        "dataset": {"examples": RECORDS},
+        "method": "lora",
+        "preset": "risky",
+        "hyperparameters": {
+            "learning_rate": 1e-3,
+            "max_steps": STEPS,
+            "per_device_train_batch_size": 1,
+            "gradient_accumulation_steps": 2,
+            "checkpoint_every_steps": 3,
+        },
+        "evaluation": None,
+        "resources": {"processes": 2, "strategy": "ddp"},
+    }
+    killed = post_job(client, request)
+
+    def steps(job_id: str) -> list[int]:
+        return [
+            int(e.data["step"])
+            for e in events(engine, job_id)
+            if e.message.startswith("step ") and e.data
+        ]
+
+    procs.append(
+        start_worker(
+            fast_lease, "--processes", "2", log=tmp_path / "a.log", env={HOLD_AT: "step:4"}
+        )
+    )
+    wait_for(lambda: 4 in steps(killed), STARTUP + 120, 0.3, "step 4")
+    spec = fast_lease.artifacts_dir / killed / "distributed" / "spec.json"
+    assert len(_group_processes(spec)) == 3  # torchrun and two ranks
+    procs[0].send_signal(signal.SIGKILL)
+    procs[0].wait(timeout=30)
+    wait_for(lambda: not _group_processes(spec), 60, 0.3, "the ranks to die with their worker")
+
+    twin = post_job(client, request)
+    procs.append(start_worker(fast_lease, "--processes", "2", log=tmp_path / "b.log"))
+    for job_id in (killed, twin):
+        wait_for(
+            lambda: job(engine, job_id).status in ("succeeded", "failed"),  # noqa: B023
+            STARTUP + 300,
+            1.0,
+            "the jobs",
+        )
+        done = job(engine, job_id)
+        assert done.status == "succeeded", (done.error, (tmp_path / "b.log").read_text()[-3000:])
+        assert done.metrics is not None and done.metrics["global_step"] == STEPS
+        assert done.metrics["resources"] == {"processes": 2, "strategy": "ddp"}
+    resumed = job(engine, killed)
+    assert resumed.attempts == 2 and resumed.metrics is not None
+    assert resumed.metrics["resumed_from_steps"] == [3]
+    assert steps(killed) == [1, 2, 3, 4, 4, 5, 6, 7, 8]  # step 4 again: it was not saved
+    a, b = (
+        load_file(str(Path(str(job(engine, j).output_path)) / "adapter_model.safetensors"))
+        for j in (killed, twin)
+    )
+    assert set(a) == set(b)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
