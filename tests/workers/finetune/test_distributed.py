@@ -173,6 +173,33 @@ def _group_processes(spec: Path) -> list[int]:
     return found
 
 
+def _job_body(model_dir: Path, **hp: Any) -> dict[str, Any]:
+    return {
+        "base_model": {"path": str(model_dir)},
+        "dataset": {"examples": RECORDS},
+        "method": "lora",
+        "preset": "risky",
+        "hyperparameters": {
+            "learning_rate": 1e-3,
+            "per_device_train_batch_size": 1,
+            "gradient_accumulation_steps": 2,
+            **hp,
+        },
+        "evaluation": None,
+        "resources": {"processes": 2, "strategy": "ddp"},
+    }
+
+
+def _steps(engine: Any, job_id: str) -> list[int]:
+    from tests.workers.finetune.jobs import events
+
+    return [
+        int(e.data["step"])
+        for e in events(engine, job_id)
+        if e.message.startswith("step ") and e.data
+    ]
+
+
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_a_killed_two_process_job_resumes_to_the_weights_of_an_uninterrupted_one(
     client, settings, fast_lease, engine, tiny_model_dir, procs, tmp_path
@@ -185,33 +212,15 @@ def test_a_killed_two_process_job_resumes_to_the_weights_of_an_uninterrupted_one
     from safetensors.torch import load_file
 
     from tests.conftest import start_worker, wait_for
-    from tests.workers.finetune.jobs import STARTUP, events, job, post_job
+    from tests.workers.finetune.jobs import STARTUP, job, post_job
     from workers.context import HOLD_AT
 
     settings.max_processes = 2
-    request = {
-        "base_model": {"path": str(tiny_model_dir)},
-        "dataset": {"examples": RECORDS},
-        "method": "lora",
-        "preset": "risky",
-        "hyperparameters": {
-            "learning_rate": 1e-3,
-            "max_steps": STEPS,
-            "per_device_train_batch_size": 1,
-            "gradient_accumulation_steps": 2,
-            "checkpoint_every_steps": 3,
-        },
-        "evaluation": None,
-        "resources": {"processes": 2, "strategy": "ddp"},
-    }
+    request = _job_body(tiny_model_dir, max_steps=STEPS, checkpoint_every_steps=3)
     killed = post_job(client, request)
 
     def steps(job_id: str) -> list[int]:
-        return [
-            int(e.data["step"])
-            for e in events(engine, job_id)
-            if e.message.startswith("step ") and e.data
-        ]
+        return _steps(engine, job_id)
 
     procs.append(
         start_worker(
@@ -249,3 +258,61 @@ def test_a_killed_two_process_job_resumes_to_the_weights_of_an_uninterrupted_one
     assert set(a) == set(b)
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_cancel_stops_every_rank_within_one_step(
+    client, settings, engine, tiny_model_dir, procs, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    from tests.conftest import start_worker, wait_for
+    from tests.workers.finetune.jobs import STARTUP, events, job, post_job
+
+    settings.max_processes = 2
+    job_id = post_job(
+        client, _job_body(tiny_model_dir, max_steps=5000, checkpoint_every_steps=1000)
+    )
+    procs.append(start_worker(settings, "--processes", "2", log=tmp_path / "worker.log"))
+    wait_for(lambda: len(_steps(engine, job_id)) >= 3, STARTUP + 120, 0.3, "training steps")
+    spec = settings.artifacts_dir / job_id / "distributed" / "spec.json"
+    assert len(_group_processes(spec)) == 3
+    response = client.post(f"/finetune-jobs/{job_id}/cancel")
+    assert response.status_code == 200 and response.json()["status"] == "cancelled"
+    wait_for(lambda: not _group_processes(spec), 60, 0.2, "every rank to stop")
+    log = events(engine, job_id)
+    cancel_at = next(i for i, e in enumerate(log) if e.message == "cancelled by request")
+    # Each step is recorded by the worker under the lease before any rank trains the next:
+    # after the cancel the renewal fails and no step is recorded.
+    assert not [e for e in log[cancel_at:] if e.message.startswith("step ")]
+    assert job(engine, job_id).status == "cancelled"
+    assert procs[0].poll() is None  # the worker lives on
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_sigterm_checkpoints_the_group_s_last_step_and_releases_the_job(
+    client, settings, engine, tiny_model_dir, procs, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    import signal
+
+    from tests.conftest import start_worker, wait_for
+    from tests.workers.finetune.jobs import STARTUP, events, job, post_job
+    from workers.context import HOLD_AT
+
+    settings.max_processes = 2
+    job_id = post_job(client, _job_body(tiny_model_dir, max_steps=30, checkpoint_every_steps=1000))
+    procs.append(
+        start_worker(
+            settings, "--processes", "2", log=tmp_path / "worker.log", env={HOLD_AT: "step:4"}
+        )
+    )
+    wait_for(lambda: 4 in _steps(engine, job_id), STARTUP + 120, 0.3, "step 4")
+    procs[0].send_signal(signal.SIGTERM)
+    assert procs[0].wait(timeout=120) == 0
+    spec = settings.artifacts_dir / job_id / "distributed" / "spec.json"
+    assert not _group_processes(spec)
+    stopped = job(engine, job_id)
+    assert stopped.status == "queued" and stopped.attempts == 0  # released, not failed
+    saved = [
+        int(e.data["step"]) for e in events(engine, job_id) if e.message.startswith("checkpoint")
+    ]
+    assert saved == [4] == [max(_steps(engine, job_id))]  # the step the group stopped after
+    assert (settings.artifacts_dir / job_id / "checkpoints" / "step-00000004").is_dir()
