@@ -10,8 +10,9 @@ format a single process writes: DDP replicas are identical, so the checkpoint is
 A finished group leaves a checkpoint at the last step, which the worker loads into its own
 model to export the artifact exactly as a single-process job does.
 
-Run as ``python -m torch.distributed.run --nproc_per_node N -m workers.finetune.distributed
-SPEC`` (the worker does this; ``SPEC`` is a JSON file it writes into the job directory).
+The worker runs ``python -m workers.finetune.distributed launch PID --nproc_per_node N ... -m
+workers.finetune.distributed SPEC``: torchrun (``torch.distributed.run``), tied to the worker's
+life, starting N ranks of this module on ``SPEC``, a JSON file in the job directory.
 """
 
 from __future__ import annotations
@@ -49,12 +50,23 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _die_with_parent() -> None:
-    """``preexec_fn``: SIGTERM this child when the worker dies, even by SIGKILL (Linux)."""
+LAUNCH = "launch"  # ``-m workers.finetune.distributed launch PARENT_PID ARGS``: torchrun
+
+
+def _launch(parent: int, args: list[str]) -> None:
+    """Run ``torchrun ARGS`` in this process, which gets SIGTERM when the worker dies, even by
+    SIGKILL (Linux ``PR_SET_PDEATHSIG``; set here, not in a ``preexec_fn``, which is unsafe in
+    a worker with threads). torchrun stops its ranks on SIGTERM."""
+    import runpy
+
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except OSError:
         pass
+    if os.getppid() != parent:  # the worker died before the line above: nothing to train for
+        sys.exit(1)
+    sys.argv = ["torchrun", *args]
+    runpy.run_module("torch.distributed.run", run_name="__main__", alter_sys=True)
 
 
 # --------------------------------------------------------------------------- the worker's side
@@ -100,7 +112,9 @@ def train_distributed(
     command = [
         sys.executable,
         "-m",
-        "torch.distributed.run",
+        "workers.finetune.distributed",
+        LAUNCH,
+        str(os.getpid()),
         f"--nproc_per_node={processes}",
         "--nnodes=1",
         "--master_addr=127.0.0.1",
@@ -118,7 +132,6 @@ def train_distributed(
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group: signalled only by this worker
-            preexec_fn=_die_with_parent,
         )
     try:
         _serve(listener, group, on_step, on_checkpoint, check_stop, log_path)
@@ -288,4 +301,7 @@ def _rank_main(spec_path: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(_rank_main(sys.argv[1]))
+    if sys.argv[1] == LAUNCH:
+        _launch(int(sys.argv[2]), sys.argv[3:])
+    else:
+        sys.exit(_rank_main(sys.argv[1]))
