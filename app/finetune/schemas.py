@@ -756,6 +756,8 @@ class FinetuneJobPublic(JobTimestamps):
     shipped_reason: str | None = None
     interpolation: dict[str, Any] | None = None
     chosen_alpha: float | None = None
+    # The processes it trains in and how (jobs queued before it existed: one process).
+    resources: dict[str, Any] = Field(default_factory=lambda: ResourcesSpec().model_dump())
     attempts: int
     error: str | None
 

@@ -38,6 +38,7 @@ def test_a_job_larger_than_every_worker_is_refused_until_one_is_live(
     response = client.post("/finetune-jobs", json=body(tiny_model_dir, processes=2))
     assert response.status_code == 202, response.text
     job_id = response.json()["id"]
+    assert response.json()["resources"] == {"processes": 2, "strategy": "ddp"}
     with session_factory(engine)() as session:
         row = session.get(FinetuneJob, job_id)
         assert row is not None and row.processes == 2
