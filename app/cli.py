@@ -187,9 +187,34 @@ def worker(
             envvar="FORGETGUARD_WORKER_BACKEND",
         ),
     ] = "transformers",
+    processes: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            max=8,
+            help="Training processes a fine-tune job may use here (resources.processes); "
+            "on CPU each is a DDP rank over gloo.",
+        ),
+    ] = 1,
+    devices: Annotated[
+        str | None,
+        typer.Option(
+            help="CUDA devices to train on, comma-separated (cuda:0,cuda:1): one process "
+            "each; sets --device and --processes.",
+        ),
+    ] = None,
 ) -> None:
-    """Run a worker: claims queued jobs and runs them on one device."""
+    """Run a worker: claims queued jobs and runs them on one device (a fine-tune job that
+    asks for several processes: on --processes CPU ranks or the --devices GPUs)."""
     backend = backend or "transformers"  # an empty FORGETGUARD_WORKER_BACKEND
+    if devices:
+        indexes = [d.strip().removeprefix("cuda:") for d in devices.split(",") if d.strip()]
+        if not indexes or not all(i.isdigit() for i in indexes):
+            typer.echo(f"--devices {devices!r}: list CUDA devices as cuda:0,cuda:1", err=True)
+            raise typer.Exit(2)
+        # Before torch loads: the ranks see these devices as cuda:0..N-1.
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(indexes)
+        device, processes = "cuda:0", len(indexes)
     if backend not in ("transformers", "vllm", "openai"):
         typer.echo(f"unknown backend {backend!r}: choose transformers, vllm or openai", err=True)
         raise typer.Exit(2)
@@ -212,6 +237,7 @@ def worker(
             worker_id=worker_id,
             once=once,
             backend=backend,
+            processes=processes,
         )
     )
 

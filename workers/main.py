@@ -137,6 +137,7 @@ class Worker:
         worker_id: str | None = None,
         once: bool = False,
         backend: str = "transformers",
+        processes: int = 1,
     ) -> None:
         if backend not in WORKER_BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {WORKER_BACKENDS}")
@@ -150,6 +151,7 @@ class Worker:
         self.kinds = tuple(k for k in kinds if k in self.runners)
         self.worker_id = worker_id or default_worker_id()
         self.once = once
+        self.processes = processes  # the most a fine-tune job may train in (claim takes no more)
         self.stop = threading.Event()
         self.models = ModelCache(settings, self.device)
         self.current: ClaimedJob | None = None
@@ -263,6 +265,7 @@ class Worker:
             backend=self.backend,
             dtype=dtype,
             engine_version=version,
+            processes=self.processes,
         )
         last_beat = 0.0
         retry = self.settings.poll_seconds
@@ -275,6 +278,7 @@ class Worker:
                         kinds=self.kinds,
                         lease_seconds=self.settings.lease_seconds,
                         backends=self.backends,
+                        processes=self.processes,
                     )
                     beat_due = time.monotonic() - last_beat > self.settings.heartbeat_seconds
                     if job is None and beat_due:
@@ -442,12 +446,19 @@ def main(
     worker_id: str | None,
     once: bool,
     backend: str = "transformers",
+    processes: int = 1,
 ) -> int:
     """Entry point of ``forgetguard worker``, which applied the process settings first
     (:func:`workers.engine.process.configure_process`)."""
     cap_memory(settings.worker_max_memory_bytes)
     worker = Worker(
-        settings, device=device, kinds=kinds, worker_id=worker_id, once=once, backend=backend
+        settings,
+        device=device,
+        kinds=kinds,
+        worker_id=worker_id,
+        once=once,
+        backend=backend,
+        processes=processes,
     )
     worker.install_signal_handlers()
     parent = os.environ.get(PARENT_PID_ENV, "")

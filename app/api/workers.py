@@ -34,6 +34,7 @@ def list_workers(session: SessionDep, settings: SettingsDep) -> Page[WorkerPubli
             backend=w.backend,
             dtype=w.dtype,
             engine_version=w.engine_version,
+            processes=w.processes,
             status=w.status,
             current_job={"kind": w.current_job_kind or "", "id": w.current_job_id}
             if w.current_job_id

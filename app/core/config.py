@@ -75,6 +75,10 @@ class Settings(BaseSettings):
     worker_restart_backoff_seconds: float = Field(2.0, gt=0)
     worker_max_failed_starts: int = Field(5, ge=1)
 
+    # The most processes a fine-tune job may ask for (resources.processes) while no live
+    # worker is larger: the largest worker this deployment runs. A job beyond both is a 422.
+    max_processes: int = Field(1, ge=1, le=8)
+
     lease_seconds: float = 60.0
     heartbeat_seconds: float = 10.0
     # A running fine-tune job stores its progress (percent, ETA) at most this often between

@@ -336,6 +336,8 @@ class WorkerPublic(BaseModel):
     backend: str
     dtype: str | None
     engine_version: str | None
+    # How many training processes it runs a fine-tune job in, at most.
+    processes: int = 1
     # idle | busy; for a slot of `forgetguard serve` whose worker cannot start: failing
     # (restarted with backoff) or stopped (serve gave up), with the reason in ``error``.
     status: str

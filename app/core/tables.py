@@ -188,6 +188,9 @@ class FinetuneJob(JobMixin, Base):
     backend: Mapped[str] = mapped_column(String(16), default="transformers")
     # Resolved at submission: {"hyperparameters": {...}, "planned_steps": n}; None before 0007.
     resolved: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    # The processes it trains in (request.resources.processes): claimed only by a worker
+    # that holds as many (workers.processes).
+    processes: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
 
 
 class FinetuneEvent(Base):
@@ -249,6 +252,8 @@ class Worker(Base):
     backend: Mapped[str] = mapped_column(String(16), default="transformers")
     dtype: Mapped[str | None] = mapped_column(String(32), default=None)
     engine_version: Mapped[str | None] = mapped_column(String(100), default=None)
+    # How many training processes it can run at once (--processes, or its --devices).
+    processes: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     status: Mapped[str] = mapped_column(String(16), default="idle")
     current_job_id: Mapped[str | None] = mapped_column(String(40), default=None)
     current_job_kind: Mapped[str | None] = mapped_column(String(16), default=None)

@@ -595,6 +595,33 @@ class InterpolationSpec(_Request):
         return self
 
 
+MAX_PROCESSES = 8
+Strategy = Literal["ddp", "fsdp", "deepspeed"]
+
+
+class ResourcesSpec(_Request):
+    """How many processes train the job, and how they share the work.
+
+    ``processes`` 1 (the default) trains in the worker's own process, as always. More launch a
+    ``torchrun`` process group on a worker that holds at least that many (``--processes`` on
+    CPU, ``--devices`` on CUDA). ``per_device_train_batch_size`` is per process, as in the HF
+    ``Trainer``: the global batch is ``per_device_train_batch_size × gradient_accumulation_steps
+    × processes``. Only ``ddp`` runs today; ``fsdp`` and ``deepspeed`` are refused.
+    """
+
+    processes: Annotated[int, Field(ge=1, le=MAX_PROCESSES)] = 1
+    strategy: Strategy = "ddp"
+
+    @model_validator(mode="after")
+    def _runnable(self) -> ResourcesSpec:
+        if self.strategy != "ddp":
+            raise ValueError(
+                f"strategy {self.strategy!r} is not supported by this service yet; use 'ddp' "
+                "(LoRA and full fine-tuning replicate the model on every process)"
+            )
+        return self
+
+
 class FinetuneJobCreate(_Request):
     """``POST /finetune-jobs`` body."""
 
@@ -612,6 +639,7 @@ class FinetuneJobCreate(_Request):
     # Set by POST /finetune-jobs/{id}/interpolations: reuse that job's training, only sweep.
     from_job: Annotated[str, Field(max_length=40, pattern=r"^ft_[0-9a-f]+$")] | None = None
     label: Annotated[str, Field(max_length=200)] | None = None
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
 
     @model_validator(mode="after")
     def _method_settings(self) -> FinetuneJobCreate:
@@ -643,7 +671,25 @@ class FinetuneJobCreate(_Request):
             )
         if self.interpolation is not None and self.evaluation is None:
             raise ValueError("'interpolation' chooses by evaluation: it needs 'evaluation'")
+        if self.resources.processes > 1:
+            self._check_distributed()
         return self
+
+    def _check_distributed(self) -> None:
+        """What a process group cannot train yet: refused at submission, not after queueing."""
+        if self.ewc is not None:
+            raise ValueError("'ewc' trains in one process: drop it or set resources.processes 1")
+        if self.quantization is not None:
+            raise ValueError(
+                f"method {self.method!r} trains in one process: set resources.processes 1"
+            )
+        if self.evaluation is not None and (
+            self.evaluation.every_steps is not None or self.evaluation.checkpoints is not None
+        ):
+            raise ValueError(
+                "checkpoint evaluations (evaluation.every_steps, evaluation.checkpoints) run "
+                "in one process: drop them or set resources.processes 1"
+            )
 
     @property
     def adapter(self) -> bool:
@@ -710,6 +756,8 @@ class FinetuneJobPublic(JobTimestamps):
     shipped_reason: str | None = None
     interpolation: dict[str, Any] | None = None
     chosen_alpha: float | None = None
+    # The processes it trains in and how (jobs queued before it existed: one process).
+    resources: dict[str, Any] = Field(default_factory=lambda: ResourcesSpec().model_dump())
     attempts: int
     error: str | None
 
@@ -729,9 +777,10 @@ class FinetuneCheckpointPublic(BaseModel):
         return iso_utc(value)
 
 
-def planned_total_steps(n_examples: int, hp: ResolvedHyperparameters) -> int:
-    """Optimizer steps of a training on ``n_examples`` (HF ``Trainer`` arithmetic)."""
-    micro = math.ceil(n_examples / hp.per_device_train_batch_size)
+def planned_total_steps(n_examples: int, hp: ResolvedHyperparameters, processes: int = 1) -> int:
+    """Optimizer steps of a training on ``n_examples`` (HF ``Trainer`` arithmetic); each
+    micro-batch is ``per_device_train_batch_size`` examples on each of ``processes``."""
+    micro = math.ceil(n_examples / (hp.per_device_train_batch_size * processes))
     per_epoch = math.ceil(micro / hp.gradient_accumulation_steps)
     return hp.max_steps or max(1, math.ceil(hp.num_train_epochs * per_epoch))
 

@@ -29,6 +29,7 @@ from app.finetune.schemas import (
     Hyperparameters,
     InterpolationSpec,
     ResolvedHyperparameters,
+    ResourcesSpec,
     dataset_changed_detail,
     evaluation_budget_problem,
     holdout_count,
@@ -40,7 +41,7 @@ from app.finetune.schemas import (
     summarize_source,
 )
 from app.jobs import lifecycle
-from app.jobs.queue import begin_write
+from app.jobs.queue import begin_write, largest_finetune_worker
 from app.jobs.queue import cancel as cancel_job
 from app.jobs.status import JobStatus
 from app.suites import versions
@@ -93,6 +94,7 @@ def public(row: FinetuneJob) -> FinetuneJobPublic:
         shipped_reason=(row.metrics or {}).get("shipped", {}).get("reason"),
         interpolation=request.get("interpolation"),
         chosen_alpha=(row.metrics or {}).get("interpolation", {}).get("chosen_alpha"),
+        resources=request.get("resources") or ResourcesSpec().model_dump(),
         attempts=row.attempts,
         error=row.error,
         created_at=row.created_at,
@@ -157,6 +159,26 @@ def _domain_defaults(session: Session, spec: FinetuneEvaluationSpec, n_records: 
         )
 
 
+def _check_processes(session: Session, settings: Settings, processes: int) -> None:
+    """Refuse a job no worker could ever take: more processes than the deployment's largest
+    worker (``max_processes``) and than any live fine-tune worker holds. A job within either
+    waits in the queue for a worker that large (one may not have started yet)."""
+    if processes <= settings.max_processes:
+        return
+    largest = largest_finetune_worker(session, lease_seconds=settings.lease_seconds)
+    if processes <= largest:
+        return
+    raise Problem(
+        422,
+        "No worker this large",
+        f"resources.processes {processes} is more than any worker here can run: the live "
+        f"fine-tune workers hold at most {largest} and FORGETGUARD_MAX_PROCESSES is "
+        f"{settings.max_processes}; start a worker with --processes {processes} (CPU) or "
+        f"--devices (CUDA), or raise FORGETGUARD_MAX_PROCESSES if one will run",
+        errors=[{"loc": ["body", "resources", "processes"], "msg": "no worker this large"}],
+    )
+
+
 def _planned_steps(body: FinetuneJobCreate, n_records: int, hp: ResolvedHyperparameters) -> int:
     """The optimizer steps the dataset as inspected plans.
 
@@ -168,7 +190,7 @@ def _planned_steps(body: FinetuneJobCreate, n_records: int, hp: ResolvedHyperpar
     if spec is not None and spec.domain and spec.domain.holdout is not None:
         domain -= holdout_count(n_records, spec.domain.holdout)
     examples = domain + (int(domain * body.replay.fraction) if body.replay is not None else 0)
-    return planned_total_steps(max(1, examples), hp)
+    return planned_total_steps(max(1, examples), hp, body.resources.processes)
 
 
 def _check_evaluation_budget(
@@ -261,6 +283,7 @@ def create(
 
     ``inspected``: what :func:`inspect_files` already read (read here when None).
     """
+    _check_processes(session, settings, body.resources.processes)
     files = inspected or inspect_files(settings=settings, body=body, allow_from_job=allow_from_job)
     n_records = files.records
     hp = body.resolved()  # once: stored with the job, which trains with these
@@ -290,6 +313,7 @@ def create(
         progress={"done": 0, "total": 0, "stage": "queued"},
         max_attempts=settings.max_attempts,
         warnings=warnings,
+        processes=body.resources.processes,
         resolved={
             "hyperparameters": hp.model_dump(mode="json"),
             "planned_steps": _planned_steps(body, n_records, hp),

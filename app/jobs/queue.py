@@ -144,12 +144,15 @@ def claim(
     kinds: tuple[str, ...],
     lease_seconds: float,
     backends: tuple[str, ...] = ("transformers", "openai"),
+    processes: int = 1,
 ) -> ClaimedJob | None:
     """Atomically take the oldest claimable job of the given kinds, or return None.
 
     Only jobs whose ``backend`` is one of ``backends`` (the engines this worker runs) are
     taken: a vLLM job waits for a vLLM worker instead of running on another engine. An
-    evaluation identical to a running one waits for it (:func:`_not_waiting`).
+    evaluation identical to a running one waits for it (:func:`_not_waiting`). A fine-tune
+    job that trains in more processes than this worker holds (``processes``) waits for a
+    larger worker.
     """
     with immediate_session(engine) as session, session.begin():
         now = db_now(session)
@@ -165,6 +168,7 @@ def claim(
                     model.backend.in_(backends),
                     claimable(model),
                     _not_waiting(model),
+                    *([model.processes <= processes] if model is FinetuneJob else []),
                 )
                 .order_by(model.created_at, model.id)
                 .limit(1)
@@ -514,6 +518,18 @@ WAITING_PREFIX = "no live worker for backend "
 LIVE_STATUSES = ("idle", "busy")
 
 
+def largest_finetune_worker(session: Session, *, lease_seconds: float) -> int:
+    """The most training processes a live worker that takes fine-tune jobs holds (0: none)."""
+    now = db_now(session)
+    rows = session.execute(
+        select(Worker.processes, Worker.kinds).where(
+            Worker.status.in_(LIVE_STATUSES),
+            Worker.heartbeat_at >= now - timedelta(seconds=lease_seconds),
+        )
+    ).all()
+    return max((int(p) for p, kinds in rows if "finetune" in (kinds or [])), default=0)
+
+
 def _note_waiting(
     session: Session, backend: str, note: str | None, *, now: Any, lease_seconds: float = 60.0
 ) -> None:
@@ -606,8 +622,9 @@ def register_worker(
     backend: str = "transformers",
     dtype: str | None = None,
     engine_version: str | None = None,
+    processes: int = 1,
 ) -> None:
-    """Announce a live worker and its engine (shown by ``GET /workers``)."""
+    """Announce a live worker, its engine and capacity (shown by ``GET /workers``)."""
     with immediate_session(engine) as session, session.begin():
         now = db_now(session)
         # Rows of workers killed without deregistering (SIGKILL, lost hosts) go after a day.
@@ -623,6 +640,7 @@ def register_worker(
                 backend=backend,
                 dtype=dtype,
                 engine_version=engine_version,
+                processes=processes,
                 started_at=now,
                 heartbeat_at=now,
             )

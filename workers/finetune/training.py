@@ -52,14 +52,19 @@ class StepPlan:
     warmup_steps: int
 
 
-def plan_steps(n_examples: int, hp: ResolvedHyperparameters) -> StepPlan:
-    """Micro-batches per epoch, optimizer steps (the last one of an epoch may accumulate fewer)."""
-    micro = math.ceil(n_examples / hp.per_device_train_batch_size)
+def plan_steps(n_examples: int, hp: ResolvedHyperparameters, processes: int = 1) -> StepPlan:
+    """Micro-batches per epoch, optimizer steps (the last one of an epoch may accumulate fewer).
+
+    A micro-batch is ``per_device_train_batch_size`` examples on each of ``processes``: with
+    more processes, ``batch_size`` is the global micro-batch that the ranks split.
+    """
+    batch_size = hp.per_device_train_batch_size * processes
+    micro = math.ceil(n_examples / batch_size)
     per_epoch = math.ceil(micro / hp.gradient_accumulation_steps)
-    total = planned_total_steps(n_examples, hp)
+    total = planned_total_steps(n_examples, hp, processes)
     return StepPlan(
         examples=n_examples,
-        batch_size=hp.per_device_train_batch_size,
+        batch_size=batch_size,
         accumulation=hp.gradient_accumulation_steps,
         micro_batches_per_epoch=micro,
         steps_per_epoch=per_epoch,
@@ -140,6 +145,20 @@ def _adamw(groups: list[dict[str, Any]], lr: float) -> torch.optim.AdamW:
         return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8)
 
 
+@dataclass(frozen=True)
+class Rank:
+    """This process's place in a DDP process group (``torch.distributed`` is initialized).
+
+    ``wrapped`` is the ``DistributedDataParallel`` module the forward pass goes through (its
+    backward averages the gradients across ranks); the trainer keeps the plain model for names
+    and checkpoints, which are identical on every rank, so only rank 0 writes them.
+    """
+
+    rank: int
+    world: int
+    wrapped: torch.nn.Module
+
+
 class Trainer:
     """AdamW + scheduler over tokenized examples, with EWC, checkpoints and exact resume."""
 
@@ -158,6 +177,8 @@ class Trainer:
         state: dict[str, Any] | None = None,
         evaluate_steps: Sequence[int] = (),
         on_evaluate: Callable[[int], None] | None = None,
+        rank: Rank | None = None,
+        processes: int = 1,
     ) -> None:
         from transformers import get_scheduler
 
@@ -175,7 +196,9 @@ class Trainer:
         self.stopped_at: int | None = None
         self.device = next(model.parameters()).device
         self.autocast = autocast_for(self.device)
-        self.plan = plan_steps(len(self.examples), hp)
+        self.rank = rank
+        # ``processes`` without ``rank``: the worker's copy, which plans like its group's ranks.
+        self.plan = plan_steps(len(self.examples), hp, processes if rank is None else rank.world)
         self.params = trainable_named_parameters(model)
         # As the HF Trainer does: no weight decay on biases and normalization weights.
         decay = [p for n, p in self.params if not ("bias" in n or "norm" in n.lower())]
@@ -228,10 +251,18 @@ class Trainer:
         return sorted(p for p in self.checkpoint_dir.glob("step-*") if (p / "state.json").is_file())
 
     def save_checkpoint(self) -> Path:
-        """Write weights, optimizer, scheduler, RNG and step to ``step-N`` (atomically)."""
+        """Write weights, optimizer, scheduler, RNG and step to ``step-N`` (atomically).
+
+        In a process group only rank 0 writes: DDP keeps every rank's weights and optimizer
+        identical, so its checkpoint is the consolidated one a single process resumes from too.
+        """
         from safetensors.torch import save_file
 
         step = self.global_step
+        final = self.checkpoint_dir / f"step-{step:08d}"
+        if self.rank is not None and self.rank.rank != 0:
+            self.checkpointed_step = step
+            return final
         tmp = self.checkpoint_dir / f".tmp-step-{step:08d}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         state = {
@@ -257,7 +288,6 @@ class Trainer:
             shutil.rmtree(tmp, ignore_errors=True)  # no partial checkpoint folder is left
             raise_if_disk_full(exc, f"the checkpoint of step {step}")
             raise
-        final = self.checkpoint_dir / f"step-{step:08d}"
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         for older in self._checkpoints():
@@ -326,19 +356,37 @@ class Trainer:
     def _step(self, step: int) -> None:
         started = time.monotonic()
         self.model.train()
-        batches = [
-            collate([self.examples[i] for i in idx], self.pad_id) for idx in self.step_batches(step)
-        ]
+        indexes = self.step_batches(step)
         # Token-mean over the whole accumulated step (not a mean of micro-batch means), so a
-        # short last micro-batch does not weigh as much as a full one.
-        tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+        # short last micro-batch does not weigh as much as a full one. In a process group the
+        # count is the global one (every rank knows every index), so the summed gradient
+        # equals one process's over the same global batch.
+        tokens = sum(self.examples[i].trained_tokens for idx in indexes for i in idx)
+        forward, scale = self.model, 1.0
+        if self.rank is not None:
+            forward, scale = self.rank.wrapped, float(self.rank.world)  # DDP averages: undo
+            # Every rank runs every micro-batch's backward (DDP's all-reduce needs all of
+            # them); one left without examples (a short last micro-batch) runs the first
+            # example with weight 0.
+            mine = [idx[self.rank.rank :: self.rank.world] for idx in indexes]
+            weights = [1.0 if part else 0.0 for part in mine]
+            indexes = [part or idx[:1] for part, idx in zip(mine, indexes, strict=True)]
+            # Dropout as a function of (seed, step, rank): resumable without per-rank RNG files.
+            torch.manual_seed(self.hp.seed + 1_000_003 * (step + 1) + self.rank.rank)
+        else:
+            weights = [1.0] * len(indexes)
         loss_sum = 0.0
-        for batch in batches:
+        for idx, weight in zip(indexes, weights, strict=True):
             self.check_stop()  # SIGTERM or a lost lease: stop between micro-batches
+            batch = collate([self.examples[i] for i in idx], self.pad_id)
             batch = {k: v.to(self.device) for k, v in batch.items()}
-            loss, _ = sequence_loss(self.model, batch, self.autocast)
-            (loss / max(tokens, 1)).backward()
-            loss_sum += float(loss.detach())
+            loss, _ = sequence_loss(forward, batch, self.autocast)
+            (loss * (weight * scale) / max(tokens, 1)).backward()
+            loss_sum += weight * float(loss.detach())
+        if self.rank is not None:
+            total = torch.tensor([loss_sum], dtype=torch.float64)
+            torch.distributed.all_reduce(total)
+            loss_sum = float(total)
         penalty = self.ewc.add_gradient(self.model) if self.ewc is not None else None
         grad_norm = None
         if self.hp.max_grad_norm > 0:

@@ -23,6 +23,7 @@ from workers.finetune.artifacts import (
     save_output,
 )
 from workers.finetune.data import encode_records, pad_id
+from workers.finetune.distributed import train_distributed
 from workers.finetune.stages.checkpoints import CheckpointEvaluator
 from workers.finetune.stages.data import training_records
 from workers.finetune.stages.ewc import ewc_regularizer
@@ -76,6 +77,7 @@ def run_training(
         model,
         examples,
         hp,
+        processes=request.resources.processes,
         pad_id=pad_id(tokenizer),
         checkpoint_dir=run.job_dir / CHECKPOINTS,
         ewc=ewc,
@@ -117,7 +119,28 @@ def run_training(
         data={"plan": asdict(plan), "trainable_parameters": counts},
     )
     run.event("trainable parameters", data=counts, trainable_parameters=counts)
-    trainer.train()
+    processes = request.resources.processes
+    if processes > 1:
+        train_distributed(
+            examples=examples,
+            request=request,
+            hp=hp,
+            base_dir=base_dir,
+            device=run.device,
+            pad_id=trainer.pad_id,
+            checkpoint_dir=trainer.checkpoint_dir,
+            work_dir=run.job_dir / "distributed",
+            state=trainer.state,
+            on_step=partial(_on_step, run),
+            on_checkpoint=partial(_on_checkpoint, run),
+            check_stop=run.ctx.check_stop,
+        )
+        # The group's last checkpoint holds the trained weights and the loss curve: loaded
+        # here, the rest (the artifact, the metrics) is the single-process path's.
+        trainer.restore()
+        trainer.resumed_from = trainer.resumed_from[:-1]  # loading the result is no resume
+    else:
+        trainer.train()
 
     base_weights = None
     if request.adapter:
@@ -171,6 +194,8 @@ def run_training(
         "prompt_format": fmt,
         "device": str(run.device),
     }
+    if request.resources.processes > 1:
+        metrics["resources"] = request.resources.model_dump()
     if meta.get("dataset") is not None:
         # The dataset as the job split it: a later interpolation sweep is checked against it.
         metrics["dataset"] = meta["dataset"]

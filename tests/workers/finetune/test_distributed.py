@@ -1,0 +1,318 @@
+"""DDP training on this CPU: two ``torchrun`` ranks over gloo against one process.
+
+The same global batch (one process: ``per_device_train_batch_size`` 2; two processes: 1 each,
+with the same accumulation) gives the same loss curve and weights to float32 rounding: each
+rank's gradient is its share of the global token-summed loss over the global token count,
+DDP averages, and the trainer scales by the world size, so only the order of the float32 sums
+differs. Measured on the tiny model: 8.5e-8 relative on the losses, 1e-7 absolute on weights
+of size 0.13. The tolerance, ``rel`` 1e-5 on the losses and ``atol`` 1e-6 on the weights, is
+ten to a hundred times that, and far below what a wrong normalization gives (a mean of
+per-rank token means instead of the global token mean is off by around 1e-2).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from app.finetune.schemas import FinetuneJobCreate
+from tests.samples import MEDICINE_RECORDS
+from workers.context import Interrupted
+from workers.engine.loading import load_tokenizer
+from workers.finetune.data import encode_records, pad_id
+from workers.finetune.distributed import train_distributed
+from workers.finetune.training import StepLog, Trainer, prepare_model
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
+
+CPU = torch.device("cpu")
+# Nine examples: with a global micro-batch of 2 the last one holds one, so rank 1 runs the
+# weight-0 micro-batch that keeps DDP's all-reduce in step.
+RECORDS = [
+    *MEDICINE_RECORDS,
+    *(
+        {"prompt": f"What is {i} times three?", "completion": f"{i} times three is {3 * i}."}
+        for i in range(5)
+    ),
+]
+STEPS = 8
+
+
+def _request(model_dir: Path, processes: int) -> FinetuneJobCreate:
+    return FinetuneJobCreate.model_validate(
+        {
+            "base_model": {"path": str(model_dir)},
+            "dataset": {"examples": RECORDS},
+            "method": "lora",
+            "preset": "risky",
+            # Dropout draws other masks per rank than in one process: off for the comparison.
+            "lora": {"lora_dropout": 0.0},
+            "hyperparameters": {
+                "learning_rate": 1e-3,
+                "max_steps": STEPS,
+                "per_device_train_batch_size": 2 // processes,
+                "gradient_accumulation_steps": 2,
+                "checkpoint_every_steps": 3,
+            },
+            "evaluation": None,
+            "resources": {"processes": processes, "strategy": "ddp"},
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def encoded(tiny_model_dir: Path) -> tuple[list[Any], int]:
+    tokenizer = load_tokenizer(tiny_model_dir)
+    return encode_records(tokenizer, RECORDS, "chat", 512)[0], pad_id(tokenizer)
+
+
+def _single(model_dir: Path, encoded: tuple[list[Any], int], tmp: Path) -> tuple[Any, Any]:
+    examples, pad = encoded
+    request = _request(model_dir, 1)
+    model = prepare_model(model_dir, CPU, request, request.resolved().seed)
+    steps: list[StepLog] = []
+    trainer = Trainer(
+        model,
+        examples,
+        request.resolved(),
+        pad_id=pad,
+        checkpoint_dir=tmp,
+        on_step=steps.append,
+    )
+    trainer.train()
+    return steps, {n: p.detach().clone() for n, p in trainer.params}
+
+
+def _group(
+    model_dir: Path,
+    encoded: tuple[list[Any], int],
+    tmp: Path,
+    on_step: Any = None,
+) -> tuple[list[StepLog], dict[str, torch.Tensor]]:
+    from safetensors.torch import load_file
+
+    examples, pad = encoded
+    request = _request(model_dir, 2)
+    steps: list[StepLog] = []
+    checkpoints: list[int] = []
+
+    def record(entry: StepLog) -> None:
+        steps.append(entry)
+        if on_step is not None:
+            on_step(entry)
+
+    train_distributed(
+        examples=examples,
+        request=request,
+        hp=request.resolved(),
+        base_dir=model_dir,
+        device=CPU,
+        pad_id=pad,
+        checkpoint_dir=tmp / "checkpoints",
+        work_dir=tmp / "distributed",
+        state={},
+        on_step=record,
+        on_checkpoint=lambda step, path: checkpoints.append(step),
+        check_stop=lambda: None,
+    )
+    assert checkpoints == [s for s in (3, 6) if s >= steps[0].step]  # the last is the result
+    (final,) = (tmp / "checkpoints").glob("step-*")
+    assert final.name == f"step-{STEPS:08d}"
+    return steps, load_file(str(final / "trainable.safetensors"))
+
+
+def test_two_ddp_processes_match_one_process_with_the_same_global_batch(
+    tiny_model_dir: Path, encoded: tuple[list[Any], int], tmp_path: Path
+) -> None:
+    one, one_weights = _single(tiny_model_dir, encoded, tmp_path / "one")
+    two, two_weights = _group(tiny_model_dir, encoded, tmp_path / "two")
+    assert [s.step for s in two] == list(range(1, STEPS + 1))
+    assert [s.tokens for s in two] == [s.tokens for s in one]  # the same global batches
+    losses = [s.loss for s in two]
+    assert losses == pytest.approx([s.loss for s in one], rel=1e-5)
+    assert losses[-1] < losses[0]  # it trained
+    assert set(two_weights) == set(one_weights)
+    for name, tensor in one_weights.items():
+        torch.testing.assert_close(two_weights[name], tensor, rtol=1e-5, atol=1e-6)
+
+
+def test_a_stopped_group_checkpoints_and_resumes_to_the_same_weights(
+    tiny_model_dir: Path, encoded: tuple[list[Any], int], tmp_path: Path
+) -> None:
+    _, uninterrupted = _group(tiny_model_dir, encoded, tmp_path / "straight")
+
+    def shut_down_at_5(entry: StepLog) -> None:
+        if entry.step == 5:
+            raise Interrupted("worker is shutting down")
+
+    with pytest.raises(Interrupted):
+        _group(tiny_model_dir, encoded, tmp_path / "stopped", on_step=shut_down_at_5)
+    saved = sorted(p.name for p in (tmp_path / "stopped" / "checkpoints").glob("step-*"))
+    assert saved == ["step-00000005"]  # the stopped step, checkpointed by rank 0
+
+    steps, resumed = _group(tiny_model_dir, encoded, tmp_path / "stopped")
+    assert [s.step for s in steps] == list(range(6, STEPS + 1))
+    for name, tensor in uninterrupted.items():
+        assert torch.equal(resumed[name], tensor), name  # exactly: same batches, same sums
+
+
+def _group_processes(spec: Path) -> list[int]:
+    """Live processes (torchrun and its ranks) started for the job whose spec is ``spec``."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
+            state = (proc / "stat").read_text().split()[2]
+        except OSError:
+            continue
+        if str(spec) in cmdline and state != "Z":
+            found.append(int(proc.name))
+    return found
+
+
+def _job_body(model_dir: Path, **hp: Any) -> dict[str, Any]:
+    return {
+        "base_model": {"path": str(model_dir)},
+        "dataset": {"examples": RECORDS},
+        "method": "lora",
+        "preset": "risky",
+        "hyperparameters": {
+            "learning_rate": 1e-3,
+            "per_device_train_batch_size": 1,
+            "gradient_accumulation_steps": 2,
+            **hp,
+        },
+        "evaluation": None,
+        "resources": {"processes": 2, "strategy": "ddp"},
+    }
+
+
+def _steps(engine: Any, job_id: str) -> list[int]:
+    from tests.workers.finetune.jobs import events
+
+    return [
+        int(e.data["step"])
+        for e in events(engine, job_id)
+        if e.message.startswith("step ") and e.data
+    ]
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_killed_two_process_job_resumes_to_the_weights_of_an_uninterrupted_one(
+    client, settings, fast_lease, engine, tiny_model_dir, procs, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    """Real workers with ``--processes 2``: SIGKILLed while it holds after step 4 (its last
+    checkpoint: step 3), the job's two ranks die with it; another worker resumes it from step
+    3, and its adapter equals, bit for bit, the one an uninterrupted twin job exports."""
+    import signal
+
+    from safetensors.torch import load_file
+
+    from tests.conftest import start_worker, wait_for
+    from tests.workers.finetune.jobs import STARTUP, job, post_job
+    from workers.context import HOLD_AT
+
+    settings.max_processes = 2
+    request = _job_body(tiny_model_dir, max_steps=STEPS, checkpoint_every_steps=3)
+    killed = post_job(client, request)
+
+    def steps(job_id: str) -> list[int]:
+        return _steps(engine, job_id)
+
+    procs.append(
+        start_worker(
+            fast_lease, "--processes", "2", log=tmp_path / "a.log", env={HOLD_AT: "step:4"}
+        )
+    )
+    wait_for(lambda: 4 in steps(killed), STARTUP + 120, 0.3, "step 4")
+    spec = fast_lease.artifacts_dir / killed / "distributed" / "spec.json"
+    assert len(_group_processes(spec)) == 3  # torchrun and two ranks
+    procs[0].send_signal(signal.SIGKILL)
+    procs[0].wait(timeout=30)
+    wait_for(lambda: not _group_processes(spec), 60, 0.3, "the ranks to die with their worker")
+
+    twin = post_job(client, request)
+    procs.append(start_worker(fast_lease, "--processes", "2", log=tmp_path / "b.log"))
+    for job_id in (killed, twin):
+        wait_for(
+            lambda: job(engine, job_id).status in ("succeeded", "failed"),  # noqa: B023
+            STARTUP + 300,
+            1.0,
+            "the jobs",
+        )
+        done = job(engine, job_id)
+        assert done.status == "succeeded", (done.error, (tmp_path / "b.log").read_text()[-3000:])
+        assert done.metrics is not None and done.metrics["global_step"] == STEPS
+        assert done.metrics["resources"] == {"processes": 2, "strategy": "ddp"}
+    resumed = job(engine, killed)
+    assert resumed.attempts == 2 and resumed.metrics is not None
+    assert resumed.metrics["resumed_from_steps"] == [3]
+    assert steps(killed) == [1, 2, 3, 4, 4, 5, 6, 7, 8]  # step 4 again: it was not saved
+    a, b = (
+        load_file(str(Path(str(job(engine, j).output_path)) / "adapter_model.safetensors"))
+        for j in (killed, twin)
+    )
+    assert set(a) == set(b)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_cancel_stops_every_rank_within_one_step(
+    client, settings, engine, tiny_model_dir, procs, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    from tests.conftest import start_worker, wait_for
+    from tests.workers.finetune.jobs import STARTUP, events, job, post_job
+
+    settings.max_processes = 2
+    job_id = post_job(
+        client, _job_body(tiny_model_dir, max_steps=5000, checkpoint_every_steps=1000)
+    )
+    procs.append(start_worker(settings, "--processes", "2", log=tmp_path / "worker.log"))
+    wait_for(lambda: len(_steps(engine, job_id)) >= 3, STARTUP + 120, 0.3, "training steps")
+    spec = settings.artifacts_dir / job_id / "distributed" / "spec.json"
+    assert len(_group_processes(spec)) == 3
+    response = client.post(f"/finetune-jobs/{job_id}/cancel")
+    assert response.status_code == 200 and response.json()["status"] == "cancelled"
+    wait_for(lambda: not _group_processes(spec), 60, 0.2, "every rank to stop")
+    log = events(engine, job_id)
+    cancel_at = next(i for i, e in enumerate(log) if e.message == "cancelled by request")
+    # Each step is recorded by the worker under the lease before any rank trains the next:
+    # after the cancel the renewal fails and no step is recorded.
+    assert not [e for e in log[cancel_at:] if e.message.startswith("step ")]
+    assert job(engine, job_id).status == "cancelled"
+    assert procs[0].poll() is None  # the worker lives on
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_sigterm_checkpoints_the_group_s_last_step_and_releases_the_job(
+    client, settings, engine, tiny_model_dir, procs, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    import signal
+
+    from tests.conftest import start_worker, wait_for
+    from tests.workers.finetune.jobs import STARTUP, events, job, post_job
+    from workers.context import HOLD_AT
+
+    settings.max_processes = 2
+    job_id = post_job(client, _job_body(tiny_model_dir, max_steps=30, checkpoint_every_steps=1000))
+    procs.append(
+        start_worker(
+            settings, "--processes", "2", log=tmp_path / "worker.log", env={HOLD_AT: "step:4"}
+        )
+    )
+    wait_for(lambda: 4 in _steps(engine, job_id), STARTUP + 120, 0.3, "step 4")
+    procs[0].send_signal(signal.SIGTERM)
+    assert procs[0].wait(timeout=120) == 0
+    spec = settings.artifacts_dir / job_id / "distributed" / "spec.json"
+    assert not _group_processes(spec)
+    stopped = job(engine, job_id)
+    assert stopped.status == "queued" and stopped.attempts == 0  # released, not failed
+    saved = [
+        int(e.data["step"]) for e in events(engine, job_id) if e.message.startswith("checkpoint")
+    ]
+    assert saved == [4] == [max(_steps(engine, job_id))]  # the step the group stopped after
+    assert (settings.artifacts_dir / job_id / "checkpoints" / "step-00000004").is_dir()

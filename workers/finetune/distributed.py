@@ -1,0 +1,307 @@
+"""Training as a DDP process group: the worker launches ``torchrun``; every rank runs the
+same :class:`~workers.finetune.training.Trainer` on its share of each global batch.
+
+The worker process stays the job's only writer. Rank 0 reports each optimizer step (and each
+checkpoint) to it over a local authenticated connection and waits for the answer; the worker
+records the step under the lease with the same code as a single-process job, and answers
+``stop`` when the lease is lost, the job was cancelled or the worker is shutting down. Rank 0
+broadcasts the answer, so every rank stops after the same step, and rank 0 checkpoints it (the
+format a single process writes: DDP replicas are identical, so the checkpoint is consolidated).
+A finished group leaves a checkpoint at the last step, which the worker loads into its own
+model to export the artifact exactly as a single-process job does.
+
+The worker runs ``python -m workers.finetune.distributed launch PID --nproc_per_node N ... -m
+workers.finetune.distributed SPEC``: torchrun (``torch.distributed.run``), tied to the worker's
+life, starting N ranks of this module on ``SPEC``, a JSON file in the job directory.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from multiprocessing.connection import Client, Connection, Listener
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from app.finetune.schemas import FinetuneJobCreate, ResolvedHyperparameters
+from app.jobs.queue import LeaseLost
+from workers.context import Interrupted
+from workers.finetune.data import Example
+from workers.finetune.statefile import write_json
+from workers.finetune.training import Rank, StepLog, Trainer, prepare_model
+
+AUTHKEY = "FORGETGUARD_DDP_AUTHKEY"  # the connection's key, passed to the ranks in their env
+STOPPED = 3  # a rank's exit status when the worker told the group to stop
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+LAUNCH = "launch"  # ``-m workers.finetune.distributed launch PARENT_PID ARGS``: torchrun
+
+
+def _launch(parent: int, args: list[str]) -> None:
+    """Run ``torchrun ARGS`` in this process, which gets SIGTERM when the worker dies, even by
+    SIGKILL (Linux ``PR_SET_PDEATHSIG``; set here, not in a ``preexec_fn``, which is unsafe in
+    a worker with threads). torchrun stops its ranks on SIGTERM."""
+    import runpy
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+    if os.getppid() != parent:  # the worker died before the line above: nothing to train for
+        sys.exit(1)
+    sys.argv = ["torchrun", *args]
+    runpy.run_module("torch.distributed.run", run_name="__main__", alter_sys=True)
+
+
+# --------------------------------------------------------------------------- the worker's side
+
+
+def train_distributed(
+    *,
+    examples: Sequence[Example],
+    request: FinetuneJobCreate,
+    hp: ResolvedHyperparameters,
+    base_dir: Path,
+    device: torch.device,
+    pad_id: int,
+    checkpoint_dir: Path,
+    work_dir: Path,
+    state: dict[str, Any],
+    on_step: Callable[[StepLog], None],
+    on_checkpoint: Callable[[int, Path], None],
+    check_stop: Callable[[], None],
+) -> None:
+    """Train in ``request.resources.processes`` ranks; returns once the last step is
+    checkpointed in ``checkpoint_dir``. An exception from ``on_step`` or ``check_stop``
+    (a lost lease, ``Interrupted``) stops the group after that step, checkpointed, and is
+    raised here once every rank has exited."""
+    processes = request.resources.processes
+    work_dir.mkdir(parents=True, exist_ok=True)
+    key = secrets.token_bytes(32)
+    listener = Listener(("127.0.0.1", 0), authkey=key)
+    host, port = listener.address
+    spec = {
+        "examples": [[e.input_ids, e.labels] for e in examples],
+        "request": request.model_dump(mode="json"),
+        "hyperparameters": hp.model_dump(mode="json"),
+        "base_dir": str(base_dir),
+        "device": device.type,
+        "pad_id": pad_id,
+        "checkpoint_dir": str(checkpoint_dir),
+        "state": state,
+        "connect": [host, port],
+        "threads": max(1, torch.get_num_threads() // processes),
+    }
+    write_json(work_dir / "spec.json", spec)
+    command = [
+        sys.executable,
+        "-m",
+        "workers.finetune.distributed",
+        LAUNCH,
+        str(os.getpid()),
+        f"--nproc_per_node={processes}",
+        "--nnodes=1",
+        "--master_addr=127.0.0.1",
+        f"--master_port={_free_port()}",
+        "-m",
+        "workers.finetune.distributed",
+        str(work_dir / "spec.json"),
+    ]
+    env = {**os.environ, AUTHKEY: key.hex(), "OMP_NUM_THREADS": str(spec["threads"])}
+    log_path = work_dir / "ranks.log"
+    with log_path.open("ab") as log:
+        group = subprocess.Popen(
+            command,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: signalled only by this worker
+        )
+    try:
+        _serve(listener, group, on_step, on_checkpoint, check_stop, log_path)
+    except BaseException:
+        _stop_group(group)
+        raise
+    finally:
+        listener.close()
+
+
+def _serve(
+    listener: Listener,
+    group: subprocess.Popen[bytes],
+    on_step: Callable[[StepLog], None],
+    on_checkpoint: Callable[[int, Path], None],
+    check_stop: Callable[[], None],
+    log_path: Path,
+) -> None:
+    conn = _accept(listener, group, log_path)
+    failure: BaseException | None = None
+    with conn:
+        while True:
+            while not conn.poll(0.2):
+                if group.poll() is not None:
+                    if failure is not None:
+                        raise failure
+                    _raise_failed(group, log_path)
+            try:
+                message = conn.recv()
+            except EOFError:  # rank 0 is done (or gone: its status says which)
+                break
+            kind = message[0]
+            if kind == "done":
+                conn.send("ok")
+                break
+            try:
+                if failure is not None:
+                    pass  # stopping: only the stop's own checkpoint is still recorded
+                elif kind == "step":
+                    on_step(StepLog(**message[1]))
+                    check_stop()
+                if kind == "checkpoint" and not isinstance(failure, LeaseLost):
+                    on_checkpoint(int(message[1]), Path(message[2]))
+            except (Exception, Interrupted) as exc:
+                failure = failure or exc
+            # After a failure every rank stops after this step; rank 0 checkpoints it.
+            conn.send("go" if failure is None else "stop")
+    status = group.wait()
+    if failure is not None:
+        raise failure
+    if status != 0:
+        _raise_failed(group, log_path)
+
+
+def _accept(listener: Listener, group: subprocess.Popen[bytes], log_path: Path) -> Connection:
+    """Rank 0's connection; fails when the group exits before making it."""
+    accepted: list[Connection] = []
+    thread = threading.Thread(target=lambda: accepted.append(listener.accept()), daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.2)
+        if group.poll() is not None and not accepted:
+            _raise_failed(group, log_path)
+    return accepted[0]
+
+
+def _raise_failed(group: subprocess.Popen[bytes], log_path: Path) -> None:
+    tail = log_path.read_text(errors="replace")[-2000:]
+    raise RuntimeError(f"the training process group exited with status {group.returncode}:\n{tail}")
+
+
+def _stop_group(group: subprocess.Popen[bytes], grace: float = 30.0) -> None:
+    """SIGTERM the group (torchrun stops its ranks), SIGKILL it after ``grace`` seconds."""
+    if group.poll() is not None:
+        return
+    try:
+        os.killpg(group.pid, signal.SIGTERM)
+        group.wait(grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(group.pid, signal.SIGKILL)
+        group.wait()
+    except ProcessLookupError:
+        pass
+
+
+# --------------------------------------------------------------------------- a rank's side
+
+
+class _Reporter:
+    """Rank 0 asks the worker after each step; every rank learns its answer by broadcast."""
+
+    def __init__(self, rank: int, conn: Connection | None) -> None:
+        self.rank = rank
+        self.conn = conn
+
+    def _ask(self, message: tuple[Any, ...]) -> bool:
+        stop = torch.zeros(1, dtype=torch.int64)
+        if self.conn is not None:
+            self.conn.send(message)
+            stop[0] = int(self.conn.recv() == "stop")
+        torch.distributed.broadcast(stop, src=0)
+        return bool(stop.item())
+
+    def step(self, entry: StepLog) -> None:
+        if self._ask(("step", asdict(entry))):
+            raise Interrupted("the worker stopped the training group")
+
+    def checkpoint(self, step: int, path: Path) -> None:
+        if self.conn is not None:  # only rank 0 checkpoints; no collective here
+            self.conn.send(("checkpoint", step, str(path)))
+            self.conn.recv()
+
+
+def _rank_main(spec_path: str) -> int:
+    import json
+
+    spec = json.loads(Path(spec_path).read_text())
+    torch.set_num_threads(int(spec["threads"]))
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local = int(os.environ.get("LOCAL_RANK", rank))
+    cuda = spec["device"] == "cuda"
+    if cuda:
+        torch.cuda.set_device(local)
+    device = torch.device(f"cuda:{local}" if cuda else "cpu")
+    torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    conn = None
+    if rank == 0:
+        host, port = spec["connect"]
+        conn = Client((host, int(port)), authkey=bytes.fromhex(os.environ[AUTHKEY]))
+    try:
+        request = FinetuneJobCreate.model_validate(spec["request"])
+        hp = ResolvedHyperparameters.model_validate(spec["hyperparameters"])
+        examples = [Example(input_ids=i, labels=lab) for i, lab in spec["examples"]]
+        model = prepare_model(Path(spec["base_dir"]), device, request, hp.seed)
+        wrapped = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[local] if cuda else None
+        )
+        reporter = _Reporter(rank, conn)
+        trainer = Trainer(
+            model,
+            examples,
+            hp,
+            pad_id=int(spec["pad_id"]),
+            checkpoint_dir=Path(spec["checkpoint_dir"]),
+            on_step=reporter.step,
+            on_checkpoint=reporter.checkpoint,
+            state=spec["state"],
+            rank=Rank(rank=rank, world=world, wrapped=wrapped),
+        )
+        trainer.restore()
+        try:
+            trainer.train()
+        except Interrupted:
+            return STOPPED
+        trainer.on_checkpoint = None  # the last step's checkpoint is the group's result
+        if trainer.checkpointed_step != trainer.global_step:
+            trainer.save_checkpoint()
+        torch.distributed.barrier()
+        if conn is not None:
+            conn.send(("done",))
+            conn.recv()
+        return 0
+    finally:
+        if conn is not None:
+            conn.close()
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == LAUNCH:
+        _launch(int(sys.argv[2]), sys.argv[3:])
+    else:
+        sys.exit(_rank_main(sys.argv[1]))
