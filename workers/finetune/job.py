@@ -148,7 +148,7 @@ class FinetuneRun:
                 pass
         return progress
 
-    def _job(self) -> FinetuneJob:
+    def job(self) -> FinetuneJob:
         with self.ctx.sessionmaker() as session:
             row = session.get(FinetuneJob, self.job_id)
             assert row is not None

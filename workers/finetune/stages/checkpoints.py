@@ -38,7 +38,7 @@ from workers.finetune.statefile import raise_if_disk_full, read_state, write_jso
 from workers.finetune.training import GuardStop, autocast_for
 
 if TYPE_CHECKING:
-    from workers.finetune.job import FinetuneRun
+    from workers.finetune.stages.context import StageRun
 
 BEST = "best"
 
@@ -60,7 +60,7 @@ class CheckpointEvaluator:
 
     def __init__(
         self,
-        run: FinetuneRun,
+        run: StageRun,
         model: Any,
         tokenizer: Any,
         fmt: str,
@@ -86,7 +86,7 @@ class CheckpointEvaluator:
         # When the saved output reloads as these weights and the after-evaluation uses the
         # same engine, the last checkpoint evaluation's answers are the after-evaluation's.
         self.keep_final_answers = keep_final_answers and spec.backend == "transformers"
-        job = run._job()
+        job = run.job()
         assert job.before_evaluation_id is not None
         with run.ctx.sessionmaker() as session:
             before = session.get(Evaluation, job.before_evaluation_id)

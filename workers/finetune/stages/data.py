@@ -24,14 +24,14 @@ from workers.finetune.stages.domain import domain_records
 from workers.finetune.statefile import read_state, write_json
 
 if TYPE_CHECKING:
-    from workers.finetune.job import FinetuneRun
+    from workers.finetune.stages.context import StageRun
 
 # A pending general record: a prompt the base model still has to answer.
 PENDING = "_answer_with_base_model"
 
 
 def training_records(
-    run: FinetuneRun, tokenizer: Any, base_fp: str, fmt: str, eval_definitions: list[dict[str, Any]]
+    run: StageRun, tokenizer: Any, base_fp: str, fmt: str, eval_definitions: list[dict[str, Any]]
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Domain records mixed with replay; snapshotted on the first attempt, reused after."""
     snapshot, meta_path = run.job_dir / TRAIN_SNAPSHOT, run.job_dir / TRAIN_SNAPSHOT_META
@@ -74,7 +74,7 @@ def training_records(
 
 
 def general_items(
-    run: FinetuneRun, spec: GeneralData, purpose: str, eval_definitions: list[dict[str, Any]]
+    run: StageRun, spec: GeneralData, purpose: str, eval_definitions: list[dict[str, Any]]
 ) -> list[dict[str, Any]]:
     """General records (or pending prompts) from a suite, ``self``, inline records or a file."""
     if spec.examples is not None:
@@ -121,7 +121,7 @@ def general_items(
 
 
 def answer_pending(
-    run: FinetuneRun,
+    run: StageRun,
     items: list[dict[str, Any]],
     spec: GeneralData,
     tokenizer: Any,

@@ -32,7 +32,7 @@ from workers.finetune.stages.evaluation import evaluate, job_settings
 from workers.finetune.statefile import read_state, write_json
 
 if TYPE_CHECKING:
-    from workers.finetune.job import FinetuneRun
+    from workers.finetune.stages.context import StageRun
 
 
 # Top-k next tokens kept per held-out completion position, for KL to base on the domain
@@ -45,12 +45,12 @@ def held_out_summary(scores: list[CompletionScore]) -> dict[str, Any]:
     return verdicts.nll_summary([(s.nll_sum, s.tokens) for s in scores], [s.topk for s in scores])
 
 
-def domain_spec(run: FinetuneRun) -> DomainEvaluationSpec | None:
+def domain_spec(run: StageRun) -> DomainEvaluationSpec | None:
     spec = run.request.evaluation
     return spec.domain if spec is not None and spec.domain else None
 
 
-def _dataset(run: FinetuneRun) -> list[dict[str, Any]]:
+def _dataset(run: StageRun) -> list[dict[str, Any]]:
     """The job's dataset as it is now: the inline records, or the file read again."""
     dataset = run.request.dataset
     if dataset.examples is not None:
@@ -73,7 +73,7 @@ def dataset_identity(
     return identity
 
 
-def domain_records(run: FinetuneRun) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def domain_records(run: StageRun) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """``(train, held_out)``: the job's dataset split once (snapshotted), never trained on.
 
     The split belongs to the job: the first split stores the records (``domain-train.jsonl``,
@@ -112,7 +112,7 @@ def domain_records(run: FinetuneRun) -> tuple[list[dict[str, Any]], list[dict[st
     return train, held
 
 
-def _source_split(run: FinetuneRun) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def _source_split(run: StageRun) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """A sweep's split: the swept job's own, never the dataset file re-split as it is now."""
     source = str(run.request.from_job)
     spec = domain_spec(run)
@@ -139,7 +139,7 @@ def _source_split(run: FinetuneRun) -> tuple[list[dict[str, Any]], list[dict[str
     return holdout_split(records, spec.holdout, spec.seed)
 
 
-def _recorded_sha256(run: FinetuneRun, job_id: str) -> str | None:
+def _recorded_sha256(run: StageRun, job_id: str) -> str | None:
     """The dataset hash a finished job keeps in its metrics (``metrics.dataset.sha256``)."""
     with run.ctx.sessionmaker() as session:
         row = session.get(FinetuneJob, job_id)
@@ -149,7 +149,7 @@ def _recorded_sha256(run: FinetuneRun, job_id: str) -> str | None:
 
 
 def held_out_nll(
-    run: FinetuneRun, which: str, model: Any, tokenizer: Any, fmt: str
+    run: StageRun, which: str, model: Any, tokenizer: Any, fmt: str
 ) -> dict[str, Any] | None:
     """NLL per token on the held-out completions (stored in the job dir; computed once)."""
     spec = domain_spec(run)
@@ -183,7 +183,7 @@ def held_out_nll(
 
 
 def evaluate_domain(
-    run: FinetuneRun,
+    run: StageRun,
     which: str,
     model_path: str,
     adapter_path: str | None,
@@ -221,7 +221,7 @@ def evaluate_domain(
 
 
 def with_domain(
-    run: FinetuneRun,
+    run: StageRun,
     body: dict[str, Any],
     held_out: tuple[dict[str, Any] | None, dict[str, Any] | None],
     suite_ids: tuple[str | None, str | None],

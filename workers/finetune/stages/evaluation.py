@@ -25,7 +25,7 @@ from workers.finetune.statefile import read_state
 from workers.progress import finished
 
 if TYPE_CHECKING:
-    from workers.finetune.job import FinetuneRun
+    from workers.finetune.stages.context import StageRun
 
 
 @dataclass
@@ -34,7 +34,7 @@ class StageContext(JobContext):
     ("before evaluation: general-qa"), and its progress the job's."""
 
     phase: str = ""
-    run: FinetuneRun | None = None
+    run: StageRun | None = None
 
     def set_stage(self, stage: str, *, done: int | None = None, total: int | None = None) -> None:
         assert self.run is not None
@@ -48,7 +48,7 @@ class StageContext(JobContext):
         )
 
 
-def in_phase(run: FinetuneRun, phase: str) -> StageContext:
+def in_phase(run: StageRun, phase: str) -> StageContext:
     """The job's context, for an evaluation that is the job's phase ``phase``."""
     ctx = run.ctx
     return StageContext(
@@ -66,7 +66,7 @@ def job_settings(settings: Settings) -> Settings:
     return type(settings)(**{**settings.model_dump(), "model_roots": roots})
 
 
-def evaluation_definitions(run: FinetuneRun) -> list[dict[str, Any]]:
+def evaluation_definitions(run: StageRun) -> list[dict[str, Any]]:
     spec = run.request.evaluation
     if spec is None:
         return []
@@ -79,7 +79,7 @@ def evaluation_definitions(run: FinetuneRun) -> list[dict[str, Any]]:
 
 
 def evaluate(
-    run: FinetuneRun,
+    run: StageRun,
     which: str,
     model_path: str,
     adapter_path: str | None,
@@ -99,7 +99,7 @@ def evaluate(
     assert spec is not None
     label = f"{run.request.label or run.job_id}: {which}"
     evaluation_id: str | None = (
-        getattr(run._job(), column) if column is not None else _child(run, label)
+        getattr(run.job(), column) if column is not None else _child(run, label)
     )
     settings = job_settings(run.settings)
     from_base = adapter_path is None and which.endswith("before")
@@ -184,7 +184,7 @@ def evaluate(
     return evaluation_id
 
 
-def final_answers(run: FinetuneRun, outcome: TrainingOutcome) -> dict[str, Any] | None:
+def final_answers(run: StageRun, outcome: TrainingOutcome) -> dict[str, Any] | None:
     """The last checkpoint evaluation's answers, when the after-evaluation measures the same
     weights: those of the step training ended at, not an earlier step the guard shipped."""
     saved = read_state(run.job_dir / FINAL_ANSWERS)
@@ -197,7 +197,7 @@ def final_answers(run: FinetuneRun, outcome: TrainingOutcome) -> dict[str, Any] 
 
 
 def _take_answers(
-    run: FinetuneRun,
+    run: StageRun,
     which: str,
     evaluation_id: str,
     snapshot: list[dict[str, Any]],
@@ -240,7 +240,7 @@ def _take_answers(
             )
 
 
-def _child(run: FinetuneRun, label: str) -> str | None:
+def _child(run: StageRun, label: str) -> str | None:
     """The job's own evaluation with this label (the newest), if an earlier attempt made it."""
     with run.ctx.sessionmaker() as session:
         return session.scalars(
@@ -251,7 +251,7 @@ def _child(run: FinetuneRun, label: str) -> str | None:
         ).first()
 
 
-def compare(run: FinetuneRun, before_id: str, after_id: str) -> dict[str, Any]:
+def compare(run: StageRun, before_id: str, after_id: str) -> dict[str, Any]:
     """The comparison of the before and after evaluations under the job's gate options."""
     run.stage("comparing")
     with run.ctx.sessionmaker() as session:

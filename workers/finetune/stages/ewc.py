@@ -20,11 +20,11 @@ from workers.finetune.stages.data import answer_pending, general_items
 from workers.finetune.training import autocast_for
 
 if TYPE_CHECKING:
-    from workers.finetune.job import FinetuneRun
+    from workers.finetune.stages.context import StageRun
 
 
 def ewc_regularizer(
-    run: FinetuneRun,
+    run: StageRun,
     model: Any,
     tokenizer: Any,
     base_fp: str,

@@ -22,7 +22,7 @@ from workers.finetune.stages.checkpoints import CheckpointEvaluator, _gain
 from workers.finetune.statefile import read_state, write_json
 
 if TYPE_CHECKING:
-    from workers.finetune.job import FinetuneRun
+    from workers.finetune.stages.context import StageRun
 
 RESULTS = "interpolation.json"
 EXPORT = "interpolated"
@@ -41,7 +41,7 @@ def choose(results: list[dict[str, Any]], pick: str) -> dict[str, Any] | None:
 class _Weights:
     """Sets a loaded model to α between the base and the fine-tune, in place."""
 
-    def __init__(self, run: FinetuneRun, base_dir: Path, output: Path) -> None:
+    def __init__(self, run: StageRun, base_dir: Path, output: Path) -> None:
         device = run.device
         if run.request.adapter:
             base = load_model(
@@ -71,7 +71,7 @@ class _Weights:
 
 
 def interpolate(
-    run: FinetuneRun,
+    run: StageRun,
     base_dir: Path,
     tokenizer: Any,
     fmt: str,

@@ -31,11 +31,11 @@ from workers.finetune.statefile import write_json
 from workers.finetune.training import StepLog, Trainer, assert_base_frozen, prepare_model, thin
 
 if TYPE_CHECKING:
-    from workers.finetune.job import FinetuneRun
+    from workers.finetune.stages.context import StageRun
 
 
 def run_training(
-    run: FinetuneRun,
+    run: StageRun,
     base_dir: Path,
     tokenizer: Any,
     base_fp: str,
@@ -238,7 +238,7 @@ def run_training(
     return outcome
 
 
-def _on_step(run: FinetuneRun, entry: StepLog) -> None:
+def _on_step(run: StageRun, entry: StepLog) -> None:
     # The lease renewal and the step's record are one transaction: a cancelled job's
     # renewal fails (LeaseLost) and training stops after at most this one step.
     data = {k: v for k, v in asdict(entry).items() if v is not None}
@@ -253,7 +253,7 @@ def _on_step(run: FinetuneRun, entry: StepLog) -> None:
     run.ctx.hold_at("step", entry.step)
 
 
-def _on_checkpoint(run: FinetuneRun, step: int, path: Path) -> None:
+def _on_checkpoint(run: StageRun, step: int, path: Path) -> None:
     run.event(
         f"checkpoint at step {step}",
         data={"step": step, "path": str(path)},
