@@ -606,7 +606,8 @@ class ResourcesSpec(_Request):
     ``torchrun`` process group on a worker that holds at least that many (``--processes`` on
     CPU, ``--devices`` on CUDA). ``per_device_train_batch_size`` is per process, as in the HF
     ``Trainer``: the global batch is ``per_device_train_batch_size × gradient_accumulation_steps
-    × processes``. Only ``ddp`` runs today; ``fsdp`` and ``deepspeed`` are refused.
+    × processes``. ``ddp`` replicates the model on every process; ``fsdp`` shards parameters,
+    gradients and optimizer state across them (FSDP2). ``deepspeed`` is refused.
     """
 
     processes: Annotated[int, Field(ge=1, le=MAX_PROCESSES)] = 1
@@ -614,10 +615,10 @@ class ResourcesSpec(_Request):
 
     @model_validator(mode="after")
     def _runnable(self) -> ResourcesSpec:
-        if self.strategy != "ddp":
+        if self.strategy == "deepspeed":
             raise ValueError(
-                f"strategy {self.strategy!r} is not supported by this service yet; use 'ddp' "
-                "(LoRA and full fine-tuning replicate the model on every process)"
+                "strategy 'deepspeed' is not supported by this service yet; use 'fsdp' to "
+                "shard the model, gradients and optimizer state across processes, or 'ddp'"
             )
         return self
 

@@ -58,13 +58,16 @@ def test_a_deployment_may_declare_workers_that_have_not_started(
     settings.max_processes = 2  # FORGETGUARD_MAX_PROCESSES: its largest worker
     response = client.post("/finetune-jobs", json=body(tiny_model_dir, processes=2))
     assert response.status_code == 202, response.text
+    sharded = client.post("/finetune-jobs", json=body(tiny_model_dir, processes=2, strategy="fsdp"))
+    assert sharded.status_code == 202, sharded.text
+    assert sharded.json()["resources"] == {"processes": 2, "strategy": "fsdp"}
     assert client.post("/finetune-jobs", json=body(tiny_model_dir, processes=3)).status_code == 422
 
 
 def test_what_a_process_group_cannot_run_is_a_422(client, tiny_model_dir) -> None:  # type: ignore[no-untyped-def]
     for resources, word in (
-        ({"processes": 2, "strategy": "fsdp"}, "fsdp"),
         ({"processes": 2, "strategy": "deepspeed"}, "deepspeed"),
+        ({"processes": 2, "strategy": "zero3"}, "strategy"),
         ({"processes": 9}, "processes"),
     ):
         response = client.post("/finetune-jobs", json=body(tiny_model_dir, **resources))

@@ -41,7 +41,6 @@ from workers.finetune.statefile import write_json
 from workers.finetune.training import Rank, StepLog, Trainer, prepare_model
 
 AUTHKEY = "FORGETGUARD_DDP_AUTHKEY"  # the connection's key, passed to the ranks in their env
-STOPPED = 3  # a rank's exit status when the worker told the group to stop
 
 
 def _free_port() -> int:
@@ -86,9 +85,11 @@ def train_distributed(
     on_step: Callable[[StepLog], None],
     on_checkpoint: Callable[[int, Path], None],
     check_stop: Callable[[], None],
+    on_started: Callable[[dict[str, Any]], None] = lambda group: None,
 ) -> None:
     """Train in ``request.resources.processes`` ranks; returns once the last step is
-    checkpointed in ``checkpoint_dir``. An exception from ``on_step`` or ``check_stop``
+    checkpointed in ``checkpoint_dir``. ``on_started`` gets how the group trains (see
+    :func:`_layout`) before its first step. An exception from ``on_step`` or ``check_stop``
     (a lost lease, ``Interrupted``) stops the group after that step, checkpointed, and is
     raised here once every rank has exited."""
     processes = request.resources.processes
@@ -134,7 +135,7 @@ def train_distributed(
             start_new_session=True,  # its own process group: signalled only by this worker
         )
     try:
-        _serve(listener, group, on_step, on_checkpoint, check_stop, log_path)
+        _serve(listener, group, on_started, on_step, on_checkpoint, check_stop, log_path)
     except BaseException:
         _stop_group(group)
         raise
@@ -145,6 +146,7 @@ def train_distributed(
 def _serve(
     listener: Listener,
     group: subprocess.Popen[bytes],
+    on_started: Callable[[dict[str, Any]], None],
     on_step: Callable[[StepLog], None],
     on_checkpoint: Callable[[int, Path], None],
     check_stop: Callable[[], None],
@@ -170,6 +172,9 @@ def _serve(
             try:
                 if failure is not None:
                     pass  # stopping: only the stop's own checkpoint is still recorded
+                elif kind == "started":
+                    on_started(message[1])
+                    check_stop()
                 elif kind == "step":
                     on_step(StepLog(**message[1]))
                     check_stop()
@@ -235,6 +240,10 @@ class _Reporter:
         torch.distributed.broadcast(stop, src=0)
         return bool(stop.item())
 
+    def started(self, layout: dict[str, Any]) -> None:
+        if self._ask(("started", layout)):
+            raise Interrupted("the worker stopped the training group")
+
     def step(self, entry: StepLog) -> None:
         if self._ask(("step", asdict(entry))):
             raise Interrupted("the worker stopped the training group")
@@ -243,6 +252,49 @@ class _Reporter:
         if self.conn is not None:  # only rank 0 checkpoints; no collective here
             self.conn.send(("checkpoint", step, str(path)))
             self.conn.recv()
+
+
+def _parallelize(
+    model: torch.nn.Module, strategy: str, device: torch.device, world: int
+) -> torch.nn.Module:
+    """The module every rank's forward pass goes through.
+
+    ``ddp``: a ``DistributedDataParallel`` replica. ``fsdp``: the model itself, sharded in
+    place by FSDP2's ``fully_shard`` (the FSDP1 wrapper refuses the CPU): each transformer
+    block is a unit of its own, as accelerate's transformer auto-wrap policy picks them (the
+    model's ``_no_split_modules``), then the root, which holds the embeddings and a tied head.
+    """
+    if strategy == "ddp":
+        return torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (world,))
+    blocks = set(getattr(model, "_no_split_modules", None) or ())
+    for module in list(model.modules()):
+        if type(module).__name__ in blocks:
+            fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def _layout(model: torch.nn.Module, strategy: str, world: int) -> dict[str, Any]:
+    """How the group trains, as rank 0 sees it: what share of the weights each rank holds."""
+    from torch.distributed.tensor import DTensor
+
+    total = held = 0
+    for param in model.parameters():
+        total += param.numel()
+        held += (param.to_local() if isinstance(param, DTensor) else param).numel()
+    return {
+        "processes": world,
+        "strategy": strategy,
+        "backend": torch.distributed.get_backend(),
+        "parameters": total,
+        "parameters_per_rank": held,
+    }
 
 
 def _rank_main(spec_path: str) -> int:
@@ -265,10 +317,12 @@ def _rank_main(spec_path: str) -> int:
         request = FinetuneJobCreate.model_validate(spec["request"])
         hp = ResolvedHyperparameters.model_validate(spec["hyperparameters"])
         examples = [Example(input_ids=i, labels=lab) for i, lab in spec["examples"]]
-        model = prepare_model(Path(spec["base_dir"]), device, request, hp.seed)
-        wrapped = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[local] if cuda else None
-        )
+        strategy = request.resources.strategy
+        # FSDP shards as it moves the weights to the device: loaded on the CPU, no rank ever
+        # holds the whole model on its accelerator.
+        place = torch.device("cpu") if strategy == "fsdp" else device
+        model = prepare_model(Path(spec["base_dir"]), device, request, hp.seed, place=place)
+        wrapped = _parallelize(model, strategy, device, world)
         reporter = _Reporter(rank, conn)
         trainer = Trainer(
             model,
@@ -283,9 +337,14 @@ def _rank_main(spec_path: str) -> int:
         )
         trainer.restore()
         try:
+            reporter.started(_layout(model, strategy, world))
             trainer.train()
         except Interrupted:
-            return STOPPED
+            # Every rank got the same stop; rank 0 may still be writing its checkpoint, and
+            # torchrun ends the whole group when one rank exits with an error: wait for it and
+            # exit 0. The worker knows why it stopped the group.
+            torch.distributed.barrier()
+            return 0
         trainer.on_checkpoint = None  # the last step's checkpoint is the group's result
         if trainer.checkpointed_step != trainer.global_step:
             trainer.save_checkpoint()

@@ -133,6 +133,25 @@ def _never() -> None:
     return None
 
 
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor FSDP shards across the group, gathered whole (a collective: every rank calls
+    it, in the same order); any other tensor as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def _shard_like(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A whole tensor as ``like`` holds it: this rank's shard when ``like`` is an FSDP
+    ``DTensor`` (cut here: every rank read the same checkpoint), else ``tensor`` on its device."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    tensor = tensor.to(like.device, like.dtype)
+    if isinstance(like, DTensor):
+        return distribute_tensor(tensor, like.device_mesh, like.placements, src_data_rank=None)
+    return tensor
+
+
 def _adamw(groups: list[dict[str, Any]], lr: float) -> torch.optim.AdamW:
     """AdamW with TrainingArguments' betas and eps; the fused kernel where it exists.
 
@@ -147,11 +166,13 @@ def _adamw(groups: list[dict[str, Any]], lr: float) -> torch.optim.AdamW:
 
 @dataclass(frozen=True)
 class Rank:
-    """This process's place in a DDP process group (``torch.distributed`` is initialized).
+    """This process's place in a process group (``torch.distributed`` is initialized).
 
-    ``wrapped`` is the ``DistributedDataParallel`` module the forward pass goes through (its
-    backward averages the gradients across ranks); the trainer keeps the plain model for names
-    and checkpoints, which are identical on every rank, so only rank 0 writes them.
+    ``wrapped`` is the module the forward pass goes through, whose backward averages the
+    gradients across ranks: the ``DistributedDataParallel`` wrapper (DDP), or the model itself
+    once ``fully_shard`` made its parameters ``DTensor`` shards (FSDP). The trainer keeps the
+    plain model for names and checkpoints; parameter names are the same under either, and a
+    checkpoint holds whole tensors, which only rank 0 writes.
     """
 
     rank: int
@@ -253,14 +274,21 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         """Write weights, optimizer, scheduler, RNG and step to ``step-N`` (atomically).
 
-        In a process group only rank 0 writes: DDP keeps every rank's weights and optimizer
-        identical, so its checkpoint is the consolidated one a single process resumes from too.
+        In a process group only rank 0 writes, and what it writes is consolidated: the format
+        a single process writes and resumes from. DDP keeps every rank's weights and optimizer
+        identical; FSDP's shards are gathered first, which every rank takes part in.
         """
         from safetensors.torch import save_file
 
         step = self.global_step
         final = self.checkpoint_dir / f"step-{step:08d}"
-        if self.rank is not None and self.rank.rank != 0:
+        writer = self.rank is None or self.rank.rank == 0
+        weights = {n: _whole(p.detach()) for n, p in self.params}
+        optimizer = self.optimizer.state_dict()
+        optimizer["state"] = {
+            i: {k: _whole(v) for k, v in entry.items()} for i, entry in optimizer["state"].items()
+        }
+        if not writer:
             self.checkpointed_step = step
             return final
         tmp = self.checkpoint_dir / f".tmp-step-{step:08d}-{os.getpid()}"
@@ -277,10 +305,10 @@ class Trainer:
         try:
             tmp.mkdir(parents=True)
             save_file(
-                {n: p.detach().cpu().contiguous() for n, p in self.params},
+                {n: w.cpu().contiguous() for n, w in weights.items()},
                 str(tmp / "trainable.safetensors"),
             )
-            _torch_save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            _torch_save(optimizer, tmp / "optimizer.pt")
             _torch_save(self.scheduler.state_dict(), tmp / "scheduler.pt")
             _torch_save(self._rng, tmp / "rng.pt")
             write_json(tmp / "state.json", state)
@@ -323,10 +351,14 @@ class Trainer:
             )
         with torch.no_grad():
             for name, tensor in weights.items():
-                params[name].copy_(tensor.to(params[name].device, params[name].dtype))
-        self.optimizer.load_state_dict(
-            torch.load(path / "optimizer.pt", map_location=self.device, weights_only=True)
-        )
+                params[name].copy_(_shard_like(tensor, params[name]))
+        optimizer = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+        order = [p for group in self.optimizer.param_groups for p in group["params"]]
+        optimizer["state"] = {  # "step" is a scalar: every rank holds it whole
+            i: {k: v if v.ndim == 0 else _shard_like(v, order[i]) for k, v in entry.items()}
+            for i, entry in optimizer["state"].items()
+        }
+        self.optimizer.load_state_dict(optimizer)
         self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
         self._rng = torch.load(path / "rng.pt", weights_only=True)
         _set_rng_state(self._rng, self.device)
@@ -390,9 +422,10 @@ class Trainer:
         penalty = self.ewc.add_gradient(self.model) if self.ewc is not None else None
         grad_norm = None
         if self.hp.max_grad_norm > 0:
-            grad_norm = float(
-                torch.nn.utils.clip_grad_norm_([p for _, p in self.params], self.hp.max_grad_norm)
+            norm = torch.nn.utils.clip_grad_norm_(
+                [p for _, p in self.params], self.hp.max_grad_norm
             )
+            grad_norm = float(_whole(norm))
         lr = float(self.scheduler.get_last_lr()[0])
         self.optimizer.step()
         self.scheduler.step()
@@ -445,16 +478,22 @@ class Trainer:
 
 
 def prepare_model(
-    base_dir: Path, device: torch.device, request: FinetuneJobCreate, seed: int
+    base_dir: Path,
+    device: torch.device,
+    request: FinetuneJobCreate,
+    seed: int,
+    *,
+    place: torch.device | None = None,
 ) -> Any:
-    """The base model ready to train: fp32 for full fine-tuning; LoRA adapters on a frozen base
-    (for QLoRA a 4-bit NF4 base, whose layers compute in the load dtype)."""
+    """The base model ready to train on ``device``: fp32 for full fine-tuning; LoRA adapters on
+    a frozen base (for QLoRA a 4-bit NF4 base, whose layers compute in the load dtype).
+    ``place``: where its weights are loaded, when not on ``device`` itself."""
     dtype = (
         torch.float32
         if not request.adapter or device.type != "cuda"
         else engine.select_dtype(device)
     )
-    model = load_model(base_dir, device, dtype=dtype, quantization=request.quantization)
+    model = load_model(base_dir, place or device, dtype=dtype, quantization=request.quantization)
     model.config.use_cache = False  # no KV cache while training
     torch.manual_seed(seed)  # LoRA's initialization, dropout
     if not request.adapter:

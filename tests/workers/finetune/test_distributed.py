@@ -1,13 +1,14 @@
-"""DDP training on this CPU: two ``torchrun`` ranks over gloo against one process.
+"""DDP and FSDP training on this CPU: two ``torchrun`` ranks over gloo against one process.
 
 The same global batch (one process: ``per_device_train_batch_size`` 2; two processes: 1 each,
 with the same accumulation) gives the same loss curve and weights to float32 rounding: each
 rank's gradient is its share of the global token-summed loss over the global token count,
-DDP averages, and the trainer scales by the world size, so only the order of the float32 sums
-differs. Measured on the tiny model: 8.5e-8 relative on the losses, 1e-7 absolute on weights
-of size 0.13. The tolerance, ``rel`` 1e-5 on the losses and ``atol`` 1e-6 on the weights, is
-ten to a hundred times that, and far below what a wrong normalization gives (a mean of
-per-rank token means instead of the global token mean is off by around 1e-2).
+DDP (all-reduce) and FSDP (reduce-scatter) average, and the trainer scales by the world size,
+so only the order of the float32 sums differs. Measured on the tiny model: DDP LoRA 8.5e-8
+relative on the losses and 1e-7 absolute on weights of size 0.13; FSDP LoRA 6.6e-8 and 4.5e-8;
+FSDP full fine-tuning 5.4e-8 and 3.0e-7. The tolerance, ``rel`` 1e-5 on the losses and ``atol``
+1e-6 on the weights, is at least three times that, and far below what a wrong normalization
+gives (a mean of per-rank token means instead of the global token mean is off by around 1e-2).
 """
 
 from __future__ import annotations
@@ -41,15 +42,17 @@ RECORDS = [
 STEPS = 8
 
 
-def _request(model_dir: Path, processes: int) -> FinetuneJobCreate:
+def _request(
+    model_dir: Path, processes: int, strategy: str = "ddp", method: str = "lora"
+) -> FinetuneJobCreate:
     return FinetuneJobCreate.model_validate(
         {
             "base_model": {"path": str(model_dir)},
             "dataset": {"examples": RECORDS},
-            "method": "lora",
+            "method": method,
             "preset": "risky",
             # Dropout draws other masks per rank than in one process: off for the comparison.
-            "lora": {"lora_dropout": 0.0},
+            "lora": {"lora_dropout": 0.0} if method == "lora" else None,
             "hyperparameters": {
                 "learning_rate": 1e-3,
                 "max_steps": STEPS,
@@ -58,7 +61,7 @@ def _request(model_dir: Path, processes: int) -> FinetuneJobCreate:
                 "checkpoint_every_steps": 3,
             },
             "evaluation": None,
-            "resources": {"processes": processes, "strategy": "ddp"},
+            "resources": {"processes": processes, "strategy": strategy},
         }
     )
 
@@ -69,9 +72,11 @@ def encoded(tiny_model_dir: Path) -> tuple[list[Any], int]:
     return encode_records(tokenizer, RECORDS, "chat", 512)[0], pad_id(tokenizer)
 
 
-def _single(model_dir: Path, encoded: tuple[list[Any], int], tmp: Path) -> tuple[Any, Any]:
+def _single(
+    model_dir: Path, encoded: tuple[list[Any], int], tmp: Path, method: str = "lora"
+) -> tuple[Any, Any]:
     examples, pad = encoded
-    request = _request(model_dir, 1)
+    request = _request(model_dir, 1, method=method)
     model = prepare_model(model_dir, CPU, request, request.resolved().seed)
     steps: list[StepLog] = []
     trainer = Trainer(
@@ -91,11 +96,13 @@ def _group(
     encoded: tuple[list[Any], int],
     tmp: Path,
     on_step: Any = None,
+    strategy: str = "ddp",
+    method: str = "lora",
 ) -> tuple[list[StepLog], dict[str, torch.Tensor]]:
     from safetensors.torch import load_file
 
     examples, pad = encoded
-    request = _request(model_dir, 2)
+    request = _request(model_dir, 2, strategy, method)
     steps: list[StepLog] = []
     checkpoints: list[int] = []
 
@@ -104,6 +111,7 @@ def _group(
         if on_step is not None:
             on_step(entry)
 
+    layouts: list[dict[str, Any]] = []
     train_distributed(
         examples=examples,
         request=request,
@@ -117,18 +125,29 @@ def _group(
         on_step=record,
         on_checkpoint=lambda step, path: checkpoints.append(step),
         check_stop=lambda: None,
+        on_started=layouts.append,
     )
+    (layout,) = layouts
+    assert layout["processes"] == 2 and layout["strategy"] == strategy
+    share = layout["parameters_per_rank"] / layout["parameters"]
+    # DDP: every rank holds the whole model; FSDP: rank 0 its half (rounded up per tensor).
+    assert share == 1.0 if strategy == "ddp" else 0.5 <= share < 0.55, layout
     assert checkpoints == [s for s in (3, 6) if s >= steps[0].step]  # the last is the result
     (final,) = (tmp / "checkpoints").glob("step-*")
     assert final.name == f"step-{STEPS:08d}"
     return steps, load_file(str(final / "trainable.safetensors"))
 
 
-def test_two_ddp_processes_match_one_process_with_the_same_global_batch(
-    tiny_model_dir: Path, encoded: tuple[list[Any], int], tmp_path: Path
+@pytest.mark.parametrize(
+    ("strategy", "method"), [("ddp", "lora"), ("fsdp", "lora"), ("fsdp", "full")]
+)
+def test_two_processes_match_one_process_with_the_same_global_batch(
+    tiny_model_dir: Path, encoded: tuple[list[Any], int], tmp_path: Path, strategy: str, method: str
 ) -> None:
-    one, one_weights = _single(tiny_model_dir, encoded, tmp_path / "one")
-    two, two_weights = _group(tiny_model_dir, encoded, tmp_path / "two")
+    one, one_weights = _single(tiny_model_dir, encoded, tmp_path / "one", method)
+    two, two_weights = _group(
+        tiny_model_dir, encoded, tmp_path / "two", strategy=strategy, method=method
+    )
     assert [s.step for s in two] == list(range(1, STEPS + 1))
     assert [s.tokens for s in two] == [s.tokens for s in one]  # the same global batches
     losses = [s.loss for s in two]
@@ -139,21 +158,24 @@ def test_two_ddp_processes_match_one_process_with_the_same_global_batch(
         torch.testing.assert_close(two_weights[name], tensor, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_a_stopped_group_checkpoints_and_resumes_to_the_same_weights(
-    tiny_model_dir: Path, encoded: tuple[list[Any], int], tmp_path: Path
+    tiny_model_dir: Path, encoded: tuple[list[Any], int], tmp_path: Path, strategy: str
 ) -> None:
-    _, uninterrupted = _group(tiny_model_dir, encoded, tmp_path / "straight")
+    """FSDP's checkpoint is consolidated (gathered, written by rank 0) and resumed by
+    sharding it again: the same weights and optimizer state to the bit."""
+    _, uninterrupted = _group(tiny_model_dir, encoded, tmp_path / "straight", strategy=strategy)
 
     def shut_down_at_5(entry: StepLog) -> None:
         if entry.step == 5:
             raise Interrupted("worker is shutting down")
 
     with pytest.raises(Interrupted):
-        _group(tiny_model_dir, encoded, tmp_path / "stopped", on_step=shut_down_at_5)
+        _group(tiny_model_dir, encoded, tmp_path / "stopped", shut_down_at_5, strategy=strategy)
     saved = sorted(p.name for p in (tmp_path / "stopped" / "checkpoints").glob("step-*"))
     assert saved == ["step-00000005"]  # the stopped step, checkpointed by rank 0
 
-    steps, resumed = _group(tiny_model_dir, encoded, tmp_path / "stopped")
+    steps, resumed = _group(tiny_model_dir, encoded, tmp_path / "stopped", strategy=strategy)
     assert [s.step for s in steps] == list(range(6, STEPS + 1))
     for name, tensor in uninterrupted.items():
         assert torch.equal(resumed[name], tensor), name  # exactly: same batches, same sums

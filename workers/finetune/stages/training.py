@@ -33,6 +33,8 @@ from workers.finetune.training import StepLog, Trainer, assert_base_frozen, prep
 if TYPE_CHECKING:
     from workers.finetune.stages.context import StageRun
 
+CPU = torch.device("cpu")
+
 
 def run_training(
     run: StageRun,
@@ -64,7 +66,12 @@ def run_training(
         raise UserError("no training example has tokens to train on")
 
     run.models.clear()  # the evaluation copy of the base model is not needed while training
-    model = prepare_model(base_dir, run.device, request, hp.seed)
+    processes = request.resources.processes
+    # A process group trains on the devices; the worker's copy only counts, checksums and
+    # exports the result, on the CPU, so it takes no accelerator memory from rank 0.
+    model = prepare_model(
+        base_dir, run.device, request, hp.seed, place=None if processes == 1 else CPU
+    )
     counts = parameter_counts(model)
     checksum_before = base_checksum(model) if request.adapter else None
     ewc = (
@@ -119,7 +126,6 @@ def run_training(
         data={"plan": asdict(plan), "trainable_parameters": counts},
     )
     run.event("trainable parameters", data=counts, trainable_parameters=counts)
-    processes = request.resources.processes
     if processes > 1:
         train_distributed(
             examples=examples,
@@ -134,6 +140,7 @@ def run_training(
             on_step=partial(_on_step, run),
             on_checkpoint=partial(_on_checkpoint, run),
             check_stop=run.ctx.check_stop,
+            on_started=partial(_on_group_started, run),
         )
         # The group's last checkpoint holds the trained weights and the loss curve: loaded
         # here, the rest (the artifact, the metrics) is the single-process path's.
@@ -251,6 +258,16 @@ def _on_step(run: StageRun, entry: StepLog) -> None:
     )
     run.event(message, data=data, progress=progress)
     run.ctx.hold_at("step", entry.step)
+
+
+def _on_group_started(run: StageRun, layout: dict[str, Any]) -> None:
+    share = layout["parameters_per_rank"] / max(layout["parameters"], 1)
+    run.event(
+        f"training in {layout['processes']} processes ({layout['strategy']} over "
+        f"{layout['backend']}): each holds {share:.0%} of the model's "
+        f"{layout['parameters']:,} parameters",
+        data=layout,
+    )
 
 
 def _on_checkpoint(run: StageRun, step: int, path: Path) -> None:
