@@ -195,7 +195,7 @@ def _group_processes(spec: Path) -> list[int]:
     return found
 
 
-def _job_body(model_dir: Path, **hp: Any) -> dict[str, Any]:
+def _job_body(model_dir: Path, strategy: str = "ddp", **hp: Any) -> dict[str, Any]:
     return {
         "base_model": {"path": str(model_dir)},
         "dataset": {"examples": RECORDS},
@@ -208,7 +208,7 @@ def _job_body(model_dir: Path, **hp: Any) -> dict[str, Any]:
             **hp,
         },
         "evaluation": None,
-        "resources": {"processes": 2, "strategy": "ddp"},
+        "resources": {"processes": 2, "strategy": strategy},
     }
 
 
@@ -313,6 +313,7 @@ def test_cancel_stops_every_rank_within_one_step(
 def test_sigterm_checkpoints_the_group_s_last_step_and_releases_the_job(
     client, settings, engine, tiny_model_dir, procs, tmp_path
 ) -> None:  # type: ignore[no-untyped-def]
+    """An FSDP group: its shards are gathered into the checkpoint of the step it stopped at."""
     import signal
 
     from tests.conftest import start_worker, wait_for
@@ -320,7 +321,9 @@ def test_sigterm_checkpoints_the_group_s_last_step_and_releases_the_job(
     from workers.context import HOLD_AT
 
     settings.max_processes = 2
-    job_id = post_job(client, _job_body(tiny_model_dir, max_steps=30, checkpoint_every_steps=1000))
+    job_id = post_job(
+        client, _job_body(tiny_model_dir, "fsdp", max_steps=30, checkpoint_every_steps=1000)
+    )
     procs.append(
         start_worker(
             settings, "--processes", "2", log=tmp_path / "worker.log", env={HOLD_AT: "step:4"}
@@ -338,3 +341,9 @@ def test_sigterm_checkpoints_the_group_s_last_step_and_releases_the_job(
     ]
     assert saved == [4] == [max(_steps(engine, job_id))]  # the step the group stopped after
     assert (settings.artifacts_dir / job_id / "checkpoints" / "step-00000004").is_dir()
+    (started,) = [e for e in events(engine, job_id) if e.message.startswith("training in 2")]
+    assert started.message.startswith("training in 2 processes (fsdp over gloo): each holds 5")
+    assert (
+        started.data is not None
+        and started.data["parameters_per_rank"] < (started.data["parameters"])
+    )
