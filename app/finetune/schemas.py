@@ -678,18 +678,9 @@ class FinetuneJobCreate(_Request):
 
     def _check_distributed(self) -> None:
         """What a process group cannot train yet: refused at submission, not after queueing."""
-        if self.ewc is not None:
-            raise ValueError("'ewc' trains in one process: drop it or set resources.processes 1")
         if self.quantization is not None:
             raise ValueError(
                 f"method {self.method!r} trains in one process: set resources.processes 1"
-            )
-        if self.evaluation is not None and (
-            self.evaluation.every_steps is not None or self.evaluation.checkpoints is not None
-        ):
-            raise ValueError(
-                "checkpoint evaluations (evaluation.every_steps, evaluation.checkpoints) run "
-                "in one process: drop them or set resources.processes 1"
             )
 
     @property

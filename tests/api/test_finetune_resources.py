@@ -61,6 +61,14 @@ def test_a_deployment_may_declare_workers_that_have_not_started(
     sharded = client.post("/finetune-jobs", json=body(tiny_model_dir, processes=2, strategy="fsdp"))
     assert sharded.status_code == 202, sharded.text
     assert sharded.json()["resources"] == {"processes": 2, "strategy": "fsdp"}
+    # EWC, checkpoint evaluations and the guard train in a group as in one process.
+    mitigated = {
+        **body(tiny_model_dir, processes=2),
+        "ewc": {"fisher_samples": 4},
+        "evaluation": {"suites": ["general-qa"], "every_steps": 2},
+        "guard": {"action": "stop"},
+    }
+    assert client.post("/finetune-jobs", json=mitigated).status_code == 202
     assert client.post("/finetune-jobs", json=body(tiny_model_dir, processes=3)).status_code == 422
 
 

@@ -6,9 +6,15 @@ checkpoint) to it over a local authenticated connection and waits for the answer
 records the step under the lease with the same code as a single-process job, and answers
 ``stop`` when the lease is lost, the job was cancelled or the worker is shutting down. Rank 0
 broadcasts the answer, so every rank stops after the same step, and rank 0 checkpoints it (the
-format a single process writes: DDP replicas are identical, so the checkpoint is consolidated).
-A finished group leaves a checkpoint at the last step, which the worker loads into its own
-model to export the artifact exactly as a single-process job does.
+format a single process writes: whole tensors, gathered first under FSDP). A finished group
+leaves a checkpoint at the last step, which the worker loads into its own model to export the
+artifact exactly as a single-process job does.
+
+Checkpoint evaluations run in the worker too: at an evaluated step the group checkpoints, rank
+0 asks the worker to evaluate that checkpoint, and every rank waits for the answer (``go``,
+``stop``, or ``guard``: the guard stops training there). EWC's Fisher is computed by the worker
+before the group starts and handed to the ranks in a file; each rank anchors θ* on its own
+copy of the base, which equals the worker's (same weights, same seed).
 
 The worker runs ``python -m workers.finetune.distributed launch PID --nproc_per_node N ... -m
 workers.finetune.distributed SPEC``: torchrun (``torch.distributed.run``), tied to the worker's
@@ -25,8 +31,8 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
 from multiprocessing.connection import Client, Connection, Listener
 from pathlib import Path
 from typing import Any
@@ -37,10 +43,12 @@ from app.finetune.schemas import FinetuneJobCreate, ResolvedHyperparameters
 from app.jobs.queue import LeaseLost
 from workers.context import Interrupted
 from workers.finetune.data import Example
+from workers.finetune.ewc import EWCRegularizer, load_fisher, save_fisher
 from workers.finetune.statefile import write_json
-from workers.finetune.training import Rank, StepLog, Trainer, prepare_model
+from workers.finetune.training import GuardStop, Rank, StepLog, Trainer, prepare_model
 
 AUTHKEY = "FORGETGUARD_DDP_AUTHKEY"  # the connection's key, passed to the ranks in their env
+ANSWERS = ("go", "stop", "guard")  # the worker's answers to rank 0, broadcast by their index
 
 
 def _free_port() -> int:
@@ -71,6 +79,24 @@ def _launch(parent: int, args: list[str]) -> None:
 # --------------------------------------------------------------------------- the worker's side
 
 
+def _ignore(*args: Any) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """What the worker does with rank 0's reports. ``started`` gets how the group trains (see
+    :func:`_layout`) before the first step; ``evaluate(step)`` evaluates the checkpoint of an
+    evaluated step (``GuardStop``: the guard ends training there). An exception from any other
+    (a lost lease, ``Interrupted``) stops the group after the step."""
+
+    step: Callable[[StepLog], None]
+    checkpoint: Callable[[int, Path], None]
+    check_stop: Callable[[], None]
+    started: Callable[[dict[str, Any]], None] = _ignore
+    evaluate: Callable[[int], None] = _ignore
+
+
 def train_distributed(
     *,
     examples: Sequence[Example],
@@ -82,18 +108,21 @@ def train_distributed(
     checkpoint_dir: Path,
     work_dir: Path,
     state: dict[str, Any],
-    on_step: Callable[[StepLog], None],
-    on_checkpoint: Callable[[int, Path], None],
-    check_stop: Callable[[], None],
-    on_started: Callable[[dict[str, Any]], None] = lambda group: None,
-) -> None:
+    hooks: Hooks,
+    evaluate_steps: Iterable[int] = (),
+    fisher: dict[str, torch.Tensor] | None = None,
+) -> int | None:
     """Train in ``request.resources.processes`` ranks; returns once the last step is
-    checkpointed in ``checkpoint_dir``. ``on_started`` gets how the group trains (see
-    :func:`_layout`) before its first step. An exception from ``on_step`` or ``check_stop``
-    (a lost lease, ``Interrupted``) stops the group after that step, checkpointed, and is
-    raised here once every rank has exited."""
+    checkpointed in ``checkpoint_dir``: the step the guard stopped training at, if it did.
+    ``fisher``: EWC's (``request.ewc``), of the base's trainable parameters. An exception from
+    a hook stops the group after that step, checkpointed, and is raised here once every rank
+    has exited."""
     processes = request.resources.processes
     work_dir.mkdir(parents=True, exist_ok=True)
+    fisher_path = work_dir / "fisher.safetensors"
+    if request.ewc is not None:
+        assert fisher is not None, "EWC needs the Fisher"
+        save_fisher(fisher_path, fisher, {})
     key = secrets.token_bytes(32)
     listener = Listener(("127.0.0.1", 0), authkey=key)
     host, port = listener.address
@@ -106,6 +135,8 @@ def train_distributed(
         "pad_id": pad_id,
         "checkpoint_dir": str(checkpoint_dir),
         "state": state,
+        "evaluate_steps": sorted(evaluate_steps),
+        "fisher": str(fisher_path) if request.ewc is not None else None,
         "connect": [host, port],
         "threads": max(1, torch.get_num_threads() // processes),
     }
@@ -135,7 +166,7 @@ def train_distributed(
             start_new_session=True,  # its own process group: signalled only by this worker
         )
     try:
-        _serve(listener, group, on_started, on_step, on_checkpoint, check_stop, log_path)
+        return _serve(listener, group, hooks, log_path)
     except BaseException:
         _stop_group(group)
         raise
@@ -144,16 +175,11 @@ def train_distributed(
 
 
 def _serve(
-    listener: Listener,
-    group: subprocess.Popen[bytes],
-    on_started: Callable[[dict[str, Any]], None],
-    on_step: Callable[[StepLog], None],
-    on_checkpoint: Callable[[int, Path], None],
-    check_stop: Callable[[], None],
-    log_path: Path,
-) -> None:
+    listener: Listener, group: subprocess.Popen[bytes], hooks: Hooks, log_path: Path
+) -> int | None:
     conn = _accept(listener, group, log_path)
     failure: BaseException | None = None
+    guard_stop: int | None = None
     with conn:
         while True:
             while not conn.poll(0.2):
@@ -165,7 +191,7 @@ def _serve(
                 message = conn.recv()
             except EOFError:  # rank 0 is done (or gone: its status says which)
                 break
-            kind = message[0]
+            kind, answer = message[0], "go"
             if kind == "done":
                 conn.send("ok")
                 break
@@ -173,22 +199,29 @@ def _serve(
                 if failure is not None:
                     pass  # stopping: only the stop's own checkpoint is still recorded
                 elif kind == "started":
-                    on_started(message[1])
-                    check_stop()
+                    hooks.started(message[1])
+                    hooks.check_stop()
                 elif kind == "step":
-                    on_step(StepLog(**message[1]))
-                    check_stop()
+                    hooks.step(StepLog(**message[1]))
+                    hooks.check_stop()
+                elif kind == "evaluate":
+                    try:
+                        hooks.evaluate(int(message[1]))
+                    except GuardStop:
+                        guard_stop, answer = int(message[1]), "guard"
+                    hooks.check_stop()
                 if kind == "checkpoint" and not isinstance(failure, LeaseLost):
-                    on_checkpoint(int(message[1]), Path(message[2]))
+                    hooks.checkpoint(int(message[1]), Path(message[2]))
             except (Exception, Interrupted) as exc:
                 failure = failure or exc
             # After a failure every rank stops after this step; rank 0 checkpoints it.
-            conn.send("go" if failure is None else "stop")
+            conn.send(answer if failure is None else "stop")
     status = group.wait()
     if failure is not None:
         raise failure
     if status != 0:
         _raise_failed(group, log_path)
+    return guard_stop
 
 
 def _accept(listener: Listener, group: subprocess.Popen[bytes], log_path: Path) -> Connection:
@@ -232,21 +265,27 @@ class _Reporter:
         self.rank = rank
         self.conn = conn
 
-    def _ask(self, message: tuple[Any, ...]) -> bool:
-        stop = torch.zeros(1, dtype=torch.int64)
+    def _ask(self, message: tuple[Any, ...]) -> str:
+        """The worker's answer; ``stop`` raises ``Interrupted`` on every rank."""
+        answer = torch.zeros(1, dtype=torch.int64)
         if self.conn is not None:
             self.conn.send(message)
-            stop[0] = int(self.conn.recv() == "stop")
-        torch.distributed.broadcast(stop, src=0)
-        return bool(stop.item())
+            answer[0] = ANSWERS.index(self.conn.recv())
+        torch.distributed.broadcast(answer, src=0)
+        said = ANSWERS[int(answer.item())]
+        if said == "stop":
+            raise Interrupted("the worker stopped the training group")
+        return said
 
     def started(self, layout: dict[str, Any]) -> None:
-        if self._ask(("started", layout)):
-            raise Interrupted("the worker stopped the training group")
+        self._ask(("started", layout))
 
     def step(self, entry: StepLog) -> None:
-        if self._ask(("step", asdict(entry))):
-            raise Interrupted("the worker stopped the training group")
+        self._ask(("step", asdict(entry)))
+
+    def evaluate(self, step: int) -> None:
+        if self._ask(("evaluate", step)) == "guard":
+            raise GuardStop(step)
 
     def checkpoint(self, step: int, path: Path) -> None:
         if self.conn is not None:  # only rank 0 checkpoints; no collective here
@@ -323,6 +362,11 @@ def _rank_main(spec_path: str) -> int:
         place = torch.device("cpu") if strategy == "fsdp" else device
         model = prepare_model(Path(spec["base_dir"]), device, request, hp.seed, place=place)
         wrapped = _parallelize(model, strategy, device, world)
+        ewc = None
+        if request.ewc is not None:  # θ*: this rank's base, before any checkpoint is restored
+            fisher = load_fisher(Path(spec["fisher"]))
+            assert fisher is not None, "the worker's Fisher file is unreadable"
+            ewc = EWCRegularizer(model, fisher, request.ewc.importance)
         reporter = _Reporter(rank, conn)
         trainer = Trainer(
             model,
@@ -334,6 +378,9 @@ def _rank_main(spec_path: str) -> int:
             on_checkpoint=reporter.checkpoint,
             state=spec["state"],
             rank=Rank(rank=rank, world=world, wrapped=wrapped),
+            ewc=ewc,
+            evaluate_steps=spec["evaluate_steps"],
+            on_evaluate=reporter.evaluate,
         )
         trainer.restore()
         try:

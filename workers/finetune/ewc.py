@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from workers.finetune.data import IGNORE_INDEX, Example, collate
+from workers.finetune.sharding import shard_like, whole
 
 
 def trainable_named_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
@@ -114,7 +115,11 @@ def batch_mean_fisher(
 
 
 class EWCRegularizer:
-    """Holds θ* and F for the trainable parameters; computes or applies the penalty."""
+    """Holds θ* and F for the trainable parameters; computes or applies the penalty.
+
+    On a rank of an FSDP group both are its shards, like the parameters; the penalty's value
+    is summed across the group (every rank calls :meth:`add_gradient` at each step).
+    """
 
     def __init__(
         self, model: torch.nn.Module, fisher: dict[str, torch.Tensor], importance: float
@@ -126,7 +131,7 @@ class EWCRegularizer:
             raise ValueError(
                 f"the Fisher lacks {len(missing)} trainable parameters, e.g. {missing[0]}"
             )
-        self.fisher = {n: fisher[n].to(params[n].device, torch.float32) for n in params}
+        self.fisher = {n: shard_like(fisher[n], params[n], torch.float32) for n in params}
         # θ*: the weights before fine-tuning (copied now, before the first step).
         self.original = {n: p.detach().to(torch.float32).clone() for n, p in params.items()}
 
@@ -149,7 +154,7 @@ class EWCRegularizer:
         for name, param in trainable_named_parameters(model):
             diff = param.detach().float() - self.original[name]
             weighted = self.fisher[name] * diff
-            value += float((weighted * diff).sum())
+            value += float(whole((weighted * diff).sum()))
             grad = (2.0 * self.importance) * weighted
             if param.grad is None:
                 param.grad = grad.to(param.dtype)

@@ -31,6 +31,7 @@ from workers.engine import transformers_backend as engine
 from workers.engine.loading import load_model
 from workers.finetune.data import Example, collate
 from workers.finetune.ewc import EWCRegularizer, sequence_loss, trainable_named_parameters
+from workers.finetune.sharding import shard_like, whole
 from workers.finetune.statefile import raise_if_disk_full, read_state, write_json
 
 LOSS_CURVE_POINTS = 200
@@ -131,25 +132,6 @@ def _torch_save(value: Any, path: Path) -> None:
 
 def _never() -> None:
     return None
-
-
-def _whole(tensor: torch.Tensor) -> torch.Tensor:
-    """A tensor FSDP shards across the group, gathered whole (a collective: every rank calls
-    it, in the same order); any other tensor as it is."""
-    from torch.distributed.tensor import DTensor
-
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-
-
-def _shard_like(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """A whole tensor as ``like`` holds it: this rank's shard when ``like`` is an FSDP
-    ``DTensor`` (cut here: every rank read the same checkpoint), else ``tensor`` on its device."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    tensor = tensor.to(like.device, like.dtype)
-    if isinstance(like, DTensor):
-        return distribute_tensor(tensor, like.device_mesh, like.placements, src_data_rank=None)
-    return tensor
 
 
 def _adamw(groups: list[dict[str, Any]], lr: float) -> torch.optim.AdamW:
@@ -281,12 +263,12 @@ class Trainer:
         from safetensors.torch import save_file
 
         step = self.global_step
-        final = self.checkpoint_dir / f"step-{step:08d}"
+        final = self.checkpoint_path(step)
         writer = self.rank is None or self.rank.rank == 0
-        weights = {n: _whole(p.detach()) for n, p in self.params}
+        weights = {n: whole(p.detach()) for n, p in self.params}
         optimizer = self.optimizer.state_dict()
         optimizer["state"] = {
-            i: {k: _whole(v) for k, v in entry.items()} for i, entry in optimizer["state"].items()
+            i: {k: whole(v) for k, v in entry.items()} for i, entry in optimizer["state"].items()
         }
         if not writer:
             self.checkpointed_step = step
@@ -326,10 +308,25 @@ class Trainer:
             self.on_checkpoint(step, final)
         return final
 
-    def restore(self) -> int | None:
-        """Load the latest checkpoint, if any; returns its step."""
+    def checkpoint_path(self, step: int) -> Path:
+        return self.checkpoint_dir / f"step-{step:08d}"
+
+    def load_weights(self, path: Path) -> None:
+        """The trainable weights of the checkpoint in ``path``, into the model."""
         from safetensors.torch import load_file
 
+        weights = load_file(str(path / "trainable.safetensors"))
+        params = dict(self.params)
+        if set(weights) != set(params):
+            raise RuntimeError(
+                f"checkpoint {path.name} holds other parameters than this model trains"
+            )
+        with torch.no_grad():
+            for name, tensor in weights.items():
+                params[name].copy_(shard_like(tensor, params[name]))
+
+    def restore(self) -> int | None:
+        """Load the latest checkpoint, if any; returns its step."""
         checkpoints = self._checkpoints()
         if not checkpoints:
             return None
@@ -343,19 +340,11 @@ class Trainer:
             raise RuntimeError(
                 f"checkpoint {path.name} was made for other training data; not resuming from it"
             )
-        weights = load_file(str(path / "trainable.safetensors"))
-        params = dict(self.params)
-        if set(weights) != set(params):
-            raise RuntimeError(
-                f"checkpoint {path.name} holds other parameters than this model trains"
-            )
-        with torch.no_grad():
-            for name, tensor in weights.items():
-                params[name].copy_(_shard_like(tensor, params[name]))
+        self.load_weights(path)
         optimizer = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
         order = [p for group in self.optimizer.param_groups for p in group["params"]]
         optimizer["state"] = {  # "step" is a scalar: every rank holds it whole
-            i: {k: v if v.ndim == 0 else _shard_like(v, order[i]) for k, v in entry.items()}
+            i: {k: v if v.ndim == 0 else shard_like(v, order[i]) for k, v in entry.items()}
             for i, entry in optimizer["state"].items()
         }
         self.optimizer.load_state_dict(optimizer)
@@ -425,7 +414,7 @@ class Trainer:
             norm = torch.nn.utils.clip_grad_norm_(
                 [p for _, p in self.params], self.hp.max_grad_norm
             )
-            grad_norm = float(_whole(norm))
+            grad_norm = float(whole(norm))
         lr = float(self.scheduler.get_last_lr()[0])
         self.optimizer.step()
         self.scheduler.step()
@@ -466,10 +455,12 @@ class Trainer:
 
     def _evaluate(self) -> None:
         """Evaluate the weights of this step, checkpointed first so a killed worker resumes
-        here and does not train the step again before evaluating it."""
+        here and does not train the step again before evaluating it. In a process group the
+        worker evaluates that checkpoint, the last step's included."""
         if self.on_evaluate is None:
             return
-        if self.global_step < self.plan.total_steps and self.checkpointed_step != self.global_step:
+        last = self.global_step == self.plan.total_steps
+        if self.checkpointed_step != self.global_step and (not last or self.rank is not None):
             self.save_checkpoint()
         self.on_evaluate(self.global_step)
 

@@ -13,6 +13,7 @@ gives (a mean of per-rank token means instead of the global token mean is off by
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +25,9 @@ from tests.samples import MEDICINE_RECORDS
 from workers.context import Interrupted
 from workers.engine.loading import load_tokenizer
 from workers.finetune.data import encode_records, pad_id
-from workers.finetune.distributed import train_distributed
-from workers.finetune.training import StepLog, Trainer, prepare_model
+from workers.finetune.distributed import Hooks, train_distributed
+from workers.finetune.ewc import EWCRegularizer, per_sample_fisher
+from workers.finetune.training import GuardStop, StepLog, Trainer, prepare_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
@@ -42,8 +44,11 @@ RECORDS = [
 STEPS = 8
 
 
+IMPORTANCE = 1e4  # EWC's: large enough that the penalty moves the tiny model's weights
+
+
 def _request(
-    model_dir: Path, processes: int, strategy: str = "ddp", method: str = "lora"
+    model_dir: Path, processes: int, strategy: str = "ddp", method: str = "lora", ewc: bool = False
 ) -> FinetuneJobCreate:
     return FinetuneJobCreate.model_validate(
         {
@@ -60,6 +65,7 @@ def _request(
                 "gradient_accumulation_steps": 2,
                 "checkpoint_every_steps": 3,
             },
+            "ewc": {"importance": IMPORTANCE} if ewc else None,
             "evaluation": None,
             "resources": {"processes": processes, "strategy": strategy},
         }
@@ -73,10 +79,14 @@ def encoded(tiny_model_dir: Path) -> tuple[list[Any], int]:
 
 
 def _single(
-    model_dir: Path, encoded: tuple[list[Any], int], tmp: Path, method: str = "lora"
+    model_dir: Path,
+    encoded: tuple[list[Any], int],
+    tmp: Path,
+    method: str = "lora",
+    fisher: dict[str, torch.Tensor] | None = None,
 ) -> tuple[Any, Any]:
     examples, pad = encoded
-    request = _request(model_dir, 1, method=method)
+    request = _request(model_dir, 1, method=method, ewc=fisher is not None)
     model = prepare_model(model_dir, CPU, request, request.resolved().seed)
     steps: list[StepLog] = []
     trainer = Trainer(
@@ -86,9 +96,21 @@ def _single(
         pad_id=pad,
         checkpoint_dir=tmp,
         on_step=steps.append,
+        ewc=None if fisher is None else EWCRegularizer(model, fisher, IMPORTANCE),
     )
     trainer.train()
     return steps, {n: p.detach().clone() for n, p in trainer.params}
+
+
+@dataclass
+class Group:
+    """What a two-rank group reported, and the weights of its last checkpoint."""
+
+    steps: list[StepLog] = field(default_factory=list)
+    checkpoints: list[int] = field(default_factory=list)
+    layouts: list[dict[str, Any]] = field(default_factory=list)
+    stopped_at: int | None = None
+    weights: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def _group(
@@ -98,21 +120,30 @@ def _group(
     on_step: Any = None,
     strategy: str = "ddp",
     method: str = "lora",
-) -> tuple[list[StepLog], dict[str, torch.Tensor]]:
+    fisher: dict[str, torch.Tensor] | None = None,
+    evaluate: Any = None,
+    evaluate_steps: tuple[int, ...] = (),
+) -> Group:
     from safetensors.torch import load_file
 
     examples, pad = encoded
-    request = _request(model_dir, 2, strategy, method)
-    steps: list[StepLog] = []
-    checkpoints: list[int] = []
+    request = _request(model_dir, 2, strategy, method, ewc=fisher is not None)
+    out = Group()
 
     def record(entry: StepLog) -> None:
-        steps.append(entry)
+        out.steps.append(entry)
         if on_step is not None:
             on_step(entry)
 
-    layouts: list[dict[str, Any]] = []
-    train_distributed(
+    hooks = Hooks(
+        step=record,
+        checkpoint=lambda step, path: out.checkpoints.append(step),
+        check_stop=lambda: None,
+        started=out.layouts.append,
+    )
+    if evaluate is not None:
+        hooks = replace(hooks, evaluate=evaluate)
+    out.stopped_at = train_distributed(
         examples=examples,
         request=request,
         hp=request.resolved(),
@@ -122,20 +153,19 @@ def _group(
         checkpoint_dir=tmp / "checkpoints",
         work_dir=tmp / "distributed",
         state={},
-        on_step=record,
-        on_checkpoint=lambda step, path: checkpoints.append(step),
-        check_stop=lambda: None,
-        on_started=layouts.append,
+        hooks=hooks,
+        evaluate_steps=evaluate_steps,
+        fisher=fisher,
     )
-    (layout,) = layouts
+    (layout,) = out.layouts
     assert layout["processes"] == 2 and layout["strategy"] == strategy
     share = layout["parameters_per_rank"] / layout["parameters"]
     # DDP: every rank holds the whole model; FSDP: rank 0 its half (rounded up per tensor).
     assert share == 1.0 if strategy == "ddp" else 0.5 <= share < 0.55, layout
-    assert checkpoints == [s for s in (3, 6) if s >= steps[0].step]  # the last is the result
-    (final,) = (tmp / "checkpoints").glob("step-*")
-    assert final.name == f"step-{STEPS:08d}"
-    return steps, load_file(str(final / "trainable.safetensors"))
+    (final,) = (tmp / "checkpoints").glob("step-*")  # the last step's: the group's result
+    assert final.name == f"step-{out.steps[-1].step:08d}"
+    out.weights = load_file(str(final / "trainable.safetensors"))
+    return out
 
 
 @pytest.mark.parametrize(
@@ -145,17 +175,55 @@ def test_two_processes_match_one_process_with_the_same_global_batch(
     tiny_model_dir: Path, encoded: tuple[list[Any], int], tmp_path: Path, strategy: str, method: str
 ) -> None:
     one, one_weights = _single(tiny_model_dir, encoded, tmp_path / "one", method)
-    two, two_weights = _group(
-        tiny_model_dir, encoded, tmp_path / "two", strategy=strategy, method=method
-    )
-    assert [s.step for s in two] == list(range(1, STEPS + 1))
-    assert [s.tokens for s in two] == [s.tokens for s in one]  # the same global batches
-    losses = [s.loss for s in two]
+    two = _group(tiny_model_dir, encoded, tmp_path / "two", strategy=strategy, method=method)
+    assert [s.step for s in two.steps] == list(range(1, STEPS + 1))
+    assert [s.tokens for s in two.steps] == [s.tokens for s in one]  # the same global batches
+    losses = [s.loss for s in two.steps]
     assert losses == pytest.approx([s.loss for s in one], rel=1e-5)
     assert losses[-1] < losses[0]  # it trained
-    assert set(two_weights) == set(one_weights)
+    assert two.checkpoints == [3, 6] and two.stopped_at is None
+    assert set(two.weights) == set(one_weights)
     for name, tensor in one_weights.items():
-        torch.testing.assert_close(two_weights[name], tensor, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(two.weights[name], tensor, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_ewc_in_a_group_matches_one_process(
+    tiny_model_dir: Path, encoded: tuple[list[Any], int], tmp_path: Path, strategy: str
+) -> None:
+    """The worker's Fisher, handed to the ranks: each anchors θ* on its own copy (its shard
+    under FSDP) and adds the penalty's gradient after the gradients are averaged."""
+    examples, pad = encoded
+    request = _request(tiny_model_dir, 1, method="full")
+    base = prepare_model(tiny_model_dir, CPU, request, request.resolved().seed)
+    fisher = per_sample_fisher(base, examples[:4], pad)
+    one, one_weights = _single(tiny_model_dir, encoded, tmp_path / "one", "full", fisher)
+    two = _group(tiny_model_dir, encoded, tmp_path / "two", None, strategy, "full", fisher)
+    penalties = [s.ewc_penalty for s in two.steps]
+    assert penalties[0] == 0.0 and all(p is not None and p > 0 for p in penalties[1:])
+    assert penalties == pytest.approx([s.ewc_penalty for s in one], rel=1e-4)
+    assert [s.loss for s in two.steps] == pytest.approx([s.loss for s in one], rel=1e-5)
+    for name, tensor in one_weights.items():
+        torch.testing.assert_close(two.weights[name], tensor, rtol=1e-5, atol=1e-6)
+
+
+def test_the_guard_stops_a_group_at_the_checkpoint_the_worker_evaluated(
+    tiny_model_dir: Path, encoded: tuple[list[Any], int], tmp_path: Path
+) -> None:
+    evaluated: list[int] = []
+
+    def evaluate(step: int) -> None:
+        # The worker evaluates the group's checkpoint of the step: it is on disk, complete.
+        assert (tmp_path / "checkpoints" / f"step-{step:08d}" / "state.json").is_file()
+        evaluated.append(step)
+        if step == 4:
+            raise GuardStop(step)
+
+    group = _group(
+        tiny_model_dir, encoded, tmp_path, evaluate=evaluate, evaluate_steps=(2, 4, 6, 8)
+    )
+    assert evaluated == [2, 4] and group.stopped_at == 4
+    assert [s.step for s in group.steps] == [1, 2, 3, 4]  # every rank stopped there
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
@@ -164,7 +232,7 @@ def test_a_stopped_group_checkpoints_and_resumes_to_the_same_weights(
 ) -> None:
     """FSDP's checkpoint is consolidated (gathered, written by rank 0) and resumed by
     sharding it again: the same weights and optimizer state to the bit."""
-    _, uninterrupted = _group(tiny_model_dir, encoded, tmp_path / "straight", strategy=strategy)
+    straight = _group(tiny_model_dir, encoded, tmp_path / "straight", strategy=strategy)
 
     def shut_down_at_5(entry: StepLog) -> None:
         if entry.step == 5:
@@ -175,10 +243,11 @@ def test_a_stopped_group_checkpoints_and_resumes_to_the_same_weights(
     saved = sorted(p.name for p in (tmp_path / "stopped" / "checkpoints").glob("step-*"))
     assert saved == ["step-00000005"]  # the stopped step, checkpointed by rank 0
 
-    steps, resumed = _group(tiny_model_dir, encoded, tmp_path / "stopped", strategy=strategy)
-    assert [s.step for s in steps] == list(range(6, STEPS + 1))
-    for name, tensor in uninterrupted.items():
-        assert torch.equal(resumed[name], tensor), name  # exactly: same batches, same sums
+    resumed = _group(tiny_model_dir, encoded, tmp_path / "stopped", strategy=strategy)
+    assert [s.step for s in resumed.steps] == list(range(6, STEPS + 1))
+    assert resumed.checkpoints == [6]
+    for name, tensor in straight.weights.items():
+        assert torch.equal(resumed.weights[name], tensor), name  # same batches, same sums
 
 
 def _group_processes(spec: Path) -> list[int]:
@@ -347,3 +416,66 @@ def test_sigterm_checkpoints_the_group_s_last_step_and_releases_the_job(
         started.data is not None
         and started.data["parameters_per_rank"] < (started.data["parameters"])
     )
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_checkpoint_evaluations_ewc_and_the_guard_in_a_group_equal_one_process_s(
+    client, settings, engine, tiny_model_dir, procs, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    """An FSDP job with EWC, checkpoint evaluations and the guard on a real ``--processes 2``
+    worker, and its one-process twin (the same global batch): the same checkpoint rows, EWC
+    penalty, loss curve and shipped step."""
+    from tests.conftest import start_worker
+    from tests.workers.finetune.jobs import events, plain_body, post_job, succeeded
+    from tests.workers.finetune.test_holdout import GENERAL_QA
+    from tests.workers.finetune.test_holdout import RECORDS as DRUGS
+
+    settings.max_processes = 2
+
+    def body(processes: int) -> dict[str, Any]:
+        return plain_body(
+            tiny_model_dir,
+            DRUGS,
+            method="full",
+            hyperparameters={
+                "learning_rate": 1e-3,
+                "max_steps": 4,
+                "per_device_train_batch_size": 2 // processes,
+                "gradient_accumulation_steps": 2,
+            },
+            ewc={"importance": IMPORTANCE, "fisher_samples": 4},
+            evaluation={
+                "suites": [GENERAL_QA],
+                "generation": {"max_new_tokens": 4},
+                "domain": False,
+                "every_steps": 2,
+            },
+            guard={"action": "keep_best"},
+            resources={"processes": processes, "strategy": "fsdp"},
+        )
+
+    group_id, twin_id = post_job(client, body(2)), post_job(client, body(1))
+    procs.append(start_worker(settings, "--processes", "2", log=tmp_path / "worker.log"))
+    group, twin = (
+        succeeded(client, engine, j, tmp_path / "worker.log") for j in (group_id, twin_id)
+    )
+
+    said = [e.message for e in events(engine, group_id)]
+    assert any(m.startswith("training in 2 processes (fsdp over gloo)") for m in said)
+    assert any(m.startswith("checkpoint evaluation at step 2:") for m in said)
+    rows = {
+        j: client.get(f"/finetune-jobs/{j}/checkpoints").json()["data"] for j in (group_id, twin_id)
+    }
+    assert [r["step"] for r in rows[group_id]] == [r["step"] for r in rows[twin_id]] == [0, 2, 4]
+    for a, b in zip(rows[group_id], rows[twin_id], strict=True):
+        assert a["general"]["accuracy"] == b["general"]["accuracy"]
+        assert a["verdict"] == b["verdict"]
+    g, t = group["metrics"], twin["metrics"]
+    assert g["resources"] == {"processes": 2, "strategy": "fsdp"} and "resources" not in t
+    assert g["ewc"]["final_penalty"] > 0
+    assert g["ewc"]["final_penalty"] == pytest.approx(t["ewc"]["final_penalty"], rel=1e-4)
+    assert [p["loss"] for p in g["loss_curve"]] == pytest.approx(
+        [p["loss"] for p in t["loss_curve"]], rel=1e-5
+    )
+    assert group["shipped_step"] == twin["shipped_step"]
+    assert group["shipped_reason"] == twin["shipped_reason"]

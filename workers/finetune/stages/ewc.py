@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING, Any
 from workers.context import UserError
 from workers.finetune.data import encode_records, pad_id, records_sha256
 from workers.finetune.ewc import (
-    EWCRegularizer,
     fisher_cache_key,
     load_fisher,
     per_sample_fisher,
@@ -23,15 +22,16 @@ if TYPE_CHECKING:
     from workers.finetune.stages.context import StageRun
 
 
-def ewc_regularizer(
+def ewc_fisher(
     run: StageRun,
     model: Any,
     tokenizer: Any,
     base_fp: str,
     fmt: str,
     eval_definitions: list[dict[str, Any]],
-) -> EWCRegularizer:
-    """Fisher from the cache or computed (per-sample squared gradients), and θ* = now."""
+) -> dict[str, Any]:
+    """The diagonal Fisher of ``model``'s trainable parameters on the job's general data:
+    from the cache, or computed from per-sample squared gradients (and cached)."""
     spec = run.request.ewc
     assert spec is not None
     items = general_items(run, spec, "ewc", eval_definitions)
@@ -88,4 +88,4 @@ def ewc_regularizer(
             data={"samples": len(examples), "key": key},
             progress=run.progress(phase, unit="examples", done=len(examples), store="no"),
         )
-    return EWCRegularizer(model, fisher, spec.importance)
+    return fisher

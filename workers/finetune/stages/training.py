@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import gc
 import shutil
-from dataclasses import asdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, replace
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,10 +25,11 @@ from workers.finetune.artifacts import (
     save_output,
 )
 from workers.finetune.data import encode_records, pad_id
-from workers.finetune.distributed import train_distributed
+from workers.finetune.distributed import Hooks, train_distributed
+from workers.finetune.ewc import EWCRegularizer
 from workers.finetune.stages.checkpoints import CheckpointEvaluator
 from workers.finetune.stages.data import training_records
-from workers.finetune.stages.ewc import ewc_regularizer
+from workers.finetune.stages.ewc import ewc_fisher
 from workers.finetune.statefile import write_json
 from workers.finetune.training import StepLog, Trainer, assert_base_frozen, prepare_model, thin
 
@@ -67,18 +70,23 @@ def run_training(
 
     run.models.clear()  # the evaluation copy of the base model is not needed while training
     processes = request.resources.processes
-    # A process group trains on the devices; the worker's copy only counts, checksums and
-    # exports the result, on the CPU, so it takes no accelerator memory from rank 0.
+    # A process group trains on the devices. The worker's copy counts, checksums, computes
+    # EWC's Fisher, evaluates the group's checkpoints and exports the result: it waits on the
+    # CPU, taking no accelerator memory from the ranks, and is on the device only to compute.
     model = prepare_model(
         base_dir, run.device, request, hp.seed, place=None if processes == 1 else CPU
     )
     counts = parameter_counts(model)
     checksum_before = base_checksum(model) if request.adapter else None
-    ewc = (
-        ewc_regularizer(run, model, tokenizer, base_fp, fmt, eval_definitions)
-        if request.ewc is not None
-        else None
-    )
+    ewc = fisher = None
+    if request.ewc is not None and processes == 1:  # θ*: the weights now
+        computed = ewc_fisher(run, model, tokenizer, base_fp, fmt, eval_definitions)
+        ewc = EWCRegularizer(model, computed, request.ewc.importance)
+    elif request.ewc is not None:  # for the group's ranks, which anchor θ* on their own copy
+        with _on_device(model, run.device):
+            computed = ewc_fisher(run, model, tokenizer, base_fp, fmt, eval_definitions)
+            fisher = {name: tensor.cpu() for name, tensor in computed.items()}
+            del computed  # off the device before the ranks start
 
     trainer = Trainer(
         model,
@@ -127,7 +135,15 @@ def run_training(
     )
     run.event("trainable parameters", data=counts, trainable_parameters=counts)
     if processes > 1:
-        train_distributed(
+        hooks = Hooks(
+            step=partial(_on_step, run),
+            checkpoint=partial(_on_checkpoint, run),
+            check_stop=run.ctx.check_stop,
+            started=partial(_on_group_started, run),
+        )
+        if evaluator is not None:
+            hooks = replace(hooks, evaluate=partial(_evaluate_checkpoint, run, trainer, evaluator))
+        trainer.stopped_at = train_distributed(
             examples=examples,
             request=request,
             hp=hp,
@@ -137,15 +153,15 @@ def run_training(
             checkpoint_dir=trainer.checkpoint_dir,
             work_dir=run.job_dir / "distributed",
             state=trainer.state,
-            on_step=partial(_on_step, run),
-            on_checkpoint=partial(_on_checkpoint, run),
-            check_stop=run.ctx.check_stop,
-            on_started=partial(_on_group_started, run),
+            hooks=hooks,
+            evaluate_steps=trainer.evaluate_steps,
+            fisher=fisher,
         )
         # The group's last checkpoint holds the trained weights and the loss curve: loaded
         # here, the rest (the artifact, the metrics) is the single-process path's.
         trainer.restore()
         trainer.resumed_from = trainer.resumed_from[:-1]  # loading the result is no resume
+        trainer.last_ewc_penalty = (trainer.loss_curve or [{}])[-1].get("ewc_penalty")
     else:
         trainer.train()
 
@@ -218,9 +234,9 @@ def run_training(
     if shipped is not None:
         metrics["shipped"] = shipped
         metrics["final_output_path"] = str(final_out)
-    if ewc is not None:
+    if request.ewc is not None:
         metrics["ewc"] = {
-            "importance": ewc.importance,
+            "importance": request.ewc.importance,
             "final_penalty": trainer.last_ewc_penalty,
         }
     outcome = TrainingOutcome(
@@ -258,6 +274,27 @@ def _on_step(run: StageRun, entry: StepLog) -> None:
     )
     run.event(message, data=data, progress=progress)
     run.ctx.hold_at("step", entry.step)
+
+
+@contextmanager
+def _on_device(model: Any, device: torch.device) -> Iterator[None]:
+    """A process group's model, in the worker, on ``device`` for a while, then on the CPU."""
+    model.to(device)
+    try:
+        yield
+    finally:
+        model.to(CPU)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _evaluate_checkpoint(
+    run: StageRun, trainer: Trainer, evaluator: CheckpointEvaluator, step: int
+) -> None:
+    """A group's checkpoint evaluation: its weights, in the worker's copy, on its device."""
+    trainer.load_weights(trainer.checkpoint_path(step))
+    with _on_device(trainer.model, run.device):
+        evaluator(step)
 
 
 def _on_group_started(run: StageRun, layout: dict[str, Any]) -> None:
