@@ -672,16 +672,7 @@ class FinetuneJobCreate(_Request):
             )
         if self.interpolation is not None and self.evaluation is None:
             raise ValueError("'interpolation' chooses by evaluation: it needs 'evaluation'")
-        if self.resources.processes > 1:
-            self._check_distributed()
         return self
-
-    def _check_distributed(self) -> None:
-        """What a process group cannot train yet: refused at submission, not after queueing."""
-        if self.quantization is not None:
-            raise ValueError(
-                f"method {self.method!r} trains in one process: set resources.processes 1"
-            )
 
     @property
     def adapter(self) -> bool:

@@ -21,6 +21,7 @@ import torch
 from app.core.quantization import BASE_QUANTIZATION_FILE, marker
 from app.finetune.schemas import FinetuneJobCreate
 from workers.engine.transformers_backend import select_dtype
+from workers.finetune.sharding import whole
 from workers.finetune.statefile import raise_if_disk_full, write_json
 
 CHECKPOINTS = "checkpoints"
@@ -53,13 +54,14 @@ def parameter_counts(model: torch.nn.Module) -> dict[str, Any]:
 
 
 def base_checksum(model: torch.nn.Module) -> str:
-    """``sha256:…`` over the names and bytes of every non-LoRA parameter."""
+    """``sha256:…`` over the names and bytes of every non-LoRA parameter (gathered whole on a
+    rank of an FSDP group, so every rank must call it)."""
     digest = hashlib.sha256()
     for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
         if "lora_" in name:
             continue
         digest.update(name.encode())
-        data = param.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+        data = whole(param.detach()).cpu().contiguous().reshape(-1).view(torch.uint8)
         digest.update(data.numpy().tobytes())
     return "sha256:" + digest.hexdigest()
 

@@ -42,6 +42,7 @@ import torch
 from app.finetune.schemas import FinetuneJobCreate, ResolvedHyperparameters
 from app.jobs.queue import LeaseLost
 from workers.context import Interrupted
+from workers.finetune.artifacts import base_checksum
 from workers.finetune.data import Example
 from workers.finetune.ewc import EWCRegularizer, load_fisher, save_fisher
 from workers.finetune.statefile import write_json
@@ -84,6 +85,14 @@ def _ignore(*args: Any) -> None:
 
 
 @dataclass(frozen=True)
+class GroupResult:
+    """How a group that ran to its end (or to the guard's stop) finished."""
+
+    stopped_at: int | None  # the step the guard stopped training at, if it did
+    base_checksum: str | None  # an adapter's base as the ranks hold it after training
+
+
+@dataclass(frozen=True)
 class Hooks:
     """What the worker does with rank 0's reports. ``started`` gets how the group trains (see
     :func:`_layout`) before the first step; ``evaluate(step)`` evaluates the checkpoint of an
@@ -111,12 +120,11 @@ def train_distributed(
     hooks: Hooks,
     evaluate_steps: Iterable[int] = (),
     fisher: dict[str, torch.Tensor] | None = None,
-) -> int | None:
+) -> GroupResult:
     """Train in ``request.resources.processes`` ranks; returns once the last step is
-    checkpointed in ``checkpoint_dir``: the step the guard stopped training at, if it did.
-    ``fisher``: EWC's (``request.ewc``), of the base's trainable parameters. An exception from
-    a hook stops the group after that step, checkpointed, and is raised here once every rank
-    has exited."""
+    checkpointed in ``checkpoint_dir``. ``fisher``: EWC's (``request.ewc``), of the base's
+    trainable parameters. An exception from a hook stops the group after that step,
+    checkpointed, and is raised here once every rank has exited."""
     processes = request.resources.processes
     work_dir.mkdir(parents=True, exist_ok=True)
     fisher_path = work_dir / "fisher.safetensors"
@@ -176,10 +184,11 @@ def train_distributed(
 
 def _serve(
     listener: Listener, group: subprocess.Popen[bytes], hooks: Hooks, log_path: Path
-) -> int | None:
+) -> GroupResult:
     conn = _accept(listener, group, log_path)
     failure: BaseException | None = None
     guard_stop: int | None = None
+    checksum: str | None = None
     with conn:
         while True:
             while not conn.poll(0.2):
@@ -193,6 +202,7 @@ def _serve(
                 break
             kind, answer = message[0], "go"
             if kind == "done":
+                checksum = message[1]
                 conn.send("ok")
                 break
             try:
@@ -221,7 +231,7 @@ def _serve(
         raise failure
     if status != 0:
         _raise_failed(group, log_path)
-    return guard_stop
+    return GroupResult(stopped_at=guard_stop, base_checksum=checksum)
 
 
 def _accept(listener: Listener, group: subprocess.Popen[bytes], log_path: Path) -> Connection:
@@ -395,9 +405,11 @@ def _rank_main(spec_path: str) -> int:
         trainer.on_checkpoint = None  # the last step's checkpoint is the group's result
         if trainer.checkpointed_step != trainer.global_step:
             trainer.save_checkpoint()
+        # The lesson's check, where the training happened: the base is as it was loaded.
+        checksum = base_checksum(model) if request.adapter else None
         torch.distributed.barrier()
         if conn is not None:
-            conn.send(("done",))
+            conn.send(("done", checksum))
             conn.recv()
         return 0
     finally:

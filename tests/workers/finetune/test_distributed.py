@@ -24,6 +24,7 @@ from app.finetune.schemas import FinetuneJobCreate
 from tests.samples import MEDICINE_RECORDS
 from workers.context import Interrupted
 from workers.engine.loading import load_tokenizer
+from workers.finetune.artifacts import base_checksum
 from workers.finetune.data import encode_records, pad_id
 from workers.finetune.distributed import Hooks, train_distributed
 from workers.finetune.ewc import EWCRegularizer, per_sample_fisher
@@ -57,7 +58,7 @@ def _request(
             "method": method,
             "preset": "risky",
             # Dropout draws other masks per rank than in one process: off for the comparison.
-            "lora": {"lora_dropout": 0.0} if method == "lora" else None,
+            "lora": {"lora_dropout": 0.0} if method in ("lora", "qlora") else None,
             "hyperparameters": {
                 "learning_rate": 1e-3,
                 "max_steps": STEPS,
@@ -110,6 +111,7 @@ class Group:
     checkpoints: list[int] = field(default_factory=list)
     layouts: list[dict[str, Any]] = field(default_factory=list)
     stopped_at: int | None = None
+    base_checksum: str | None = None
     weights: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
@@ -143,7 +145,7 @@ def _group(
     )
     if evaluate is not None:
         hooks = replace(hooks, evaluate=evaluate)
-    out.stopped_at = train_distributed(
+    result = train_distributed(
         examples=examples,
         request=request,
         hp=request.resolved(),
@@ -157,6 +159,7 @@ def _group(
         evaluate_steps=evaluate_steps,
         fisher=fisher,
     )
+    out.stopped_at, out.base_checksum = result.stopped_at, result.base_checksum
     (layout,) = out.layouts
     assert layout["processes"] == 2 and layout["strategy"] == strategy
     share = layout["parameters_per_rank"] / layout["parameters"]
@@ -169,11 +172,14 @@ def _group(
 
 
 @pytest.mark.parametrize(
-    ("strategy", "method"), [("ddp", "lora"), ("fsdp", "lora"), ("fsdp", "full")]
+    ("strategy", "method"),
+    [("ddp", "lora"), ("fsdp", "lora"), ("fsdp", "full"), ("ddp", "qlora"), ("fsdp", "qlora")],
 )
 def test_two_processes_match_one_process_with_the_same_global_batch(
     tiny_model_dir: Path, encoded: tuple[list[Any], int], tmp_path: Path, strategy: str, method: str
 ) -> None:
+    """QLoRA too: each rank's base is 4-bit NF4 (bitsandbytes' CPU backend here), sharded as
+    it is under FSDP, and the ranks report its checksum after training: the base as loaded."""
     one, one_weights = _single(tiny_model_dir, encoded, tmp_path / "one", method)
     two = _group(tiny_model_dir, encoded, tmp_path / "two", strategy=strategy, method=method)
     assert [s.step for s in two.steps] == list(range(1, STEPS + 1))
@@ -182,6 +188,12 @@ def test_two_processes_match_one_process_with_the_same_global_batch(
     assert losses == pytest.approx([s.loss for s in one], rel=1e-5)
     assert losses[-1] < losses[0]  # it trained
     assert two.checkpoints == [3, 6] and two.stopped_at is None
+    if method == "full":
+        assert two.base_checksum is None
+    else:
+        request = _request(tiny_model_dir, 1, method=method)
+        base = prepare_model(tiny_model_dir, CPU, request, request.resolved().seed)
+        assert two.base_checksum == base_checksum(base)
     assert set(two.weights) == set(one_weights)
     for name, tensor in one_weights.items():
         torch.testing.assert_close(two.weights[name], tensor, rtol=1e-5, atol=1e-6)
@@ -419,12 +431,15 @@ def test_sigterm_checkpoints_the_group_s_last_step_and_releases_the_job(
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
-def test_checkpoint_evaluations_ewc_and_the_guard_in_a_group_equal_one_process_s(
+def test_qlora_ewc_checkpoint_evaluations_and_the_guard_in_a_group_equal_one_process_s(
     client, settings, engine, tiny_model_dir, procs, tmp_path
 ) -> None:  # type: ignore[no-untyped-def]
-    """An FSDP job with EWC, checkpoint evaluations and the guard on a real ``--processes 2``
-    worker, and its one-process twin (the same global batch): the same checkpoint rows, EWC
-    penalty, loss curve and shipped step."""
+    """A QLoRA job on FSDP with EWC, checkpoint evaluations and the guard on a real
+    ``--processes 2`` worker, and its one-process twin (the same global batch): the same
+    checkpoint rows, EWC penalty, loss curve, shipped step and frozen base, and an
+    after-evaluation on the same 4-bit base."""
+    from app.core.database import session_factory
+    from app.core.tables import Evaluation
     from tests.conftest import start_worker
     from tests.workers.finetune.jobs import events, plain_body, post_job, succeeded
     from tests.workers.finetune.test_holdout import GENERAL_QA
@@ -436,7 +451,8 @@ def test_checkpoint_evaluations_ewc_and_the_guard_in_a_group_equal_one_process_s
         return plain_body(
             tiny_model_dir,
             DRUGS,
-            method="full",
+            method="qlora",
+            lora={"lora_dropout": 0.0},  # one process draws other dropout masks than two
             hyperparameters={
                 "learning_rate": 1e-3,
                 "max_steps": 4,
@@ -479,3 +495,8 @@ def test_checkpoint_evaluations_ewc_and_the_guard_in_a_group_equal_one_process_s
     )
     assert group["shipped_step"] == twin["shipped_step"]
     assert group["shipped_reason"] == twin["shipped_reason"]
+    assert g["base_weights"]["unchanged"] and g["base_weights"] == t["base_weights"]
+    assert g["quantization"] == "nf4"
+    with session_factory(engine)() as session:  # the after-evaluation ran the same 4-bit base
+        after = session.get(Evaluation, group["after_evaluation_id"])
+        assert after is not None and str(after.model_fingerprint).endswith("+nf4")

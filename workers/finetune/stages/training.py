@@ -73,9 +73,9 @@ def run_training(
     # A process group trains on the devices. The worker's copy counts, checksums, computes
     # EWC's Fisher, evaluates the group's checkpoints and exports the result: it waits on the
     # CPU, taking no accelerator memory from the ranks, and is on the device only to compute.
-    model = prepare_model(
-        base_dir, run.device, request, hp.seed, place=None if processes == 1 else CPU
-    )
+    # A 4-bit base (QLoRA) stays where it is loaded: small, and bitsandbytes places it once.
+    parked = processes > 1 and request.quantization is None
+    model = prepare_model(base_dir, run.device, request, hp.seed, place=CPU if parked else None)
     counts = parameter_counts(model)
     checksum_before = base_checksum(model) if request.adapter else None
     ewc = fisher = None
@@ -143,7 +143,7 @@ def run_training(
         )
         if evaluator is not None:
             hooks = replace(hooks, evaluate=partial(_evaluate_checkpoint, run, trainer, evaluator))
-        trainer.stopped_at = train_distributed(
+        group = train_distributed(
             examples=examples,
             request=request,
             hp=hp,
@@ -157,6 +157,7 @@ def run_training(
             evaluate_steps=trainer.evaluate_steps,
             fisher=fisher,
         )
+        trainer.stopped_at, checksum_after = group.stopped_at, group.base_checksum
         # The group's last checkpoint holds the trained weights and the loss curve: loaded
         # here, the rest (the artifact, the metrics) is the single-process path's.
         trainer.restore()
@@ -164,11 +165,11 @@ def run_training(
         trainer.last_ewc_penalty = (trainer.loss_curve or [{}])[-1].get("ewc_penalty")
     else:
         trainer.train()
+        checksum_after = base_checksum(model) if request.adapter else None
 
     base_weights = None
     if request.adapter:
         assert_base_frozen(model)
-        checksum_after = base_checksum(model)
         base_weights = {
             "checksum_before": checksum_before,
             "checksum_after": checksum_after,
@@ -278,7 +279,11 @@ def _on_step(run: StageRun, entry: StepLog) -> None:
 
 @contextmanager
 def _on_device(model: Any, device: torch.device) -> Iterator[None]:
-    """A process group's model, in the worker, on ``device`` for a while, then on the CPU."""
+    """A process group's model, in the worker, on ``device`` for a while, then on the CPU
+    (a model that is not on the CPU stays where it is)."""
+    if device.type == "cpu" or next(model.parameters()).device.type != "cpu":
+        yield
+        return
     model.to(device)
     try:
         yield
