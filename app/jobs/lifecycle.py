@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
 from app.core.tables import Evaluation, FinetuneJob, utcnow
@@ -130,10 +130,33 @@ def succeed_sharded(session: Session, parent_id: str, *, now: datetime, **values
     return bool(finished == 1)
 
 
+def lock_shards(session: Session, parent_ids: Sequence[str], *also: Any) -> None:
+    """Lock the shard rows of ``parent_ids`` (and the rows ``also`` selects), in id order.
+
+    The lock order that keeps PostgreSQL free of lock cycles between the transactions that
+    write a sharded evaluation: the rows of its shards in id order, then the parent's row. A
+    transaction that may write more than one shard (a cancel, a shard failing for good, the
+    lease sweep) takes all of them here first; one that writes a single shard (a claim, a
+    lease renewal, a success) takes it, then the parent. UPDATEs that match several rows lock
+    them in scan order, which two transactions may see differently. (SQLite's ``BEGIN
+    IMMEDIATE`` serialises writers, and a read first would only turn a transaction not begun
+    for writing into one that cannot upgrade: nothing is sent there.)
+    """
+    if session.get_bind().dialect.name != "postgresql" or not (parent_ids or also):
+        return
+    session.execute(
+        select(Evaluation.id)
+        .where(or_(Evaluation.shard_of.in_(list(parent_ids)), *also))
+        .order_by(Evaluation.id)
+        .with_for_update()
+    )
+
+
 def end_shards(session: Session, parent_id: str, *, now: datetime) -> None:
     """The unfinished shards of ``parent_id`` are cancelled (the parent was cancelled or
     failed: nothing they could add would be used). Always before the parent's own row is
-    written, so every transaction takes shard rows before their parent's (no lock cycles)."""
+    written, with every shard row locked first (:func:`lock_shards`)."""
+    lock_shards(session, [parent_id])
     session.execute(
         update(Evaluation)
         .where(

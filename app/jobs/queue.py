@@ -30,7 +30,13 @@ from sqlalchemy.orm import Session, aliased
 
 from app.core.database import immediate_session
 from app.core.tables import Claim, Evaluation, FinetuneJob, JobMixin, Worker, utcnow
-from app.jobs.lifecycle import end_children, end_shards, fail_sharded, start_sharded
+from app.jobs.lifecycle import (
+    end_children,
+    end_shards,
+    fail_sharded,
+    lock_shards,
+    start_sharded,
+)
 from app.jobs.status import JobStatus, sources
 
 JOB_MODELS: dict[str, type[Evaluation] | type[FinetuneJob]] = {
@@ -84,6 +90,9 @@ def _expire_leases(session: Session, model: type[JobMixin], now: Any) -> None:
     expired = and_(model.status == JobStatus.RUNNING, model.lease_expires_at < now)
     last_try = and_(expired, model.attempts >= model.max_attempts)
     error = "lease expired: the worker stopped heartbeating on its last allowed attempt"
+    if model is Evaluation:  # every row written below, and the shards a dying one cancels
+        parents = session.scalars(select(Evaluation.shard_of).where(last_try)).all()
+        lock_shards(session, [p for p in parents if p is not None], expired)
     dying = list(session.execute(select(model.id).where(last_try)).scalars())  # type: ignore[attr-defined]
     if dying and model is FinetuneJob:
         end_children(
@@ -393,7 +402,13 @@ def fail(engine: Engine, job: ClaimedJob, error: str, *, retryable: bool) -> str
     """Record a failed attempt: retry later with backoff, or fail for good. Returns the status."""
     model = JOB_MODELS[job.kind]
     with immediate_session(engine) as session, session.begin():
-        row = cast("Evaluation | FinetuneJob | None", session.get(model, job.id))
+        if model is Evaluation:  # a shard failing for good cancels its siblings: lock them all
+            parent = session.scalar(select(Evaluation.shard_of).where(Evaluation.id == job.id))
+            lock_shards(session, [parent] if parent is not None else [])
+        row = cast(
+            "Evaluation | FinetuneJob | None",
+            session.get(model, job.id, populate_existing=True),
+        )
         now = db_now(session)
         if row is None or row.status != JobStatus.RUNNING or row.worker_id != job.worker_id:
             _close_claim(session, job, held=False)

@@ -302,3 +302,60 @@ def test_the_python_client_queues_a_sharded_evaluation(client: Any, tiny_model_d
     )
     shown = client.get(f"/evaluations/{queued.id}").json()
     assert shown["shards"]["total"] == 2 and len(shown["shards"]["data"]) == 2
+
+
+def test_a_cancel_racing_shards_that_fail_for_good_neither_deadlocks_nor_loses_a_write(
+    client: Any, engine: Engine, tiny_model_dir: Path
+) -> None:
+    """The user cancels the evaluation while two of its shards fail for good: each side locks
+    several shard rows. Every round ends with the evaluation and every shard finished, and
+    neither side raised (on PostgreSQL a lock cycle would abort one of them)."""
+    from app.core.errors import Problem
+    from app.evaluations import service
+
+    for _round in range(15):
+        created = _sharded(client, tiny_model_dir)
+        jobs = [job for job in (_claim(engine, f"w{n}") for n in range(4)) if job is not None]
+        assert len(jobs) == 4
+        start = threading.Barrier(3)
+        errors: list[BaseException] = []
+
+        def cancel(
+            parent: str = created["id"],
+            start: threading.Barrier = start,
+            errors: list[BaseException] = errors,
+        ) -> None:
+            try:
+                start.wait()
+                with session_factory(engine)() as session:
+                    service.cancel(session=session, evaluation_id=parent)
+            except Problem as problem:  # a failure that came first: "already failed"
+                if problem.status != 409:
+                    errors.append(problem)
+            except BaseException as exc:  # reported by the test, in its own thread
+                errors.append(exc)
+
+        def fail(
+            job: queue.ClaimedJob,
+            start: threading.Barrier = start,
+            errors: list[BaseException] = errors,
+        ) -> None:
+            try:
+                start.wait()
+                queue.fail(engine, job, "CUDA out of memory", retryable=False)
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [
+            threading.Thread(target=cancel),
+            threading.Thread(target=fail, args=(jobs[3],)),
+            threading.Thread(target=fail, args=(jobs[1],)),
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        assert not errors, errors
+        shown = client.get(f"/evaluations/{created['id']}").json()
+        assert shown["status"] in ("cancelled", "failed")
+        assert {s["status"] for s in shown["shards"]["data"]} <= {"cancelled", "failed"}

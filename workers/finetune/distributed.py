@@ -415,11 +415,27 @@ def _rank_main(spec_path: str) -> int:
     finally:
         if conn is not None:
             conn.close()
-        torch.distributed.destroy_process_group()
+
+
+def _rank_exit(spec_path: str) -> None:
+    """Run a rank and leave the process at once, without C++ teardown: tearing down gloo and
+    the TCPStore client at interpreter exit sometimes aborted a rank that had finished ("terminate
+    called without an active exception", SIGABRT), and torchrun then failed the whole group.
+    Every rank has passed the final barrier (or the stop's) by then; nothing is left to run."""
+    import traceback
+
+    try:
+        code = _rank_main(spec_path)
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
     if sys.argv[1] == LAUNCH:
         _launch(int(sys.argv[2]), sys.argv[3:])
     else:
-        sys.exit(_rank_main(sys.argv[1]))
+        _rank_exit(sys.argv[1])
