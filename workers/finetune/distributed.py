@@ -368,8 +368,10 @@ def _rank_main(spec_path: str) -> int:
         examples = [Example(input_ids=i, labels=lab) for i, lab in spec["examples"]]
         strategy = request.resources.strategy
         # FSDP shards as it moves the weights to the device: loaded on the CPU, no rank ever
-        # holds the whole model on its accelerator.
-        place = torch.device("cpu") if strategy == "fsdp" else device
+        # holds the whole model on its accelerator. A 4-bit base is placed by bitsandbytes,
+        # once: on its device.
+        on_cpu = strategy == "fsdp" and request.quantization is None
+        place = torch.device("cpu") if on_cpu else device
         model = prepare_model(Path(spec["base_dir"]), device, request, hp.seed, place=place)
         wrapped = _parallelize(model, strategy, device, world)
         ewc = None

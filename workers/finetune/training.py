@@ -265,10 +265,16 @@ class Trainer:
         step = self.global_step
         final = self.checkpoint_path(step)
         writer = self.rank is None or self.rank.rank == 0
-        weights = {n: whole(p.detach()) for n, p in self.params}
+
+        def gathered(tensor: torch.Tensor) -> torch.Tensor:
+            """One tensor whole, on the CPU of the writer only: one at a time on the device."""
+            full = whole(tensor.detach())
+            return full.cpu() if writer else tensor  # the other ranks' copy is dropped now
+
+        weights = {n: gathered(p) for n, p in self.params}
         optimizer = self.optimizer.state_dict()
         optimizer["state"] = {
-            i: {k: whole(v) for k, v in entry.items()} for i, entry in optimizer["state"].items()
+            i: {k: gathered(v) for k, v in entry.items()} for i, entry in optimizer["state"].items()
         }
         if not writer:
             self.checkpointed_step = step
@@ -287,7 +293,7 @@ class Trainer:
         try:
             tmp.mkdir(parents=True)
             save_file(
-                {n: w.cpu().contiguous() for n, w in weights.items()},
+                {n: w.contiguous() for n, w in weights.items()},
                 str(tmp / "trainable.safetensors"),
             )
             _torch_save(optimizer, tmp / "optimizer.pt")
