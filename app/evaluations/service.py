@@ -511,10 +511,11 @@ def list_items(
     """Per-item rows in suite order: the evaluation's suites as listed, each in its items' order,
     whatever order the worker wrote them in (a cached evaluation's items are its source's).
 
-    The cursor is the last row's ordinal, ``suite index × ORDINAL_STRIDE + position``.
+    The cursor is the last row's ordinal, ``suite index × ORDINAL_STRIDE + position``. A shard
+    lists its slice of its evaluation's rows.
     """
     row = get(session=session, evaluation_id=evaluation_id)
-    source = row.cached_from or row.id
+    source = row.shard_of or row.cached_from or row.id
     suite_index = {s["name"]: n for n, s in enumerate(row.suites)}
     ordinal = (
         case(suite_index, value=EvaluationItem.suite, else_=len(suite_index)) * ORDINAL_STRIDE
@@ -523,6 +524,8 @@ def list_items(
         else EvaluationItem.position
     )
     query = select(EvaluationItem, ordinal).where(EvaluationItem.evaluation_id == source)
+    if row.shard_of is not None:
+        query = query.where(shards.slice_rows(row))
     if passed is not None:
         query = query.where(EvaluationItem.passed.is_(passed))
     if suite:

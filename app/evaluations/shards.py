@@ -17,11 +17,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import ColumnElement, and_, false, or_, select
 from sqlalchemy.orm import Session
 
 from app.core.schemas import Progress, ShardPublic, ShardsPublic
-from app.core.tables import Evaluation, new_id
+from app.core.tables import Evaluation, EvaluationItem, new_id
 from app.jobs.status import JobStatus
 
 # What a shard records about the engine that must be the same on every shard for their
@@ -55,6 +55,25 @@ def positions(sizes: Sequence[int], *, index: int, count: int) -> list[list[int]
         found.append([p for p in range(size) if (first + p // BLOCK) % count == index])
         first += blocks(size)
     return found
+
+
+def dealt(shard: Evaluation) -> list[list[int]]:
+    """The item positions ``shard`` scores in each of its evaluation's suites."""
+    sizes = [int(suite["items"]) for suite in shard.suites]
+    return positions(sizes, index=int(shard.shard_index or 0), count=int(shard.shard_count or 1))
+
+
+def slice_rows(shard: Evaluation) -> ColumnElement[bool]:
+    """Which of its evaluation's item rows ``shard`` wrote: its slice (rows are stored under
+    the evaluation's id, whichever shard wrote them)."""
+    return or_(
+        false(),
+        *(
+            and_(EvaluationItem.suite == suite["name"], EvaluationItem.position.in_(places))
+            for suite, places in zip(shard.suites, dealt(shard), strict=True)
+            if places
+        ),
+    )
 
 
 def slice_size(sizes: Sequence[int], *, index: int, count: int) -> int:

@@ -459,16 +459,11 @@ def run_evaluation(
 
 def _slice(evaluation: Evaluation, suites: dict[str, Any]) -> set[tuple[str, str]]:
     """The (suite, item id) pairs this evaluation scores: all of them, or a shard's slice
-    (:func:`app.evaluations.shards.positions`: whole blocks of the drivers' passes)."""
+    (:func:`app.evaluations.shards.dealt`: whole blocks of the drivers' passes)."""
     items = [suites[suite["name"]]["items"] for suite in evaluation.suites]
-    if evaluation.shard_of is None:
-        kept = [range(len(found)) for found in items]
-    else:
-        kept = shards.positions(  # type: ignore[assignment]
-            [len(found) for found in items],
-            index=int(evaluation.shard_index or 0),
-            count=int(evaluation.shard_count or 1),
-        )
+    kept: list[Any] = [range(len(found)) for found in items]
+    if evaluation.shard_of is not None:
+        kept = shards.dealt(evaluation)
     return {
         (suite["name"], found[position]["id"])
         for suite, found, owned in zip(evaluation.suites, items, kept, strict=True)

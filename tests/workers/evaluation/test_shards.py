@@ -162,6 +162,11 @@ def test_four_shards_over_two_workers_equal_the_unsharded_run_and_survive_a_sigk
             reference_items = _items(client, reference["id"])
             assert len(sharded_items) == 500
             assert sharded_items == reference_items
+            # Each shard lists the slice it scored: together, the evaluation's rows, once each.
+            by_shard = [_items(client, s["id"]) for s in sharded["shards"]["data"]]
+            assert all(by_shard) and sum(map(len, by_shard)) == 500
+            listed = {(r["suite"], r["item_id"]) for found in by_shard for r in found}
+            assert listed == {(r["suite"], r["item_id"]) for r in sharded_items}
             assert sharded["results"] == reference["results"]
             assert sharded["progress"] == {
                 "done": 500,
