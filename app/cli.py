@@ -23,7 +23,7 @@ from typing import IO, TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from app.core.config import Settings, get_settings
+from app.core.config import MAX_PROCESSES, Settings, get_settings
 from forgetguard.cli import SERVER_URL_FILE, ServerOpt, plain_help_without_terminal, server_url
 from forgetguard.cli import register as register_client_commands
 
@@ -191,9 +191,9 @@ def worker(
         int,
         typer.Option(
             min=1,
-            max=8,
+            max=MAX_PROCESSES,
             help="Training processes a fine-tune job may use here (resources.processes); "
-            "on CPU each is a DDP rank over gloo.",
+            "on CPU each is a rank over gloo (DDP or FSDP).",
         ),
     ] = 1,
     devices: Annotated[

@@ -30,6 +30,11 @@ def normalise_endpoint(url: str) -> str:
     return url.strip().rstrip("/")
 
 
+# The most training processes one fine-tune job may use: the bound of resources.processes,
+# of FORGETGUARD_MAX_PROCESSES and of `forgetguard worker --processes`.
+MAX_PROCESSES = 8
+
+
 class Settings(BaseSettings):
     """Everything an operator can set; see the configuration table in README.md."""
 
@@ -77,7 +82,7 @@ class Settings(BaseSettings):
 
     # The most processes a fine-tune job may ask for (resources.processes) while no live
     # worker is larger: the largest worker this deployment runs. A job beyond both is a 422.
-    max_processes: int = Field(1, ge=1, le=8)
+    max_processes: int = Field(1, ge=1, le=MAX_PROCESSES)
 
     lease_seconds: float = 60.0
     heartbeat_seconds: float = 10.0

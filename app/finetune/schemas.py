@@ -22,7 +22,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_serializer, model_validator
 
 from app.core.clientfiles import ReadBudget, check_regular, read_client_file
-from app.core.config import Settings
+from app.core.config import MAX_PROCESSES, Settings
 from app.core.errors import Problem
 from app.core.paths import resolve_under
 from app.core.quantization import QUANTIZED_BACKENDS, Quantization
@@ -595,7 +595,6 @@ class InterpolationSpec(_Request):
         return self
 
 
-MAX_PROCESSES = 8
 Strategy = Literal["ddp", "fsdp", "deepspeed"]
 
 
