@@ -193,7 +193,7 @@ def worker(
             min=1,
             max=MAX_PROCESSES,
             help="Training processes a fine-tune job may use here (resources.processes); "
-            "on CPU each is a rank over gloo (DDP or FSDP).",
+            "on CPU each is a rank over gloo (DDP, FSDP or DeepSpeed).",
         ),
     ] = 1,
     devices: Annotated[

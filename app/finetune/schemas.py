@@ -606,20 +606,12 @@ class ResourcesSpec(_Request):
     CPU, ``--devices`` on CUDA). ``per_device_train_batch_size`` is per process, as in the HF
     ``Trainer``: the global batch is ``per_device_train_batch_size × gradient_accumulation_steps
     × processes``. ``ddp`` replicates the model on every process; ``fsdp`` shards parameters,
-    gradients and optimizer state across them (FSDP2). ``deepspeed`` is refused.
+    gradients and optimizer state across them (FSDP2); ``deepspeed`` runs DeepSpeed ZeRO-2,
+    which partitions the gradients and optimizer state (the worker's ``deepspeed`` extra).
     """
 
     processes: Annotated[int, Field(ge=1, le=MAX_PROCESSES)] = 1
     strategy: Strategy = "ddp"
-
-    @model_validator(mode="after")
-    def _runnable(self) -> ResourcesSpec:
-        if self.strategy == "deepspeed":
-            raise ValueError(
-                "strategy 'deepspeed' is not supported by this service yet; use 'fsdp' to "
-                "shard the model, gradients and optimizer state across processes, or 'ddp'"
-            )
-        return self
 
 
 class FinetuneJobCreate(_Request):
@@ -738,8 +730,8 @@ class FinetuneJobPublic(JobTimestamps):
     shipped_reason: str | None = None
     interpolation: dict[str, Any] | None = None
     chosen_alpha: float | None = None
-    # The processes it trains in and how (jobs queued before it existed: one process).
-    resources: dict[str, Any] = Field(default_factory=lambda: ResourcesSpec().model_dump())
+    # The processes it trains in and how.
+    resources: ResourcesSpec
     attempts: int
     error: str | None
 

@@ -94,7 +94,8 @@ def public(row: FinetuneJob) -> FinetuneJobPublic:
         shipped_reason=(row.metrics or {}).get("shipped", {}).get("reason"),
         interpolation=request.get("interpolation"),
         chosen_alpha=(row.metrics or {}).get("interpolation", {}).get("chosen_alpha"),
-        resources=request.get("resources") or ResourcesSpec().model_dump(),
+        # Jobs stored before the field existed train in one process: the defaults.
+        resources=ResourcesSpec.model_validate(request.get("resources") or {}),
         attempts=row.attempts,
         error=row.error,
         created_at=row.created_at,

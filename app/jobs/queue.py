@@ -93,6 +93,8 @@ def _expire_leases(session: Session, model: type[JobMixin], now: Any) -> None:
     if model is Evaluation:  # every row written below, and the shards a dying one cancels
         parents = session.scalars(select(Evaluation.shard_of).where(last_try)).all()
         lock_shards(session, [p for p in parents if p is not None], expired)
+    # Read (again, for evaluations) once the locks are held: what a concurrent cancel or
+    # failure committed meanwhile is seen, under READ COMMITTED as under SQLite's write lock.
     dying = list(session.execute(select(model.id).where(last_try)).scalars())  # type: ignore[attr-defined]
     if dying and model is FinetuneJob:
         end_children(

@@ -61,6 +61,9 @@ def test_a_deployment_may_declare_workers_that_have_not_started(
     sharded = client.post("/finetune-jobs", json=body(tiny_model_dir, processes=2, strategy="fsdp"))
     assert sharded.status_code == 202, sharded.text
     assert sharded.json()["resources"] == {"processes": 2, "strategy": "fsdp"}
+    zero = body(tiny_model_dir, processes=2, strategy="deepspeed")
+    zero = client.post("/finetune-jobs", json=zero)
+    assert zero.status_code == 202 and zero.json()["resources"]["strategy"] == "deepspeed"
     # QLoRA, EWC, checkpoint evaluations and the guard train in a group as in one process.
     quantized = {**body(tiny_model_dir, processes=2, strategy="fsdp"), "method": "qlora"}
     assert client.post("/finetune-jobs", json=quantized).status_code == 202
@@ -76,7 +79,6 @@ def test_a_deployment_may_declare_workers_that_have_not_started(
 
 def test_what_a_process_group_cannot_run_is_a_422(client, tiny_model_dir) -> None:  # type: ignore[no-untyped-def]
     for resources, word in (
-        ({"processes": 2, "strategy": "deepspeed"}, "deepspeed"),
         ({"processes": 2, "strategy": "zero3"}, "strategy"),
         ({"processes": 9}, "processes"),
     ):

@@ -1,12 +1,14 @@
-"""Training as a DDP process group: the worker launches ``torchrun``; every rank runs the
-same :class:`~workers.finetune.training.Trainer` on its share of each global batch.
+"""Training as a process group (DDP, FSDP2 or DeepSpeed ZeRO-2): the worker launches
+``torchrun``; every rank runs the same :class:`~workers.finetune.training.Trainer` on its share
+of each global batch.
 
 The worker process stays the job's only writer. Rank 0 reports each optimizer step (and each
 checkpoint) to it over a local authenticated connection and waits for the answer; the worker
 records the step under the lease with the same code as a single-process job, and answers
 ``stop`` when the lease is lost, the job was cancelled or the worker is shutting down. Rank 0
 broadcasts the answer, so every rank stops after the same step, and rank 0 checkpoints it (the
-format a single process writes: whole tensors, gathered first under FSDP). A finished group
+format a single process writes: whole tensors, gathered first under FSDP; under DeepSpeed,
+beside them, each rank's ZeRO partition of the optimizer state). A finished group
 leaves a checkpoint at the last step, which the worker loads into its own model to export the
 artifact exactly as a single-process job does.
 
@@ -41,7 +43,7 @@ import torch
 
 from app.finetune.schemas import FinetuneJobCreate, ResolvedHyperparameters
 from app.jobs.queue import LeaseLost
-from workers.context import Interrupted
+from workers.context import Interrupted, UserError
 from workers.finetune.artifacts import base_checksum
 from workers.finetune.data import Example
 from workers.finetune.ewc import EWCRegularizer, load_fisher, save_fisher
@@ -329,6 +331,53 @@ def _parallelize(
     return model
 
 
+ZERO_STAGE = 2  # strategy ``deepspeed``: ZeRO-2; ``fsdp`` shards the parameters too (ZeRO-3)
+INSTALL = "pip install -e '.[worker,deepspeed]' in the forgetguard checkout"
+
+
+def require(strategy: str) -> None:
+    """Raise a UserError saying what is missing unless this worker can launch ``strategy``
+    (before the job loads anything: a group would fail only once its ranks start)."""
+    import importlib.util
+
+    if strategy == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
+        raise UserError(
+            "strategy 'deepspeed' needs DeepSpeed, which this worker does not have; install "
+            f"the deepspeed extra on the worker ({INSTALL}), or use strategy 'fsdp' or 'ddp'"
+        )
+
+
+def deepspeed_config(hp: ResolvedHyperparameters) -> dict[str, Any]:
+    """The DeepSpeed config of a ``deepspeed`` group: ZeRO-2 partitions the gradients and the
+    optimizer state across the ranks, each of which holds the whole model. The trainer owns
+    the accumulation boundary (it calls ``step`` once per optimizer step, after the micro-
+    batches of that step, which may be fewer at an epoch's end), the optimizer (its AdamW),
+    the schedule, autocast and the loss's normalization; DeepSpeed clips to ``max_grad_norm``
+    the way ``clip_grad_norm_`` does."""
+    return {
+        "train_micro_batch_size_per_gpu": hp.per_device_train_batch_size,
+        "gradient_accumulation_steps": hp.gradient_accumulation_steps,
+        "managed_gradient_accumulation": False,
+        "gradient_clipping": hp.max_grad_norm,
+        "zero_optimization": {"stage": ZERO_STAGE},
+        "steps_per_print": 2**31 - 1,
+    }
+
+
+def _deepspeed(trainer: Trainer, hp: ResolvedHyperparameters) -> Any:
+    """DeepSpeed's engine over the trainer's model and optimizer (on the process group this
+    rank already joined)."""
+    import deepspeed
+
+    engine, *_ = deepspeed.initialize(
+        model=trainer.model,
+        optimizer=trainer.optimizer,
+        config=deepspeed_config(hp),
+        dist_init_required=False,
+    )
+    return engine
+
+
 def _layout(model: torch.nn.Module, strategy: str, world: int) -> dict[str, Any]:
     """How the group trains, as rank 0 sees it: what share of the weights each rank holds."""
     from torch.distributed.tensor import DTensor
@@ -337,13 +386,16 @@ def _layout(model: torch.nn.Module, strategy: str, world: int) -> dict[str, Any]
     for param in model.parameters():
         total += param.numel()
         held += (param.to_local() if isinstance(param, DTensor) else param).numel()
-    return {
+    layout = {
         "processes": world,
         "strategy": strategy,
         "backend": torch.distributed.get_backend(),
         "parameters": total,
         "parameters_per_rank": held,
     }
+    if strategy == "deepspeed":
+        layout["zero_stage"] = ZERO_STAGE
+    return layout
 
 
 def _rank_main(spec_path: str) -> int:
@@ -373,7 +425,8 @@ def _rank_main(spec_path: str) -> int:
         on_cpu = strategy == "fsdp" and request.quantization is None
         place = torch.device("cpu") if on_cpu else device
         model = prepare_model(Path(spec["base_dir"]), device, request, hp.seed, place=place)
-        wrapped = _parallelize(model, strategy, device, world)
+        # DeepSpeed wraps the trainer's optimizer: its engine is made once the trainer is.
+        wrapped = model if strategy == "deepspeed" else _parallelize(model, strategy, device, world)
         ewc = None
         if request.ewc is not None:  # θ*: this rank's base, before any checkpoint is restored
             fisher = load_fisher(Path(spec["fisher"]))
@@ -394,6 +447,9 @@ def _rank_main(spec_path: str) -> int:
             evaluate_steps=spec["evaluate_steps"],
             on_evaluate=reporter.evaluate,
         )
+        if strategy == "deepspeed":
+            engine = _deepspeed(trainer, hp)
+            trainer.rank = Rank(rank=rank, world=world, wrapped=engine, engine=engine)
         trainer.restore()
         try:
             reporter.started(_layout(model, strategy, world))

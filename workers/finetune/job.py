@@ -28,6 +28,7 @@ from app.jobs.status import JobStatus
 from workers.context import Interrupted, JobContext, UserError
 from workers.engine import quantization as quantized
 from workers.engine.loading import ModelCache, load_tokenizer, resolve_model
+from workers.finetune import distributed
 from workers.finetune.artifacts import CHECKPOINTS, TRAINING_DONE, TrainingOutcome
 from workers.finetune.data import effective_format
 from workers.finetune.stages.domain import evaluate_domain, with_domain
@@ -201,6 +202,8 @@ class FinetuneRun:
         if request.quantization is not None:
             # Before anything else: a worker without bitsandbytes refuses the job at once.
             quantized.require(request.quantization, self.device)
+        if request.resources.processes > 1:  # and one without DeepSpeed a deepspeed group
+            distributed.require(request.resources.strategy)
         try:
             base_dir, _ = resolve_model(self.settings, request.base_model.path, None)
         except Problem as exc:

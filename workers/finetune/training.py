@@ -35,6 +35,7 @@ from workers.finetune.sharding import shard_like, whole
 from workers.finetune.statefile import raise_if_disk_full, read_state, write_json
 
 LOSS_CURVE_POINTS = 200
+DEEPSPEED_TAG = "deepspeed"  # the folder of a checkpoint that holds ZeRO's optimizer shards
 
 
 # --------------------------------------------------------------------------- the step plan
@@ -160,6 +161,10 @@ class Rank:
     rank: int
     world: int
     wrapped: torch.nn.Module
+    # DeepSpeed's engine (strategy ``deepspeed``, also ``wrapped``): it reduces the gradients
+    # as the backward computes them, clips, steps the trainer's optimizer (whose state ZeRO
+    # partitions across the ranks) and checkpoints that state, a shard per rank.
+    engine: Any = None
 
 
 class Trainer:
@@ -200,7 +205,9 @@ class Trainer:
         self.device = next(model.parameters()).device
         self.autocast = autocast_for(self.device)
         self.rank = rank
-        # ``processes`` without ``rank``: the worker's copy, which plans like its group's ranks.
+        # ``processes`` without ``rank``: the worker's copy, which plans like its group's ranks
+        # and never steps its optimizer (it loads the group's checkpoints, not their optimizer).
+        self.group_copy = rank is None and processes > 1
         self.plan = plan_steps(len(self.examples), hp, processes if rank is None else rank.world)
         self.params = trainable_named_parameters(model)
         # As the HF Trainer does: no weight decay on biases and normalization weights.
@@ -265,22 +272,36 @@ class Trainer:
         step = self.global_step
         final = self.checkpoint_path(step)
         writer = self.rank is None or self.rank.rank == 0
+        engine = self.rank.engine if self.rank is not None else None
 
         def gathered(tensor: torch.Tensor) -> torch.Tensor:
             """One tensor whole, on the CPU of the writer only: one at a time on the device."""
             full = whole(tensor.detach())
             return full.cpu() if writer else tensor  # the other ranks' copy is dropped now
 
+        tmp = self.checkpoint_dir / f".tmp-step-{step:08d}-{os.getpid()}"
         weights = {n: gathered(p) for n, p in self.params}
-        optimizer = self.optimizer.state_dict()
-        optimizer["state"] = {
-            i: {k: gathered(v) for k, v in entry.items()} for i, entry in optimizer["state"].items()
-        }
+        optimizer: dict[str, Any] | None = None
+        if engine is not None:  # ZeRO's optimizer shards, each written by its rank
+            names = [tmp]
+            torch.distributed.broadcast_object_list(names, src=0)  # one folder for the group
+            tmp = names[0]
+            if writer:
+                shutil.rmtree(tmp, ignore_errors=True)
+            engine.save_checkpoint(
+                str(tmp), tag=DEEPSPEED_TAG, save_latest=False, exclude_frozen_parameters=True
+            )
+        else:
+            optimizer = self.optimizer.state_dict()
+            optimizer["state"] = {
+                i: {k: gathered(v) for k, v in entry.items()}
+                for i, entry in optimizer["state"].items()
+            }
         if not writer:
             self.checkpointed_step = step
             return final
-        tmp = self.checkpoint_dir / f".tmp-step-{step:08d}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
+        if engine is None:
+            shutil.rmtree(tmp, ignore_errors=True)
         state = {
             "global_step": step,
             "total_steps": self.plan.total_steps,
@@ -291,12 +312,13 @@ class Trainer:
             "state": self.state,
         }
         try:
-            tmp.mkdir(parents=True)
+            tmp.mkdir(parents=True, exist_ok=engine is not None)
             save_file(
                 {n: w.contiguous() for n, w in weights.items()},
                 str(tmp / "trainable.safetensors"),
             )
-            _torch_save(optimizer, tmp / "optimizer.pt")
+            if optimizer is not None:
+                _torch_save(optimizer, tmp / "optimizer.pt")
             _torch_save(self.scheduler.state_dict(), tmp / "scheduler.pt")
             _torch_save(self._rng, tmp / "rng.pt")
             write_json(tmp / "state.json", state)
@@ -346,14 +368,18 @@ class Trainer:
             raise RuntimeError(
                 f"checkpoint {path.name} was made for other training data; not resuming from it"
             )
-        self.load_weights(path)
-        optimizer = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
-        order = [p for group in self.optimizer.param_groups for p in group["params"]]
-        optimizer["state"] = {  # "step" is a scalar: every rank holds it whole
-            i: {k: v if v.ndim == 0 else shard_like(v, order[i]) for k, v in entry.items()}
-            for i, entry in optimizer["state"].items()
-        }
-        self.optimizer.load_state_dict(optimizer)
+        engine = self.rank.engine if self.rank is not None else None
+        if engine is not None:  # the weights and ZeRO's fp32 master copy, with its optimizer
+            engine.load_checkpoint(
+                str(path),
+                tag=DEEPSPEED_TAG,
+                load_module_strict=False,  # the frozen base is not in it
+                load_lr_scheduler_states=False,  # the trainer's own, below
+            )
+        else:
+            self.load_weights(path)
+        if engine is None and not self.group_copy:
+            self._load_optimizer(path)
         self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
         self._rng = torch.load(path / "rng.pt", weights_only=True)
         _set_rng_state(self._rng, self.device)
@@ -363,6 +389,21 @@ class Trainer:
         self.resumed_from = [*state["resumed_from"], self.global_step]
         self.state = dict(state["state"])
         return self.global_step
+
+    def _load_optimizer(self, path: Path) -> None:
+        file = path / "optimizer.pt"
+        if not file.is_file():
+            raise RuntimeError(
+                f"checkpoint {path.name} holds no optimizer state in this trainer's format "
+                "(it was written by another strategy)"
+            )
+        optimizer = torch.load(file, map_location="cpu", weights_only=True)
+        order = [p for group in self.optimizer.param_groups for p in group["params"]]
+        optimizer["state"] = {  # "step" is a scalar: every rank holds it whole
+            i: {k: v if v.ndim == 0 else shard_like(v, order[i]) for k, v in entry.items()}
+            for i, entry in optimizer["state"].items()
+        }
+        self.optimizer.load_state_dict(optimizer)
 
     # -- the loop
 
@@ -402,29 +443,45 @@ class Trainer:
             torch.manual_seed(self.hp.seed + 1_000_003 * (step + 1) + self.rank.rank)
         else:
             weights = [1.0] * len(indexes)
-        loss_sum = 0.0
-        for idx, weight in zip(indexes, weights, strict=True):
+        engine = self.rank.engine if self.rank is not None else None
+        loss_sum, penalty = 0.0, None
+        for position, (idx, weight) in enumerate(zip(indexes, weights, strict=True)):
             self.check_stop()  # SIGTERM or a lost lease: stop between micro-batches
             batch = collate([self.examples[i] for i in idx], self.pad_id)
             batch = {k: v.to(self.device) for k, v in batch.items()}
             loss, _ = sequence_loss(forward, batch, self.autocast)
-            (loss * (weight * scale) / max(tokens, 1)).backward()
+            scaled = loss * (weight * scale) / max(tokens, 1)
+            if engine is None:
+                scaled.backward()
+            else:
+                if self.ewc is not None and position == len(indexes) - 1:
+                    # ZeRO reduces each gradient as the backward computes it: none is left to
+                    # add EWC's to afterwards, so its penalty joins the last backward. Every
+                    # rank adds the same one, which the averaging keeps as it is.
+                    term = self.ewc.penalty(self.model)
+                    scaled, penalty = scaled + term, float(term.detach())
+                engine.backward(scaled, scale_wrt_gas=False)
             loss_sum += weight * float(loss.detach())
         if self.rank is not None:
             total = torch.tensor([loss_sum], dtype=torch.float64)
             torch.distributed.all_reduce(total)
             loss_sum = float(total)
-        penalty = self.ewc.add_gradient(self.model) if self.ewc is not None else None
-        grad_norm = None
-        if self.hp.max_grad_norm > 0:
-            norm = torch.nn.utils.clip_grad_norm_(
-                [p for _, p in self.params], self.hp.max_grad_norm
-            )
-            grad_norm = float(whole(norm))
         lr = float(self.scheduler.get_last_lr()[0])
-        self.optimizer.step()
+        if engine is None:
+            penalty = self.ewc.add_gradient(self.model) if self.ewc is not None else None
+            grad_norm = None
+            if self.hp.max_grad_norm > 0:
+                norm = torch.nn.utils.clip_grad_norm_(
+                    [p for _, p in self.params], self.hp.max_grad_norm
+                )
+                grad_norm = float(whole(norm))
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        else:  # the same update: it clips to max_grad_norm (its config) as clip_grad_norm_ does
+            engine.step()
+            norm = engine.get_global_grad_norm()
+            grad_norm = float(norm) if self.hp.max_grad_norm > 0 and norm is not None else None
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
         self.global_step = step + 1
         self._rng = _rng_state(self.device)
         seconds = time.monotonic() - started

@@ -304,10 +304,15 @@ def _evaluate_checkpoint(
 
 def _on_group_started(run: StageRun, layout: dict[str, Any]) -> None:
     share = layout["parameters_per_rank"] / max(layout["parameters"], 1)
+    held = f"each holds {share:.0%} of the model's {layout['parameters']:,} parameters"
+    if "zero_stage" in layout:
+        held += (
+            f" and 1/{layout['processes']} of its gradients and optimizer state "
+            f"(ZeRO stage {layout['zero_stage']})"
+        )
     run.event(
         f"training in {layout['processes']} processes ({layout['strategy']} over "
-        f"{layout['backend']}): each holds {share:.0%} of the model's "
-        f"{layout['parameters']:,} parameters",
+        f"{layout['backend']}): {held}",
         data=layout,
     )
 
