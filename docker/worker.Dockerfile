@@ -1,6 +1,7 @@
 # syntax=docker/dockerfile:1
 # The worker image: one `forgetguard worker` per GPU. CUDA runtime base, the CUDA build of
-# torch from PyTorch's index, then the project with its `worker` and `postgres` extras.
+# torch from PyTorch's index, then the project with its `worker`, `postgres`, `qlora` and
+# `deepspeed` extras.
 #
 #   docker build -f docker/worker.Dockerfile -t forgetguard-worker .
 #
@@ -63,7 +64,9 @@ COPY pyproject.toml README.md ./
 COPY app ./app
 COPY workers ./workers
 COPY forgetguard ./forgetguard
-RUN pip install -c /opt/vllm-pins.txt -e ".[worker,postgres]" \
+# With QLoRA's bitsandbytes and DeepSpeed (strategy "deepspeed"), which GPUs are for; DeepSpeed
+# installs as pure Python and compiles nothing for ZeRO-2 with the trainer's own AdamW.
+RUN pip install -c /opt/vllm-pins.txt -e ".[worker,postgres,qlora,deepspeed]" \
     && python -c "import torch; assert torch.version.cuda and torch.__version__.startswith('${TORCH_VERSION}')"
 ENV FORGETGUARD_WORKER_BACKEND=${VLLM_VERSION:+vllm}
 

@@ -377,11 +377,13 @@ def test_worker_image_installs_the_cuda_build_of_torch_first() -> None:
     assert "ARG TORCH_VERSION=2.13.0" in text
     assert re.search(r"TORCH_INDEX_URL=https://download\.pytorch\.org/whl/cu12\d", text)
     targets = _pip_install_targets(DOCKER / "worker.Dockerfile")
-    assert targets.index("torch==${TORCH_VERSION}") < targets.index(".[worker,postgres]")
-    pinned = tomllib.loads((REPO / "pyproject.toml").read_text())["project"][
+    project = ".[worker,postgres,qlora,deepspeed]"  # QLoRA and DeepSpeed groups run on GPUs
+    assert targets.index("torch==${TORCH_VERSION}") < targets.index(project)
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"][
         "optional-dependencies"
-    ]["worker"]
-    assert "torch==2.13.0" in pinned  # the image's build arg and the project agree
+    ]
+    assert {"worker", "postgres", "qlora", "deepspeed"} <= set(extras)
+    assert "torch==2.13.0" in extras["worker"]  # the image's build arg and the project agree
 
 
 API_WITHOUT_TORCH = """
