@@ -265,29 +265,28 @@ class Trainer:
 
         In a process group only rank 0 writes, and what it writes is consolidated: the format
         a single process writes and resumes from. DDP keeps every rank's weights and optimizer
-        identical; FSDP's shards are gathered first, which every rank takes part in.
+        identical; FSDP's shards are gathered first, which every rank takes part in. DeepSpeed's
+        ZeRO partitions of the optimizer state stay partitioned: each rank writes its own into
+        the same folder (``deepspeed/``), beside the whole weights rank 0 writes.
         """
         from safetensors.torch import save_file
 
         step = self.global_step
         final = self.checkpoint_path(step)
         writer = self.rank is None or self.rank.rank == 0
-        engine = self.rank.engine if self.rank is not None else None
+        engine = self._engine
 
         def gathered(tensor: torch.Tensor) -> torch.Tensor:
             """One tensor whole, on the CPU of the writer only: one at a time on the device."""
             full = whole(tensor.detach())
             return full.cpu() if writer else tensor  # the other ranks' copy is dropped now
 
-        tmp = self.checkpoint_dir / f".tmp-step-{step:08d}-{os.getpid()}"
+        tmp = self._staging(step)
+        if writer:
+            shutil.rmtree(tmp, ignore_errors=True)
         weights = {n: gathered(p) for n, p in self.params}
         optimizer: dict[str, Any] | None = None
-        if engine is not None:  # ZeRO's optimizer shards, each written by its rank
-            names = [tmp]
-            torch.distributed.broadcast_object_list(names, src=0)  # one folder for the group
-            tmp = names[0]
-            if writer:
-                shutil.rmtree(tmp, ignore_errors=True)
+        if engine is not None:  # ZeRO's optimizer partitions, one file per rank
             engine.save_checkpoint(
                 str(tmp), tag=DEEPSPEED_TAG, save_latest=False, exclude_frozen_parameters=True
             )
@@ -300,8 +299,6 @@ class Trainer:
         if not writer:
             self.checkpointed_step = step
             return final
-        if engine is None:
-            shutil.rmtree(tmp, ignore_errors=True)
         state = {
             "global_step": step,
             "total_steps": self.plan.total_steps,
@@ -312,7 +309,7 @@ class Trainer:
             "state": self.state,
         }
         try:
-            tmp.mkdir(parents=True, exist_ok=engine is not None)
+            tmp.mkdir(parents=True, exist_ok=True)  # DeepSpeed's shards may be in it
             save_file(
                 {n: w.contiguous() for n, w in weights.items()},
                 str(tmp / "trainable.safetensors"),
@@ -338,6 +335,19 @@ class Trainer:
 
     def checkpoint_path(self, step: int) -> Path:
         return self.checkpoint_dir / f"step-{step:08d}"
+
+    def _staging(self, step: int) -> Path:
+        """Where the checkpoint of ``step`` is written before it is renamed into place: in a
+        DeepSpeed group, rank 0's folder for every rank, which each writes its shard to."""
+        tmp = [self.checkpoint_dir / f".tmp-step-{step:08d}-{os.getpid()}"]
+        if self._engine is not None:
+            torch.distributed.broadcast_object_list(tmp, src=0)
+        return tmp[0]
+
+    @property
+    def _engine(self) -> Any:
+        """DeepSpeed's engine, in a ``deepspeed`` group; else None."""
+        return self.rank.engine if self.rank is not None else None
 
     def load_weights(self, path: Path) -> None:
         """The trainable weights of the checkpoint in ``path``, into the model."""
@@ -368,7 +378,7 @@ class Trainer:
             raise RuntimeError(
                 f"checkpoint {path.name} was made for other training data; not resuming from it"
             )
-        engine = self.rank.engine if self.rank is not None else None
+        engine = self._engine
         if engine is not None:  # the weights and ZeRO's fp32 master copy, with its optimizer
             engine.load_checkpoint(
                 str(path),
@@ -443,7 +453,7 @@ class Trainer:
             torch.manual_seed(self.hp.seed + 1_000_003 * (step + 1) + self.rank.rank)
         else:
             weights = [1.0] * len(indexes)
-        engine = self.rank.engine if self.rank is not None else None
+        engine = self._engine
         loss_sum, penalty = 0.0, None
         for position, (idx, weight) in enumerate(zip(indexes, weights, strict=True)):
             self.check_stop()  # SIGTERM or a lost lease: stop between micro-batches
