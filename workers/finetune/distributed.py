@@ -442,14 +442,14 @@ def _rank_main(spec_path: str) -> int:
             on_step=reporter.step,
             on_checkpoint=reporter.checkpoint,
             state=spec["state"],
-            rank=Rank(rank=rank, world=world, wrapped=wrapped),
+            rank=Rank(rank=rank, world=world, wrapped=wrapped, strategy=strategy),
             ewc=ewc,
             evaluate_steps=spec["evaluate_steps"],
             on_evaluate=reporter.evaluate,
         )
         if strategy == "deepspeed":
             engine = _deepspeed(trainer, hp)
-            trainer.rank = Rank(rank=rank, world=world, wrapped=engine, engine=engine)
+            trainer.rank = Rank(rank, world, wrapped=engine, strategy=strategy, engine=engine)
         trainer.restore()
         try:
             reporter.started(_layout(model, strategy, world))

@@ -17,6 +17,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -35,7 +36,11 @@ from workers.finetune.sharding import shard_like, whole
 from workers.finetune.statefile import raise_if_disk_full, read_state, write_json
 
 LOSS_CURVE_POINTS = 200
-DEEPSPEED_TAG = "deepspeed"  # the folder of a checkpoint that holds ZeRO's optimizer shards
+# The folders of a group's checkpoint that hold what each rank writes of its own: ZeRO's
+# optimizer partitions (DeepSpeed), the shards of the weights and optimizer state (FSDP).
+DEEPSPEED_TAG = "deepspeed"
+SHARDED = "sharded"
+WEIGHTS = "trainable.safetensors"  # the whole trainable weights, where not sharded
 
 
 # --------------------------------------------------------------------------- the step plan
@@ -154,13 +159,13 @@ class Rank:
     ``wrapped`` is the module the forward pass goes through, whose backward averages the
     gradients across ranks: the ``DistributedDataParallel`` wrapper (DDP), or the model itself
     once ``fully_shard`` made its parameters ``DTensor`` shards (FSDP). The trainer keeps the
-    plain model for names and checkpoints; parameter names are the same under either, and a
-    checkpoint holds whole tensors, which only rank 0 writes.
+    plain model for names and checkpoints; parameter names are the same under either.
     """
 
     rank: int
     world: int
     wrapped: torch.nn.Module
+    strategy: str = "ddp"
     # DeepSpeed's engine (strategy ``deepspeed``, also ``wrapped``): it reduces the gradients
     # as the backward computes them, clips, steps the trainer's optimizer (whose state ZeRO
     # partitions across the ranks) and checkpoints that state, a shard per rank.
@@ -263,11 +268,12 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         """Write weights, optimizer, scheduler, RNG and step to ``step-N`` (atomically).
 
-        In a process group only rank 0 writes, and what it writes is consolidated: the format
-        a single process writes and resumes from. DDP keeps every rank's weights and optimizer
-        identical; FSDP's shards are gathered first, which every rank takes part in. DeepSpeed's
-        ZeRO partitions of the optimizer state stay partitioned: each rank writes its own into
-        the same folder (``deepspeed/``), beside the whole weights rank 0 writes.
+        In a process group rank 0 writes the small files (scheduler, RNG, state). DDP keeps
+        every rank's weights and optimizer identical: rank 0 writes them as one process does.
+        Under FSDP each rank writes its shards of the weights and optimizer state
+        (``sharded/``, ``torch.distributed.checkpoint``): no rank ever holds the whole state.
+        Under DeepSpeed each rank writes its ZeRO partition of the optimizer state
+        (``deepspeed/``) and rank 0 the whole weights, which ZeRO-2 keeps on every rank.
         """
         from safetensors.torch import save_file
 
@@ -275,27 +281,31 @@ class Trainer:
         final = self.checkpoint_path(step)
         writer = self.rank is None or self.rank.rank == 0
         engine = self._engine
-
-        def gathered(tensor: torch.Tensor) -> torch.Tensor:
-            """One tensor whole, on the CPU of the writer only: one at a time on the device."""
-            full = whole(tensor.detach())
-            return full.cpu() if writer else tensor  # the other ranks' copy is dropped now
-
         tmp = self._staging(step)
         if writer:
             shutil.rmtree(tmp, ignore_errors=True)
-        weights = {n: gathered(p) for n, p in self.params}
+        weights: dict[str, torch.Tensor] | None = None
         optimizer: dict[str, Any] | None = None
-        if engine is not None:  # ZeRO's optimizer partitions, one file per rank
-            engine.save_checkpoint(
-                str(tmp), tag=DEEPSPEED_TAG, save_latest=False, exclude_frozen_parameters=True
-            )
+        if self._fsdp:
+            import torch.distributed.checkpoint as dcp
+
+            if writer:
+                tmp.mkdir(parents=True)
+            torch.distributed.barrier()
+            dcp.save(self._sharded_state(), checkpoint_id=str(tmp / SHARDED))
         else:
-            optimizer = self.optimizer.state_dict()
-            optimizer["state"] = {
-                i: {k: gathered(v) for k, v in entry.items()}
-                for i, entry in optimizer["state"].items()
-            }
+            if engine is not None:  # ZeRO's optimizer partitions, one file per rank
+                engine.save_checkpoint(
+                    str(tmp), tag=DEEPSPEED_TAG, save_latest=False, exclude_frozen_parameters=True
+                )
+            if writer:
+                weights = {n: p.detach().cpu() for n, p in self.params}
+            if writer and engine is None:
+                optimizer = self.optimizer.state_dict()
+                optimizer["state"] = {
+                    i: {k: v.cpu() for k, v in entry.items()}
+                    for i, entry in optimizer["state"].items()
+                }
         if not writer:
             self.checkpointed_step = step
             return final
@@ -309,11 +319,9 @@ class Trainer:
             "state": self.state,
         }
         try:
-            tmp.mkdir(parents=True, exist_ok=True)  # DeepSpeed's shards may be in it
-            save_file(
-                {n: w.contiguous() for n, w in weights.items()},
-                str(tmp / "trainable.safetensors"),
-            )
+            tmp.mkdir(parents=True, exist_ok=True)  # the ranks' shards may be in it
+            if weights is not None:
+                save_file({n: w.contiguous() for n, w in weights.items()}, str(tmp / WEIGHTS))
             if optimizer is not None:
                 _torch_save(optimizer, tmp / "optimizer.pt")
             _torch_save(self.scheduler.state_dict(), tmp / "scheduler.pt")
@@ -338,11 +346,25 @@ class Trainer:
 
     def _staging(self, step: int) -> Path:
         """Where the checkpoint of ``step`` is written before it is renamed into place: in a
-        DeepSpeed group, rank 0's folder for every rank, which each writes its shard to."""
+        group, rank 0's folder for every rank (FSDP and DeepSpeed ranks write their shards)."""
         tmp = [self.checkpoint_dir / f".tmp-step-{step:08d}-{os.getpid()}"]
-        if self._engine is not None:
+        if self.rank is not None:
             torch.distributed.broadcast_object_list(tmp, src=0)
         return tmp[0]
+
+    @property
+    def _fsdp(self) -> bool:
+        return self.rank is not None and self.rank.strategy == "fsdp"
+
+    def _sharded_state(self) -> dict[str, Any]:
+        """This FSDP rank's shards of the trainable weights and the optimizer state, keyed by
+        parameter name: what ``torch.distributed.checkpoint`` saves, and loads into."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        model, optimizer = get_state_dict(
+            self.model, self.optimizer, options=StateDictOptions(ignore_frozen_params=True)
+        )
+        return {"model": model, "optimizer": optimizer}
 
     @property
     def _engine(self) -> Any:
@@ -351,9 +373,7 @@ class Trainer:
 
     def load_weights(self, path: Path) -> None:
         """The trainable weights of the checkpoint in ``path``, into the model."""
-        from safetensors.torch import load_file
-
-        weights = load_file(str(path / "trainable.safetensors"))
+        weights = read_weights(path)
         params = dict(self.params)
         if set(weights) != set(params):
             raise RuntimeError(
@@ -386,10 +406,24 @@ class Trainer:
                 load_module_strict=False,  # the frozen base is not in it
                 load_lr_scheduler_states=False,  # the trainer's own, below
             )
+        elif self._fsdp:  # this rank's shards, of the weights and the optimizer state
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+            sharded = self._sharded_state()
+            dcp.load(sharded, checkpoint_id=str(path / SHARDED))
+            set_state_dict(
+                self.model,
+                self.optimizer,
+                model_state_dict=sharded["model"],
+                optim_state_dict=sharded["optimizer"],
+                # The frozen base is not in it: dcp.load has checked every trainable key.
+                options=StateDictOptions(ignore_frozen_params=True, strict=False),
+            )
         else:
             self.load_weights(path)
-        if engine is None and not self.group_copy:
-            self._load_optimizer(path)
+            if not self.group_copy:
+                self._load_optimizer(path)
         self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
         self._rng = torch.load(path / "rng.pt", weights_only=True)
         _set_rng_state(self._rng, self.device)
@@ -407,13 +441,8 @@ class Trainer:
                 f"checkpoint {path.name} holds no optimizer state in this trainer's format "
                 "(it was written by another strategy)"
             )
-        optimizer = torch.load(file, map_location="cpu", weights_only=True)
-        order = [p for group in self.optimizer.param_groups for p in group["params"]]
-        optimizer["state"] = {  # "step" is a scalar: every rank holds it whole
-            i: {k: v if v.ndim == 0 else shard_like(v, order[i]) for k, v in entry.items()}
-            for i, entry in optimizer["state"].items()
-        }
-        self.optimizer.load_state_dict(optimizer)
+        # load_state_dict moves the moments to each parameter's device and dtype.
+        self.optimizer.load_state_dict(torch.load(file, map_location="cpu", weights_only=True))
 
     # -- the loop
 
@@ -536,6 +565,31 @@ class Trainer:
         if self.checkpointed_step != self.global_step and (not last or self.rank is not None):
             self.save_checkpoint()
         self.on_evaluate(self.global_step)
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The whole trainable weights of the checkpoint in ``path``, by parameter name, on the
+    CPU: from ``trainable.safetensors``, or gathered from an FSDP group's shards (read here
+    without a process group)."""
+    sharded = path / SHARDED
+    if not sharded.is_dir():
+        from safetensors.torch import load_file
+
+        return load_file(str(path / WEIGHTS))
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = dcp.FileSystemReader(str(sharded))
+    stored = reader.read_metadata().state_dict_metadata
+    weights = {
+        key.removeprefix("model."): torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
+        for key, meta in stored.items()
+        if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)
+    }
+    with warnings.catch_warnings():  # that it reads in one process: it was asked to
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load({"model": weights}, storage_reader=reader, no_dist=True)
+    return weights
 
 
 # --------------------------------------------------------------------------- model preparation

@@ -30,7 +30,7 @@ from workers.finetune.artifacts import base_checksum
 from workers.finetune.data import encode_records, pad_id
 from workers.finetune.distributed import Hooks, train_distributed
 from workers.finetune.ewc import EWCRegularizer, per_sample_fisher
-from workers.finetune.training import GuardStop, StepLog, Trainer, prepare_model
+from workers.finetune.training import GuardStop, StepLog, Trainer, prepare_model, read_weights
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
@@ -128,8 +128,6 @@ def _group(
     evaluate: Any = None,
     evaluate_steps: tuple[int, ...] = (),
 ) -> Group:
-    from safetensors.torch import load_file
-
     examples, pad = encoded
     request = _request(model_dir, 2, strategy, method, ewc=fisher is not None)
     out = Group()
@@ -170,7 +168,22 @@ def _group(
     assert share == 1.0 if strategy != "fsdp" else 0.5 <= share < 0.55, layout
     (final,) = (tmp / "checkpoints").glob("step-*")  # the last step's: the group's result
     assert final.name == f"step-{out.steps[-1].step:08d}"
-    out.weights = load_file(str(final / "trainable.safetensors"))
+    # What each rank wrote: DDP's rank 0 everything; FSDP's ranks their shards of the weights
+    # and optimizer state, nothing whole; DeepSpeed's ranks their ZeRO partitions.
+    files = {p.relative_to(final).as_posix() for p in final.rglob("*") if p.is_file()}
+    shards = {
+        "ddp": {"trainable.safetensors", "optimizer.pt"},
+        "fsdp": {"sharded/.metadata", "sharded/__0_0.distcp", "sharded/__1_0.distcp"},
+        "deepspeed": {
+            "trainable.safetensors",
+            "deepspeed/zero_pp_rank_0_mp_rank_00_optim_states.pt",
+            "deepspeed/zero_pp_rank_1_mp_rank_00_optim_states.pt",
+        },
+    }[strategy]
+    assert shards <= files, files
+    if strategy == "fsdp":
+        assert not {"trainable.safetensors", "optimizer.pt"} & files, files
+    out.weights = read_weights(final)
     return out
 
 
