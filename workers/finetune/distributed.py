@@ -6,9 +6,9 @@ The worker process stays the job's only writer. Rank 0 reports each optimizer st
 checkpoint) to it over a local authenticated connection and waits for the answer; the worker
 records the step under the lease with the same code as a single-process job, and answers
 ``stop`` when the lease is lost, the job was cancelled or the worker is shutting down. Rank 0
-broadcasts the answer, so every rank stops after the same step, and rank 0 checkpoints it (the
-format a single process writes: whole tensors, gathered first under FSDP; under DeepSpeed,
-beside them, each rank's ZeRO partition of the optimizer state). A finished group
+broadcasts the answer, so every rank stops after the same step, and the group checkpoints it
+(DDP: rank 0, as a single process does; FSDP and DeepSpeed: each rank its shards, see
+:meth:`~workers.finetune.training.Trainer.save_checkpoint`). A finished group
 leaves a checkpoint at the last step, which the worker loads into its own model to export the
 artifact exactly as a single-process job does.
 
