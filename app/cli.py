@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Annotated, Any
@@ -58,6 +58,31 @@ def fail(message: str) -> typer.Exit:
     return typer.Exit(2)
 
 
+@contextlib.contextmanager
+def stdout_for_results_only() -> Iterator[None]:
+    """Send to stderr what the body writes to stdout, so stdout carries only the result.
+
+    Libraries write there on their own: DeepSpeed's logger, imported by transformers'
+    ``save_pretrained`` wherever DeepSpeed is installed, prints its accelerator warning to
+    stdout. Both are redirected: the Python stream, which a logging handler created inside the
+    body keeps, and file descriptor 1, which C code and child processes write to.
+    """
+    sys.stdout.flush()
+    try:
+        saved: int | None = os.dup(1)
+        os.dup2(2, 1)
+    except OSError:  # no descriptor 1 or 2 to redirect: the Python stream still is
+        saved = None
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stderr.flush()
+        if saved is not None:
+            os.dup2(saved, 1)
+            os.close(saved)
+
+
 def _logging() -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -95,7 +120,7 @@ def models_pull(
 
     console = Console(stderr=True)
     try:
-        with console.status("pulling") as status:
+        with console.status("pulling") as status, stdout_for_results_only():
 
             def step(message: str) -> None:
                 status.update(message)
@@ -131,7 +156,7 @@ def benchmarks_pull(
     settings = get_settings()
     console = Console(stderr=True)
     try:
-        with console.status("pulling") as status:
+        with console.status("pulling") as status, stdout_for_results_only():
 
             def step(message: str) -> None:
                 status.update(message)
@@ -780,23 +805,24 @@ def demo(
 
     from workers.demo.run import QUICK, DemoSizes, format_curve, format_table, run_demo
 
-    if not model.exists() and model.name == "smollm2-135m-instruct":
-        from workers.reference import PullError, pull
+    with stdout_for_results_only():
+        if not model.exists() and model.name == "smollm2-135m-instruct":
+            from workers.reference import PullError, pull
 
-        typer.echo(f"pulling the reference model into {model.parent} …", err=True)
-        try:
-            model = pull("smollm2-135m-instruct", model.parent)
-        except PullError as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(2) from None
-    rows = run_demo(
-        model,
-        workdir=workdir,
-        device=device,
-        sizes=replace(QUICK if quick else DemoSizes(), aggressive_lr=aggressive_lr),
-        echo=lambda line: typer.echo(line, err=True),
-        keep=keep,
-    )
+            typer.echo(f"pulling the reference model into {model.parent} …", err=True)
+            try:
+                model = pull("smollm2-135m-instruct", model.parent)
+            except PullError as exc:
+                typer.echo(f"error: {exc}", err=True)
+                raise typer.Exit(2) from None
+        rows = run_demo(
+            model,
+            workdir=workdir,
+            device=device,
+            sizes=replace(QUICK if quick else DemoSizes(), aggressive_lr=aggressive_lr),
+            echo=lambda line: typer.echo(line, err=True),
+            keep=keep,
+        )
     table = format_table(rows)
     for row in rows:
         if row.curve:
