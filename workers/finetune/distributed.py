@@ -26,6 +26,8 @@ life, starting N ranks of this module on ``SPEC``, a JSON file in the job direct
 from __future__ import annotations
 
 import ctypes
+import errno
+import json
 import os
 import secrets
 import signal
@@ -47,11 +49,13 @@ from workers.context import Interrupted, UserError
 from workers.finetune.artifacts import base_checksum
 from workers.finetune.data import Example
 from workers.finetune.ewc import EWCRegularizer, load_fisher, save_fisher
-from workers.finetune.statefile import write_json
+from workers.finetune.statefile import DiskFull, is_disk_full, write_json
 from workers.finetune.training import GuardStop, Rank, StepLog, Trainer, prepare_model
 
 AUTHKEY = "FORGETGUARD_DDP_AUTHKEY"  # the connection's key, passed to the ranks in their env
 ANSWERS = ("go", "stop", "guard")  # the worker's answers to rank 0, broadcast by their index
+# A rank that fails writes why beside the spec: FAILURE.format(rank=R), {"kind", "message"}.
+FAILURE = "failure-rank{rank}.json"
 
 
 def _free_port() -> int:
@@ -167,6 +171,8 @@ def train_distributed(
     ]
     env = {**os.environ, AUTHKEY: key.hex(), "OMP_NUM_THREADS": str(spec["threads"])}
     log_path = work_dir / "ranks.log"
+    for stale in work_dir.glob(FAILURE.format(rank="*")):  # an earlier launch's
+        stale.unlink()
     with log_path.open("ab") as log:
         group = subprocess.Popen(
             command,
@@ -249,8 +255,37 @@ def _accept(listener: Listener, group: subprocess.Popen[bytes], log_path: Path) 
 
 
 def _raise_failed(group: subprocess.Popen[bytes], log_path: Path) -> None:
+    """Raise why the group failed: a rank's own error where one reported it (a full disk, a
+    request that cannot succeed), else the exit status and the tail of the ranks' log."""
+    reports = []
+    for path in sorted(log_path.parent.glob(FAILURE.format(rank="*"))):
+        try:
+            reports.append(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, ValueError):
+            continue
+    # The first cause, not its echo: a rank's failure breaks the other ranks' collectives.
+    reports.sort(key=lambda report: report.get("kind") == "error")
+    if reports and reports[0].get("kind") == "disk_full":
+        raise DiskFull(errno.ENOSPC, str(reports[0]["message"]))
+    if reports and reports[0].get("kind") == "user":
+        raise UserError(str(reports[0]["message"]))
     tail = log_path.read_text(errors="replace")[-2000:]
     raise RuntimeError(f"the training process group exited with status {group.returncode}:\n{tail}")
+
+
+def _report_failure(spec_path: str, exc: BaseException) -> None:
+    """Leave ``exc`` where the worker reads it (:func:`_raise_failed`); best effort."""
+    if is_disk_full(exc):
+        kind, message = "disk_full", str(exc)
+    elif isinstance(exc, UserError):
+        kind, message = "user", str(exc)
+    else:
+        kind, message = "error", f"{type(exc).__name__}: {exc}"
+    path = Path(spec_path).parent / FAILURE.format(rank=os.environ.get("RANK", "0"))
+    try:
+        write_json(path, {"kind": kind, "message": message})
+    except OSError:
+        pass  # the disk may be full: the log and the exit status still tell
 
 
 def _stop_group(group: subprocess.Popen[bytes], grace: float = 30.0) -> None:
@@ -484,8 +519,9 @@ def _rank_exit(spec_path: str) -> None:
 
     try:
         code = _rank_main(spec_path)
-    except BaseException:
+    except BaseException as exc:
         traceback.print_exc()
+        _report_failure(spec_path, exc)
         code = 1
     sys.stdout.flush()
     sys.stderr.flush()

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -43,14 +44,27 @@ def is_disk_full(exc: BaseException) -> bool:
     return False
 
 
-def raise_if_disk_full(exc: BaseException, what: str) -> None:
-    """Raise :class:`DiskFull` (from ``exc``), naming ``what``, when ``exc`` is ``ENOSPC``."""
-    if is_disk_full(exc):
+# Free space under which a failed write is taken for a full disk: libraries that write through
+# C++ streams (torch.save to a path, as DeepSpeed does) lose ENOSPC ("iostream error").
+NEARLY_FULL_BYTES = 1 << 20
+
+
+def raise_if_disk_full(exc: BaseException, what: str, folder: Path | None = None) -> None:
+    """Raise :class:`DiskFull` (from ``exc``), naming ``what``, when ``exc`` is ``ENOSPC``, or
+    when the device that holds ``folder`` (where the failed write went) is nearly full."""
+    if is_disk_full(exc) or (folder is not None and _nearly_full(folder)):
         raise DiskFull(
             errno.ENOSPC,
             f"the disk is full: {what} could not be written (no space left on the device "
             "that holds FORGETGUARD_ARTIFACTS_DIR); free space and retry",
         ) from exc
+
+
+def _nearly_full(folder: Path) -> bool:
+    try:
+        return shutil.disk_usage(folder).free < NEARLY_FULL_BYTES
+    except OSError:
+        return False
 
 
 def write_atomic(path: Path, data: str | bytes) -> None:

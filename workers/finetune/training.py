@@ -290,13 +290,24 @@ class Trainer:
             import torch.distributed.checkpoint as dcp
 
             if writer:
-                tmp.mkdir(parents=True)
+                self._write_shards(step, tmp, lambda: tmp.mkdir(parents=True))
             torch.distributed.barrier()
-            dcp.save(self._sharded_state(), checkpoint_id=str(tmp / SHARDED))
+            self._write_shards(
+                step,
+                tmp,
+                lambda: dcp.save(self._sharded_state(), checkpoint_id=str(tmp / SHARDED)),
+            )
         else:
             if engine is not None:  # ZeRO's optimizer partitions, one file per rank
-                engine.save_checkpoint(
-                    str(tmp), tag=DEEPSPEED_TAG, save_latest=False, exclude_frozen_parameters=True
+                self._write_shards(
+                    step,
+                    tmp,
+                    lambda: engine.save_checkpoint(
+                        str(tmp),
+                        tag=DEEPSPEED_TAG,
+                        save_latest=False,
+                        exclude_frozen_parameters=True,
+                    ),
                 )
             if writer:
                 weights = {n: p.detach().cpu() for n, p in self.params}
@@ -343,6 +354,19 @@ class Trainer:
 
     def checkpoint_path(self, step: int) -> Path:
         return self.checkpoint_dir / f"step-{step:08d}"
+
+    @staticmethod
+    def _write_shards(step: int, tmp: Path, write: Callable[[], object]) -> None:
+        """Run a rank's part of the checkpoint of ``step``; a full disk says so, and no partial
+        checkpoint folder is left (the group fails: every rank stops)."""
+        try:
+            write()
+        except BaseException as exc:  # torch.distributed.checkpoint's CheckpointException is one
+            try:  # DeepSpeed's torch.save to a path loses ENOSPC: ask the device, before cleaning
+                raise_if_disk_full(exc, f"the checkpoint of step {step}", tmp.parent)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
     def _staging(self, step: int) -> Path:
         """Where the checkpoint of ``step`` is written before it is renamed into place: in a

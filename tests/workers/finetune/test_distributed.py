@@ -24,12 +24,14 @@ import torch
 
 from app.finetune.schemas import FinetuneJobCreate
 from tests.samples import MEDICINE_RECORDS
-from workers.context import Interrupted
+from tests.workers.finetune.disk import fill, tmpfs
+from workers.context import Interrupted, UserError
 from workers.engine.loading import load_tokenizer
 from workers.finetune.artifacts import base_checksum
 from workers.finetune.data import encode_records, pad_id
 from workers.finetune.distributed import Hooks, train_distributed
 from workers.finetune.ewc import EWCRegularizer, per_sample_fisher
+from workers.finetune.statefile import DiskFull
 from workers.finetune.training import GuardStop, StepLog, Trainer, prepare_model, read_weights
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
@@ -127,9 +129,10 @@ def _group(
     fisher: dict[str, torch.Tensor] | None = None,
     evaluate: Any = None,
     evaluate_steps: tuple[int, ...] = (),
+    request: FinetuneJobCreate | None = None,
 ) -> Group:
     examples, pad = encoded
-    request = _request(model_dir, 2, strategy, method, ewc=fisher is not None)
+    request = request or _request(model_dir, 2, strategy, method, ewc=fisher is not None)
     out = Group()
 
     def record(entry: StepLog) -> None:
@@ -270,8 +273,8 @@ def test_the_guard_stops_a_group_at_the_checkpoint_the_worker_evaluated(
 def test_a_stopped_group_checkpoints_and_resumes_to_the_same_weights(
     tiny_model_dir: Path, encoded: tuple[list[Any], int], tmp_path: Path, strategy: str
 ) -> None:
-    """FSDP's checkpoint is consolidated (gathered, written by rank 0) and resumed by
-    sharding it again: the same weights and optimizer state to the bit."""
+    """Every strategy's checkpoint (FSDP's and DeepSpeed's sharded per rank) resumes to the
+    same weights and optimizer state, to the bit."""
     straight = _group(tiny_model_dir, encoded, tmp_path / "straight", strategy=strategy)
 
     def shut_down_at_5(entry: StepLog) -> None:
@@ -288,6 +291,36 @@ def test_a_stopped_group_checkpoints_and_resumes_to_the_same_weights(
     assert resumed.checkpoints == [6]
     for name, tensor in straight.weights.items():
         assert torch.equal(resumed.weights[name], tensor), name  # same batches, same sums
+
+
+def test_a_rank_s_user_error_fails_the_group_with_its_message(
+    tiny_model_dir: Path, encoded: tuple[list[Any], int], tmp_path: Path
+) -> None:
+    """An error the request causes in the ranks reaches the job as itself: it fails at once
+    with the rank's message, instead of being retried as the group's exit status."""
+    request = _request(tiny_model_dir, 2)
+    request = request.model_copy(
+        update={"lora": request.lora.model_copy(update={"target_modules": ["no_such_proj"]})}
+    )
+    with pytest.raises(UserError, match="LoRA configuration does not fit this model"):
+        _group(tiny_model_dir, encoded, tmp_path, request=request)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "deepspeed"])
+def test_a_full_disk_at_a_group_s_checkpoint_says_so_and_leaves_no_partial_folder(
+    tiny_model_dir: Path, encoded: tuple[list[Any], int], tmp_path: Path, strategy: str
+) -> None:
+    """Rank 0's files (DDP) or every rank's shards (FSDP, DeepSpeed) meet a full disk: the
+    group fails with the worker's own disk-full error, naming the checkpoint."""
+    checkpoints = tmp_path / "checkpoints"
+    checkpoints.mkdir()
+    with tmpfs(checkpoints) as mounted:
+        if not mounted:
+            pytest.skip("a tmpfs cannot be mounted here (needs root in a container that may)")
+        fill(checkpoints)
+        with pytest.raises(DiskFull, match="the disk is full: the checkpoint of step 3"):
+            _group(tiny_model_dir, encoded, tmp_path, strategy=strategy)
+        assert [p.name for p in checkpoints.iterdir()] == ["filler"]
 
 
 def _group_processes(spec: Path) -> list[int]:

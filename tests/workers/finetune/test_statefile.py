@@ -11,7 +11,6 @@ from __future__ import annotations
 import builtins
 import errno
 import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -22,6 +21,7 @@ import torch
 
 from app.finetune.schemas import FinetuneJobCreate
 from tests.samples import MEDICINE_RECORDS
+from tests.workers.finetune.disk import fill, tmpfs
 from workers.finetune import statefile
 from workers.finetune.artifacts import TRAINING_DONE, save_output
 from workers.finetune.job import training_done
@@ -43,14 +43,7 @@ class SmallDisk:
         """Use up the space: fill the tmpfs; else make every write below the folder ENOSPC
         (os.write, file objects, and so torch.save and transformers' JSON files)."""
         if self.mounted:
-            fd = os.open(self.folder / "filler", os.O_WRONLY | os.O_CREAT)
-            try:
-                while True:
-                    os.write(fd, b"\0" * 4096)
-            except OSError as exc:
-                assert exc.errno == errno.ENOSPC
-            finally:
-                os.close(fd)
+            fill(self.folder)
             return
         folder = str(self.folder)
         real_write, real_open, real_builtin_open = os.write, Path.open, builtins.open
@@ -86,17 +79,11 @@ def small_disk(
     ``simulated`` run, ENOSPC raised at the writes)."""
     folder = tmp_path / "small"
     folder.mkdir()
-    mount = ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(folder)]
-    mounted = (
-        request.param == "tmpfs"
-        and os.geteuid() == 0
-        and subprocess.run(mount, capture_output=True, check=False).returncode == 0
-    )
-    try:
+    if request.param == "simulated":
+        yield SmallDisk(folder, False, monkeypatch)
+        return
+    with tmpfs(folder) as mounted:
         yield SmallDisk(folder, mounted, monkeypatch)
-    finally:
-        if mounted:
-            subprocess.run(["umount", "-l", str(folder)], capture_output=True, check=False)
 
 
 def _leftovers(folder: Path) -> list[str]:
