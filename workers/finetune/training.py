@@ -18,8 +18,8 @@ import os
 import shutil
 import time
 import warnings
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -134,6 +134,20 @@ def _torch_save(value: Any, path: Path) -> None:
         torch.save(value, fh)
         fh.flush()
         os.fsync(fh.fileno())
+
+
+@contextmanager
+def _checkpoint_writes(step: int, tmp: Path) -> Iterator[None]:
+    """Writes of the checkpoint of ``step`` into its staging folder ``tmp`` (one process's, or
+    a rank's part): on failure no partial folder is left, and a full disk says so."""
+    try:
+        yield
+    except BaseException as exc:  # torch.distributed.checkpoint's CheckpointException is one
+        try:  # DeepSpeed's torch.save to a path loses ENOSPC: ask the device, before cleaning
+            raise_if_disk_full(exc, f"the checkpoint of step {step}", tmp.parent)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _never() -> None:
@@ -290,25 +304,20 @@ class Trainer:
             import torch.distributed.checkpoint as dcp
 
             if writer:
-                self._write_shards(step, tmp, lambda: tmp.mkdir(parents=True))
+                with _checkpoint_writes(step, tmp):
+                    tmp.mkdir(parents=True)
             torch.distributed.barrier()
-            self._write_shards(
-                step,
-                tmp,
-                lambda: dcp.save(self._sharded_state(), checkpoint_id=str(tmp / SHARDED)),
-            )
+            with _checkpoint_writes(step, tmp):
+                dcp.save(self._sharded_state(), checkpoint_id=str(tmp / SHARDED))
         else:
             if engine is not None:  # ZeRO's optimizer partitions, one file per rank
-                self._write_shards(
-                    step,
-                    tmp,
-                    lambda: engine.save_checkpoint(
+                with _checkpoint_writes(step, tmp):
+                    engine.save_checkpoint(
                         str(tmp),
                         tag=DEEPSPEED_TAG,
                         save_latest=False,
                         exclude_frozen_parameters=True,
-                    ),
-                )
+                    )
             if writer:
                 weights = {n: p.detach().cpu() for n, p in self.params}
             if writer and engine is None:
@@ -329,7 +338,7 @@ class Trainer:
             "resumed_from": self.resumed_from,
             "state": self.state,
         }
-        try:
+        with _checkpoint_writes(step, tmp):
             tmp.mkdir(parents=True, exist_ok=True)  # the ranks' shards may be in it
             if weights is not None:
                 save_file({n: w.contiguous() for n, w in weights.items()}, str(tmp / WEIGHTS))
@@ -338,10 +347,6 @@ class Trainer:
             _torch_save(self.scheduler.state_dict(), tmp / "scheduler.pt")
             _torch_save(self._rng, tmp / "rng.pt")
             write_json(tmp / "state.json", state)
-        except Exception as exc:
-            shutil.rmtree(tmp, ignore_errors=True)  # no partial checkpoint folder is left
-            raise_if_disk_full(exc, f"the checkpoint of step {step}")
-            raise
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         for older in self._checkpoints():
@@ -354,19 +359,6 @@ class Trainer:
 
     def checkpoint_path(self, step: int) -> Path:
         return self.checkpoint_dir / f"step-{step:08d}"
-
-    @staticmethod
-    def _write_shards(step: int, tmp: Path, write: Callable[[], object]) -> None:
-        """Run a rank's part of the checkpoint of ``step``; a full disk says so, and no partial
-        checkpoint folder is left (the group fails: every rank stops)."""
-        try:
-            write()
-        except BaseException as exc:  # torch.distributed.checkpoint's CheckpointException is one
-            try:  # DeepSpeed's torch.save to a path loses ENOSPC: ask the device, before cleaning
-                raise_if_disk_full(exc, f"the checkpoint of step {step}", tmp.parent)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-            raise
 
     def _staging(self, step: int) -> Path:
         """Where the checkpoint of ``step`` is written before it is renamed into place: in a
